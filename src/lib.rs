@@ -1,0 +1,14 @@
+//! vpnbot: a Telegram bot selling VLESS VPN subscriptions, with the workers that issue,
+//! expire and reconcile keys on Xray nodes, built so that a stall is seen and explained.
+//!
+//! Planes:
+//! - main runtime: bot, workers, node client, database ([`db`]);
+//! - beside it: the observability server ([`obs`]) on its own OS thread and runtime;
+//! - tests and demo only: simulators.
+#![warn(missing_docs)]
+
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "vpnbot needs `--cfg tokio_unstable` (set in .cargo/config.toml). A RUSTFLAGS environment \
+     variable replaces build.rustflags: add `--cfg tokio_unstable` to it, or unset it."
+);
