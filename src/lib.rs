@@ -12,3 +12,6 @@ compile_error!(
     "vpnbot needs `--cfg tokio_unstable` (set in .cargo/config.toml). A RUSTFLAGS environment \
      variable replaces build.rustflags: add `--cfg tokio_unstable` to it, or unset it."
 );
+
+pub mod metrics;
+pub mod tasks;
