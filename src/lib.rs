@@ -13,5 +13,13 @@ compile_error!(
      variable replaces build.rustflags: add `--cfg tokio_unstable` to it, or unset it."
 );
 
+pub mod app;
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod demo;
 pub mod metrics;
+pub mod obs;
 pub mod tasks;
+pub mod telemetry;

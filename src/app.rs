@@ -1,0 +1,198 @@
+//! Assembles one vpnbot instance: registry, observability server, pool, migrations, readiness
+//! probe, leadership and workers. `run`, `demo` and the integration tests all start the same
+//! [`App`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::Registry;
+use sqlx::{ConnectOptions, Connection};
+
+use crate::config::{secs, Config};
+use crate::db::leader::{spawn_leadership, LeaderHandle};
+use crate::db::readiness::run_probe;
+use crate::db::{self, DbError, DbPool};
+use crate::obs::health::HealthState;
+use crate::obs::server::{ObsServer, ObsState};
+use crate::tasks::Tasks;
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The observability server could not bind its address.
+    #[error("observability server cannot listen on {addr}: {source}")]
+    ObsBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database is unreachable, read-only, or its migrations failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl StartError {
+    /// Process exit code: `EX_UNAVAILABLE` (69) for an unreachable database, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Db(DbError::Unavailable(_) | DbError::AcquireTimeout { .. }) => 69,
+            _ => 1,
+        }
+    }
+}
+
+/// A running instance.
+#[derive(Debug)]
+pub struct App {
+    /// The effective configuration.
+    pub config: Config,
+    /// The one metrics registry.
+    pub registry: Registry,
+    /// The instrumented pool.
+    pub pool: DbPool,
+    /// Long-lived tasks and the root cancellation token.
+    pub tasks: Tasks,
+    /// Leadership read side.
+    pub leader: LeaderHandle,
+    /// Health sources read by the observability server.
+    pub health: Arc<HealthState>,
+    obs: Option<ObsServer>,
+}
+
+impl App {
+    /// Starts an instance on the current (main) runtime. The observability server comes up
+    /// first so an operator can see a database that is down.
+    ///
+    /// # Errors
+    /// [`StartError`]; the database is checked with one direct connection first so that an
+    /// unreachable server reads as such, not as a pool timeout.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let registry = crate::metrics::new_registry();
+        let health = Arc::new(HealthState::default());
+        let _ = health
+            .db_max_age
+            .set(secs(config.db.readiness_interval_seconds * 3.0));
+        let listen: SocketAddr = config
+            .observability
+            .listen
+            .parse()
+            .expect("validated by Config::validate");
+        let obs = ObsServer::start(
+            listen,
+            ObsState {
+                registry: registry.clone(),
+                health: health.clone(),
+            },
+        )
+        .map_err(|source| StartError::ObsBind {
+            addr: listen,
+            source,
+        })?;
+
+        let pool = DbPool::connect(&config.db, &registry)?;
+        preflight(&config)
+            .await
+            .inspect_err(|e| pool.metrics().count_error(e))?;
+        db::migrate(&pool).await?;
+        tracing::info!("database migrations applied");
+
+        let tasks = Tasks::new();
+        tasks.spawn_named(
+            "readiness_probe",
+            run_probe(
+                pool.clone(),
+                health.db.clone(),
+                secs(config.db.readiness_interval_seconds),
+                tasks.root().clone(),
+            ),
+        );
+        let leader = spawn_leadership(&config.leader, &config.db, &registry, &tasks);
+        let _ = health.leader.set(leader.clone());
+
+        Ok(App {
+            config,
+            registry,
+            pool,
+            tasks,
+            leader,
+            health,
+            obs: Some(obs),
+        })
+    }
+
+    /// Address of the observability server.
+    pub fn obs_addr(&self) -> SocketAddr {
+        self.obs.as_ref().expect("running").addr()
+    }
+
+    /// Waits for SIGINT/SIGTERM or for the root token to be cancelled, then shuts down.
+    pub async fn run_until_signal(self) {
+        let root = self.tasks.root().clone();
+        tokio::select! {
+            _ = root.cancelled() => tracing::warn!("root token cancelled; shutting down"),
+            s = shutdown_signal() => tracing::info!(signal = s, "signal received; shutting down"),
+        }
+        self.shutdown().await;
+    }
+
+    /// Cancels every task, waits up to the drain bound, closes the pool (bounded) and stops the
+    /// observability server.
+    pub async fn shutdown(mut self) {
+        let drain = secs(self.config.runtime.shutdown_drain_seconds);
+        if !self.tasks.shutdown(drain).await {
+            tracing::error!(?drain, "some tasks did not finish within the drain bound");
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("database pool did not close within 5 s");
+        }
+        if let Some(obs) = self.obs.take() {
+            // Joining the server thread is blocking; keep it off the runtime workers.
+            let _ = tokio::task::spawn_blocking(move || obs.stop()).await;
+        }
+        tracing::info!("shutdown complete");
+    }
+}
+
+/// One direct connection with the connect timeout, so "server down" and "wrong password" are
+/// reported as themselves before the pool starts retrying.
+async fn preflight(config: &Config) -> Result<(), DbError> {
+    let opts = db::pool::connect_options(&config.db)?.disable_statement_logging();
+    let bound = secs(config.db.connect_timeout_seconds);
+    match tokio::time::timeout(bound, sqlx::PgConnection::connect_with(&opts)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(DbError::Unavailable(e)),
+        Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolTimedOut)),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+        "SIGTERM"
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<&'static str>();
+    tokio::select! {
+        s = ctrl_c => s,
+        s = term => s,
+    }
+}

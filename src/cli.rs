@@ -1,0 +1,121 @@
+//! The `vpnbot` command line (clap). `main` only calls [`main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::App;
+use crate::config::{Config, EXIT_CONFIG};
+
+/// vpnbot: a Telegram bot selling VLESS VPN subscriptions, with workers that keep Xray nodes in
+/// line with the database, built to see and survive runtime stalls.
+#[derive(Debug, Parser)]
+#[command(name = "vpnbot", version, about)]
+pub struct Cli {
+    /// TOML config file; `VPNBOT_*` environment variables override it (`__` nests keys).
+    #[arg(long, global = true, env = "VPNBOT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (production).
+    Run,
+    /// Run the whole system end to end with embedded PostgreSQL and simulators.
+    Demo(crate::demo::DemoArgs),
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Validate the configuration, print it with secrets redacted, exit 0 (64 when invalid).
+    CheckConfig,
+    /// Run a benchmark and print its figures.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Parses arguments, runs the command, returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig => match load(&cli) {
+            Ok(cfg) => {
+                print!("{}", cfg.to_redacted_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::telemetry::init(&cfg.observability, Vec::new());
+            let rt = build_runtime(&cfg);
+            rt.block_on(async move {
+                match App::start(cfg).await {
+                    Ok(app) => {
+                        app.run_until_signal().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e, e.exit_code()),
+                }
+            })
+        }
+        Command::Migrate => {
+            let cfg = match load(&cli) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::telemetry::init(&cfg.observability, Vec::new());
+            let rt = build_runtime(&cfg);
+            rt.block_on(async move {
+                let registry = crate::metrics::new_registry();
+                let pool = match crate::db::DbPool::connect(&cfg.db, &registry) {
+                    Ok(p) => p,
+                    Err(e) => return fail(&e, 1),
+                };
+                match crate::db::migrate(&pool).await {
+                    Ok(()) => {
+                        println!("migrations applied");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e, 1),
+                }
+            })
+        }
+        Command::Demo(args) => crate::demo::main(cli.config.as_deref(), args),
+        Command::Bench(args) => crate::bench::main(args),
+    }
+}
+
+/// Builds the main runtime explicitly: multi-thread, named workers, all drivers.
+pub fn build_runtime(cfg: &Config) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all().thread_name("vpnbot-worker");
+    if cfg.runtime.worker_threads > 0 {
+        b.worker_threads(cfg.runtime.worker_threads);
+    }
+    b.build().expect("main runtime builds")
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    Config::load(cli.config.as_deref()).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
+    let mut msg = format!("error: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!("\n  caused by: {s}"));
+        src = s.source();
+    }
+    eprintln!("{msg}");
+    tracing::error!(error = %e, "fatal");
+    ExitCode::from(code as u8)
+}

@@ -1,0 +1,491 @@
+//! Typed configuration: an optional TOML file overlaid by `VPNBOT_*` environment variables
+//! (nested keys joined by `__`, e.g. `VPNBOT_DB__MAX_CONNECTIONS=20`).
+//!
+//! Every default is a named constant in [`defaults`]; `vpnbot.example.toml` documents every key
+//! and a test fails when it drifts from these types. Loading collects every error (unknown keys,
+//! wrong types per section, invalid values) and returns them all at once; the CLI prints them and
+//! exits with [`EXIT_CONFIG`].
+
+pub mod defaults;
+pub mod secret;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use self::defaults as d;
+
+/// Exit code for a bad configuration (`EX_USAGE` from BSD `sysexits.h`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Environment variable prefix; `__` separates nesting levels.
+pub const ENV_PREFIX: &str = "VPNBOT_";
+
+/// The whole configuration. Each field is one TOML table.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Config {
+    /// Telegram Bot API access.
+    pub telegram: TelegramConfig,
+    /// PostgreSQL and the connection pool.
+    pub db: DbConfig,
+    /// The advisory-lock leadership that gates singleton workers.
+    pub leader: LeaderConfig,
+    /// Logs, the observability HTTP server, tracing export.
+    pub observability: ObservabilityConfig,
+    /// The main tokio runtime and shutdown.
+    pub runtime: RuntimeConfig,
+    /// VPN nodes by name. The name is used as the `node` metric label, so keep the set small.
+    pub nodes: BTreeMap<String, NodeConfig>,
+}
+
+/// `[telegram]`: Bot API access.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelegramConfig {
+    /// Bot token from @BotFather. Secret: never printed.
+    #[serde(serialize_with = "secret::serialize_redacted")]
+    pub token: SecretString,
+    /// Bot API base URL (default [`d::TELEGRAM_API_URL`]); point it at the stand-in in tests.
+    pub api_url: String,
+    /// Telegram user ids allowed to use admin commands.
+    pub admin_ids: Vec<i64>,
+}
+
+impl Default for TelegramConfig {
+    fn default() -> Self {
+        Self {
+            token: SecretString::default(),
+            api_url: d::TELEGRAM_API_URL.to_string(),
+            admin_ids: Vec::new(),
+        }
+    }
+}
+
+/// `[db]`: PostgreSQL connection and pool. Defaults follow the predecessor's pool
+/// (min 2, max 15, acquire 10 s, statement 30 s).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DbConfig {
+    /// `postgres://` URL. Falls back to the `DATABASE_URL` environment variable. Its password is
+    /// never printed.
+    #[serde(serialize_with = "secret::serialize_redacted_url")]
+    pub url: SecretString,
+    /// Connections kept open when idle (default [`d::DB_MIN_CONNECTIONS`]).
+    pub min_connections: u32,
+    /// Pool size (default [`d::DB_MAX_CONNECTIONS`]); the leadership connection is extra.
+    pub max_connections: u32,
+    /// Longest wait for a pooled connection, seconds (default [`d::DB_ACQUIRE_TIMEOUT_SECONDS`]).
+    pub acquire_timeout_seconds: f64,
+    /// Server-side `statement_timeout`, seconds (default [`d::DB_STATEMENT_TIMEOUT_SECONDS`]).
+    pub statement_timeout_seconds: f64,
+    /// Server-side `idle_in_transaction_session_timeout`, seconds
+    /// (default [`d::DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS`]).
+    pub idle_in_transaction_timeout_seconds: f64,
+    /// Timeout for opening one connection, seconds (default [`d::DB_CONNECT_TIMEOUT_SECONDS`]).
+    pub connect_timeout_seconds: f64,
+    /// `application_name` shown in `pg_stat_activity` (default [`d::DB_APPLICATION_NAME`]).
+    pub application_name: String,
+    /// How often the readiness probe checks that the database is writable, seconds
+    /// (default [`d::DB_READINESS_INTERVAL_SECONDS`]).
+    pub readiness_interval_seconds: f64,
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretString::default(),
+            min_connections: d::DB_MIN_CONNECTIONS,
+            max_connections: d::DB_MAX_CONNECTIONS,
+            acquire_timeout_seconds: d::DB_ACQUIRE_TIMEOUT_SECONDS,
+            statement_timeout_seconds: d::DB_STATEMENT_TIMEOUT_SECONDS,
+            idle_in_transaction_timeout_seconds: d::DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
+            connect_timeout_seconds: d::DB_CONNECT_TIMEOUT_SECONDS,
+            application_name: d::DB_APPLICATION_NAME.to_string(),
+            readiness_interval_seconds: d::DB_READINESS_INTERVAL_SECONDS,
+        }
+    }
+}
+
+/// `[leader]`: session advisory lock held on a dedicated connection outside the pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaderConfig {
+    /// Advisory lock key shared by every instance of one deployment (default [`d::LEADER_LOCK_KEY`]).
+    pub lock_key: i64,
+    /// How often the leader checks its lock connection, seconds (default [`d::LEADER_CHECK_INTERVAL_SECONDS`]).
+    pub check_interval_seconds: f64,
+    /// How long one check may take before leadership counts as lost, seconds
+    /// (default [`d::LEADER_CHECK_TIMEOUT_SECONDS`]).
+    pub check_timeout_seconds: f64,
+    /// How often a follower retries the lock, seconds (default [`d::LEADER_RETRY_INTERVAL_SECONDS`]).
+    pub retry_interval_seconds: f64,
+    /// Wait after winning the lock before starting singleton workers, seconds
+    /// (default [`d::LEADER_TAKEOVER_DELAY_SECONDS`]); longer than a previous leader needs to
+    /// notice its loss (check interval + check timeout), so the two never overlap.
+    pub takeover_delay_seconds: f64,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        Self {
+            lock_key: d::LEADER_LOCK_KEY,
+            check_interval_seconds: d::LEADER_CHECK_INTERVAL_SECONDS,
+            check_timeout_seconds: d::LEADER_CHECK_TIMEOUT_SECONDS,
+            retry_interval_seconds: d::LEADER_RETRY_INTERVAL_SECONDS,
+            takeover_delay_seconds: d::LEADER_TAKEOVER_DELAY_SECONDS,
+        }
+    }
+}
+
+/// `[observability]`: logs, the observability server and trace export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    /// Address of the observability server (default [`d::OBS_LISTEN`], loopback only).
+    pub listen: String,
+    /// `human` or `json` (default [`d::LOG_FORMAT`]).
+    pub log_format: String,
+    /// `tracing` filter directives for logs (default [`d::LOG_FILTER`]); `RUST_LOG` overrides it.
+    pub log_filter: String,
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; empty disables export.
+    pub otlp_endpoint: String,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        Self {
+            listen: d::OBS_LISTEN.to_string(),
+            log_format: d::LOG_FORMAT.to_string(),
+            log_filter: d::LOG_FILTER.to_string(),
+            otlp_endpoint: String::new(),
+        }
+    }
+}
+
+/// `[runtime]`: the main tokio runtime and shutdown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the main runtime; 0 means one per core (default 0).
+    pub worker_threads: usize,
+    /// Bound on draining tasks at shutdown, seconds (default [`d::SHUTDOWN_DRAIN_SECONDS`]).
+    pub shutdown_drain_seconds: f64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: 0,
+            shutdown_drain_seconds: d::SHUTDOWN_DRAIN_SECONDS,
+        }
+    }
+}
+
+/// `[nodes.NAME]`: one VPN node's API and the public parameters of its VLESS inbound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Base URL of the node API, e.g. `http://10.0.0.5:8080/`.
+    pub url: String,
+    /// API key sent in a header. Secret: never printed.
+    #[serde(serialize_with = "secret::serialize_redacted")]
+    pub api_key: SecretString,
+    /// Host that clients connect to (goes into `vless://` links).
+    pub public_host: String,
+    /// Port that clients connect to (default 443).
+    pub public_port: u16,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            api_key: SecretString::default(),
+            public_host: String::new(),
+            public_port: d::NODE_PUBLIC_PORT,
+        }
+    }
+}
+
+/// Every problem found in one configuration, in the order found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Seconds as a [`Duration`]; callers pass validated, non-negative finite values.
+pub fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+const SECTIONS: &[&str] = &[
+    "telegram",
+    "db",
+    "leader",
+    "observability",
+    "runtime",
+    "nodes",
+];
+
+impl Config {
+    /// Loads from an optional TOML file and the process environment, then validates.
+    ///
+    /// # Errors
+    /// Every problem at once: unreadable file, unknown keys, wrong types, invalid values.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let mut fig = Figment::new();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigErrors(vec![format!(
+                    "config file {} does not exist",
+                    p.display()
+                )]));
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        Self::from_figment(fig, std::env::var("DATABASE_URL").ok())
+    }
+
+    /// Loads from TOML text only (no environment); for tests and tools.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
+        Self::from_figment(Figment::from(Toml::string(text)), None)
+    }
+
+    /// Extracts each section on its own so that one bad section does not hide the others'
+    /// errors, then validates values across sections.
+    fn from_figment(fig: Figment, database_url: Option<String>) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        match fig.extract::<BTreeMap<String, figment::value::Value>>() {
+            Ok(top) => {
+                for key in top.keys() {
+                    if !SECTIONS.contains(&key.as_str()) {
+                        errors.push(format!(
+                            "unknown section `{key}` (known: {})",
+                            SECTIONS.join(", ")
+                        ));
+                    }
+                }
+            }
+            Err(e) => errors.extend(e.into_iter().map(|e| e.to_string())),
+        }
+        let mut failed = Vec::new();
+        let (e, f) = (&mut errors, &mut failed);
+        let mut cfg = Config {
+            telegram: section(&fig, "telegram", e, f, "telegram"),
+            db: section(&fig, "db", e, f, "db"),
+            leader: section(&fig, "leader", e, f, "leader"),
+            observability: section(&fig, "observability", e, f, "observability"),
+            runtime: section(&fig, "runtime", e, f, "runtime"),
+            nodes: section(&fig, "nodes", e, f, "nodes"),
+        };
+        if cfg.db.url.expose_secret().is_empty() {
+            if let Some(url) = database_url {
+                cfg.db.url = SecretString::from(url);
+            }
+        }
+        // A section that failed to parse holds defaults: its value checks would be noise.
+        errors.extend(
+            cfg.validate()
+                .into_iter()
+                .filter(|e| !failed.iter().any(|s| e.starts_with(&format!("{s}.")))),
+        );
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Checks values that types alone cannot; returns every problem found.
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        let db = &self.db;
+        let url = db.url.expose_secret();
+        if url.is_empty() {
+            e.push("db.url is empty: set it, VPNBOT_DB__URL or DATABASE_URL".to_string());
+        } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            e.push("db.url must start with postgres:// or postgresql://".to_string());
+        }
+        if db.max_connections == 0 {
+            e.push("db.max_connections must be at least 1".to_string());
+        }
+        if db.min_connections > db.max_connections {
+            e.push(format!(
+                "db.min_connections ({}) exceeds db.max_connections ({})",
+                db.min_connections, db.max_connections
+            ));
+        }
+        positive(
+            &mut e,
+            "db.acquire_timeout_seconds",
+            db.acquire_timeout_seconds,
+        );
+        positive(
+            &mut e,
+            "db.statement_timeout_seconds",
+            db.statement_timeout_seconds,
+        );
+        positive(
+            &mut e,
+            "db.idle_in_transaction_timeout_seconds",
+            db.idle_in_transaction_timeout_seconds,
+        );
+        positive(
+            &mut e,
+            "db.connect_timeout_seconds",
+            db.connect_timeout_seconds,
+        );
+        positive(
+            &mut e,
+            "db.readiness_interval_seconds",
+            db.readiness_interval_seconds,
+        );
+        let l = &self.leader;
+        positive(
+            &mut e,
+            "leader.check_interval_seconds",
+            l.check_interval_seconds,
+        );
+        positive(
+            &mut e,
+            "leader.check_timeout_seconds",
+            l.check_timeout_seconds,
+        );
+        positive(
+            &mut e,
+            "leader.retry_interval_seconds",
+            l.retry_interval_seconds,
+        );
+        if l.takeover_delay_seconds <= l.check_interval_seconds + l.check_timeout_seconds {
+            e.push(format!(
+                "leader.takeover_delay_seconds ({}) must exceed check_interval_seconds + \
+                 check_timeout_seconds ({}), or two leaders could overlap",
+                l.takeover_delay_seconds,
+                l.check_interval_seconds + l.check_timeout_seconds
+            ));
+        }
+        let o = &self.observability;
+        if o.listen.parse::<std::net::SocketAddr>().is_err() {
+            e.push(format!(
+                "observability.listen `{}` is not an IP:port address",
+                o.listen
+            ));
+        }
+        if !matches!(o.log_format.as_str(), "human" | "json") {
+            e.push(format!(
+                "observability.log_format `{}` must be `human` or `json`",
+                o.log_format
+            ));
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&o.log_filter) {
+            e.push(format!("observability.log_filter: {err}"));
+        }
+        if !o.otlp_endpoint.is_empty() && url::Url::parse(&o.otlp_endpoint).is_err() {
+            e.push("observability.otlp_endpoint is not a URL".to_string());
+        }
+        positive(
+            &mut e,
+            "runtime.shutdown_drain_seconds",
+            self.runtime.shutdown_drain_seconds,
+        );
+        for (name, n) in &self.nodes {
+            if name.is_empty()
+                || name.len() > 32
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                e.push(format!(
+                    "nodes.{name}: a node name must be 1-32 characters of [A-Za-z0-9_-]"
+                ));
+            }
+            match url::Url::parse(&n.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {
+                    if !u.username().is_empty() || u.password().is_some() {
+                        e.push(format!(
+                            "nodes.{name}.url must not carry credentials; use api_key"
+                        ));
+                    }
+                }
+                _ => e.push(format!("nodes.{name}.url must be an http(s) URL")),
+            }
+            if n.api_key.expose_secret().is_empty() {
+                e.push(format!("nodes.{name}.api_key is empty"));
+            }
+        }
+        e
+    }
+
+    /// The effective configuration as TOML with every secret redacted (what `check-config`
+    /// prints).
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes to TOML")
+    }
+}
+
+fn section<T: DeserializeOwned + Default>(
+    fig: &Figment,
+    key: &str,
+    errors: &mut Vec<String>,
+    failed: &mut Vec<&'static str>,
+    name: &'static str,
+) -> T {
+    if !fig.contains(key) {
+        return T::default();
+    }
+    match fig.extract_inner::<T>(key) {
+        Ok(v) => v,
+        Err(e) => {
+            failed.push(name);
+            errors.extend(e.into_iter().map(|e| describe(key, &e)));
+            T::default()
+        }
+    }
+}
+
+/// `db.max_connections: invalid type: found string "many", expected u32 (from TOML file x)`.
+fn describe(section: &str, e: &figment::Error) -> String {
+    // figment records the path innermost-first and, for extract_inner, with the section.
+    let mut segs: Vec<String> = e.path.iter().rev().map(|p| p.to_lowercase()).collect();
+    if segs.first().map(String::as_str) == Some(section) {
+        segs.remove(0);
+    }
+    let mut path = section.to_string();
+    for p in segs {
+        path.push('.');
+        path.push_str(&p);
+    }
+    let source = e
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    format!("{path}: {}{source}", e.kind)
+}
+
+fn positive(errors: &mut Vec<String>, key: &str, v: f64) {
+    if !(v.is_finite() && v > 0.0) {
+        errors.push(format!(
+            "{key} must be a positive number of seconds, got {v}"
+        ));
+    }
+}

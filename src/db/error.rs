@@ -1,0 +1,110 @@
+//! The data layer's typed error and how PostgreSQL errors map onto it.
+
+use std::time::Duration;
+
+/// Why a database operation failed. [`DbError::kind`] gives the bounded `kind` label value.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No pooled connection became free within the acquire timeout.
+    #[error("no database connection free after {waited:?} (acquire at `{label}`)")]
+    AcquireTimeout {
+        /// Call-site label given to `acquire`.
+        label: &'static str,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The pool was closed (shutdown).
+    #[error("database pool is closed (acquire at `{label}`)")]
+    PoolClosed {
+        /// Call-site label given to `acquire`.
+        label: &'static str,
+    },
+    /// The server could not be reached or the connection broke.
+    #[error("database unreachable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// The server cancelled the statement at `statement_timeout` (SQLSTATE 57014).
+    #[error("statement cancelled by the server's statement_timeout")]
+    StatementTimeout(#[source] sqlx::Error),
+    /// The server is read-only (SQLSTATE 25006, e.g. a standby after failover).
+    #[error("database is read-only")]
+    ReadOnly(#[source] sqlx::Error),
+    /// The server is shutting down or restarting (SQLSTATE class 57P).
+    #[error("database server is shutting down")]
+    ServerShutdown(#[source] sqlx::Error),
+    /// A migration is missing, modified or failed to apply.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Any other query error (constraint, syntax, decode ...).
+    #[error("database query failed: {0}")]
+    Query(#[source] sqlx::Error),
+}
+
+impl DbError {
+    /// Bounded label value for `vpnbot_db_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DbError::AcquireTimeout { .. } => "acquire_timeout",
+            DbError::PoolClosed { .. } => "pool_closed",
+            DbError::Unavailable(_) => "unavailable",
+            DbError::StatementTimeout(_) => "statement_timeout",
+            DbError::ReadOnly(_) => "read_only",
+            DbError::ServerShutdown(_) => "server_shutdown",
+            DbError::Migrate(_) => "migrate",
+            DbError::Query(_) => "query",
+        }
+    }
+
+    /// Whether the connection that produced this error must be discarded rather than returned
+    /// to the pool: the server is gone, restarting or read-only, or the socket broke.
+    pub fn discards_connection(&self) -> bool {
+        matches!(
+            self,
+            DbError::Unavailable(_) | DbError::ReadOnly(_) | DbError::ServerShutdown(_)
+        )
+    }
+
+    /// The SQLSTATE code of a server error, if any.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            DbError::StatementTimeout(e)
+            | DbError::ReadOnly(e)
+            | DbError::ServerShutdown(e)
+            | DbError::Query(e)
+            | DbError::Unavailable(e) => e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        let code = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .map(|c| c.into_owned());
+        match code.as_deref() {
+            Some("57014") => return DbError::StatementTimeout(e),
+            Some("25006") => return DbError::ReadOnly(e),
+            // admin_shutdown, crash_shutdown, cannot_connect_now, database_dropped
+            Some(c) if c.starts_with("57P") => return DbError::ServerShutdown(e),
+            // connection_exception class
+            Some(c) if c.starts_with("08") => return DbError::Unavailable(e),
+            _ => {}
+        }
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => DbError::Unavailable(e),
+            sqlx::Error::PoolTimedOut => DbError::AcquireTimeout {
+                label: "unknown",
+                waited: Duration::ZERO,
+            },
+            sqlx::Error::PoolClosed => DbError::PoolClosed { label: "unknown" },
+            other => DbError::Query(other),
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Leadership: one dedicated connection, outside the pool, holds a session advisory lock. Only
+//! the holder runs the singleton workers (reconcile, expiry, outbox).
+//!
+//! Loss is detected by checking the lock connection every `check_interval` with a
+//! `check_timeout` bound; the `false` is published before anything else happens so singleton
+//! workers are cancelled at once. A new leader waits `takeover_delay` (longer than the old
+//! leader's detection bound) before starting its workers, so two never overlap.
+
+use std::future::Future;
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntGauge, Registry};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::pool::connect_options;
+use crate::config::{secs, DbConfig, LeaderConfig};
+use crate::metrics;
+use crate::tasks::Tasks;
+
+/// Read side of leadership: whether this instance currently leads.
+#[derive(Debug, Clone)]
+pub struct LeaderHandle {
+    rx: watch::Receiver<bool>,
+}
+
+impl LeaderHandle {
+    /// Whether this instance holds the lock and may run singleton workers right now.
+    pub fn is_leader(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// A receiver that changes with leadership.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.rx.clone()
+    }
+
+    /// A handle that never leads (for commands that only need the read side).
+    pub fn never() -> Self {
+        let (_tx, rx) = watch::channel(false);
+        Self { rx }
+    }
+
+    /// Runs `worker` only while this instance leads: started (as a named task) on gaining
+    /// leadership, its token cancelled at once on losing it, restarted on regaining it. Waits up
+    /// to `drain` for a cancelled worker to finish before it may be started again.
+    pub fn run_while_leader<F, Fut>(
+        &self,
+        tasks: &Tasks,
+        name: &'static str,
+        drain: Duration,
+        worker: F,
+    ) where
+        F: Fn(CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut rx = self.rx.clone();
+        let root = tasks.root().clone();
+        let tasks2 = tasks.clone();
+        tasks.spawn_named("leader_supervisor", async move {
+            loop {
+                tokio::select! {
+                    _ = root.cancelled() => return,
+                    r = rx.wait_for(|l| *l) => if r.is_err() { return },
+                }
+                let token = root.child_token();
+                let handle = tasks2.spawn_named(name, worker(token.clone()));
+                tracing::info!(worker = name, "leader: singleton worker started");
+                tokio::select! {
+                    _ = root.cancelled() => {}
+                    _ = rx.wait_for(|l| !*l) => {}
+                }
+                token.cancel();
+                tracing::info!(worker = name, "leader: singleton worker cancelled");
+                if tokio::time::timeout(drain, handle).await.is_err() {
+                    tracing::error!(
+                        worker = name,
+                        "singleton worker did not stop within the drain bound"
+                    );
+                }
+                if root.is_cancelled() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Starts the leadership task; returns the read side.
+pub fn spawn_leadership(
+    leader: &LeaderConfig,
+    db: &DbConfig,
+    registry: &Registry,
+    tasks: &Tasks,
+) -> LeaderHandle {
+    let (tx, rx) = watch::channel(false);
+    let gauge = metrics::int_gauge(
+        registry,
+        "vpnbot_leader",
+        "1 while this instance holds the leadership lock and runs singleton workers, else 0.",
+    );
+    let transitions = metrics::counter(
+        registry,
+        "vpnbot_leader_transitions_total",
+        "Leadership changes of this instance (gained or lost).",
+    );
+    let state = LeaderLoop {
+        cfg: leader.clone(),
+        db: db.clone(),
+        tx,
+        gauge,
+        transitions,
+        cancel: tasks.root().clone(),
+    };
+    tasks.spawn_named("leadership", state.run());
+    LeaderHandle { rx }
+}
+
+struct LeaderLoop {
+    cfg: LeaderConfig,
+    db: DbConfig,
+    tx: watch::Sender<bool>,
+    gauge: IntGauge,
+    transitions: IntCounter,
+    cancel: CancellationToken,
+}
+
+impl LeaderLoop {
+    async fn run(self) {
+        let retry = secs(self.cfg.retry_interval_seconds);
+        while !self.cancel.is_cancelled() {
+            match self.try_acquire().await {
+                Ok(Some(conn)) => self.lead(conn).await,
+                Ok(None) => tracing::debug!("leadership lock held elsewhere; following"),
+                Err(e) => tracing::warn!(error = %e, "leadership: cannot reach the database"),
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tokio::time::sleep(retry) => {}
+            }
+        }
+        self.set(false);
+    }
+
+    async fn try_acquire(&self) -> Result<Option<PgConnection>, String> {
+        let bound = secs(self.db.connect_timeout_seconds) + secs(self.cfg.check_timeout_seconds);
+        let attempt = async {
+            let mut opts = connect_options(&self.db).map_err(|e| e.to_string())?;
+            opts = opts.application_name(&format!("{}-leader", self.db.application_name));
+            let mut conn = PgConnection::connect_with(&opts)
+                .await
+                .map_err(|e| e.to_string())?;
+            let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(self.cfg.lock_key)
+                .fetch_one(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(got.then_some(conn))
+        };
+        tokio::time::timeout(bound, attempt)
+            .await
+            .map_err(|_| format!("no answer within {bound:?}"))?
+    }
+
+    async fn lead(&self, mut conn: PgConnection) {
+        let interval = secs(self.cfg.check_interval_seconds);
+        let timeout = secs(self.cfg.check_timeout_seconds);
+        let takeover_at = tokio::time::Instant::now() + secs(self.cfg.takeover_delay_seconds);
+        tracing::info!(
+            "leadership lock acquired; starting singleton workers after the takeover delay"
+        );
+        loop {
+            let check = tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&mut conn));
+            let ok = tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    self.set(false);
+                    let _ = tokio::time::timeout(timeout, conn.close()).await;
+                    return;
+                }
+                r = check => matches!(r, Ok(Ok(_))),
+            };
+            if !ok {
+                // Publish the loss first: singleton workers are cancelled before anything else.
+                self.set(false);
+                tracing::error!("leadership lost: the lock connection failed its check");
+                return;
+            }
+            if !*self.tx.borrow() && tokio::time::Instant::now() >= takeover_at {
+                self.set(true);
+                tracing::info!("leader: singleton workers may run");
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    fn set(&self, leader: bool) {
+        let changed = self.tx.send_if_modified(|cur| {
+            let changed = *cur != leader;
+            *cur = leader;
+            changed
+        });
+        if changed {
+            self.transitions.inc();
+        }
+        self.gauge.set(leader as i64);
+    }
+}

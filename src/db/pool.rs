@@ -1,0 +1,441 @@
+//! The instrumented pool: every acquire names its call site with a static label (the
+//! predecessor's `acquire_connection(pool, "reconcile_fetch_db")`, done properly) and is timed
+//! twice: the wait for a connection and the hold until it is returned.
+
+use std::ops::{Deref, DerefMut};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use secrecy::ExposeSecret;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgConnection, PgPool, Postgres};
+
+use super::error::DbError;
+use super::inflight::PoolInflight;
+use crate::config::{secs, DbConfig};
+use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
+
+/// Metric families of the pool and the data layer.
+#[derive(Debug, Clone)]
+pub struct DbMetrics {
+    acquire_wait: HistogramVec,
+    hold: HistogramVec,
+    acquire_timeouts: IntCounterVec,
+    pending: IntGauge,
+    errors: IntCounterVec,
+}
+
+impl DbMetrics {
+    /// Registers the data layer's families (except the pool-state gauges, which
+    /// [`DbPool::connect`] registers with the pool they read).
+    pub fn register(registry: &Registry) -> Self {
+        Self {
+            acquire_wait: metrics::histogram_vec(
+                registry,
+                "vpnbot_db_pool_acquire_wait_seconds",
+                "Time from asking the pool for a connection until getting one (or giving up), by call-site label.",
+                &["label"],
+                DURATION_BUCKETS_SECONDS,
+            ),
+            hold: metrics::histogram_vec(
+                registry,
+                "vpnbot_db_pool_hold_seconds",
+                "Time a pooled connection was held, from acquire to release, by call-site label.",
+                &["label"],
+                DURATION_BUCKETS_SECONDS,
+            ),
+            acquire_timeouts: metrics::counter_vec(
+                registry,
+                "vpnbot_db_pool_acquire_timeouts_total",
+                "Acquires that gave up after the acquire timeout, by call-site label.",
+                &["label"],
+            ),
+            pending: metrics::int_gauge(
+                registry,
+                "vpnbot_db_pool_pending_acquires",
+                "Acquires currently waiting for a connection.",
+            ),
+            errors: metrics::counter_vec(
+                registry,
+                "vpnbot_db_errors_total",
+                "Database errors by kind (acquire_timeout, unavailable, statement_timeout, read_only, server_shutdown, query, ...).",
+                &["kind"],
+            ),
+        }
+    }
+
+    /// Counts one error under its kind.
+    pub fn count_error(&self, e: &DbError) {
+        self.errors.with_label_values(&[e.kind()]).inc();
+    }
+}
+
+/// Reads connection counts from the pool at scrape time, so `/metrics` shows them even while
+/// the main runtime is stalled.
+#[derive(Debug)]
+struct PoolStateCollector {
+    pool: PgPool,
+    connections: IntGaugeVec,
+    max: IntGauge,
+}
+
+impl Collector for PoolStateCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.connections.desc();
+        d.extend(self.max.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let size = self.pool.size() as i64;
+        let idle = self.pool.num_idle() as i64;
+        self.connections.with_label_values(&["idle"]).set(idle);
+        self.connections
+            .with_label_values(&["used"])
+            .set((size - idle).max(0));
+        let mut out = self.connections.collect();
+        out.extend(self.max.collect());
+        out
+    }
+}
+
+/// A PostgreSQL pool whose every acquire is labelled, timed and visible to the watchdog.
+#[derive(Debug, Clone)]
+pub struct DbPool {
+    pool: PgPool,
+    metrics: DbMetrics,
+    inflight: PoolInflight,
+    acquire_timeout: Duration,
+}
+
+impl DbPool {
+    /// Builds the pool (connections open lazily, `min_connections` in the background) and
+    /// registers its metrics. Each connection sets `statement_timeout`,
+    /// `idle_in_transaction_session_timeout` and `application_name` at startup, at no extra
+    /// round trip.
+    ///
+    /// # Errors
+    /// [`DbError::Query`] when the URL cannot be parsed (the message never includes it).
+    pub fn connect(cfg: &DbConfig, registry: &Registry) -> Result<DbPool, DbError> {
+        let opts = connect_options(cfg)?;
+        let pool = PgPoolOptions::new()
+            .min_connections(cfg.min_connections)
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(secs(cfg.acquire_timeout_seconds))
+            .connect_lazy_with(opts);
+        let connections = metrics::int_gauge_vec(
+            registry,
+            "vpnbot_db_pool_connections",
+            "Open pool connections by state (idle, used).",
+            &["state"],
+        );
+        // Registered through the collector below, not directly.
+        registry
+            .unregister(Box::new(connections.clone()))
+            .expect("just registered");
+        let max = IntGauge::new(
+            "vpnbot_db_pool_max_connections",
+            "Configured maximum pool size (the leadership connection is not counted).",
+        )
+        .expect("valid gauge");
+        max.set(cfg.max_connections as i64);
+        registry
+            .register(Box::new(PoolStateCollector {
+                pool: pool.clone(),
+                connections,
+                max,
+            }))
+            .expect("unique metric names");
+        Ok(DbPool {
+            pool,
+            metrics: DbMetrics::register(registry),
+            inflight: PoolInflight::default(),
+            acquire_timeout: secs(cfg.acquire_timeout_seconds),
+        })
+    }
+
+    /// Takes a connection for the call site `label` (a static name from the code, e.g.
+    /// `"reconcile_snapshot"`), waiting at most the configured acquire timeout.
+    ///
+    /// Cancel-safe: a caller dropped while waiting leaves no waiter behind.
+    ///
+    /// # Errors
+    /// [`DbError::AcquireTimeout`] naming `label`, [`DbError::PoolClosed`], or
+    /// [`DbError::Unavailable`] when a new connection could not be opened.
+    pub async fn acquire(&self, label: &'static str) -> Result<DbConn, DbError> {
+        let started = Instant::now();
+        let slot = self.inflight.begin_wait(label);
+        let mut waiter = WaitGuard {
+            pool: self,
+            slot: Some(slot),
+        };
+        self.metrics.pending.inc();
+        let res = tokio::time::timeout(self.acquire_timeout, self.pool.acquire()).await;
+        let waited = started.elapsed();
+        self.metrics
+            .acquire_wait
+            .with_label_values(&[label])
+            .observe(waited.as_secs_f64());
+        let err = match res {
+            Ok(Ok(conn)) => {
+                let slot = waiter.slot.take().expect("slot set above");
+                self.metrics.pending.dec();
+                self.inflight.acquired(slot);
+                return Ok(DbConn {
+                    conn: Some(conn),
+                    label,
+                    slot,
+                    acquired_at: Instant::now(),
+                    tx_open: false,
+                    discard: false,
+                    pool: self.clone(),
+                });
+            }
+            Err(_) | Ok(Err(sqlx::Error::PoolTimedOut)) => {
+                DbError::AcquireTimeout { label, waited }
+            }
+            Ok(Err(sqlx::Error::PoolClosed)) => DbError::PoolClosed { label },
+            Ok(Err(e)) => DbError::from(e),
+        };
+        drop(waiter);
+        if let DbError::AcquireTimeout { .. } = err {
+            self.metrics
+                .acquire_timeouts
+                .with_label_values(&[label])
+                .inc();
+        }
+        self.metrics.count_error(&err);
+        Err(err)
+    }
+
+    /// Current holders and waiters, for the watchdog and `/debug/dump`.
+    pub fn inflight(&self) -> &PoolInflight {
+        &self.inflight
+    }
+
+    /// The data layer's metrics, for counting errors seen outside `acquire`.
+    pub fn metrics(&self) -> &DbMetrics {
+        &self.metrics
+    }
+
+    /// The bare sqlx pool, for migrations and benchmarks. Acquires through it are not
+    /// labelled: production code uses [`DbPool::acquire`].
+    pub fn raw(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Configured acquire timeout.
+    pub fn acquire_timeout(&self) -> Duration {
+        self.acquire_timeout
+    }
+
+    /// Closes the pool: waits for held connections to be returned, then closes them all.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Builds connect options with per-session settings as startup parameters.
+///
+/// # Errors
+/// [`DbError::Query`] with a message that omits the URL (it may carry a password).
+pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, DbError> {
+    let opts = PgConnectOptions::from_str(cfg.url.expose_secret()).map_err(|_| {
+        DbError::Query(sqlx::Error::Configuration(
+            "db.url is not a valid PostgreSQL URL".into(),
+        ))
+    })?;
+    let ms = |s: f64| ((s * 1000.0).round() as u64).to_string();
+    Ok(opts.application_name(&cfg.application_name).options([
+        ("statement_timeout", ms(cfg.statement_timeout_seconds)),
+        (
+            "idle_in_transaction_session_timeout",
+            ms(cfg.idle_in_transaction_timeout_seconds),
+        ),
+    ]))
+}
+
+/// Removes the waiter entry and the pending count if `acquire` is cancelled or fails.
+struct WaitGuard<'a> {
+    pool: &'a DbPool,
+    slot: Option<usize>,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.pool.metrics.pending.dec();
+            self.pool.inflight.end(slot);
+        }
+    }
+}
+
+/// A pooled connection held for one call site. Dereferences to [`PgConnection`]; on drop it
+/// records the hold time and goes back to the pool, unless it must be discarded (see
+/// [`DbConn::begin`] and [`DbConn::check`]).
+#[derive(Debug)]
+pub struct DbConn {
+    conn: Option<PoolConnection<Postgres>>,
+    label: &'static str,
+    slot: usize,
+    acquired_at: Instant,
+    tx_open: bool,
+    discard: bool,
+    pool: DbPool,
+}
+
+impl DbConn {
+    /// Maps a query result to [`DbError`], counts the error, and marks the connection for
+    /// discarding when the error says the server is gone, restarting or read-only.
+    ///
+    /// # Errors
+    /// The mapped error.
+    pub fn check<T>(&mut self, res: Result<T, sqlx::Error>) -> Result<T, DbError> {
+        res.map_err(|e| {
+            let e = DbError::from(e);
+            if e.discards_connection() {
+                self.discard = true;
+            }
+            self.pool.metrics.count_error(&e);
+            e
+        })
+    }
+
+    /// Starts a transaction. If the returned [`Tx`] is dropped before `commit` or `rollback`
+    /// completes (a cancelled task, a timeout, an error path), or the task is cancelled during
+    /// `BEGIN` itself, the connection is closed instead of returned to the pool, so no backend
+    /// is ever left `idle in transaction` and no later borrower inherits the transaction.
+    ///
+    /// # Errors
+    /// As [`DbConn::check`].
+    pub async fn begin(&mut self) -> Result<Tx<'_>, DbError> {
+        self.tx_open = true;
+        let res = self.conn_mut().execute("BEGIN").await;
+        self.check(res)?;
+        Ok(Tx { conn: self })
+    }
+
+    /// The call-site label this connection was acquired for.
+    pub fn label(&self) -> &'static str {
+        self.label
+    }
+
+    fn conn_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("connection present until drop")
+    }
+}
+
+impl Deref for DbConn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("connection present until drop")
+    }
+}
+
+impl DerefMut for DbConn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn_mut()
+    }
+}
+
+impl Drop for DbConn {
+    fn drop(&mut self) {
+        let held = self.acquired_at.elapsed();
+        self.pool
+            .metrics
+            .hold
+            .with_label_values(&[self.label])
+            .observe(held.as_secs_f64());
+        self.pool.inflight.end(self.slot);
+        if let Some(mut conn) = self.conn.take() {
+            if self.tx_open || self.discard {
+                conn.close_on_drop();
+            }
+        }
+    }
+}
+
+/// An open transaction on a [`DbConn`]. Dereferences to [`PgConnection`].
+#[derive(Debug)]
+pub struct Tx<'c> {
+    conn: &'c mut DbConn,
+}
+
+impl Tx<'_> {
+    /// Commits.
+    ///
+    /// # Errors
+    /// As [`DbConn::check`]; on error the connection is discarded.
+    pub async fn commit(self) -> Result<(), DbError> {
+        self.finish("COMMIT").await
+    }
+
+    /// Rolls back.
+    ///
+    /// # Errors
+    /// As [`DbConn::check`]; on error the connection is discarded.
+    pub async fn rollback(self) -> Result<(), DbError> {
+        self.finish("ROLLBACK").await
+    }
+
+    async fn finish(self, sql: &'static str) -> Result<(), DbError> {
+        let res = self.conn.conn_mut().execute(sql).await;
+        self.conn.check(res)?;
+        self.conn.tx_open = false;
+        Ok(())
+    }
+
+    /// Maps a query result inside the transaction; see [`DbConn::check`].
+    ///
+    /// # Errors
+    /// The mapped error.
+    pub fn check<T>(&mut self, res: Result<T, sqlx::Error>) -> Result<T, DbError> {
+        self.conn.check(res)
+    }
+}
+
+impl Deref for Tx<'_> {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn
+    }
+}
+
+impl DerefMut for Tx<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.conn_mut()
+    }
+}
+
+impl DbMetrics {
+    /// What one acquire+release records, without the pool (for `vpnbot bench pool`).
+    #[doc(hidden)]
+    pub fn bookkeeping_for_bench(&self, d: Duration) {
+        self.pending.inc();
+        self.acquire_wait
+            .with_label_values(&["bench"])
+            .observe(d.as_secs_f64());
+        self.pending.dec();
+        self.hold
+            .with_label_values(&["bench"])
+            .observe(d.as_secs_f64());
+    }
+
+    /// Fills 20 labels with observations (for `vpnbot bench metrics-render`).
+    #[doc(hidden)]
+    pub fn populate_for_bench(&self) {
+        const LABELS: [&str; 20] = [
+            "l00", "l01", "l02", "l03", "l04", "l05", "l06", "l07", "l08", "l09", "l10", "l11",
+            "l12", "l13", "l14", "l15", "l16", "l17", "l18", "l19",
+        ];
+        for l in LABELS {
+            self.acquire_wait.with_label_values(&[l]).observe(0.001);
+            self.hold.with_label_values(&[l]).observe(0.01);
+            self.acquire_timeouts.with_label_values(&[l]).inc();
+        }
+    }
+}

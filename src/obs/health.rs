@@ -1,0 +1,48 @@
+//! What the observability server reports about the process, gathered from parts that publish
+//! their state in thread-safe cells, so reading it never needs the main runtime.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::db::leader::LeaderHandle;
+use crate::db::readiness::DbReadiness;
+
+/// The diagnostics' view as the observability server needs it. Implemented by the
+/// diagnostics subsystem; every method must be callable from any thread without the main
+/// runtime.
+pub trait DiagnosticsView: Send + Sync + std::fmt::Debug {
+    /// The kind of the open stall episode (e.g. `blocked_worker`), or `None` when healthy.
+    fn stall(&self) -> Option<String>;
+    /// The latest episode's dump as JSON, if any was written.
+    fn latest_dump_json(&self) -> Option<String>;
+    /// A fresh dump taken now, as JSON.
+    fn dump_now_json(&self) -> String;
+}
+
+/// Node circuit-breaker states for `/readyz`, callable from any thread.
+pub trait BreakerView: Send + Sync + std::fmt::Debug {
+    /// `(node, state)` pairs, state one of `closed`, `half_open`, `open`.
+    fn breaker_states(&self) -> Vec<(String, &'static str)>;
+}
+
+/// Shared health state. Parts attach themselves once as the app starts.
+#[derive(Debug, Default)]
+pub struct HealthState {
+    /// Outcome of the database writability probe.
+    pub db: Arc<DbReadiness>,
+    /// Bound on the age of the last database check for `/readyz` to trust it.
+    pub db_max_age: OnceLock<Duration>,
+    /// Leadership read side.
+    pub leader: OnceLock<LeaderHandle>,
+    /// Diagnostics (stall state and dumps).
+    pub diagnostics: OnceLock<Arc<dyn DiagnosticsView>>,
+    /// Node breakers.
+    pub breakers: OnceLock<Arc<dyn BreakerView>>,
+}
+
+impl HealthState {
+    /// The open stall's kind, if diagnostics are attached and report one.
+    pub fn stall(&self) -> Option<String> {
+        self.diagnostics.get().and_then(|d| d.stall())
+    }
+}

@@ -1,0 +1,4 @@
+//! Beside the main runtime: the observability server and the health state it reports.
+
+pub mod health;
+pub mod server;

@@ -1,0 +1,63 @@
+//! Shared test helpers: configs pointing at the per-test database, app start-up on port 0.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use sqlx::postgres::PgConnectOptions;
+use vpnbot::config::Config;
+
+/// A `postgres://` URL for the database `#[sqlx::test]` created for this test.
+pub fn url_for(opts: &PgConnectOptions) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test.sh");
+    let mut u = url::Url::parse(&base).expect("DATABASE_URL is a URL");
+    u.set_path(opts.get_database().expect("sqlx::test sets a database"));
+    u.to_string()
+}
+
+/// A config for one test instance: its own database, observability on port 0, quick
+/// leadership timings.
+pub fn test_config(opts: &PgConnectOptions) -> Config {
+    vpnbot::telemetry::init_for_tests();
+    let mut cfg = Config::default();
+    cfg.db.url = SecretString::from(url_for(opts));
+    cfg.db.max_connections = 5;
+    cfg.db.min_connections = 0;
+    cfg.db.acquire_timeout_seconds = 2.0;
+    cfg.db.readiness_interval_seconds = 0.2;
+    cfg.observability.listen = "127.0.0.1:0".into();
+    cfg.leader.check_interval_seconds = 0.2;
+    cfg.leader.check_timeout_seconds = 0.5;
+    cfg.leader.retry_interval_seconds = 0.3;
+    cfg.leader.takeover_delay_seconds = 1.0;
+    cfg.runtime.shutdown_drain_seconds = 3.0;
+    assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
+    cfg
+}
+
+/// Polls `f` every 20 ms until it holds or `limit` passes; returns the time it took.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f().then(|| start.elapsed())
+}
+
+/// Value of one sample in Prometheus text, e.g. `metric(&text, "vpnbot_leader", &[])`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let (head, _) = l.rsplit_once(' ').unwrap_or((l, ""));
+            let (n, rest) = head.split_once('{').unwrap_or((head, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+}

@@ -1,0 +1,165 @@
+//! Configuration: the example file, error collection, redaction, exit codes.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use vpnbot::config::{Config, EXIT_CONFIG};
+
+fn key_paths(v: &toml::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let toml::Value::Table(t) = v {
+        for (k, child) in t {
+            // Node tables are keyed by node name: compare their shape, not their names.
+            let seg = if prefix == "nodes" { "*" } else { k.as_str() };
+            let path = if prefix.is_empty() {
+                seg.to_string()
+            } else {
+                format!("{prefix}.{seg}")
+            };
+            match child {
+                toml::Value::Table(_) => key_paths(child, &path, out),
+                _ => {
+                    out.insert(path);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn example_config_matches_the_config_types() {
+    let text = std::fs::read_to_string("vpnbot.example.toml").unwrap();
+    let example: toml::Value = toml::from_str(&text).unwrap();
+    let mut with_node = Config::default();
+    with_node
+        .nodes
+        .insert("x".into(), vpnbot::config::NodeConfig::default());
+    let real: toml::Value = toml::from_str(&with_node.to_redacted_toml()).unwrap();
+    let (mut a, mut b) = (BTreeSet::new(), BTreeSet::new());
+    key_paths(&example, "", &mut a);
+    key_paths(&real, "", &mut b);
+    assert_eq!(
+        a.symmetric_difference(&b).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "vpnbot.example.toml and the config types differ"
+    );
+    // Every default in the example equals the real default (nodes and secrets aside).
+    let ex = example.as_table().unwrap();
+    let re = real.as_table().unwrap();
+    for section in ["db", "leader", "observability", "runtime"] {
+        for (k, v) in re[section].as_table().unwrap() {
+            if k == "url" {
+                continue;
+            }
+            assert_eq!(&ex[section][k], v, "default of {section}.{k} differs");
+        }
+    }
+    // And the example itself loads (once the required values are filled in).
+    let filled = text
+        .replace("url = \"\"", "url = \"postgres://u@localhost/db\"")
+        .replace("api_key = \"\"", "api_key = \"k\"");
+    Config::from_toml_str(&filled).expect("example config is valid");
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let bad = r#"
+        [db]
+        url = "mysql://nope"
+        max_connections = "many"
+        [leader]
+        check_interval_seconds = -1.0
+        [observability]
+        log_format = "xml"
+        listen = "everywhere"
+        [nodes.a]
+        url = "ftp://x"
+        [tyop]
+        x = 1
+    "#;
+    let errs = Config::from_toml_str(bad).unwrap_err().0;
+    let all = errs.join("\n");
+    for needle in [
+        "max_connections",
+        "check_interval_seconds",
+        "log_format",
+        "listen",
+        "nodes.a.url",
+        "nodes.a.api_key",
+        "tyop",
+    ] {
+        assert!(
+            all.contains(needle),
+            "missing error about {needle} in:\n{all}"
+        );
+    }
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let errs = Config::from_toml_str("[db]\nmax_conections = 3\nurl = \"postgres://x/y\"\n")
+        .unwrap_err()
+        .0;
+    assert!(errs.join("\n").contains("max_conections"), "{errs:?}");
+}
+
+fn vpnbot() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vpnbot"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VPNBOT_") || k == "DATABASE_URL" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn check_config_redacts_secrets_and_exits_0() {
+    let out = vpnbot()
+        .arg("check-config")
+        .env("VPNBOT_DB__URL", "postgres://bot:pw-s3cret@db:5432/vpn")
+        .env("VPNBOT_TELEGRAM__TOKEN", "123:tok-s3cret")
+        .env("VPNBOT_NODES__A__URL", "http://10.0.0.1:8080/")
+        .env("VPNBOT_NODES__A__API_KEY", "key-s3cret")
+        .env("VPNBOT_DB__MAX_CONNECTIONS", "20")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains("s3cret") && !stderr.contains("s3cret"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("max_connections = 20"),
+        "env override applied: {stdout}"
+    );
+    assert!(stdout.contains("[REDACTED]"));
+}
+
+#[test]
+fn bad_config_exits_64_listing_every_error() {
+    let out = vpnbot()
+        .arg("check-config")
+        .env("VPNBOT_DB__URL", "postgres://bot:pw-s3cret@db/vpn")
+        .env("VPNBOT_DB__MAX_CONNECTIONS", "zero")
+        .env("VPNBOT_OBSERVABILITY__LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("max_connections") && stderr.contains("log_format"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+#[test]
+fn missing_config_file_exits_64() {
+    let out = vpnbot()
+        .args(["--config", "/nonexistent/vpnbot.toml", "check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+}
