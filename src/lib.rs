@@ -15,3 +15,5 @@ compile_error!(
 
 pub mod metrics;
 pub mod tasks;
+pub mod node;
+pub mod sim;
