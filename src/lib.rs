@@ -23,3 +23,5 @@ pub mod metrics;
 pub mod obs;
 pub mod tasks;
 pub mod telemetry;
+pub mod node;
+pub mod sim;

@@ -1,0 +1,193 @@
+//! `[node_client]`: one section of settings shared by every node's client.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default connect deadline (TCP connect plus name resolution), seconds.
+pub const DEFAULT_CONNECT_TIMEOUT_SECONDS: f64 = 3.0;
+/// Default headers deadline: request sent until the response head arrives, seconds.
+pub const DEFAULT_HEADERS_TIMEOUT_SECONDS: f64 = 5.0;
+/// Default body idle timeout: longest gap without a body byte, seconds.
+pub const DEFAULT_BODY_IDLE_TIMEOUT_SECONDS: f64 = 2.0;
+/// Default total deadline of one call, retries included: resolution, connect, headers, the
+/// whole body and decoding, seconds.
+pub const DEFAULT_TOTAL_DEADLINE_SECONDS: f64 = 10.0;
+/// Default body cap: 64 MiB. A larger `Content-Length` is rejected before reading; a streamed
+/// body is cut at the cap.
+pub const DEFAULT_BODY_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Default lifetime of an idle pooled connection, seconds. Below the 5 s keep-alive of common
+/// Python servers (uvicorn) so that the client drops a connection before the node does.
+pub const DEFAULT_POOL_IDLE_TIMEOUT_SECONDS: f64 = 4.0;
+/// Default number of idle pooled connections kept per node.
+pub const DEFAULT_POOL_MAX_IDLE_PER_NODE: usize = 4;
+/// Default attempts per call, the first included (so 3 means up to 2 retries).
+pub const DEFAULT_RETRY_MAX_ATTEMPTS: u32 = 3;
+/// Default first backoff delay, seconds; doubles per retry, plus up to 100 % jitter.
+pub const DEFAULT_RETRY_BASE_DELAY_SECONDS: f64 = 0.2;
+/// Default cap of the backoff delay before jitter, seconds.
+pub const DEFAULT_RETRY_MAX_DELAY_SECONDS: f64 = 2.0;
+/// Default run of failed calls that opens a node's circuit breaker.
+pub const DEFAULT_BREAKER_FAILURE_THRESHOLD: u32 = 5;
+/// Default time an open breaker fails fast before letting one half-open probe through, seconds.
+pub const DEFAULT_BREAKER_COOLDOWN_SECONDS: f64 = 30.0;
+/// Default body size above which decoding moves to the blocking pool, so that a large
+/// `list-users` never holds a runtime worker (256 KiB decodes in well under a millisecond).
+pub const DEFAULT_DECODE_INLINE_MAX_BYTES: u64 = 256 * 1024;
+/// Default bound on concurrent name resolutions per node. A hung resolver holds a blocking
+/// thread until it returns; past this bound new calls fail fast instead of piling up threads.
+pub const DEFAULT_RESOLVER_MAX_CONCURRENT: usize = 4;
+
+/// Settings of the node API client, one `[node_client]` section shared by all nodes.
+/// Durations are seconds as `f64`; every field has a named default constant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeClientSettings {
+    /// Connect deadline incl. name resolution, seconds. Default [`DEFAULT_CONNECT_TIMEOUT_SECONDS`].
+    pub connect_timeout_seconds: f64,
+    /// Headers deadline, seconds. Default [`DEFAULT_HEADERS_TIMEOUT_SECONDS`].
+    pub headers_timeout_seconds: f64,
+    /// Body idle timeout, seconds. Default [`DEFAULT_BODY_IDLE_TIMEOUT_SECONDS`].
+    pub body_idle_timeout_seconds: f64,
+    /// Total deadline of a call incl. retries, seconds. Default [`DEFAULT_TOTAL_DEADLINE_SECONDS`].
+    pub total_deadline_seconds: f64,
+    /// Body cap, bytes. Default [`DEFAULT_BODY_MAX_BYTES`].
+    pub body_max_bytes: u64,
+    /// Idle pooled connection lifetime, seconds; keep it below the node's keep-alive.
+    /// Default [`DEFAULT_POOL_IDLE_TIMEOUT_SECONDS`].
+    pub pool_idle_timeout_seconds: f64,
+    /// Idle pooled connections per node. Default [`DEFAULT_POOL_MAX_IDLE_PER_NODE`].
+    pub pool_max_idle_per_node: usize,
+    /// Attempts per call incl. the first. Default [`DEFAULT_RETRY_MAX_ATTEMPTS`].
+    pub retry_max_attempts: u32,
+    /// First backoff delay, seconds. Default [`DEFAULT_RETRY_BASE_DELAY_SECONDS`].
+    pub retry_base_delay_seconds: f64,
+    /// Backoff cap before jitter, seconds. Default [`DEFAULT_RETRY_MAX_DELAY_SECONDS`].
+    pub retry_max_delay_seconds: f64,
+    /// Failed calls in a row that open the breaker. Default [`DEFAULT_BREAKER_FAILURE_THRESHOLD`].
+    pub breaker_failure_threshold: u32,
+    /// Open-breaker cooldown before a half-open probe, seconds.
+    /// Default [`DEFAULT_BREAKER_COOLDOWN_SECONDS`].
+    pub breaker_cooldown_seconds: f64,
+    /// Bodies larger than this are decoded on the blocking pool, bytes.
+    /// Default [`DEFAULT_DECODE_INLINE_MAX_BYTES`].
+    pub decode_inline_max_bytes: u64,
+    /// Concurrent name resolutions per node. Default [`DEFAULT_RESOLVER_MAX_CONCURRENT`].
+    pub resolver_max_concurrent: usize,
+}
+
+impl Default for NodeClientSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout_seconds: DEFAULT_CONNECT_TIMEOUT_SECONDS,
+            headers_timeout_seconds: DEFAULT_HEADERS_TIMEOUT_SECONDS,
+            body_idle_timeout_seconds: DEFAULT_BODY_IDLE_TIMEOUT_SECONDS,
+            total_deadline_seconds: DEFAULT_TOTAL_DEADLINE_SECONDS,
+            body_max_bytes: DEFAULT_BODY_MAX_BYTES,
+            pool_idle_timeout_seconds: DEFAULT_POOL_IDLE_TIMEOUT_SECONDS,
+            pool_max_idle_per_node: DEFAULT_POOL_MAX_IDLE_PER_NODE,
+            retry_max_attempts: DEFAULT_RETRY_MAX_ATTEMPTS,
+            retry_base_delay_seconds: DEFAULT_RETRY_BASE_DELAY_SECONDS,
+            retry_max_delay_seconds: DEFAULT_RETRY_MAX_DELAY_SECONDS,
+            breaker_failure_threshold: DEFAULT_BREAKER_FAILURE_THRESHOLD,
+            breaker_cooldown_seconds: DEFAULT_BREAKER_COOLDOWN_SECONDS,
+            decode_inline_max_bytes: DEFAULT_DECODE_INLINE_MAX_BYTES,
+            resolver_max_concurrent: DEFAULT_RESOLVER_MAX_CONCURRENT,
+        }
+    }
+}
+
+fn positive(problems: &mut Vec<String>, name: &str, v: f64) {
+    if !(v.is_finite() && v > 0.0) {
+        problems.push(format!("node_client.{name} must be a positive number of seconds, got {v}"));
+    }
+}
+
+impl NodeClientSettings {
+    /// Every problem with these settings, each as one human-readable line naming the field;
+    /// empty when valid.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        positive(&mut p, "connect_timeout_seconds", self.connect_timeout_seconds);
+        positive(&mut p, "headers_timeout_seconds", self.headers_timeout_seconds);
+        positive(&mut p, "body_idle_timeout_seconds", self.body_idle_timeout_seconds);
+        positive(&mut p, "total_deadline_seconds", self.total_deadline_seconds);
+        positive(&mut p, "pool_idle_timeout_seconds", self.pool_idle_timeout_seconds);
+        positive(&mut p, "retry_base_delay_seconds", self.retry_base_delay_seconds);
+        positive(&mut p, "retry_max_delay_seconds", self.retry_max_delay_seconds);
+        positive(&mut p, "breaker_cooldown_seconds", self.breaker_cooldown_seconds);
+        let total = self.total_deadline_seconds;
+        for (name, v) in [
+            ("connect_timeout_seconds", self.connect_timeout_seconds),
+            ("headers_timeout_seconds", self.headers_timeout_seconds),
+            ("body_idle_timeout_seconds", self.body_idle_timeout_seconds),
+        ] {
+            if v > total {
+                p.push(format!(
+                    "node_client.{name} ({v}) must not exceed total_deadline_seconds ({total})"
+                ));
+            }
+        }
+        if self.retry_base_delay_seconds > self.retry_max_delay_seconds {
+            p.push(format!(
+                "node_client.retry_base_delay_seconds ({}) must not exceed retry_max_delay_seconds ({})",
+                self.retry_base_delay_seconds, self.retry_max_delay_seconds
+            ));
+        }
+        if self.body_max_bytes == 0 {
+            p.push("node_client.body_max_bytes must be positive".into());
+        }
+        if self.retry_max_attempts == 0 {
+            p.push("node_client.retry_max_attempts must be at least 1".into());
+        }
+        if self.breaker_failure_threshold == 0 {
+            p.push("node_client.breaker_failure_threshold must be at least 1".into());
+        }
+        if self.resolver_max_concurrent == 0 {
+            p.push("node_client.resolver_max_concurrent must be at least 1".into());
+        }
+        p
+    }
+
+    pub(crate) fn dur(secs: f64) -> Duration {
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_faults_md() {
+        let s = NodeClientSettings::default();
+        assert!(s.validate().is_empty(), "{:?}", s.validate());
+        assert_eq!(s.total_deadline_seconds, 10.0);
+        assert_eq!(s.headers_timeout_seconds, 5.0);
+        assert_eq!(s.body_idle_timeout_seconds, 2.0);
+        assert_eq!(s.body_max_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn validate_reports_every_problem_at_once() {
+        let s = NodeClientSettings {
+            connect_timeout_seconds: 0.0,
+            headers_timeout_seconds: 20.0,
+            body_idle_timeout_seconds: f64::NAN,
+            retry_max_attempts: 0,
+            body_max_bytes: 0,
+            ..Default::default()
+        };
+        let p = s.validate();
+        assert_eq!(p.len(), 5, "{p:#?}");
+        assert!(p.iter().any(|l| l.contains("headers_timeout_seconds (20)")));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_and_missing_fields_default() {
+        let s: NodeClientSettings = toml::from_str("total_deadline_seconds = 3.5").unwrap();
+        assert_eq!(s.total_deadline_seconds, 3.5);
+        assert_eq!(s.headers_timeout_seconds, DEFAULT_HEADERS_TIMEOUT_SECONDS);
+        assert!(toml::from_str::<NodeClientSettings>("total_deadline = 3").is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! Simulators used only by tests, the demo and operators rehearsing alerts: never on the
+//! production path.
+
+pub mod node;
