@@ -13,8 +13,10 @@ use crate::config::{secs, Config};
 use crate::db::leader::{spawn_leadership, LeaderHandle};
 use crate::db::readiness::run_probe;
 use crate::db::{self, DbError, DbPool};
+use crate::fleet::Fleet;
 use crate::obs::health::HealthState;
 use crate::obs::server::{ObsServer, ObsState};
+use crate::outbox::{Outbox, OutboxMetrics};
 use crate::tasks::Tasks;
 
 /// Why an instance could not start.
@@ -32,6 +34,15 @@ pub enum StartError {
     /// The database is unreachable, read-only, or its migrations failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A node's client could not be built from its configuration.
+    #[error("node {node}: {source}")]
+    Node {
+        /// The node name.
+        node: String,
+        /// Why.
+        #[source]
+        source: crate::node::NodeError,
+    },
 }
 
 impl StartError {
@@ -59,6 +70,8 @@ pub struct App {
     pub leader: LeaderHandle,
     /// Health sources read by the observability server.
     pub health: Arc<HealthState>,
+    /// The configured nodes' clients.
+    pub fleet: Fleet,
     obs: Option<ObsServer>,
 }
 
@@ -92,6 +105,9 @@ impl App {
             source,
         })?;
 
+        let fleet = Fleet::from_config(&config, &registry)
+            .map_err(|(node, source)| StartError::Node { node, source })?;
+        let _ = health.breakers.set(Arc::new(fleet.clone()));
         let pool = DbPool::connect(&config.db, &registry)?;
         preflight(&config)
             .await
@@ -111,6 +127,16 @@ impl App {
         );
         let leader = spawn_leadership(&config.leader, &config.db, &registry, &tasks);
         let _ = health.leader.set(leader.clone());
+        let drain = secs(config.runtime.shutdown_drain_seconds);
+        let outbox = Outbox::new(
+            pool.clone(),
+            fleet.clone(),
+            OutboxMetrics::register(&registry),
+            config.outbox.clone(),
+        );
+        leader.run_while_leader(&tasks, "outbox", drain, move |token| {
+            outbox.clone().run(token)
+        });
 
         Ok(App {
             config,
@@ -119,6 +145,7 @@ impl App {
             tasks,
             leader,
             health,
+            fleet,
             obs: Some(obs),
         })
     }

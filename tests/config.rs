@@ -45,7 +45,14 @@ fn example_config_matches_the_config_types() {
     // Every default in the example equals the real default (nodes and secrets aside).
     let ex = example.as_table().unwrap();
     let re = real.as_table().unwrap();
-    for section in ["db", "leader", "observability", "runtime"] {
+    for section in [
+        "db",
+        "leader",
+        "observability",
+        "runtime",
+        "node_client",
+        "outbox",
+    ] {
         for (k, v) in re[section].as_table().unwrap() {
             if k == "url" {
                 continue;

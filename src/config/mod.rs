@@ -41,6 +41,10 @@ pub struct Config {
     pub observability: ObservabilityConfig,
     /// The main tokio runtime and shutdown.
     pub runtime: RuntimeConfig,
+    /// Deadlines, retries and breaker of the node API client, shared by all nodes.
+    pub node_client: crate::node::NodeClientSettings,
+    /// The node-operation outbox worker.
+    pub outbox: crate::outbox::OutboxSettings,
     /// VPN nodes by name. The name is used as the `node` metric label, so keep the set small.
     pub nodes: BTreeMap<String, NodeConfig>,
 }
@@ -239,6 +243,8 @@ const SECTIONS: &[&str] = &[
     "leader",
     "observability",
     "runtime",
+    "node_client",
+    "outbox",
     "nodes",
 ];
 
@@ -295,6 +301,8 @@ impl Config {
             leader: section(&fig, "leader", e, f, "leader"),
             observability: section(&fig, "observability", e, f, "observability"),
             runtime: section(&fig, "runtime", e, f, "runtime"),
+            node_client: section(&fig, "node_client", e, f, "node_client"),
+            outbox: section(&fig, "outbox", e, f, "outbox"),
             nodes: section(&fig, "nodes", e, f, "nodes"),
         };
         if cfg.db.url.expose_secret().is_empty() {
@@ -407,6 +415,8 @@ impl Config {
             "runtime.shutdown_drain_seconds",
             self.runtime.shutdown_drain_seconds,
         );
+        e.extend(self.node_client.validate());
+        e.extend(self.outbox.validate());
         for (name, n) in &self.nodes {
             if name.is_empty()
                 || name.len() > 32

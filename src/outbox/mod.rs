@@ -1,0 +1,397 @@
+//! The outbox of node operations (`pending_node_ops`): a state change that needs a node to
+//! add, update or remove a user writes its intent here (in the same transaction when there is
+//! one); the outbox worker applies due intents outside any transaction, without a pooled
+//! connection held across the HTTP call, and retries failures with capped exponential backoff
+//! until the node confirms. At most one open intent exists per node and UUID: a newer intent
+//! replaces an older one.
+//!
+//! A removal is re-checked against the database just before it is applied: a UUID whose
+//! subscription is live again (renewed, re-bought) is never removed.
+
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use prometheus::{IntCounterVec, IntGauge, Registry};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::secs;
+use crate::db::{DbError, DbPool};
+use crate::fleet::Fleet;
+use crate::metrics;
+use crate::node::NodeUser;
+
+/// Default interval between outbox passes, seconds.
+pub const DEFAULT_INTERVAL_SECONDS: f64 = 1.0;
+/// Default most intents applied per pass.
+pub const DEFAULT_BATCH: u32 = 200;
+/// Default node calls in flight at once per pass.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+/// Default first retry delay, seconds.
+pub const DEFAULT_BACKOFF_BASE_SECONDS: f64 = 1.0;
+/// Default retry delay cap, seconds.
+pub const DEFAULT_BACKOFF_MAX_SECONDS: f64 = 300.0;
+
+/// `[outbox]`: the node-operation outbox worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// Interval between passes, seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
+    pub interval_seconds: f64,
+    /// Most intents applied per pass (default [`DEFAULT_BATCH`]).
+    pub batch: u32,
+    /// Node calls in flight at once (default [`DEFAULT_CONCURRENCY`]).
+    pub concurrency: usize,
+    /// First retry delay, seconds, doubled per failed attempt (default [`DEFAULT_BACKOFF_BASE_SECONDS`]).
+    pub backoff_base_seconds: f64,
+    /// Retry delay cap, seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
+    pub backoff_max_seconds: f64,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        Self {
+            interval_seconds: DEFAULT_INTERVAL_SECONDS,
+            batch: DEFAULT_BATCH,
+            concurrency: DEFAULT_CONCURRENCY,
+            backoff_base_seconds: DEFAULT_BACKOFF_BASE_SECONDS,
+            backoff_max_seconds: DEFAULT_BACKOFF_MAX_SECONDS,
+        }
+    }
+}
+
+impl OutboxSettings {
+    /// Every problem, each naming its key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        for (k, v) in [
+            ("interval_seconds", self.interval_seconds),
+            ("backoff_base_seconds", self.backoff_base_seconds),
+            ("backoff_max_seconds", self.backoff_max_seconds),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                e.push(format!(
+                    "outbox.{k} must be a positive number of seconds, got {v}"
+                ));
+            }
+        }
+        if self.batch == 0 {
+            e.push("outbox.batch must be at least 1".into());
+        }
+        if self.concurrency == 0 {
+            e.push("outbox.concurrency must be at least 1".into());
+        }
+        e
+    }
+
+    /// Delay before attempt `attempts + 1`: base·2^attempts capped, with ±20 % jitter.
+    pub fn backoff(&self, attempts: i32) -> Duration {
+        let exp = self.backoff_base_seconds * 2f64.powi(attempts.clamp(0, 30));
+        let capped = exp.min(self.backoff_max_seconds);
+        secs(capped * rand::random_range(0.8..=1.2))
+    }
+}
+
+/// What an intent asks the node to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeOp {
+    /// `add-user`.
+    Add,
+    /// `remove-user`.
+    Remove,
+    /// `update-user`.
+    Update,
+}
+
+impl NodeOp {
+    /// The value stored in `pending_node_ops.op` and used as the `op` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeOp::Add => "add",
+            NodeOp::Remove => "remove",
+            NodeOp::Update => "update",
+        }
+    }
+
+    fn parse(s: &str) -> Option<NodeOp> {
+        match s {
+            "add" => Some(NodeOp::Add),
+            "remove" => Some(NodeOp::Remove),
+            "update" => Some(NodeOp::Update),
+            _ => None,
+        }
+    }
+}
+
+/// Records the intent `op` for `uuid` on `node`, replacing any open intent for the same pair;
+/// due at once. Run it inside the transaction of the state change it belongs to.
+///
+/// # Errors
+/// The database error.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    node: &str,
+    op: NodeOp,
+    uuid: Uuid,
+    email: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO pending_node_ops (node, op, vless_uuid, email) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (node, vless_uuid) WHERE done_at IS NULL DO UPDATE \
+         SET op = EXCLUDED.op, email = EXCLUDED.email, attempts = 0, \
+             next_attempt_at = now(), last_error = NULL",
+    )
+    .bind(node)
+    .bind(op.as_str())
+    .bind(uuid)
+    .bind(email)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Metric families of the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxMetrics {
+    ops: IntCounterVec,
+    pending: IntGauge,
+    oldest_age: prometheus::Gauge,
+}
+
+impl OutboxMetrics {
+    /// Registers the outbox families.
+    pub fn register(registry: &Registry) -> Self {
+        Self {
+            ops: metrics::counter_vec(
+                registry,
+                "vpnbot_outbox_ops_total",
+                "Node operations the outbox attempted, by node, op (add, remove, update) and outcome (applied, skipped_live, failed).",
+                &["node", "op", "outcome"],
+            ),
+            pending: metrics::int_gauge(
+                registry,
+                "vpnbot_outbox_pending_ops",
+                "Node operations waiting in the outbox (not yet confirmed by their node).",
+            ),
+            oldest_age: metrics::gauge(
+                registry,
+                "vpnbot_outbox_oldest_pending_age_seconds",
+                "Age of the oldest unconfirmed node operation, 0 when none.",
+            ),
+        }
+    }
+}
+
+/// Counts of one outbox pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct OutboxPass {
+    /// Intents that were due.
+    pub due: usize,
+    /// Confirmed by the node.
+    pub applied: usize,
+    /// Removals skipped because the subscription is live again.
+    pub skipped_live: usize,
+    /// Failed; rescheduled with backoff.
+    pub failed: usize,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct Intent {
+    id: i64,
+    node: String,
+    op: String,
+    vless_uuid: Uuid,
+    email: String,
+    attempts: i32,
+}
+
+/// The outbox worker's state.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    pool: DbPool,
+    fleet: Fleet,
+    metrics: OutboxMetrics,
+    settings: OutboxSettings,
+}
+
+impl Outbox {
+    /// A worker over `pool` and `fleet`.
+    pub fn new(
+        pool: DbPool,
+        fleet: Fleet,
+        metrics: OutboxMetrics,
+        settings: OutboxSettings,
+    ) -> Self {
+        Self {
+            pool,
+            fleet,
+            metrics,
+            settings,
+        }
+    }
+
+    /// One pass: read due intents, drop removals whose subscription is live again, apply the
+    /// rest with bounded concurrency (no connection held during HTTP), record the outcomes.
+    ///
+    /// # Errors
+    /// A database error; node errors are recorded per intent, not returned.
+    pub async fn process_once(&self) -> Result<OutboxPass, DbError> {
+        let due: Vec<Intent> = {
+            let mut conn = self.pool.acquire("outbox_claim").await?;
+            let res = sqlx::query_as(
+                "SELECT id, node, op, vless_uuid, email, attempts FROM pending_node_ops \
+                 WHERE done_at IS NULL AND next_attempt_at <= now() \
+                 ORDER BY next_attempt_at, id LIMIT $1",
+            )
+            .bind(self.settings.batch as i64)
+            .fetch_all(&mut *conn)
+            .await;
+            conn.check(res)?
+        };
+        let mut pass = OutboxPass {
+            due: due.len(),
+            ..Default::default()
+        };
+        if due.is_empty() {
+            self.refresh_gauges().await?;
+            return Ok(pass);
+        }
+
+        // Batched live re-check of removals, just before acting.
+        let removal_uuids: Vec<Uuid> = due
+            .iter()
+            .filter(|i| i.op == "remove")
+            .map(|i| i.vless_uuid)
+            .collect();
+        let live: std::collections::HashSet<Uuid> = if removal_uuids.is_empty() {
+            Default::default()
+        } else {
+            let mut conn = self.pool.acquire("outbox_live_check").await?;
+            let res = sqlx::query_scalar(
+                "SELECT vless_uuid FROM subscriptions WHERE vless_uuid = ANY($1) \
+                 AND status = 'active' AND expires_at > now()",
+            )
+            .bind(&removal_uuids)
+            .fetch_all(&mut *conn)
+            .await;
+            conn.check(res)?.into_iter().collect()
+        };
+
+        let outcomes: Vec<(Intent, Result<(), String>, bool)> = stream::iter(due)
+            .map(|intent| async {
+                if intent.op == "remove" && live.contains(&intent.vless_uuid) {
+                    return (intent, Ok(()), true);
+                }
+                let res = self.apply(&intent).await;
+                (intent, res, false)
+            })
+            .buffer_unordered(self.settings.concurrency)
+            .collect()
+            .await;
+
+        let mut conn = self.pool.acquire("outbox_record").await?;
+        for (intent, res, skipped) in outcomes {
+            let outcome = match (&res, skipped) {
+                (_, true) => "skipped_live",
+                (Ok(()), false) => "applied",
+                (Err(_), _) => "failed",
+            };
+            self.metrics
+                .ops
+                .with_label_values(&[intent.node.as_str(), op_label(&intent.op), outcome])
+                .inc();
+            let q = match res {
+                Ok(()) => sqlx::query(
+                    "UPDATE pending_node_ops SET done_at = now(), attempts = attempts + 1, \
+                     last_error = $3 WHERE id = $1 AND op = $2 AND done_at IS NULL",
+                )
+                .bind(intent.id)
+                .bind(&intent.op)
+                .bind(skipped.then_some("skipped: subscription is live")),
+                Err(reason) => {
+                    let delay = self.settings.backoff(intent.attempts);
+                    sqlx::query(
+                        "UPDATE pending_node_ops SET attempts = attempts + 1, last_error = $3, \
+                         next_attempt_at = now() + make_interval(secs => $4) \
+                         WHERE id = $1 AND op = $2 AND done_at IS NULL",
+                    )
+                    .bind(intent.id)
+                    .bind(&intent.op)
+                    .bind(reason)
+                    .bind(delay.as_secs_f64())
+                }
+            };
+            let r = q.execute(&mut *conn).await;
+            conn.check(r)?;
+            match outcome {
+                "applied" => pass.applied += 1,
+                "skipped_live" => pass.skipped_live += 1,
+                _ => pass.failed += 1,
+            }
+        }
+        drop(conn);
+        self.refresh_gauges().await?;
+        Ok(pass)
+    }
+
+    async fn apply(&self, intent: &Intent) -> Result<(), String> {
+        let Some(client) = self.fleet.get(&intent.node) else {
+            return Err(format!("node {:?} is not configured", intent.node));
+        };
+        let user = NodeUser {
+            uuid: intent.vless_uuid,
+            email: intent.email.clone(),
+        };
+        let res = match NodeOp::parse(&intent.op) {
+            Some(NodeOp::Add) => client.add_user(&user).await,
+            Some(NodeOp::Update) => client.update_user(&user).await,
+            Some(NodeOp::Remove) => client.remove_user(user.uuid).await,
+            None => return Err(format!("unknown op {:?}", intent.op)),
+        };
+        // The node error's Display holds no secret (the client guarantees it).
+        res.map(|_| ())
+            .map_err(|e| format!("{}: {e}", e.error_type()))
+    }
+
+    async fn refresh_gauges(&self) -> Result<(), DbError> {
+        let mut conn = self.pool.acquire("outbox_gauges").await?;
+        let res: Result<(i64, Option<f64>), _> = sqlx::query_as(
+            "SELECT count(*), EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
+             FROM pending_node_ops WHERE done_at IS NULL",
+        )
+        .fetch_one(&mut *conn)
+        .await;
+        let (n, age) = conn.check(res)?;
+        self.metrics.pending.set(n);
+        self.metrics.oldest_age.set(age.unwrap_or(0.0));
+        Ok(())
+    }
+
+    /// Runs a pass every `interval_seconds` until `cancel` (only on the leader).
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(secs(self.settings.interval_seconds));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let pass = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = self.process_once() => p,
+            };
+            match pass {
+                Ok(p) if p.due > 0 => tracing::info!(?p, "outbox pass"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox pass failed"),
+            }
+        }
+    }
+}
+
+fn op_label(op: &str) -> &'static str {
+    NodeOp::parse(op).map(NodeOp::as_str).unwrap_or("unknown")
+}
