@@ -34,6 +34,9 @@ pub enum Command {
     CheckConfig,
     /// Run a benchmark and print its figures.
     Bench(crate::bench::BenchArgs),
+    /// Serve a simulated VPN node API (the contract in openapi/node-api.json) that can
+    /// misbehave on demand, for tests, the demo and alert rehearsals.
+    SimNode(crate::sim::node::SimNodeArgs),
 }
 
 /// Parses arguments, runs the command, returns the process exit code.
@@ -88,6 +91,21 @@ pub fn main() -> ExitCode {
         }
         Command::Demo(args) => crate::demo::main(cli.config.as_deref(), args),
         Command::Bench(args) => crate::bench::main(args),
+        Command::SimNode(args) => {
+            crate::telemetry::init(&crate::config::ObservabilityConfig::default(), Vec::new());
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("vpnbot-sim-node")
+                .build()
+                .expect("runtime builds");
+            match rt.block_on(crate::sim::node::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sim-node: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
