@@ -14,6 +14,6 @@ compile_error!(
 );
 
 pub mod metrics;
-pub mod tasks;
 pub mod node;
 pub mod sim;
+pub mod tasks;

@@ -52,6 +52,8 @@ impl Tasks {
     pub async fn shutdown(&self, drain: Duration) -> bool {
         self.root.cancel();
         self.tracker.close();
-        tokio::time::timeout(drain, self.tracker.wait()).await.is_ok()
+        tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_ok()
     }
 }

@@ -133,12 +133,20 @@ fn retries(e: &Env, op: &str, reason: &str) -> f64 {
 }
 
 fn circuit(e: &Env) -> f64 {
-    metric(&e.registry, "vpnbot_node_api_circuit_state", &[("node", NODE)])
+    metric(
+        &e.registry,
+        "vpnbot_node_api_circuit_state",
+        &[("node", NODE)],
+    )
 }
 
 /// Keeps calling until the breaker opens (the threshold is 2 in [`fast`]), then checks that a
 /// call fails fast without reaching the node.
-async fn assert_breaker_opens(e: &Env, op: Operation, call: impl AsyncFn() -> Result<(), NodeError>) {
+async fn assert_breaker_opens(
+    e: &Env,
+    op: Operation,
+    call: impl AsyncFn() -> Result<(), NodeError>,
+) {
     for _ in 0..5 {
         if e.client.breaker_state() == BreakerState::Open {
             break;
@@ -152,7 +160,11 @@ async fn assert_breaker_opens(e: &Env, op: Operation, call: impl AsyncFn() -> Re
     let err = call().await.unwrap_err();
     assert!(matches!(err, NodeError::CircuitOpen { .. }), "{err:?}");
     assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
-    assert_eq!(e.sim.requests(op), before, "an open breaker must not touch the node");
+    assert_eq!(
+        e.sim.requests(op),
+        before,
+        "an open breaker must not touch the node"
+    );
 }
 
 async fn list(e: &Env) -> Result<(), NodeError> {
@@ -162,7 +174,8 @@ async fn list(e: &Env) -> Result<(), NodeError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n1_headers_then_silent_body_fails_in_body_phase_within_deadline() {
     let e = env(fast(), users(10)).await;
-    e.sim.set_fault(Operation::ListUsers, Fault::HeadersThenSilence);
+    e.sim
+        .set_fault(Operation::ListUsers, Fault::HeadersThenSilence);
     let t = Instant::now();
     let client = e.client.clone();
     let call = tokio::spawn(async move { client.list_users().await });
@@ -171,7 +184,9 @@ async fn n1_headers_then_silent_body_fails_in_body_phase_within_deadline() {
     let snap = e.inflight.snapshot();
     assert_eq!(snap.len(), 1, "{snap:?}");
     assert_eq!((snap[0].operation, snap[0].phase), ("list_users", "body"));
-    assert!(snap[0].headers_after.is_some_and(|h| h < Duration::from_millis(150)));
+    assert!(snap[0]
+        .headers_after
+        .is_some_and(|h| h < Duration::from_millis(150)));
     assert_eq!(inflight_gauge(&e, "list_users", "body"), 1.0);
     // The caller's worker carries on: another call on the same node completes meanwhile.
     e.client.health().await.expect("health is unaffected");
@@ -179,7 +194,10 @@ async fn n1_headers_then_silent_body_fails_in_body_phase_within_deadline() {
     let err = call.await.unwrap().unwrap_err();
     let elapsed = t.elapsed();
     assert!(
-        matches!(err, NodeError::BodyTimeout { .. } | NodeError::DeadlineExceeded { phase: "body", .. }),
+        matches!(
+            err,
+            NodeError::BodyTimeout { .. } | NodeError::DeadlineExceeded { phase: "body", .. }
+        ),
         "{err:?}"
     );
     assert_eq!(err.phase(), Some("body"));
@@ -195,7 +213,10 @@ async fn n1_headers_then_silent_body_fails_in_body_phase_within_deadline() {
 async fn n2_trickling_body_is_ended_by_the_total_deadline() {
     // One byte every 150 ms never trips the 300 ms idle timeout: only the total deadline can.
     let e = env(fast(), users(5)).await;
-    e.sim.set_fault(Operation::ListUsers, Fault::Trickle(Duration::from_millis(150)));
+    e.sim.set_fault(
+        Operation::ListUsers,
+        Fault::Trickle(Duration::from_millis(150)),
+    );
     let t = Instant::now();
     let client = e.client.clone();
     let call = tokio::spawn(async move { client.list_users().await });
@@ -205,10 +226,20 @@ async fn n2_trickling_body_is_ended_by_the_total_deadline() {
     assert!(snap[0].bytes_received >= 3, "{snap:?}");
     let err = call.await.unwrap().unwrap_err();
     let elapsed = t.elapsed();
-    assert!(matches!(err, NodeError::DeadlineExceeded { phase: "body", .. }), "{err:?}");
-    assert!(elapsed >= Duration::from_millis(1450) && elapsed < Duration::from_millis(2200), "{elapsed:?}");
+    assert!(
+        matches!(err, NodeError::DeadlineExceeded { phase: "body", .. }),
+        "{err:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1450) && elapsed < Duration::from_millis(2200),
+        "{elapsed:?}"
+    );
     assert!(phase_count(&e, "list_users", "body") >= 1.0);
-    assert_eq!(e.sim.requests(Operation::ListUsers), 1, "one attempt, cut by the deadline");
+    assert_eq!(
+        e.sim.requests(Operation::ListUsers),
+        1,
+        "one attempt, cut by the deadline"
+    );
     assert_breaker_opens(&e, Operation::ListUsers, || list(&e)).await;
 }
 
@@ -224,11 +255,21 @@ async fn n3_endless_chunked_body_stops_at_the_cap() {
     let t = Instant::now();
     let err = e.client.list_users().await.unwrap_err();
     assert!(
-        matches!(err, NodeError::BodyTooLarge { limit: 2097152, declared: None }),
+        matches!(
+            err,
+            NodeError::BodyTooLarge {
+                limit: 2097152,
+                declared: None
+            }
+        ),
         "{err:?}"
     );
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
-    assert_eq!(e.sim.requests(Operation::ListUsers), 1, "too large is not retried");
+    assert_eq!(
+        e.sim.requests(Operation::ListUsers),
+        1,
+        "too large is not retried"
+    );
     assert!(phase_count(&e, "list_users", "body") >= 1.0);
     assert_breaker_opens(&e, Operation::ListUsers, || list(&e)).await;
 }
@@ -259,12 +300,26 @@ async fn n4_no_headers_fails_in_headers_phase() {
     assert_eq!(inflight_gauge(&e, "health", "headers"), 1.0);
     let err = call.await.unwrap().unwrap_err();
     assert!(
-        matches!(err, NodeError::HeadersTimeout { .. } | NodeError::DeadlineExceeded { phase: "headers", .. }),
+        matches!(
+            err,
+            NodeError::HeadersTimeout { .. }
+                | NodeError::DeadlineExceeded {
+                    phase: "headers",
+                    ..
+                }
+        ),
         "{err:?}"
     );
-    assert!(t.elapsed() < Duration::from_millis(2000), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t.elapsed()
+    );
     assert!(phase_count(&e, "health", "headers") >= 1.0);
-    assert!(retries(&e, "health", "headers_timeout") >= 1.0, "headers timeouts are retried");
+    assert!(
+        retries(&e, "health", "headers_timeout") >= 1.0,
+        "headers timeouts are retried"
+    );
     assert_eq!(phase_count(&e, "health", "body"), 0.0);
     assert_breaker_opens(&e, Operation::Health, || e.client.health()).await;
 }
@@ -295,7 +350,10 @@ async fn n5_connection_refused_is_a_retried_connect_error() {
         &[("operation", "health"), ("reason", "connect")],
     );
     assert_eq!(retried, 2.0, "3 attempts = 2 retries");
-    assert!(!err.to_string().contains(&port.to_string()), "no URL in errors: {err}");
+    assert!(
+        !err.to_string().contains(&port.to_string()),
+        "no URL in errors: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +363,10 @@ async fn n5_reset_or_short_body_is_a_retried_body_error() {
         e.sim.set_fault(Operation::ListUsers, fault.clone());
         let t = Instant::now();
         let err = e.client.list_users().await.unwrap_err();
-        assert!(matches!(err, NodeError::BodyIncomplete { .. }), "{fault}: {err:?}");
+        assert!(
+            matches!(err, NodeError::BodyIncomplete { .. }),
+            "{fault}: {err:?}"
+        );
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
         assert_eq!(e.sim.requests(Operation::ListUsers), 3, "{fault}: retried");
         assert!(phase_count(&e, "list_users", "body") >= 3.0);
@@ -321,7 +382,10 @@ async fn n5_reset_before_headers_is_connection_lost_and_retried() {
     e.sim.set_fault(Operation::Health, Fault::Reset);
     let err = e.client.health().await.unwrap_err();
     assert!(
-        matches!(err, NodeError::ConnectionLost { .. } | NodeError::StaleConnection { .. }),
+        matches!(
+            err,
+            NodeError::ConnectionLost { .. } | NodeError::StaleConnection { .. }
+        ),
         "{err:?}"
     );
     assert!(e.sim.requests(Operation::Health) >= 3);
@@ -338,7 +402,10 @@ async fn n6_5xx_opens_the_breaker_and_a_probe_closes_it() {
     assert_eq!(e.client.breaker_state(), BreakerState::Closed);
     assert_breaker_opens(&e, Operation::Health, || e.client.health()).await;
     // Other operations share the node's breaker: no exception.
-    assert!(matches!(e.client.list_users().await, Err(NodeError::CircuitOpen { .. })));
+    assert!(matches!(
+        e.client.list_users().await,
+        Err(NodeError::CircuitOpen { .. })
+    ));
 
     e.sim.set_fault(Operation::Health, Fault::None);
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -346,8 +413,17 @@ async fn n6_5xx_opens_the_breaker_and_a_probe_closes_it() {
     e.client.health().await.expect("half-open probe succeeds");
     assert_eq!(e.client.breaker_state(), BreakerState::Closed);
     assert_eq!(circuit(&e), 0.0);
-    let entered = |s| metric(&e.registry, "vpnbot_node_api_circuit_transitions_total", &[("state", s)]);
-    assert_eq!((entered("open"), entered("half_open"), entered("closed")), (1.0, 1.0, 1.0));
+    let entered = |s| {
+        metric(
+            &e.registry,
+            "vpnbot_node_api_circuit_transitions_total",
+            &[("state", s)],
+        )
+    };
+    assert_eq!(
+        (entered("open"), entered("half_open"), entered("closed")),
+        (1.0, 1.0, 1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +452,10 @@ async fn n6_429_honours_retry_after_within_the_deadline() {
         "{err:?}"
     );
     // Backoff alone would retry after ~50-200 ms; Retry-After: 1 makes it wait 1 s each time.
-    assert!(elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_millis(2900), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_millis(2900),
+        "{elapsed:?}"
+    );
     assert_eq!(e.sim.requests(Operation::Health), 3);
     assert_eq!(retries(&e, "health", "rate_limited"), 2.0);
     assert_eq!(phase_count(&e, "health", "retry_wait"), 2.0);
@@ -386,7 +465,11 @@ async fn n6_429_honours_retry_after_within_the_deadline() {
     let t = Instant::now();
     let err = e.client.health().await.unwrap_err();
     assert!(matches!(err, NodeError::RateLimited { .. }), "{err:?}");
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,11 +479,21 @@ async fn n7_bad_json_is_a_decode_error_naming_the_operation() {
         e.sim.set_fault(Operation::ListUsers, fault.clone());
         let err = e.client.list_users().await.unwrap_err();
         assert!(
-            matches!(err, NodeError::Decode { operation: "list_users", .. }),
+            matches!(
+                err,
+                NodeError::Decode {
+                    operation: "list_users",
+                    ..
+                }
+            ),
             "{fault}: {err:?}"
         );
         assert!(err.to_string().contains("list_users"), "{err}");
-        assert_eq!(e.sim.requests(Operation::ListUsers), 1, "{fault}: not retried");
+        assert_eq!(
+            e.sim.requests(Operation::ListUsers),
+            1,
+            "{fault}: not retried"
+        );
         assert_eq!(phase_count(&e, "list_users", "decode"), 1.0);
         assert_eq!(outcome_count(&e, "list_users", "decode"), 1.0);
         if fault == Fault::NonUuid {
@@ -435,10 +528,20 @@ async fn n8_large_list_parses_within_deadline_and_cap_without_blocking_workers()
     let worst = ticker.await.unwrap();
     assert_eq!(list.len(), N);
     let owned = list.iter().filter(|u| u.is_owned()).count();
-    assert!(owned > N * 7 / 10 && owned < N * 9 / 10, "owned share ~0.8: {owned}");
+    assert!(
+        owned > N * 7 / 10 && owned < N * 9 / 10,
+        "owned share ~0.8: {owned}"
+    );
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
-    assert!(worst < Duration::from_secs(1), "a worker was held for {worst:?}");
-    let bytes = metric(&e.registry, "vpnbot_node_api_response_body_bytes", &[("operation", "list_users")]);
+    assert!(
+        worst < Duration::from_secs(1),
+        "a worker was held for {worst:?}"
+    );
+    let bytes = metric(
+        &e.registry,
+        "vpnbot_node_api_response_body_bytes",
+        &[("operation", "list_users")],
+    );
     assert_eq!(bytes, 1.0);
     assert_eq!(phase_count(&e, "list_users", "decode"), 1.0);
 }
@@ -460,21 +563,35 @@ async fn n9_rejected_key_is_typed_not_retried_and_never_shown() {
     .unwrap();
     for _ in 0..4 {
         let err = client.list_users().await.unwrap_err();
-        assert!(matches!(err, NodeError::AuthRejected { status: 401 }), "{err:?}");
+        assert!(
+            matches!(err, NodeError::AuthRejected { status: 401 }),
+            "{err:?}"
+        );
         assert!(!format!("{err} {err:?}").contains(key));
     }
     assert_eq!(sim.requests(Operation::ListUsers), 4, "never retried");
     assert_eq!(
-        metric(&registry, "vpnbot_node_api_request_duration_seconds", &[("outcome", "auth_rejected")]),
+        metric(
+            &registry,
+            "vpnbot_node_api_request_duration_seconds",
+            &[("outcome", "auth_rejected")]
+        ),
         4.0
     );
-    assert_eq!(client.breaker_state(), BreakerState::Closed, "a rejected key is not a node outage");
+    assert_eq!(
+        client.breaker_state(),
+        BreakerState::Closed,
+        "a rejected key is not a node outage"
+    );
     assert!(!vpnbot::metrics::render(&registry).contains(key));
     assert!(!format!("{client:?}").contains(key));
     // The fault mode answers 401 even to the right key.
     let e = env(fast(), users(1)).await;
     e.sim.set_fault(Operation::Health, Fault::AuthReject);
-    assert!(matches!(e.client.health().await, Err(NodeError::AuthRejected { .. })));
+    assert!(matches!(
+        e.client.health().await,
+        Err(NodeError::AuthRejected { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -482,7 +599,10 @@ async fn n10_stale_keepalive_is_retried_once_on_a_fresh_connection() {
     let e = env(fast(), users(2)).await;
     e.sim.set_fault(Operation::Health, Fault::StaleKeepAlive);
     e.client.health().await.unwrap();
-    e.client.health().await.expect("stale pooled connection absorbed");
+    e.client
+        .health()
+        .await
+        .expect("stale pooled connection absorbed");
     assert_eq!(retries(&e, "health", "stale_connection"), 1.0);
     assert_eq!(e.sim.connections(), 2);
     assert_eq!(outcome_count(&e, "health", "ok"), 2.0);
@@ -490,7 +610,11 @@ async fn n10_stale_keepalive_is_retried_once_on_a_fresh_connection() {
         e.client.health().await.unwrap();
     }
     assert_eq!(retries(&e, "health", "stale_connection"), 4.0);
-    assert_eq!(e.client.breaker_state(), BreakerState::Closed, "not a node failure");
+    assert_eq!(
+        e.client.breaker_state(),
+        BreakerState::Closed,
+        "not a node failure"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -551,10 +675,21 @@ async fn n11_hung_resolution_is_bounded_by_deadline_and_concurrency() {
     assert_eq!(inflight.snapshot()[0].phase, "resolve");
     let err = call.await.unwrap().unwrap_err();
     assert!(
-        matches!(err, NodeError::Connect { .. } | NodeError::DeadlineExceeded { phase: "resolve" | "connect", .. }),
+        matches!(
+            err,
+            NodeError::Connect { .. }
+                | NodeError::DeadlineExceeded {
+                    phase: "resolve" | "connect",
+                    ..
+                }
+        ),
         "{err:?}"
     );
-    assert!(t.elapsed() < Duration::from_millis(2000), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        t.elapsed()
+    );
     let resolve_phase = metric(
         &registry,
         "vpnbot_node_api_phase_duration_seconds",
@@ -568,7 +703,11 @@ async fn n11_hung_resolution_is_bounded_by_deadline_and_concurrency() {
     let t = Instant::now();
     let err = client.health().await.unwrap_err();
     assert!(err.to_string().contains("resolver saturated"), "{err}");
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     resolver.release.store(true, Ordering::SeqCst);
 }
 
@@ -583,14 +722,20 @@ async fn n12_remove_that_applied_but_failed_succeeds_when_repeated() {
         assert!(
             matches!(
                 err,
-                NodeError::Status { status: 500 } | NodeError::ConnectionLost { .. } | NodeError::StaleConnection { .. }
+                NodeError::Status { status: 500 }
+                    | NodeError::ConnectionLost { .. }
+                    | NodeError::StaleConnection { .. }
             ),
             "{fault}: {err:?}"
         );
         assert_eq!(e.sim.user_count(), 0, "{fault}: the removal took effect");
         e.sim.set_fault(Operation::RemoveUser, Fault::None);
         let r = e.client.remove_user(user.uuid).await.unwrap();
-        assert_eq!(r, vpnbot::node::wire::MutationResult::Absent, "already absent is success");
+        assert_eq!(
+            r,
+            vpnbot::node::wire::MutationResult::Absent,
+            "already absent is success"
+        );
     }
 }
 
@@ -610,14 +755,24 @@ async fn mutations_are_idempotent_and_foreign_users_are_listed_as_not_owned() {
         email: "other".into(),
         ..mine.clone()
     };
-    assert!(matches!(e.client.add_user(&conflict).await, Err(NodeError::Status { status: 409 })));
+    assert!(matches!(
+        e.client.add_user(&conflict).await,
+        Err(NodeError::Status { status: 409 })
+    ));
     assert_eq!(e.client.update_user(&conflict).await.unwrap(), R::Updated);
     let absent = NodeUser::owned(uuid::Uuid::new_v4());
-    assert!(matches!(e.client.update_user(&absent).await, Err(NodeError::Status { status: 404 })));
+    assert!(matches!(
+        e.client.update_user(&absent).await,
+        Err(NodeError::Status { status: 404 })
+    ));
     let listed = e.client.list_users().await.unwrap();
     assert_eq!(listed.len(), 2);
     assert!(listed.iter().any(|u| u == &foreign && !u.is_owned()));
     assert_eq!(e.client.remove_user(mine.uuid).await.unwrap(), R::Removed);
     assert_eq!(e.client.remove_user(mine.uuid).await.unwrap(), R::Absent);
-    assert_eq!(e.client.breaker_state(), BreakerState::Closed, "4xx answers are not outages");
+    assert_eq!(
+        e.client.breaker_state(),
+        BreakerState::Closed,
+        "4xx answers are not outages"
+    );
 }

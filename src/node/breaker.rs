@@ -170,7 +170,8 @@ impl Breaker {
             }
         } else {
             s.failures = 0;
-            if s.state != BreakerState::Closed && (permit.probe || s.state == BreakerState::HalfOpen)
+            if s.state != BreakerState::Closed
+                && (permit.probe || s.state == BreakerState::HalfOpen)
             {
                 self.transition(&mut s, BreakerState::Closed, "probe succeeded");
             }

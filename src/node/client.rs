@@ -361,11 +361,16 @@ impl NodeClient {
     /// Any [`NodeError`] variant but `Config`; [`NodeError::Decode`] when any entry is not a
     /// UUID (the whole list is refused, so a caller never acts on a partial view).
     pub async fn list_users(&self) -> Result<Vec<NodeUser>, NodeError> {
-        self.call(Operation::ListUsers, self.url(wire::USERS_PATH), None, |b| {
-            serde_json::from_slice::<ListUsersResponse>(b)
-                .map(|r| r.users)
-                .map_err(|e| e.to_string())
-        })
+        self.call(
+            Operation::ListUsers,
+            self.url(wire::USERS_PATH),
+            None,
+            |b| {
+                serde_json::from_slice::<ListUsersResponse>(b)
+                    .map(|r| r.users)
+                    .map_err(|e| e.to_string())
+            },
+        )
         .await
     }
 

@@ -165,9 +165,9 @@ impl NodeError {
     /// (timeout, lost connection) is a failure; a rejected key or a 4xx shows the node is up.
     pub(crate) fn is_node_failure(&self) -> bool {
         match self {
-            NodeError::AuthRejected { .. } | NodeError::CircuitOpen { .. } | NodeError::Config(_) => {
-                false
-            }
+            NodeError::AuthRejected { .. }
+            | NodeError::CircuitOpen { .. }
+            | NodeError::Config(_) => false,
             NodeError::Status { status } => *status >= 500,
             _ => true,
         }

@@ -138,12 +138,18 @@ impl CallState {
 
     /// Marks that this attempt opened a new connection (set by the connector layer).
     pub(crate) fn mark_connected(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).connected = true;
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .connected = true;
     }
 
     /// Whether this attempt opened a new connection (false: it reused a pooled one).
     pub(crate) fn connected_this_attempt(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).connected
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .connected
     }
 
     pub(crate) fn phase_and_since(&self) -> (Phase, Instant) {
@@ -216,7 +222,7 @@ impl InflightCalls {
             map.values().cloned().collect()
         };
         let mut out: Vec<InflightCall> = calls.iter().map(|c| c.snapshot(now)).collect();
-        out.sort_by(|a, b| b.age.cmp(&a.age));
+        out.sort_by_key(|c| std::cmp::Reverse(c.age));
         out
     }
 

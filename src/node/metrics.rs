@@ -92,7 +92,10 @@ impl NodeApiMetrics {
         let o = op.as_str();
         OpMetrics {
             inflight: Phase::ALL.map(|p| self.inflight.with_label_values(&[node, o, p.as_str()])),
-            phase: Phase::ALL.map(|p| self.phase_duration.with_label_values(&[node, o, p.as_str()])),
+            phase: Phase::ALL.map(|p| {
+                self.phase_duration
+                    .with_label_values(&[node, o, p.as_str()])
+            }),
             ok: self.request_duration.with_label_values(&[node, o, "ok"]),
             body_bytes: self.body_bytes.with_label_values(&[node, o]),
         }

@@ -173,7 +173,13 @@ mod tests {
         assert_eq!(email.len(), 25);
         assert!(is_owned(&email));
         assert_eq!(owned_uuid(&email), Some(id));
-        for foreign in ["alice@example.com", "vb:", "vb:short", "VB:AAAAAAAAAAAAAAAAAAAAAA", ""] {
+        for foreign in [
+            "alice@example.com",
+            "vb:",
+            "vb:short",
+            "VB:AAAAAAAAAAAAAAAAAAAAAA",
+            "",
+        ] {
             assert!(!is_owned(foreign), "{foreign}");
         }
     }

@@ -99,7 +99,9 @@ impl Default for NodeClientSettings {
 
 fn positive(problems: &mut Vec<String>, name: &str, v: f64) {
     if !(v.is_finite() && v > 0.0) {
-        problems.push(format!("node_client.{name} must be a positive number of seconds, got {v}"));
+        problems.push(format!(
+            "node_client.{name} must be a positive number of seconds, got {v}"
+        ));
     }
 }
 
@@ -108,14 +110,46 @@ impl NodeClientSettings {
     /// empty when valid.
     pub fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();
-        positive(&mut p, "connect_timeout_seconds", self.connect_timeout_seconds);
-        positive(&mut p, "headers_timeout_seconds", self.headers_timeout_seconds);
-        positive(&mut p, "body_idle_timeout_seconds", self.body_idle_timeout_seconds);
-        positive(&mut p, "total_deadline_seconds", self.total_deadline_seconds);
-        positive(&mut p, "pool_idle_timeout_seconds", self.pool_idle_timeout_seconds);
-        positive(&mut p, "retry_base_delay_seconds", self.retry_base_delay_seconds);
-        positive(&mut p, "retry_max_delay_seconds", self.retry_max_delay_seconds);
-        positive(&mut p, "breaker_cooldown_seconds", self.breaker_cooldown_seconds);
+        positive(
+            &mut p,
+            "connect_timeout_seconds",
+            self.connect_timeout_seconds,
+        );
+        positive(
+            &mut p,
+            "headers_timeout_seconds",
+            self.headers_timeout_seconds,
+        );
+        positive(
+            &mut p,
+            "body_idle_timeout_seconds",
+            self.body_idle_timeout_seconds,
+        );
+        positive(
+            &mut p,
+            "total_deadline_seconds",
+            self.total_deadline_seconds,
+        );
+        positive(
+            &mut p,
+            "pool_idle_timeout_seconds",
+            self.pool_idle_timeout_seconds,
+        );
+        positive(
+            &mut p,
+            "retry_base_delay_seconds",
+            self.retry_base_delay_seconds,
+        );
+        positive(
+            &mut p,
+            "retry_max_delay_seconds",
+            self.retry_max_delay_seconds,
+        );
+        positive(
+            &mut p,
+            "breaker_cooldown_seconds",
+            self.breaker_cooldown_seconds,
+        );
         let total = self.total_deadline_seconds;
         for (name, v) in [
             ("connect_timeout_seconds", self.connect_timeout_seconds),

@@ -98,7 +98,10 @@ pub struct ListUsersResponse {
 }
 
 /// Writes the `list-users` body for `users` into `out`.
-pub fn write_list_users<'a>(out: &mut Vec<u8>, users: impl ExactSizeIterator<Item = (&'a uuid::Uuid, &'a str)>) {
+pub fn write_list_users<'a>(
+    out: &mut Vec<u8>,
+    users: impl ExactSizeIterator<Item = (&'a uuid::Uuid, &'a str)>,
+) {
     out.reserve(16 + users.len() * 72);
     out.extend_from_slice(b"{\"users\":[");
     let mut first = true;

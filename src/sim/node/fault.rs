@@ -121,7 +121,11 @@ impl FromStr for Fault {
         };
         let takes_arg = matches!(
             f,
-            Fault::Delay(_) | Fault::Trickle(_) | Fault::Status(_) | Fault::RateLimited(_) | Fault::Flaky(_)
+            Fault::Delay(_)
+                | Fault::Trickle(_)
+                | Fault::Status(_)
+                | Fault::RateLimited(_)
+                | Fault::Flaky(_)
         );
         if arg.is_some() && !takes_arg {
             return Err(format!("fault {name} takes no argument"));
@@ -172,6 +176,9 @@ mod tests {
         assert!("reset:3".parse::<Fault>().is_err());
         assert!("explode".parse::<Fault>().is_err());
         let (op, f) = parse_fault_spec("list-users=status:502").unwrap();
-        assert_eq!((op, f), (crate::node::Operation::ListUsers, Fault::Status(502)));
+        assert_eq!(
+            (op, f),
+            (crate::node::Operation::ListUsers, Fault::Status(502))
+        );
     }
 }

@@ -119,7 +119,9 @@ impl SimNode {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn start(listener: TcpListener, opts: SimNodeOptions) -> SimNodeHandle {
-        let addr = listener.local_addr().expect("bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("bound listener has an address");
         let mut map = HashMap::with_capacity(opts.users);
         let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
         for i in 0..opts.users {
@@ -260,7 +262,12 @@ pub struct SimNodeArgs {
     #[arg(long = "fault", value_name = "OP=MODE", value_parser = parse_fault_spec)]
     pub faults: Vec<(Operation, Fault)>,
     /// API key the node accepts.
-    #[arg(long, env = "VPNBOT_SIM_API_KEY", default_value = "sim-key", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "VPNBOT_SIM_API_KEY",
+        default_value = "sim-key",
+        hide_env_values = true
+    )]
     pub api_key: String,
     /// Seconds an idle keep-alive connection is kept open by the node.
     #[arg(long, default_value_t = 60.0)]

@@ -52,7 +52,11 @@ struct Request {
 }
 
 /// Reads one request; `None` on EOF, idle timeout or a malformed request.
-async fn read_request(stream: &mut TcpStream, buf: &mut BytesMut, idle: Duration) -> Option<Request> {
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    idle: Duration,
+) -> Option<Request> {
     loop {
         if !buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -200,10 +204,14 @@ async fn handle(shared: &Arc<Shared>, stream: &mut TcpStream, req: Request, serv
             return write_response(stream, 429, &extra, &body).await.is_ok();
         }
         Fault::MalformedJson => {
-            return write_response(stream, 200, &[], b"{\"users\":[[\"5b1e\", oops").await.is_ok()
+            return write_response(stream, 200, &[], b"{\"users\":[[\"5b1e\", oops")
+                .await
+                .is_ok()
         }
         Fault::WrongSchema => {
-            return write_response(stream, 200, &[], b"{\"items\":[{\"id\":1}]}").await.is_ok()
+            return write_response(stream, 200, &[], b"{\"items\":[{\"id\":1}]}")
+                .await
+                .is_ok()
         }
         Fault::NonUuid => {
             let body: &[u8] = match op {
@@ -261,7 +269,12 @@ async fn handle(shared: &Arc<Shared>, stream: &mut TcpStream, req: Request, serv
 }
 
 /// The contract's behaviour for `op`: status and body.
-async fn apply(shared: &Arc<Shared>, op: Operation, id: Option<uuid::Uuid>, req: &Request) -> (u16, Bytes) {
+async fn apply(
+    shared: &Arc<Shared>,
+    op: Operation,
+    id: Option<uuid::Uuid>,
+    req: &Request,
+) -> (u16, Bytes) {
     let mutation = |r: MutationResult| {
         let body = serde_json::to_vec(&wire::MutationResponse { result: r }).expect("serializable");
         (200, Bytes::from(body))
@@ -341,7 +354,12 @@ fn admin(shared: &Arc<Shared>, req: &Request) -> (u16, Vec<u8>) {
             let faults = shared.faults();
             let map: serde_json::Map<String, serde_json::Value> = Operation::ALL
                 .iter()
-                .map(|op| (op.as_str().to_owned(), faults[op.index()].to_string().into()))
+                .map(|op| {
+                    (
+                        op.as_str().to_owned(),
+                        faults[op.index()].to_string().into(),
+                    )
+                })
                 .collect();
             (200, serde_json::to_vec(&map).expect("serializable"))
         }
@@ -369,11 +387,15 @@ fn admin(shared: &Arc<Shared>, req: &Request) -> (u16, Vec<u8>) {
             match parsed {
                 Ok((op, f)) => {
                     tracing::info!(operation = op.as_str(), fault = %f, "sim-node fault switched");
-                    let body = serde_json::json!({ "operation": op.as_str(), "fault": f.to_string() });
+                    let body =
+                        serde_json::json!({ "operation": op.as_str(), "fault": f.to_string() });
                     shared.faults()[op.index()] = f;
                     (200, body.to_string().into_bytes())
                 }
-                Err(e) => (400, serde_json::json!({ "error": e }).to_string().into_bytes()),
+                Err(e) => (
+                    400,
+                    serde_json::json!({ "error": e }).to_string().into_bytes(),
+                ),
             }
         }
         _ => (404, error_body("not_found").to_vec()),
@@ -381,11 +403,18 @@ fn admin(shared: &Arc<Shared>, req: &Request) -> (u16, Vec<u8>) {
 }
 
 fn error_body(reason: &str) -> Bytes {
-    Bytes::from(serde_json::to_vec(&wire::ErrorBody { error: reason.into() }).expect("serializable"))
+    Bytes::from(
+        serde_json::to_vec(&wire::ErrorBody {
+            error: reason.into(),
+        })
+        .expect("serializable"),
+    )
 }
 
 async fn respond_error(stream: &mut TcpStream, status: u16, reason: &str) -> bool {
-    write_response(stream, status, &[], &error_body(reason)).await.is_ok()
+    write_response(stream, status, &[], &error_body(reason))
+        .await
+        .is_ok()
 }
 
 fn reason(status: u16) -> &'static str {
@@ -468,7 +497,8 @@ fn socket2_ref(stream: &TcpStream) -> socket2::SockRef<'_> {
 
 /// A chunked `list-users` body of valid entries that never ends.
 async fn endless_chunked(shared: &Arc<Shared>, stream: &mut TcpStream) {
-    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
     if stream.write_all(head.as_bytes()).await.is_err() {
         return;
     }
