@@ -609,7 +609,13 @@ async fn n10_stale_keepalive_is_retried_once_on_a_fresh_connection() {
     for _ in 0..3 {
         e.client.health().await.unwrap();
     }
-    assert_eq!(retries(&e, "health", "stale_connection"), 4.0);
+    // Usually each of these hits the stale connection too; one may instead get a fresh
+    // connection if it starts before hyper has put the last one back in the pool.
+    let stale = retries(&e, "health", "stale_connection");
+    assert!(stale >= 2.0, "{stale}");
+    assert!(e.sim.connections() as f64 >= 1.0 + stale);
+    assert_eq!(outcome_count(&e, "health", "ok"), 5.0);
+    assert_eq!(outcome_count(&e, "health", "stale_connection"), 0.0);
     assert_eq!(
         e.client.breaker_state(),
         BreakerState::Closed,

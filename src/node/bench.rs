@@ -1,1 +1,226 @@
-//! Benchmarks of the node client.
+//! Benchmarks of the node client, run in release by `vpnbot bench` (wired by the CLI owner)
+//! or `cargo run --release --example node_bench`. They print and return their figures; speed
+//! targets live here, not in tests.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+
+use super::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
+use crate::sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
+
+/// Figures of [`bench_list_users_1m`].
+#[derive(Debug, Clone)]
+pub struct ListUsersBenchReport {
+    /// Users listed.
+    pub users: usize,
+    /// Response body size, bytes.
+    pub body_bytes: u64,
+    /// Transfer plus decode, wall time.
+    pub elapsed: Duration,
+    /// Peak resident memory growth during the call, bytes (sampled every 2 ms).
+    pub peak_rss_growth_bytes: u64,
+    /// Longest a runtime worker was held during the call (lateness of a 5 ms ticker).
+    pub worst_worker_hold: Duration,
+}
+
+/// Figures of [`bench_call_overhead`].
+#[derive(Debug, Clone)]
+pub struct CallOverheadReport {
+    /// Calls per side.
+    pub calls: usize,
+    /// Mean latency of a bare reqwest `GET /v1/health` plus JSON decode.
+    pub bare_mean: Duration,
+    /// Mean latency of [`NodeClient::health`] (breaker, deadlines, spans, metrics, registry).
+    pub client_mean: Duration,
+}
+
+impl CallOverheadReport {
+    /// Added latency per call.
+    pub fn overhead(&self) -> Duration {
+        self.client_mean.saturating_sub(self.bare_mean)
+    }
+
+    /// Added latency relative to the bare call, percent.
+    pub fn overhead_percent(&self) -> f64 {
+        100.0 * self.overhead().as_secs_f64() / self.bare_mean.as_secs_f64()
+    }
+
+    /// The target: under 5 % or 20 µs, whichever is larger.
+    pub fn within_target(&self) -> bool {
+        let allowed = (self.bare_mean.as_secs_f64() * 0.05).max(20e-6);
+        self.overhead().as_secs_f64() <= allowed
+    }
+}
+
+async fn sim(users: usize) -> SimNodeHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let sim = SimNode::start(
+        listener,
+        SimNodeOptions {
+            users,
+            ..Default::default()
+        },
+    );
+    sim.warm().await;
+    sim
+}
+
+fn client(sim: &SimNodeHandle, registry: &prometheus::Registry) -> NodeClient {
+    NodeClient::new(
+        "bench",
+        sim.base_url(),
+        SecretString::from(sim.api_key().to_owned()),
+        &NodeClientSettings::default(),
+        NodeApiMetrics::register(registry),
+        InflightCalls::new(),
+    )
+    .expect("default settings are valid")
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// `list-users` of 1,000,000 users (80 % owned) from the simulator on loopback, with default
+/// settings (64 MiB cap, 10 s deadline): time, peak memory and worst worker hold.
+/// Run inside a multi-thread runtime.
+///
+/// # Panics
+/// When the call fails (it must not with default settings).
+pub async fn bench_list_users_1m() -> ListUsersBenchReport {
+    const USERS: usize = 1_000_000;
+    let sim = sim(USERS).await;
+    let registry = prometheus::Registry::new();
+    let client = client(&sim, &registry);
+    client.health().await.expect("node up");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicU64::new(0));
+    let base = rss_bytes();
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_bytes(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let ticker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut worst = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(5)));
+            }
+            worst
+        })
+    };
+    let t = Instant::now();
+    let users = client.list_users().await.expect("list-users of 1M users");
+    let elapsed = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let worst_worker_hold = ticker.await.expect("ticker");
+    let _ = sampler.join();
+    let body_bytes = crate::metrics::render(&registry)
+        .lines()
+        .find(|l| {
+            l.starts_with("vpnbot_node_api_response_body_bytes_sum{") && l.contains("list_users")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64;
+    let report = ListUsersBenchReport {
+        users: users.len(),
+        body_bytes,
+        elapsed,
+        peak_rss_growth_bytes: peak.load(Ordering::Relaxed).saturating_sub(base),
+        worst_worker_hold,
+    };
+    println!(
+        "list-users 1M: {} users, body {:.1} MiB, {:.0} ms transfer+decode, peak RSS +{:.0} MiB, worst worker hold {:.1} ms",
+        report.users,
+        report.body_bytes as f64 / 1048576.0,
+        report.elapsed.as_secs_f64() * 1e3,
+        report.peak_rss_growth_bytes as f64 / 1048576.0,
+        report.worst_worker_hold.as_secs_f64() * 1e3,
+    );
+    report
+}
+
+/// Per-call overhead of the instrumented client against a bare reqwest call, `calls` sequential
+/// `health` calls each on loopback (interleaved in rounds to share any drift).
+///
+/// # Panics
+/// When a call fails.
+pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
+    let sim = sim(10).await;
+    let registry = prometheus::Registry::new();
+    let client = client(&sim, &registry);
+    let bare = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .expect("bare client");
+    let url = sim.base_url().join(super::wire::HEALTH_PATH).expect("url");
+    let key = sim.api_key().to_owned();
+    let bare_call = || async {
+        let r = bare
+            .get(url.clone())
+            .header(super::wire::API_KEY_HEADER, &key)
+            .send()
+            .await
+            .expect("bare call");
+        let b = r.bytes().await.expect("bare body");
+        let h: super::wire::HealthResponse = serde_json::from_slice(&b).expect("decode");
+        assert_eq!(h.status, "ok");
+    };
+    for _ in 0..200 {
+        bare_call().await;
+        client.health().await.expect("client call");
+    }
+    let rounds = 10;
+    let per = calls.div_ceil(rounds).max(1);
+    let (mut bare_t, mut client_t) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        for _ in 0..per {
+            bare_call().await;
+        }
+        bare_t += t.elapsed();
+        let t = Instant::now();
+        for _ in 0..per {
+            client.health().await.expect("client call");
+        }
+        client_t += t.elapsed();
+    }
+    let n = (per * rounds) as u32;
+    let report = CallOverheadReport {
+        calls: n as usize,
+        bare_mean: bare_t / n,
+        client_mean: client_t / n,
+    };
+    println!(
+        "call overhead: bare {:.1} µs, client {:.1} µs, +{:.1} µs ({:.1} %), target {} ({} calls each)",
+        report.bare_mean.as_secs_f64() * 1e6,
+        report.client_mean.as_secs_f64() * 1e6,
+        report.overhead().as_secs_f64() * 1e6,
+        report.overhead_percent(),
+        if report.within_target() { "met" } else { "MISSED" },
+        report.calls,
+    );
+    report
+}

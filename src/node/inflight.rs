@@ -222,7 +222,7 @@ impl InflightCalls {
             map.values().cloned().collect()
         };
         let mut out: Vec<InflightCall> = calls.iter().map(|c| c.snapshot(now)).collect();
-        out.sort_by(|a, b| b.age.cmp(&a.age));
+        out.sort_by_key(|c| std::cmp::Reverse(c.age));
         out
     }
 

@@ -125,41 +125,37 @@ impl NodeUser {
         }
     }
 
-    /// Whether vpnbot created this user (see [`is_owned`]).
+    /// Whether vpnbot created this user: its email is exactly [`owned_email`] of its UUID
+    /// (stricter than [`is_owned`], which checks the marker alone).
     pub fn is_owned(&self) -> bool {
-        is_owned(&self.email)
+        self.email == owned_email(self.uuid)
     }
 }
 
 /// Prefix that marks an email/tag as created by vpnbot.
 pub const OWNED_EMAIL_PREFIX: &str = "vb:";
 
-/// The email/tag vpnbot gives the user with `uuid`: `vb:` plus the 16 UUID bytes in unpadded
-/// base64url (25 characters in all). Kept short because a 1,000,000-user `list-users` must stay
-/// under the 64 MiB body cap.
+/// The email/tag vpnbot gives the user with `uuid`: `vb:` plus the first 12 UUID bytes in
+/// unpadded base64url (19 characters in all; 90 random bits of a v4 UUID, so collisions among
+/// millions of users are negligible). Kept short because a 1,000,000-user `list-users` must
+/// stay under the 64 MiB body cap: about 63 bytes per owned user on the wire.
 pub fn owned_email(uuid: uuid::Uuid) -> String {
-    let mut s = String::with_capacity(25);
+    let mut s = String::with_capacity(19);
     s.push_str(OWNED_EMAIL_PREFIX);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(uuid.as_bytes(), &mut s);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&uuid.as_bytes()[..12], &mut s);
     s
 }
 
-/// Whether `email` carries vpnbot's ownership marker: the `vb:` prefix followed by exactly 16
-/// bytes of unpadded base64url. vpnbot never touches users for which this is false.
+/// Whether `email` carries vpnbot's ownership marker: `vb:` followed by exactly 16 base64url
+/// characters. vpnbot never touches users for which this is false. See also
+/// [`NodeUser::is_owned`], which also checks that the email belongs to the user's UUID.
 pub fn is_owned(email: &str) -> bool {
-    owned_uuid(email).is_some()
-}
-
-/// The UUID encoded in an owned email, or `None` when `email` is not owned.
-pub fn owned_uuid(email: &str) -> Option<uuid::Uuid> {
-    let rest = email.strip_prefix(OWNED_EMAIL_PREFIX)?;
-    if rest.len() != 22 {
-        return None;
-    }
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(rest)
-        .ok()?;
-    uuid::Uuid::from_slice(&bytes).ok()
+    email.strip_prefix(OWNED_EMAIL_PREFIX).is_some_and(|rest| {
+        rest.len() == 16
+            && base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(rest)
+                .is_ok()
+    })
 }
 
 #[cfg(test)]
@@ -167,17 +163,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn owned_email_round_trips_and_foreign_emails_are_not_owned() {
+    fn owned_email_is_marked_and_bound_to_its_uuid() {
         let id = uuid::Uuid::new_v4();
         let email = owned_email(id);
-        assert_eq!(email.len(), 25);
+        assert_eq!(email.len(), 19);
         assert!(is_owned(&email));
-        assert_eq!(owned_uuid(&email), Some(id));
+        assert!(NodeUser::owned(id).is_owned());
+        let copied = NodeUser {
+            uuid: uuid::Uuid::new_v4(),
+            email,
+        };
+        assert!(
+            !copied.is_owned(),
+            "a marker copied onto another UUID is not ours"
+        );
         for foreign in [
             "alice@example.com",
             "vb:",
             "vb:short",
-            "VB:AAAAAAAAAAAAAAAAAAAAAA",
+            "VB:AAAAAAAAAAAAAAAA",
+            "vb:AAAAAAAAAAAAAAA!",
             "",
         ] {
             assert!(!is_owned(foreign), "{foreign}");

@@ -88,7 +88,7 @@ pub struct ErrorBody {
 }
 
 /// `GET /v1/users` answer: `{"users": [["<uuid>", "<email>"], ...]}`. Pairs rather than objects
-/// keep 1,000,000 users under the 64 MiB body cap (about 69 bytes per owned user).
+/// keep 1,000,000 users under the 64 MiB body cap (about 63 bytes per owned user).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListUsersResponse {
