@@ -27,11 +27,18 @@ pub enum BenchName {
     Pool,
     /// Rendering `/metrics` for a registry with every family populated.
     MetricsRender,
+    /// Node client per-call overhead against a bare reqwest call on loopback
+    /// (target: < 5 % or 20 µs, whichever is larger).
+    NodeCallOverhead,
+    /// `list-users` of 1,000,000 users from the simulator: transfer + decode time, peak memory,
+    /// longest worker hold (target: within the deadline and body cap, no worker held > 1 s).
+    NodeListUsers,
 }
 
 /// Runs one benchmark.
 pub fn main(args: BenchArgs) -> ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .thread_name("vpnbot-bench")
         .build()
@@ -40,6 +47,14 @@ pub fn main(args: BenchArgs) -> ExitCode {
         BenchName::Pool => rt.block_on(bench_pool(args.iterations)),
         BenchName::MetricsRender => {
             bench_metrics_render(args.iterations.min(2_000));
+            true
+        }
+        BenchName::NodeCallOverhead => {
+            rt.block_on(crate::node::bench::bench_call_overhead(args.iterations as usize));
+            true
+        }
+        BenchName::NodeListUsers => {
+            rt.block_on(crate::node::bench::bench_list_users_1m());
             true
         }
     };
