@@ -21,5 +21,6 @@ pub mod db;
 pub mod demo;
 pub mod metrics;
 pub mod obs;
+pub mod otel;
 pub mod tasks;
 pub mod telemetry;

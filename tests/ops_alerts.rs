@@ -135,7 +135,10 @@ fn every_alert_is_tested_firing_and_not_firing() {
     }
     let no_fire: Vec<_> = names.difference(&firing).collect();
     let no_silent: Vec<_> = names.difference(&silent).collect();
-    assert!(no_fire.is_empty(), "alerts never tested firing: {no_fire:?}");
+    assert!(
+        no_fire.is_empty(),
+        "alerts never tested firing: {no_fire:?}"
+    );
     assert!(
         no_silent.is_empty(),
         "alerts never tested not firing: {no_silent:?}"
@@ -223,7 +226,10 @@ fn stall_alerts_carry_the_culprit() {
                 "{} must read the culprit from vpnbot_watchdog_episode_info",
                 a.name
             );
-            let text = format!("{} {}", a.annotations["summary"], a.annotations["description"]);
+            let text = format!(
+                "{} {}",
+                a.annotations["summary"], a.annotations["description"]
+            );
             assert!(
                 text.contains("$labels.task") || text.contains("$labels.node"),
                 "{} must name the culprit in its page",

@@ -42,9 +42,15 @@ fn dashboards_have_current_schema_and_variables() {
     for (file, d) in dashboards() {
         let uid = d["uid"].as_str().unwrap_or_else(|| panic!("{file}: uid"));
         assert!(uids.insert(uid.to_string()), "{file}: duplicate uid {uid}");
-        assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()), "{file}: title");
+        assert!(
+            d["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{file}: title"
+        );
         let schema = d["schemaVersion"].as_u64().unwrap_or(0);
-        assert!(schema >= 39, "{file}: schemaVersion {schema} (< 39, Grafana 10.4)");
+        assert!(
+            schema >= 39,
+            "{file}: schemaVersion {schema} (< 39, Grafana 10.4)"
+        );
         let vars = d["templating"]["list"].as_array().expect("templating");
         let ds = vars
             .iter()
@@ -152,7 +158,9 @@ fn validator_rejects_unknown_metrics_labels_and_bad_promql() {
         .check("rate(vpnbot_node_api_retries_total{node=\"a\"}[5m])")
         .is_ok());
     assert!(known
-        .check("histogram_quantile(0.99, sum by (le) (rate(vpnbot_db_pool_hold_seconds_bucket[5m])))")
+        .check(
+            "histogram_quantile(0.99, sum by (le) (rate(vpnbot_db_pool_hold_seconds_bucket[5m])))"
+        )
         .is_ok());
     let e = known.check("vpnbot_no_such_metric").unwrap_err();
     assert!(e.contains("not in dashboards/metrics.txt"), "{e}");
@@ -179,7 +187,9 @@ fn provisioning_points_at_the_dashboards() {
     assert_eq!(p["apiVersion"].as_u64(), Some(1));
     let prov = &p["providers"][0];
     assert_eq!(prov["type"].as_str(), Some("file"));
-    assert!(prov["options"]["path"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(prov["options"]["path"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
     let ds: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(repo().join("dashboards/provisioning/datasources.yml")).unwrap(),
     )

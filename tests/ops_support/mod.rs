@@ -96,14 +96,21 @@ impl KnownMetrics {
                 i + 1
             );
             let (name, kind, labels) = (parts[0], parts[1], parts[2]);
-            assert!(name.starts_with("vpnbot_"), "line {}: prefix vpnbot_", i + 1);
+            assert!(
+                name.starts_with("vpnbot_"),
+                "line {}: prefix vpnbot_",
+                i + 1
+            );
             assert!(
                 matches!(kind, "counter" | "gauge" | "histogram"),
                 "line {}: type {kind}",
                 i + 1
             );
             if kind == "counter" {
-                assert!(name.ends_with("_total"), "counter {name} must end in _total");
+                assert!(
+                    name.ends_with("_total"),
+                    "counter {name} must end in _total"
+                );
             }
             let labels = if labels == "-" {
                 BTreeSet::new()
