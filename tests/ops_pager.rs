@@ -20,7 +20,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ops_support::{repo, tool};
+use ops_support::{repo, tool, tool_any};
 use serde_json::Value as Json;
 use serde_yaml::Value as Yaml;
 
@@ -320,10 +320,9 @@ async fn expect_page(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freeze_and_blocked_worker_page_with_culprit_and_runbook_then_resolve() {
-    let (Some(prometheus), Some(alertmanager), Some(_)) = (
+    let (Some(prometheus), Some(alertmanager)) = (
         tool("prometheus"),
-        tool("prometheus-alertmanager").or_else(|| tool("alertmanager")),
-        tool("promtool"),
+        tool_any(&["prometheus-alertmanager", "alertmanager"]),
     ) else {
         return;
     };

@@ -15,11 +15,17 @@ pub fn repo() -> PathBuf {
 /// Finds an external tool on `PATH`. Missing: outside CI the test is skipped with a message
 /// (returns `None`); in CI (env `CI` set) it fails, so CI can never pass without running it.
 pub fn tool(name: &str) -> Option<PathBuf> {
+    tool_any(&[name])
+}
+
+/// As [`tool`], accepting any of several names (e.g. Debian's `prometheus-alertmanager`).
+pub fn tool_any(names: &[&str]) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
-            .map(|p| p.join(name))
+            .flat_map(|p| names.iter().map(move |n| p.join(n)))
             .find(|p| p.is_file())
     });
+    let name = names.join(" or ");
     match found {
         Some(p) => Some(p),
         None if std::env::var_os("CI").is_some() => panic!(
@@ -251,4 +257,111 @@ pub fn expand_grafana_vars(expr: &str) -> String {
         }
     }
     out
+}
+
+/// Problems of a Prometheus text exposition against the contract (row O2 of FAULTS.md): every
+/// family has non-empty HELP and the `vpnbot_` prefix, and no label value looks like a user
+/// id, chat id, UUID, URL or secret. For the owner's running-instance contract test too.
+pub fn exposition_problems(text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut help: BTreeMap<String, String> = BTreeMap::new();
+    let mut typed = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, h) = rest.split_once(' ').unwrap_or((rest, ""));
+            help.insert(name.to_string(), h.trim().to_string());
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap_or("").to_string());
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let Some(open) = line.find('{') else { continue };
+            let close = line.rfind('}').unwrap_or(line.len());
+            for pair in split_labels(&line[open + 1..close]) {
+                let Some((k, v)) = pair.split_once('=') else {
+                    continue;
+                };
+                let v = v.trim_matches('"');
+                if let Some(why) = suspicious_label_value(v) {
+                    problems.push(format!(
+                        "{}: label {k}=\"{v}\" looks like {why}",
+                        &line[..open]
+                    ));
+                }
+            }
+        }
+    }
+    for name in typed {
+        if !name.starts_with("vpnbot_") {
+            problems.push(format!("{name}: family without the vpnbot_ prefix"));
+        }
+        if help.get(&name).is_none_or(|h| h.is_empty()) {
+            problems.push(format!("{name}: no HELP text"));
+        }
+    }
+    problems
+}
+
+/// Families of `known` that the exposition lacks.
+pub fn missing_families(text: &str, known: &KnownMetrics) -> Vec<String> {
+    known
+        .families
+        .keys()
+        .filter(|name| !text.contains(&format!("# TYPE {name} ")))
+        .cloned()
+        .collect()
+}
+
+fn split_labels(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut escaped = false;
+    for c in s.chars() {
+        match c {
+            '\\' if in_quotes && !escaped => {
+                escaped = true;
+                cur.push(c);
+                continue;
+            }
+            '"' if !escaped => in_quotes = !in_quotes,
+            ',' if !in_quotes => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        escaped = false;
+        cur.push(c);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Why a label value is not allowed, if it is not.
+pub fn suspicious_label_value(v: &str) -> Option<&'static str> {
+    let hex_or_dash = |c: char| c.is_ascii_hexdigit() || c == '-';
+    if v.len() == 36 && v.chars().all(hex_or_dash) && v.matches('-').count() == 4 {
+        return Some("a UUID");
+    }
+    if v.contains("://") || v.starts_with("www.") {
+        return Some("a URL");
+    }
+    let digits = v.trim_start_matches('-');
+    if digits.len() >= 6 && digits.chars().all(|c| c.is_ascii_digit()) {
+        return Some("a user or chat id");
+    }
+    // Telegram bot tokens: <digits>:<35 url-safe chars>.
+    if let Some((id, rest)) = v.split_once(':') {
+        if id.len() >= 6 && id.chars().all(|c| c.is_ascii_digit()) && rest.len() >= 30 {
+            return Some("a bot token");
+        }
+    }
+    if v.len() >= 32
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+/=_-".contains(c))
+    {
+        return Some("a secret or key");
+    }
+    None
 }
