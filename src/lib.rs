@@ -23,6 +23,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod node;
 pub mod obs;
+pub mod otel;
 pub mod outbox;
 pub mod sim;
 pub mod tasks;
