@@ -13,5 +13,7 @@ compile_error!(
      variable replaces build.rustflags: add `--cfg tokio_unstable` to it, or unset it."
 );
 
+pub mod diagnostics;
 pub mod metrics;
+pub mod runtime;
 pub mod tasks;
