@@ -77,12 +77,15 @@ impl Tasks {
             &self.monitor(name),
             fut.instrument(span),
         ));
-        crate::diagnostics::spawn_with_name(name, || {
-            tokio::task::Builder::new()
-                .name(name)
-                .spawn(fut)
-                .expect("spawning a task on a running runtime")
-        })
+        // No closure here: it would break `#[track_caller]` and record this file as the
+        // spawn location.
+        crate::diagnostics::offer_spawn_name(Some(name));
+        let handle = tokio::task::Builder::new()
+            .name(name)
+            .spawn(fut)
+            .expect("spawning a task on a running runtime");
+        crate::diagnostics::offer_spawn_name(None);
+        handle
     }
 
     /// Cancels the root token, then waits up to `drain` for every tracked task to finish.

@@ -222,6 +222,11 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     } else {
         blocked_tids.clone()
     };
+    // /proc first: a thread just released by ptrace briefly reads as running.
+    let procs: BTreeMap<u32, ProcEvidence> = view
+        .iter()
+        .filter_map(|w| stack::proc_evidence(w.tid).map(|p| (w.tid, p)))
+        .collect();
     let stacks = if stack_tids.is_empty() {
         Ok(Default::default())
     } else if !s.native_stacks {
@@ -278,7 +283,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
                 polls: w.polls,
                 blocked: w.task != 0 && w.poll_age >= threshold,
                 polling,
-                proc: stack::proc_evidence(w.tid),
+                proc: procs.get(&w.tid).cloned(),
                 native_stack,
                 stack_unavailable,
                 blocking_call,
@@ -365,17 +370,22 @@ fn worker_phrase(w: &WorkerDump) -> String {
     {
         s.push_str(&format!(" inside span {}", span.describe()));
     }
-    match (&w.blocking_call, &w.proc) {
-        (Some(call), _) => s.push_str(&format!("; its thread is in {call}")),
-        (None, Some(p)) if p.state == "R" => s.push_str(&format!(
-            "; its thread is running on CPU (state R, {:.1} s CPU), a loop that never yields",
-            p.cpu_seconds
-        )),
-        (None, Some(p)) => s.push_str(&format!(
+    match (&w.proc, &w.blocking_call) {
+        (Some(p), call) if p.state == "R" => {
+            s.push_str(&format!(
+                "; its thread is running on CPU (state R, {:.1} s CPU), a loop that never yields",
+                p.cpu_seconds
+            ));
+            if let Some(c) = call {
+                s.push_str(&format!(", in {c}"));
+            }
+        }
+        (_, Some(call)) => s.push_str(&format!("; its thread is in {call}")),
+        (Some(p), None) => s.push_str(&format!(
             "; its thread is in state {} waiting in {}",
             p.state, p.wchan
         )),
-        _ => {}
+        (None, None) => {}
     }
     s
 }

@@ -544,6 +544,13 @@ impl Inner {
         out
     }
 
+    /// Overdue after `factor × interval`, plus the stall threshold as slack for scheduling.
+    fn worker_is_overdue(&self, r: &WorkerRun) -> bool {
+        r.last.elapsed().as_secs_f64()
+            > r.interval.as_secs_f64() * self.settings.worker_overdue_factor
+                + self.settings.stall_threshold_seconds
+    }
+
     fn workers_overdue(&self) -> Vec<String> {
         let factor = self.settings.worker_overdue_factor;
         let mut out: Vec<String> = self
@@ -551,7 +558,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, r)| r.last.elapsed().as_secs_f64() > r.interval.as_secs_f64() * factor)
+            .filter(|(_, r)| self.worker_is_overdue(r))
             .map(|(name, r)| {
                 format!(
                     "worker \"{name}\" last completed a run {:.1} s ago; interval {:.1} s \
@@ -810,15 +817,12 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                 );
             }
             let overdue_workers: Vec<&'static str> = {
-                let factor = inner.settings.worker_overdue_factor;
                 inner
                     .workers
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
-                    .filter(|(_, r)| {
-                        r.last.elapsed().as_secs_f64() > r.interval.as_secs_f64() * factor
-                    })
+                    .filter(|(_, r)| inner.worker_is_overdue(r))
                     .map(|(n, _)| *n)
                     .collect()
             };
@@ -1035,4 +1039,10 @@ where
 /// [`crate::tasks::Tasks::spawn_named`].
 pub fn spawn_with_name<R>(name: &'static str, spawn: impl FnOnce() -> R) -> R {
     with_spawn_name(name, spawn)
+}
+
+/// Offers `name` to the spawn hook for the next task spawned from this thread (`None`
+/// withdraws it). Prefer [`spawn_with_name`]; this form keeps `#[track_caller]` intact.
+pub fn offer_spawn_name(name: Option<&'static str>) {
+    poll_tracking::offer_spawn_name(name);
 }

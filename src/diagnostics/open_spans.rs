@@ -29,6 +29,9 @@ const MAX_VALUE_LEN: usize = 128;
 
 thread_local! {
     static TID: Cell<u32> = const { Cell::new(0) };
+    /// Task names of the tracked spans entered on this thread, innermost last: a span created
+    /// outside its task (`spawn_named("x", fut.instrument(span))`) learns its task on enter.
+    static ENTERED_TASKS: std::cell::RefCell<Vec<Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn tid() -> u32 {
@@ -46,6 +49,8 @@ fn tid() -> u32 {
 #[derive(Debug, Default)]
 struct Fields {
     task: Option<String>,
+    /// Task learned when entered inside a task span.
+    entered_task: Option<Arc<str>>,
     node: Option<String>,
     phase: Option<String>,
     label: Option<String>,
@@ -173,7 +178,11 @@ impl InflightSource for OpenSpans {
             .map(|r| {
                 let f = r.fields.lock().unwrap_or_else(|e| e.into_inner());
                 let mut e = InflightEntry::started_at(InflightKind::Span, r.opened);
-                e.task = f.task.clone().or_else(|| r.inherited_task.clone());
+                e.task = f
+                    .task
+                    .clone()
+                    .or_else(|| r.inherited_task.clone())
+                    .or_else(|| f.entered_task.as_deref().map(str::to_owned));
                 e.node = f.node.clone();
                 e.operation = Some(r.name.to_owned());
                 e.phase = f.phase.clone();
@@ -293,6 +302,21 @@ where
         if let Some(span) = ctx.span(id) {
             if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
                 r.entered_on.store(tid(), Ordering::Relaxed);
+                let mut f = r.fields.lock().unwrap_or_else(|e| e.into_inner());
+                let own = f.task.clone().or_else(|| r.inherited_task.clone());
+                ENTERED_TASKS.with(|t| {
+                    let mut t = t.borrow_mut();
+                    match own {
+                        Some(name) => t.push(name.into()),
+                        None => {
+                            if f.entered_task.is_none() {
+                                f.entered_task = t.last().cloned();
+                            }
+                            let inherited = f.entered_task.clone().unwrap_or_else(|| "".into());
+                            t.push(inherited);
+                        }
+                    }
+                });
             }
         }
     }
@@ -301,6 +325,9 @@ where
         if let Some(span) = ctx.span(id) {
             if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
                 r.entered_on.store(0, Ordering::Relaxed);
+                ENTERED_TASKS.with(|t| {
+                    t.borrow_mut().pop();
+                });
             }
         }
     }

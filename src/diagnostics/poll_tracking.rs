@@ -39,6 +39,11 @@ pub(crate) fn with_spawn_name<R>(name: &'static str, f: impl FnOnce() -> R) -> R
     r
 }
 
+/// Offers `name` to the spawn hook for the next spawn from this thread.
+pub(crate) fn offer_spawn_name(name: Option<&'static str>) {
+    SPAWN_NAME.with(|n| n.set(name));
+}
+
 /// tokio's task `Id` as a `u64` without formatting: `Id` hashes as its `NonZeroU64`.
 pub(crate) fn id_u64(id: tokio::task::Id) -> u64 {
     struct Capture(u64);

@@ -62,7 +62,10 @@ pub fn capture(tids: &[u32]) -> Result<HashMap<u32, Vec<String>>, String> {
                 lines.push(format!("{:#x} <unknown>", f.ip()));
             }
             for s in f.symbols() {
-                let name = s.name().map(strip_hash).unwrap_or("<unknown>");
+                let name = s
+                    .name()
+                    .map(strip_hash)
+                    .unwrap_or_else(|| "<unknown>".into());
                 let line = match (s.file(), s.line()) {
                     (Some(file), Some(l)) => format!("{name} ({}:{l})", file.display()),
                     _ => name.to_owned(),
@@ -78,13 +81,30 @@ pub fn capture(tids: &[u32]) -> Result<HashMap<u32, Vec<String>>, String> {
     Ok(out)
 }
 
-fn strip_hash(name: &str) -> &str {
-    match name.rfind("::h") {
+/// Drops the legacy `::h<16 hex>` suffix and v0 crate disambiguators (`std[e28293b1]::`).
+fn strip_hash(name: &str) -> String {
+    let name = match name.rfind("::h") {
         Some(i) if name.len() - i == 19 && name[i + 3..].bytes().all(|b| b.is_ascii_hexdigit()) => {
             &name[..i]
         }
         _ => name,
+    };
+    let mut out = String::with_capacity(name.len());
+    let mut rest = name;
+    while let Some(open) = rest.find('[') {
+        match rest[open..].find(']').map(|c| open + c) {
+            Some(c) if c > open + 1 && rest[open + 1..c].bytes().all(|b| b.is_ascii_hexdigit()) => {
+                out.push_str(&rest[..open]);
+                rest = &rest[c + 1..];
+            }
+            _ => {
+                out.push_str(&rest[..=open]);
+                rest = &rest[open + 1..];
+            }
+        }
     }
+    out.push_str(rest);
+    out
 }
 
 /// The call a blocked thread is in, from its rendered frames: the first frame that is neither
@@ -158,6 +178,11 @@ mod tests {
             Some("std::thread::sleep")
         );
         assert_eq!(strip_hash("a::b::h0123456789abcdef"), "a::b");
+        assert_eq!(
+            strip_hash("std[e28293b1aa0f68bd]::thread::sleep"),
+            "std::thread::sleep"
+        );
+        assert_eq!(strip_hash("<[u8] as x[1f]::Y>::z"), "<[u8] as x::Y>::z");
     }
 
     #[test]
