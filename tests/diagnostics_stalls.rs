@@ -4,6 +4,9 @@
 //! Tests run one at a time (a process-wide lock): they measure detection latency on a 2-core
 //! machine and block workers on purpose.
 
+// `block_on(async { spawn_named(..) })` spawns from inside the runtime on purpose.
+#![allow(clippy::async_yields_async, clippy::let_underscore_future)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};

@@ -275,7 +275,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
                 }
             });
             let mut open_spans = spans_by_tid.remove(&w.tid).unwrap_or_default();
-            open_spans.sort_by(|a, b| b.age.cmp(&a.age));
+            open_spans.sort_by_key(|e| std::cmp::Reverse(e.age));
             WorkerDump {
                 worker: w.worker,
                 thread_name: w.thread_name.clone(),

@@ -793,7 +793,7 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
             for src in &sources {
                 overdue.extend(src.entries().into_iter().filter(|e| inner.is_overdue(e)));
             }
-            overdue.sort_by(|a, b| b.age.cmp(&a.age));
+            overdue.sort_by_key(|e| std::cmp::Reverse(e.age));
             if let Some(e) = overdue.first() {
                 found.insert(
                     StallKind::OperationOverdue,
@@ -928,7 +928,7 @@ fn task_label(inner: &Inner, w: &WorkerView) -> String {
         .to_owned()
 }
 
-fn label_values<'a>(kind: StallKind, labels: &'a [String; 5]) -> [&'a str; 6] {
+fn label_values(kind: StallKind, labels: &[String; 5]) -> [&str; 6] {
     [
         kind.as_str(),
         &labels[0],

@@ -198,7 +198,7 @@ impl InflightSource for OpenSpans {
                 e.bounded()
             })
             .collect();
-        out.sort_by(|a, b| b.age.cmp(&a.age));
+        out.sort_by_key(|e| std::cmp::Reverse(e.age));
         out
     }
 }
