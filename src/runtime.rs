@@ -12,7 +12,8 @@ use crate::diagnostics::Diagnostics;
 pub const THREAD_NAME_PREFIX: &str = "vpnbot-rt";
 
 /// Builds the main multi-thread runtime with `worker_threads` workers (default: one per CPU),
-/// all drivers enabled, named threads, the poll-time histogram (log buckets 16 µs .. ~4 s), the
+/// all drivers enabled, named threads, the poll-time histogram when
+/// `diagnostics.poll_time_histogram` (log buckets 16 µs .. ~4 s), the
 /// LIFO slot disabled (a task in a blocked worker's LIFO slot cannot be stolen, so one blocked
 /// worker would strand it), and `diag`'s poll/spawn/terminate hooks installed.
 ///

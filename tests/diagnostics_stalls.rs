@@ -76,6 +76,7 @@ impl App {
             operation_grace_seconds: 0.1,
             dump_min_interval_seconds: 0.0,
             pool_starved_seconds: 0.4,
+            poll_time_histogram: true,
             dump_dir: dir.path().to_owned(),
             ..Default::default()
         };
