@@ -1,0 +1,575 @@
+//! The diagnostic dump: a one-line verdict, then the evidence.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::inflight::{InflightEntry, InflightKind};
+use super::poll_tracking::with_spawn_name;
+use super::stack::{self, ProcEvidence};
+use super::{Inner, StallKind};
+
+const MAX_TASK_TRACES: usize = 200;
+const MAX_TRACE_LEN: usize = 4096;
+
+/// A diagnostic dump. Serialize with [`Dump::to_json`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Dump {
+    /// One line an operator can act on: kind, culprit, decisive evidence.
+    pub verdict: String,
+    /// `episode` (written by the watchdog), `on_demand` or `exit`.
+    pub trigger: &'static str,
+    /// Wall-clock time, RFC 3339.
+    pub time: String,
+    /// Wall-clock time, seconds since the Unix epoch.
+    pub unix_seconds: f64,
+    /// Most severe open kind, `None` when healthy.
+    pub kind: Option<StallKind>,
+    /// Every open kind.
+    pub open_kinds: Vec<StallKind>,
+    /// Age of the episode of `kind`, seconds.
+    pub elapsed_seconds: Option<f64>,
+    /// Time since the in-runtime heartbeat last ran, seconds.
+    pub heartbeat_age_seconds: f64,
+    /// Age of the watchdog's spawned probe that has not been polled yet, seconds.
+    pub probe_pending_seconds: Option<f64>,
+    /// Per worker thread: the task being polled and for how long, evidence, stacks.
+    pub workers: Vec<WorkerDump>,
+    /// Operations past their deadline.
+    pub overdue: Vec<InflightEntry>,
+    /// Pools with waiters and no recent successful acquire.
+    pub pool_starved: Vec<String>,
+    /// Periodic workers that have not completed a run in time.
+    pub worker_overdue: Vec<String>,
+    /// Every in-flight entry, by source section.
+    pub inflight: BTreeMap<String, Vec<InflightEntry>>,
+    /// Runtime metrics at dump time.
+    pub runtime: RuntimeSnapshot,
+    /// Live tasks counted by name (largest first).
+    pub tasks: TaskCensus,
+    /// tokio's async task dump, or why it is missing or incomplete.
+    pub task_dump: TaskDumpSection,
+    /// Time spent building this dump, seconds.
+    pub build_seconds: f64,
+}
+
+/// One worker thread in a dump.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerDump {
+    /// Slot index (stable while the thread lives), the "worker N" of the verdict.
+    pub worker: usize,
+    /// Thread name.
+    pub thread_name: String,
+    /// OS thread id.
+    pub tid: u32,
+    /// Polls started by this thread so far.
+    pub polls: u64,
+    /// The task being polled, if any.
+    pub polling: Option<PollingTask>,
+    /// True when the poll has lasted longer than the stall threshold.
+    pub blocked: bool,
+    /// `/proc/self/task/<tid>` evidence.
+    pub proc: Option<ProcEvidence>,
+    /// Native stack (innermost first), when captured.
+    pub native_stack: Option<Vec<String>>,
+    /// Why the native stack is missing (`stack unavailable: ...`), if it is.
+    pub stack_unavailable: Option<String>,
+    /// The blocking call read from the stack (e.g. `std::thread::sleep`).
+    pub blocking_call: Option<String>,
+    /// Open spans entered on this thread right now (outermost first).
+    pub open_spans: Vec<InflightEntry>,
+}
+
+/// The task a worker is polling.
+#[derive(Debug, Clone, Serialize)]
+pub struct PollingTask {
+    /// tokio task id.
+    pub task_id: u64,
+    /// Name given by `Tasks::spawn_named`, if any.
+    pub name: Option<String>,
+    /// Spawn location `file:line:col`.
+    pub spawned_at: String,
+    /// How long the current poll has lasted (watchdog resolution), seconds.
+    pub for_seconds: f64,
+    /// Time since the task was spawned, seconds.
+    pub task_age_seconds: Option<f64>,
+}
+
+/// Runtime metrics snapshot, read directly from the runtime handle.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RuntimeSnapshot {
+    /// Worker threads.
+    pub workers: usize,
+    /// Alive tasks.
+    pub alive_tasks: usize,
+    /// Global queue depth.
+    pub global_queue_depth: usize,
+    /// Local queue depth per worker.
+    pub local_queue_depth: Vec<usize>,
+    /// Polls per worker (cumulative).
+    pub worker_polls: Vec<u64>,
+    /// Parks+unparks per worker (odd = parked).
+    pub worker_park_unpark: Vec<u64>,
+    /// Busy seconds per worker (cumulative).
+    pub worker_busy_seconds: Vec<f64>,
+    /// Mean poll time per worker, seconds.
+    pub worker_mean_poll_seconds: Vec<f64>,
+    /// Blocking pool threads.
+    pub blocking_threads: usize,
+    /// Blocking queue depth.
+    pub blocking_queue_depth: usize,
+}
+
+/// Live task census.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct TaskCensus {
+    /// Live tasks known to the task table.
+    pub live: usize,
+    /// (name or `<unnamed> location`, count), largest first, at most 30.
+    pub by_name: Vec<(String, usize)>,
+}
+
+/// tokio's `Handle::dump` section.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct TaskDumpSection {
+    /// `complete`, `skipped: ...`, `timed out ...`, `incomplete: ...`.
+    pub status: String,
+    /// Per task: id, name and where it awaits.
+    pub tasks: Vec<TaskTrace>,
+}
+
+/// One task's async backtrace.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskTrace {
+    /// tokio task id.
+    pub id: u64,
+    /// Name, if spawned through `Tasks::spawn_named`.
+    pub name: Option<String>,
+    /// Spawn location.
+    pub spawned_at: Option<String>,
+    /// The await tree (empty for tasks parked on non-tokio futures).
+    pub trace: String,
+}
+
+impl Dump {
+    /// The dump as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+/// Per-slot view the watchdog keeps current.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerView {
+    pub(crate) worker: usize,
+    pub(crate) thread_name: String,
+    pub(crate) tid: u32,
+    pub(crate) polls: u64,
+    pub(crate) task: u64,
+    pub(crate) location: Option<&'static std::panic::Location<'static>>,
+    pub(crate) poll_age: Duration,
+}
+
+fn fmt_secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
+    let t0 = Instant::now();
+    let s = &inner.settings;
+    let threshold = s.stall_threshold();
+    let view = inner.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let heartbeat_age = inner.heartbeat_age();
+    let probe_pending = inner.probe_pending_age();
+
+    // Sources.
+    let sources = inner
+        .sources
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mut inflight: BTreeMap<String, Vec<InflightEntry>> = BTreeMap::new();
+    for src in &sources {
+        inflight
+            .entry(src.section().to_owned())
+            .or_default()
+            .extend(src.entries());
+    }
+    let overdue: Vec<InflightEntry> = inflight
+        .values()
+        .flatten()
+        .filter(|e| inner.is_overdue(e))
+        .cloned()
+        .collect();
+    let pool_starved = inner.pool_starved(&sources);
+    let worker_overdue = inner.workers_overdue();
+
+    // Workers.
+    let blocked_tids: Vec<u32> = view
+        .iter()
+        .filter(|w| w.task != 0 && w.poll_age >= threshold)
+        .map(|w| w.tid)
+        .collect();
+    let runtime_stalled =
+        heartbeat_age >= threshold && probe_pending.is_some_and(|p| p >= threshold);
+    // Stacks of blocked workers; when the whole runtime is stalled, of every worker.
+    let stack_tids: Vec<u32> = if runtime_stalled {
+        view.iter().map(|w| w.tid).collect()
+    } else {
+        blocked_tids.clone()
+    };
+    // /proc first: a thread just released by ptrace briefly reads as running.
+    let procs: BTreeMap<u32, ProcEvidence> = view
+        .iter()
+        .filter_map(|w| stack::proc_evidence(w.tid).map(|p| (w.tid, p)))
+        .collect();
+    let stacks = if stack_tids.is_empty() {
+        Ok(Default::default())
+    } else if !s.native_stacks {
+        Err("stack unavailable: native_stacks disabled in config".to_owned())
+    } else {
+        stack::capture(&stack_tids).map_err(|e| format!("stack unavailable: {e}"))
+    };
+    let mut spans_by_tid: BTreeMap<u32, Vec<InflightEntry>> = BTreeMap::new();
+    if let Some(spans) = inflight.get("spans") {
+        for e in spans {
+            if let Some(t) = e.thread {
+                spans_by_tid.entry(t).or_default().push(e.clone());
+            }
+        }
+    }
+    let workers: Vec<WorkerDump> = view
+        .iter()
+        .map(|w| {
+            let (native_stack, stack_unavailable) = if stack_tids.contains(&w.tid) {
+                match &stacks {
+                    Ok(m) => match m.get(&w.tid) {
+                        Some(f) => (Some(f.clone()), None),
+                        None => (
+                            None,
+                            Some("stack unavailable: thread not found in trace".into()),
+                        ),
+                    },
+                    Err(e) => (None, Some(e.clone())),
+                }
+            } else {
+                (None, None)
+            };
+            let blocking_call = native_stack.as_deref().and_then(stack::blocking_call);
+            let polling = (w.task != 0).then(|| {
+                let entry = inner.tracker.task(w.task);
+                PollingTask {
+                    task_id: w.task,
+                    name: entry.and_then(|e| e.name).map(str::to_owned),
+                    spawned_at: w
+                        .location
+                        .or(entry.map(|e| e.location))
+                        .map(|l| l.to_string())
+                        .unwrap_or_default(),
+                    for_seconds: w.poll_age.as_secs_f64(),
+                    task_age_seconds: entry.map(|e| e.spawned.elapsed().as_secs_f64()),
+                }
+            });
+            let mut open_spans = spans_by_tid.remove(&w.tid).unwrap_or_default();
+            open_spans.sort_by_key(|e| std::cmp::Reverse(e.age));
+            WorkerDump {
+                worker: w.worker,
+                thread_name: w.thread_name.clone(),
+                tid: w.tid,
+                polls: w.polls,
+                blocked: w.task != 0 && w.poll_age >= threshold,
+                polling,
+                proc: procs.get(&w.tid).cloned(),
+                native_stack,
+                stack_unavailable,
+                blocking_call,
+                open_spans,
+            }
+        })
+        .collect();
+
+    let runtime = inner.runtime_snapshot();
+    let (live, by_name) = inner.tracker.census(30);
+    let task_dump = if runtime_stalled {
+        TaskDumpSection {
+            status: "skipped: runtime stalled (tokio's task dump cannot finish)".into(),
+            tasks: vec![],
+        }
+    } else if !blocked_tids.is_empty() {
+        TaskDumpSection {
+            status: "skipped: a worker is blocked (tokio's task dump needs every worker and \
+                     would list no tasks)"
+                .into(),
+            tasks: vec![],
+        }
+    } else {
+        task_dump(inner, s.task_dump_timeout())
+    };
+
+    let open_kinds = inner.open_kinds();
+    let kind = open_kinds.first().copied();
+    let elapsed = kind.and_then(|k| inner.episode_age(k));
+    let workers_ref = &workers;
+    let verdict = verdict(
+        kind,
+        elapsed,
+        workers_ref,
+        &overdue,
+        &pool_starved,
+        &worker_overdue,
+        heartbeat_age,
+        probe_pending,
+        &runtime,
+    );
+    let now = SystemTime::now();
+    Dump {
+        verdict,
+        trigger,
+        time: chrono::DateTime::<chrono::Utc>::from(now).to_rfc3339(),
+        unix_seconds: now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        kind,
+        open_kinds,
+        elapsed_seconds: elapsed.map(|d| d.as_secs_f64()),
+        heartbeat_age_seconds: heartbeat_age.as_secs_f64(),
+        probe_pending_seconds: probe_pending.map(|d| d.as_secs_f64()),
+        workers,
+        overdue,
+        pool_starved,
+        worker_overdue,
+        inflight,
+        runtime,
+        tasks: TaskCensus { live, by_name },
+        task_dump,
+        build_seconds: t0.elapsed().as_secs_f64(),
+    }
+}
+
+fn worker_phrase(w: &WorkerDump) -> String {
+    let Some(p) = &w.polling else {
+        return format!(
+            "worker {} ({}) is not polling a task",
+            w.worker, w.thread_name
+        );
+    };
+    let name = p.name.as_deref().unwrap_or("<unnamed>");
+    let mut s = format!(
+        "worker {} has polled task \"{}\" ({}) for {:.1} s",
+        w.worker, name, p.spawned_at, p.for_seconds
+    );
+    if let Some(span) = w
+        .open_spans
+        .iter()
+        .find(|e| e.operation.as_deref() != Some("task"))
+    {
+        s.push_str(&format!(" inside span {}", span.describe()));
+    }
+    match (&w.proc, &w.blocking_call) {
+        (Some(p), call) if p.state == "R" => {
+            s.push_str(&format!(
+                "; its thread is running on CPU (state R, {:.1} s CPU), a loop that never yields",
+                p.cpu_seconds
+            ));
+            if let Some(c) = call {
+                s.push_str(&format!(", in {c}"));
+            }
+        }
+        (_, Some(call)) => s.push_str(&format!("; its thread is in {call}")),
+        (Some(p), None) => s.push_str(&format!(
+            "; its thread is in state {} waiting in {}",
+            p.state, p.wchan
+        )),
+        (None, None) => {}
+    }
+    s
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verdict(
+    kind: Option<StallKind>,
+    elapsed: Option<Duration>,
+    workers: &[WorkerDump],
+    overdue: &[InflightEntry],
+    pool_starved: &[String],
+    worker_overdue: &[String],
+    heartbeat_age: Duration,
+    probe_pending: Option<Duration>,
+    rt: &RuntimeSnapshot,
+) -> String {
+    let blocked: Vec<&WorkerDump> = workers.iter().filter(|w| w.blocked).collect();
+    match kind {
+        Some(StallKind::RuntimeStalled) => {
+            let mut s = format!(
+                "runtime_stalled: the heartbeat has not run for {} and a probe task spawned {} \
+                 ago was never polled; {} of {} workers blocked",
+                fmt_secs(heartbeat_age),
+                fmt_secs(probe_pending.unwrap_or_default()),
+                blocked.len(),
+                rt.workers
+            );
+            for w in &blocked {
+                s.push_str(": ");
+                s.push_str(&worker_phrase(w));
+            }
+            s
+        }
+        Some(StallKind::BlockedWorker) => match blocked.first() {
+            Some(w) => {
+                let mut s = format!("blocked_worker: {}", worker_phrase(w));
+                if let Some(e) = elapsed {
+                    s.push_str(&format!(" (episode open {})", fmt_secs(e)));
+                }
+                s
+            }
+            None => "blocked_worker: a poll exceeded the threshold and has just ended".into(),
+        },
+        Some(StallKind::OperationOverdue) => match overdue.first() {
+            Some(e) => {
+                let mut s = format!(
+                    "operation_overdue: {} has run {}",
+                    e.describe(),
+                    fmt_secs(e.age)
+                );
+                if let Some(d) = e.deadline {
+                    s.push_str(&format!(" of a {} deadline", fmt_secs(d)));
+                }
+                if !e.detail.is_empty() {
+                    s.push_str(&format!("; {}", e.detail));
+                }
+                if overdue.len() > 1 {
+                    s.push_str(&format!(" (+{} more overdue)", overdue.len() - 1));
+                }
+                s
+            }
+            None => {
+                "operation_overdue: an operation outlived its deadline and has just ended".into()
+            }
+        },
+        Some(StallKind::PoolStarved) => format!(
+            "pool_starved: {}",
+            pool_starved
+                .first()
+                .map(String::as_str)
+                .unwrap_or("(cleared)")
+        ),
+        Some(StallKind::WorkerOverdue) => format!(
+            "worker_overdue: {}",
+            worker_overdue
+                .first()
+                .map(String::as_str)
+                .unwrap_or("(cleared)")
+        ),
+        None => format!(
+            "no stall: runtime healthy (heartbeat {:.2} s ago, {} workers, {} tasks alive)",
+            heartbeat_age.as_secs_f64(),
+            rt.workers,
+            rt.alive_tasks
+        ),
+    }
+}
+
+/// Runs `Handle::dump` on the runtime under a deadline enforced from this OS thread.
+fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
+    let Some(handle) = inner.handle.get().cloned() else {
+        return TaskDumpSection {
+            status: "skipped: runtime not started".into(),
+            tasks: vec![],
+        };
+    };
+    if inner
+        .task_dump_in_flight
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return TaskDumpSection {
+            status: "skipped: a previous task dump has not finished (runtime slow or stuck)".into(),
+            tasks: vec![],
+        };
+    }
+    let (tx, rx) = mpsc::sync_channel(1);
+    let flag = inner.task_dump_in_flight_arc();
+    let h2 = handle.clone();
+    with_spawn_name("diag-task-dump", || {
+        handle.spawn(async move {
+            let d = h2.dump().await;
+            flag.store(false, Ordering::Release);
+            let _ = tx.send(d);
+        })
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(d) => {
+            let mut tasks = Vec::new();
+            let total = d.tasks().iter().count();
+            for t in d.tasks().iter().take(MAX_TASK_TRACES) {
+                let id = super::poll_tracking::id_u64(t.id());
+                let entry = inner.tracker.task(id);
+                let mut trace = t.trace().to_string();
+                if trace.len() > MAX_TRACE_LEN {
+                    let mut cut = MAX_TRACE_LEN;
+                    while !trace.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    trace.truncate(cut);
+                }
+                tasks.push(TaskTrace {
+                    id,
+                    name: entry.and_then(|e| e.name).map(str::to_owned),
+                    spawned_at: entry.map(|e| e.location.to_string()),
+                    trace,
+                });
+            }
+            let status = if total == 0 {
+                "incomplete: zero tasks listed (a worker may be blocked)".to_owned()
+            } else if total > MAX_TASK_TRACES {
+                format!("complete: {total} tasks, first {MAX_TASK_TRACES} shown")
+            } else {
+                format!("complete: {total} tasks")
+            };
+            TaskDumpSection { status, tasks }
+        }
+        Err(_) => TaskDumpSection {
+            status: format!(
+                "timed out after {} (enforced from the dump thread); the runtime did not finish \
+                 the dump",
+                fmt_secs(timeout)
+            ),
+            tasks: vec![],
+        },
+    }
+}
+
+/// Writes `dump` into `dir` and removes the oldest files beyond `max_files`.
+pub(crate) fn write_file(dir: &Path, max_files: usize, dump: &Dump) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let kind = dump.kind.map(|k| k.as_str()).unwrap_or("none");
+    let path = dir.join(format!("vpnbot-dump-{stamp}-{kind}.json"));
+    std::fs::write(&path, dump.to_json())?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vpnbot-dump-") && n.ends_with(".json"))
+        })
+        .collect();
+    files.sort();
+    while files.len() > max_files {
+        let _ = std::fs::remove_file(files.remove(0));
+    }
+    Ok(path)
+}
+
+/// Entries of kind [`InflightKind::PoolWait`] older than `threshold`.
+pub(crate) fn old_waiters(entries: &[InflightEntry], threshold: Duration) -> Vec<&InflightEntry> {
+    entries
+        .iter()
+        .filter(|e| e.kind == InflightKind::PoolWait && e.age >= threshold)
+        .collect()
+}

@@ -1,0 +1,1048 @@
+//! Runtime diagnostics: tokio runtime and task metrics, a scheduler-lag probe, per-worker poll
+//! tracking, and a watchdog OS thread that catches a stall while it happens and dumps what
+//! every worker and operation was doing.
+//!
+//! Two classes of stall, two detectors:
+//! - a worker thread blocked or never yielding: runtime poll hooks record, per worker, which
+//!   task is being polled; the watchdog thread (not a task) sees a poll that lasts past the
+//!   threshold (`blocked_worker`), or the heartbeat and a spawned probe both stuck
+//!   (`runtime_stalled`);
+//! - a task awaiting something that never completes while the runtime is fine: in-flight
+//!   registries ([`InflightSource`]: node calls, pool holders/waiters, open spans) are read by
+//!   the watchdog (`operation_overdue`, `pool_starved`), and periodic workers report their runs
+//!   (`worker_overdue`).
+//!
+//! Wiring (in `main`): [`stack::maybe_run_child`] first; [`OpenSpansLayer`] (and
+//! [`console_layer`]) into the subscriber; [`Diagnostics::new`] before the runtime;
+//! [`crate::runtime::build_main_runtime`]; then [`Diagnostics::start`] with the runtime handle.
+//!
+//! tokio-console: set `diagnostics.console_enabled = true`, add [`console_layer`] with a filter
+//! that enables `tokio=trace,runtime=trace`, and attach with `tokio-console
+//! http://127.0.0.1:6669`.
+
+pub mod bench;
+mod dump;
+mod inflight;
+mod open_spans;
+mod poll_tracking;
+mod runtime_metrics;
+mod settings;
+pub mod stack;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::{Gauge, Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+pub use dump::{
+    Dump, PollingTask, RuntimeSnapshot, TaskCensus, TaskDumpSection, TaskTrace, WorkerDump,
+};
+pub use inflight::{InflightEntry, InflightKind, InflightSource, MAX_DETAIL_LEN, MAX_FIELD_LEN};
+pub use open_spans::{OpenSpans, OpenSpansLayer, MAX_OPEN_SPANS};
+pub use runtime_metrics::POLL_TIME_HISTOGRAM;
+pub use settings::*;
+
+use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
+use crate::tasks::Tasks;
+use dump::WorkerView;
+use poll_tracking::{with_spawn_name, PollTracker};
+use runtime_metrics::{PollTimeCollector, RuntimeMetricsExporter};
+
+/// Kind of stall, most severe first (the order of [`Ord`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StallKind {
+    /// The heartbeat has not advanced and a spawned probe has not been polled.
+    RuntimeStalled,
+    /// One poll has run longer than the threshold.
+    BlockedWorker,
+    /// A tracked operation outlived its deadline while the runtime is fine.
+    OperationOverdue,
+    /// Pool acquires are waiting and none succeeded for longer than the threshold.
+    PoolStarved,
+    /// A periodic worker has not completed a run for N times its interval.
+    WorkerOverdue,
+}
+
+impl StallKind {
+    /// Every kind, most severe first.
+    pub const ALL: [StallKind; 5] = [
+        StallKind::RuntimeStalled,
+        StallKind::BlockedWorker,
+        StallKind::OperationOverdue,
+        StallKind::PoolStarved,
+        StallKind::WorkerOverdue,
+    ];
+
+    /// The label value (`runtime_stalled`, `blocked_worker`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StallKind::RuntimeStalled => "runtime_stalled",
+            StallKind::BlockedWorker => "blocked_worker",
+            StallKind::OperationOverdue => "operation_overdue",
+            StallKind::PoolStarved => "pool_starved",
+            StallKind::WorkerOverdue => "worker_overdue",
+        }
+    }
+
+    /// True for the kinds where the main runtime itself cannot make progress normally.
+    pub fn is_runtime_level(self) -> bool {
+        matches!(self, StallKind::RuntimeStalled | StallKind::BlockedWorker)
+    }
+}
+
+impl std::fmt::Display for StallKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A past or open episode, as reported by [`Diagnostics::episodes`].
+#[derive(Debug, Clone, Serialize)]
+pub struct EpisodeRecord {
+    /// Kind.
+    pub kind: StallKind,
+    /// Culprit labels `[task, node, operation, phase, label]` as exported.
+    pub labels: [String; 5],
+    /// Unix seconds when the watchdog detected it.
+    pub detected_unix_seconds: f64,
+    /// Duration, seconds (`None` while open).
+    pub duration_seconds: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Episode {
+    started: Instant,
+    labels: [String; 5],
+    record_index: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WorkerRun {
+    last: Instant,
+    interval: Duration,
+}
+
+struct WatchdogMetrics {
+    stalled: IntGauge,
+    episode_info: IntGaugeVec,
+    heartbeat_age: Gauge,
+    stalls_total: IntCounterVec,
+    stall_duration: HistogramVec,
+    last_dump: Gauge,
+    scheduler_lag: Histogram,
+    probe_delay: Histogram,
+    dumps_total: IntCounterVec,
+}
+
+struct Inner {
+    settings: DiagnosticsSettings,
+    epoch: Instant,
+    tracker: Arc<PollTracker>,
+    handle: Arc<OnceLock<Handle>>,
+    tasks: OnceLock<Tasks>,
+    sources: Mutex<Vec<Arc<dyn InflightSource>>>,
+    workers: Mutex<HashMap<&'static str, WorkerRun>>,
+    /// Nanoseconds since `epoch` of the last heartbeat (shared with the probe task).
+    heartbeat_ns: Arc<AtomicU64>,
+    /// Nanoseconds since `epoch` + 1 when the pending probe was spawned; 0 = none pending.
+    probe_sent_ns: Arc<AtomicU64>,
+    /// Set when the lag-probe task is dropped: the runtime shut down.
+    runtime_gone: Arc<AtomicBool>,
+    task_dump_in_flight: Arc<AtomicBool>,
+    view: Mutex<Vec<WorkerView>>,
+    episodes: Mutex<BTreeMap<StallKind, Episode>>,
+    history: Mutex<Vec<EpisodeRecord>>,
+    latest: Mutex<Option<Arc<Dump>>>,
+    metrics: WatchdogMetrics,
+    exporter: Mutex<RuntimeMetricsExporter>,
+    started: AtomicBool,
+    stop: AtomicBool,
+    watchdog_ticks: AtomicU64,
+    watchdog_cpu_ns: AtomicU64,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Diagnostics")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The diagnostics of one app: cheap to clone, readable from any thread.
+#[derive(Debug, Clone)]
+pub struct Diagnostics {
+    inner: Arc<Inner>,
+}
+
+const EPISODE_LABELS: [&str; 6] = ["kind", "task", "node", "operation", "phase", "label"];
+const HISTORY_MAX: usize = 100;
+
+impl Diagnostics {
+    /// Registers every diagnostics metric into `registry`. Create it before the runtime and
+    /// pass it to [`crate::runtime::build_main_runtime`].
+    ///
+    /// # Panics
+    /// If the metric names are already registered in `registry`.
+    pub fn new(settings: DiagnosticsSettings, registry: &Registry) -> Diagnostics {
+        let r = registry;
+        let metrics = WatchdogMetrics {
+            stalled: metrics::int_gauge(
+                r,
+                "vpnbot_runtime_stalled",
+                "1 while the main runtime is stalled (runtime_stalled or blocked_worker), else 0.",
+            ),
+            episode_info: metrics::int_gauge_vec(
+                r,
+                "vpnbot_watchdog_episode_info",
+                "1 while a stall episode is open; labels name the culprit (empty where they do \
+                 not apply).",
+                &EPISODE_LABELS,
+            ),
+            heartbeat_age: metrics::gauge(
+                r,
+                "vpnbot_runtime_heartbeat_age_seconds",
+                "Seconds since the in-runtime heartbeat last ran (updated by the watchdog).",
+            ),
+            stalls_total: metrics::counter_vec(
+                r,
+                "vpnbot_watchdog_stalls_total",
+                "Stall episodes detected, by kind.",
+                &["kind"],
+            ),
+            stall_duration: metrics::histogram_vec(
+                r,
+                "vpnbot_watchdog_stall_duration_seconds",
+                "Duration of ended stall episodes, seconds, by kind.",
+                &["kind"],
+                DURATION_BUCKETS_SECONDS,
+            ),
+            last_dump: metrics::gauge(
+                r,
+                "vpnbot_watchdog_last_dump_timestamp_seconds",
+                "Unix time of the last diagnostic dump written by the watchdog.",
+            ),
+            scheduler_lag: metrics::histogram(
+                r,
+                "vpnbot_runtime_scheduler_lag_seconds",
+                "How late the in-runtime probe woke after its sleep, seconds.",
+                DURATION_BUCKETS_SECONDS,
+            ),
+            probe_delay: metrics::histogram(
+                r,
+                "vpnbot_runtime_probe_first_poll_delay_seconds",
+                "Delay between the watchdog spawning a no-op probe task and its first poll.",
+                DURATION_BUCKETS_SECONDS,
+            ),
+            dumps_total: metrics::counter_vec(
+                r,
+                "vpnbot_watchdog_dumps_total",
+                "Diagnostic dumps built, by trigger (episode, on_demand, exit).",
+                &["trigger"],
+            ),
+        };
+        for k in StallKind::ALL {
+            metrics.stalls_total.with_label_values(&[k.as_str()]);
+        }
+        let handle = Arc::new(OnceLock::new());
+        PollTimeCollector::register(r, handle.clone());
+        let exporter = RuntimeMetricsExporter::new(r);
+        Diagnostics {
+            inner: Arc::new(Inner {
+                settings,
+                epoch: Instant::now(),
+                tracker: PollTracker::new(),
+                handle,
+                tasks: OnceLock::new(),
+                sources: Mutex::new(Vec::new()),
+                workers: Mutex::new(HashMap::new()),
+                heartbeat_ns: Arc::new(AtomicU64::new(0)),
+                probe_sent_ns: Arc::new(AtomicU64::new(0)),
+                runtime_gone: Arc::new(AtomicBool::new(false)),
+                task_dump_in_flight: Arc::new(AtomicBool::new(false)),
+                view: Mutex::new(Vec::new()),
+                episodes: Mutex::new(BTreeMap::new()),
+                history: Mutex::new(Vec::new()),
+                latest: Mutex::new(None),
+                metrics,
+                exporter: Mutex::new(exporter),
+                started: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+                watchdog_ticks: AtomicU64::new(0),
+                watchdog_cpu_ns: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &DiagnosticsSettings {
+        &self.inner.settings
+    }
+
+    /// Installs the poll, spawn, terminate and thread-stop hooks into a runtime builder.
+    /// [`crate::runtime::build_main_runtime`] calls this.
+    pub fn install_hooks(&self, builder: &mut tokio::runtime::Builder) {
+        let t = self.inner.tracker.clone();
+        builder.on_before_task_poll(move |m| t.before_poll(m));
+        let t = self.inner.tracker.clone();
+        builder.on_after_task_poll(move |m| t.after_poll(m));
+        let t = self.inner.tracker.clone();
+        builder.on_task_spawn(move |m| t.on_spawn(m));
+        let t = self.inner.tracker.clone();
+        builder.on_task_terminate(move |m| t.on_terminate(m));
+        let t = self.inner.tracker.clone();
+        builder.on_thread_stop(move || t.on_thread_stop());
+    }
+
+    /// Starts the in-runtime scheduler-lag probe on `handle` and the watchdog OS thread
+    /// (`vpnbot-watchdog`), which also samples runtime and task metrics (from `tasks`'
+    /// per-family monitors) and writes dumps. Calling it twice does nothing.
+    ///
+    /// # Panics
+    /// When the OS refuses to create the watchdog thread.
+    pub fn start(&self, handle: &Handle, tasks: &Tasks) {
+        if self.inner.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let inner = &self.inner;
+        let _ = inner.handle.set(handle.clone());
+        let _ = inner.tasks.set(tasks.clone());
+        inner.touch_heartbeat();
+        inner
+            .exporter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .attach(handle);
+
+        // Scheduler-lag probe.
+        let hb = inner.heartbeat_ns.clone();
+        let gone = RuntimeGone(inner.runtime_gone.clone());
+        let lag = inner.metrics.scheduler_lag.clone();
+        let interval = inner.settings.lag_probe_interval();
+        let epoch = inner.epoch;
+        let root = tasks.root().clone();
+        with_spawn_name("diag-lag-probe", || {
+            handle.spawn(async move {
+                let _gone = gone;
+                loop {
+                    let t0 = Instant::now();
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = root.cancelled() => break,
+                    }
+                    let now = Instant::now();
+                    lag.observe((now - t0).saturating_sub(interval).as_secs_f64());
+                    hb.store((now - epoch).as_nanos() as u64, Ordering::Release);
+                }
+            })
+        });
+
+        // Watchdog and dump threads.
+        let (dump_tx, dump_rx) = mpsc::channel::<&'static str>();
+        let weak = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("vpnbot-dump".into())
+            .spawn(move || dump_thread(weak, dump_rx))
+            .expect("spawning the dump thread");
+        let weak = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("vpnbot-watchdog".into())
+            .spawn(move || watchdog_thread(weak, dump_tx))
+            .expect("spawning the watchdog thread");
+    }
+
+    /// Stops the watchdog thread (it also stops by itself when every clone is dropped or the
+    /// runtime shuts down).
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::Release);
+    }
+
+    /// Adds an in-flight registry read by the watchdog and listed in dumps.
+    pub fn add_source(&self, source: Arc<dyn InflightSource>) {
+        self.inner
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(source);
+    }
+
+    /// Records that periodic worker `worker` (a fixed name) completed a run; it is
+    /// `worker_overdue` once `worker_overdue_factor × interval` passes without another.
+    pub fn record_worker_run(&self, worker: &'static str, interval: Duration) {
+        self.inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                worker,
+                WorkerRun {
+                    last: Instant::now(),
+                    interval,
+                },
+            );
+    }
+
+    /// The runtime-level stall now open, if any (`runtime_stalled` before `blocked_worker`):
+    /// what `/healthz` answers 503 with. Readable from any thread.
+    pub fn stall(&self) -> Option<StallKind> {
+        self.inner
+            .open_kinds()
+            .into_iter()
+            .find(|k| k.is_runtime_level())
+    }
+
+    /// Every open episode kind, most severe first.
+    pub fn open_kinds(&self) -> Vec<StallKind> {
+        self.inner.open_kinds()
+    }
+
+    /// Recent episodes (at most 100), oldest first.
+    pub fn episodes(&self) -> Vec<EpisodeRecord> {
+        self.inner
+            .history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The latest dump written by the watchdog for an episode, if any.
+    pub fn latest_dump(&self) -> Option<Arc<Dump>> {
+        self.inner
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Builds a dump now, on the calling thread (any thread; never needs the runtime to be
+    /// responsive: the task dump runs under an OS-thread deadline). Not stored as latest.
+    pub fn dump_now(&self) -> Dump {
+        let d = dump::build(&self.inner, "on_demand");
+        self.inner
+            .metrics
+            .dumps_total
+            .with_label_values(&["on_demand"])
+            .inc();
+        d
+    }
+
+    /// Watchdog ticks so far and CPU time the watchdog thread used, seconds.
+    pub fn watchdog_cost(&self) -> (u64, f64) {
+        (
+            self.inner.watchdog_ticks.load(Ordering::Relaxed),
+            self.inner.watchdog_cpu_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
+}
+
+struct RuntimeGone(Arc<AtomicBool>);
+impl Drop for RuntimeGone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl Inner {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn touch_heartbeat(&self) {
+        self.heartbeat_ns.store(self.now_ns(), Ordering::Release);
+    }
+
+    fn heartbeat_age(&self) -> Duration {
+        Duration::from_nanos(
+            self.now_ns()
+                .saturating_sub(self.heartbeat_ns.load(Ordering::Acquire)),
+        )
+    }
+
+    fn probe_pending_age(&self) -> Option<Duration> {
+        match self.probe_sent_ns.load(Ordering::Acquire) {
+            0 => None,
+            sent => Some(Duration::from_nanos(self.now_ns().saturating_sub(sent - 1))),
+        }
+    }
+
+    fn task_dump_in_flight_arc(&self) -> Arc<AtomicBool> {
+        self.task_dump_in_flight.clone()
+    }
+
+    fn open_kinds(&self) -> Vec<StallKind> {
+        self.episodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    fn episode_age(&self, kind: StallKind) -> Option<Duration> {
+        self.episodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kind)
+            .map(|e| e.started.elapsed())
+    }
+
+    fn is_overdue(&self, e: &InflightEntry) -> bool {
+        let s = &self.settings;
+        let grace = Duration::from_secs_f64(s.operation_grace_seconds.max(0.0));
+        match (e.kind, e.deadline) {
+            (_, Some(_)) => e.past_deadline(grace),
+            (InflightKind::Span, None) => false,
+            (_, None) => e.age.as_secs_f64() > s.operation_max_age_seconds,
+        }
+    }
+
+    fn pool_starved(&self, sources: &[Arc<dyn InflightSource>]) -> Vec<String> {
+        let threshold = Duration::from_secs_f64(self.settings.pool_starved_seconds.max(0.0));
+        let mut out = Vec::new();
+        for src in sources {
+            let entries = src.entries();
+            let waiters = dump::old_waiters(&entries, threshold);
+            if waiters.is_empty() {
+                continue;
+            }
+            let since = src.last_success().map(|t| t.elapsed());
+            if since.is_some_and(|s| s < threshold) {
+                continue;
+            }
+            let oldest = waiters.iter().max_by_key(|e| e.age).expect("non-empty");
+            let holders: Vec<String> = entries
+                .iter()
+                .filter(|e| e.kind == InflightKind::PoolHold)
+                .take(8)
+                .map(|e| {
+                    format!(
+                        "{} {:.1} s",
+                        e.label.as_deref().unwrap_or("?"),
+                        e.age.as_secs_f64()
+                    )
+                })
+                .collect();
+            out.push(format!(
+                "{} waiters on {}, oldest {} for {:.1} s; no acquire succeeded for {}; \
+                 holders: [{}]",
+                waiters.len(),
+                src.section(),
+                oldest.describe(),
+                oldest.age.as_secs_f64(),
+                since
+                    .map(|s| format!("{:.1} s", s.as_secs_f64()))
+                    .unwrap_or_else(|| "ever (unknown)".into()),
+                holders.join(", ")
+            ));
+        }
+        out
+    }
+
+    /// Overdue after `factor × interval`, plus the stall threshold as slack for scheduling.
+    fn worker_is_overdue(&self, r: &WorkerRun) -> bool {
+        r.last.elapsed().as_secs_f64()
+            > r.interval.as_secs_f64() * self.settings.worker_overdue_factor
+                + self.settings.stall_threshold_seconds
+    }
+
+    fn workers_overdue(&self) -> Vec<String> {
+        let factor = self.settings.worker_overdue_factor;
+        let mut out: Vec<String> = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r)| self.worker_is_overdue(r))
+            .map(|(name, r)| {
+                format!(
+                    "worker \"{name}\" last completed a run {:.1} s ago; interval {:.1} s \
+                     (overdue after {factor}x)",
+                    r.last.elapsed().as_secs_f64(),
+                    r.interval.as_secs_f64()
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn runtime_snapshot(&self) -> RuntimeSnapshot {
+        let Some(h) = self.handle.get() else {
+            return RuntimeSnapshot::default();
+        };
+        let m = h.metrics();
+        let n = m.num_workers();
+        RuntimeSnapshot {
+            workers: n,
+            alive_tasks: m.num_alive_tasks(),
+            global_queue_depth: m.global_queue_depth(),
+            local_queue_depth: (0..n).map(|w| m.worker_local_queue_depth(w)).collect(),
+            worker_polls: (0..n).map(|w| m.worker_poll_count(w)).collect(),
+            worker_park_unpark: (0..n).map(|w| m.worker_park_unpark_count(w)).collect(),
+            worker_busy_seconds: (0..n)
+                .map(|w| m.worker_total_busy_duration(w).as_secs_f64())
+                .collect(),
+            worker_mean_poll_seconds: (0..n)
+                .map(|w| m.worker_mean_poll_time(w).as_secs_f64())
+                .collect(),
+            blocking_threads: m.num_blocking_threads(),
+            blocking_queue_depth: m.blocking_queue_depth(),
+        }
+    }
+
+    fn store_dump(&self, d: Dump) -> Arc<Dump> {
+        let d = Arc::new(d);
+        let s = &self.settings;
+        let json = d.to_json();
+        let file = if s.dump_max_files > 0 {
+            match dump::write_file(&s.dump_dir, s.dump_max_files, &d) {
+                Ok(p) => p.display().to_string(),
+                Err(e) => format!("not written: {e}"),
+            }
+        } else {
+            "disabled".into()
+        };
+        tracing::error!(
+            target: "vpnbot::diagnostics::watchdog",
+            kind = d.kind.map(|k| k.as_str()).unwrap_or("none"),
+            verdict = %d.verdict,
+            file = %file,
+            dump = %json,
+            "diagnostic dump"
+        );
+        self.metrics.last_dump.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        self.metrics
+            .dumps_total
+            .with_label_values(&[d.trigger])
+            .inc();
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(d.clone());
+        d
+    }
+}
+
+fn dump_thread(weak: Weak<Inner>, rx: mpsc::Receiver<&'static str>) {
+    while let Ok(trigger) = rx.recv() {
+        let Some(inner) = weak.upgrade() else { return };
+        let d = dump::build(&inner, trigger);
+        inner.store_dump(d);
+    }
+}
+
+/// Watchdog-local per-slot state.
+#[derive(Debug, Clone, Copy)]
+struct SlotTrack {
+    polls: u64,
+    task: u64,
+    first_seen: Instant,
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+struct Culprit {
+    labels: [String; 5],
+}
+
+fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
+    let (period, threshold, metrics_every) = match weak.upgrade() {
+        Some(i) => (
+            i.settings.watchdog_period(),
+            i.settings.stall_threshold(),
+            i.settings.runtime_metrics_interval(),
+        ),
+        None => return,
+    };
+    let mut tracks: HashMap<usize, SlotTrack> = HashMap::new();
+    let mut last_metrics = Instant::now();
+    let mut last_dump: Option<(Instant, StallKind)> = None;
+    let mut next = Instant::now() + period;
+    loop {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        next += period;
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stop.load(Ordering::Acquire) || inner.runtime_gone.load(Ordering::Acquire) {
+            close_all(&inner);
+            return;
+        }
+        let cpu0 = thread_cpu_ns();
+        let now = Instant::now();
+
+        // Per-worker poll tracking.
+        let samples = inner.tracker.sample();
+        let mut view = Vec::with_capacity(samples.len());
+        let mut live = Vec::with_capacity(samples.len());
+        for s in samples {
+            live.push(s.index);
+            let t = tracks.entry(s.index).or_insert(SlotTrack {
+                polls: s.polls,
+                task: s.task,
+                first_seen: now,
+            });
+            if t.polls != s.polls || t.task != s.task {
+                *t = SlotTrack {
+                    polls: s.polls,
+                    task: s.task,
+                    first_seen: now,
+                };
+            }
+            let poll_age = if s.task != 0 {
+                now - t.first_seen
+            } else {
+                Duration::ZERO
+            };
+            view.push(WorkerView {
+                worker: s.index,
+                thread_name: s.thread_name,
+                tid: s.tid,
+                polls: s.polls,
+                task: s.task,
+                location: s.location,
+                poll_age,
+            });
+        }
+        tracks.retain(|k, _| live.contains(k));
+        let blocked: Vec<&WorkerView> = view
+            .iter()
+            .filter(|w| w.task != 0 && w.poll_age >= threshold)
+            .collect();
+
+        // Heartbeat and spawned probe.
+        let hb_age = inner.heartbeat_age();
+        inner.metrics.heartbeat_age.set(hb_age.as_secs_f64());
+        if inner.probe_sent_ns.load(Ordering::Acquire) == 0 {
+            if let Some(h) = inner.handle.get() {
+                inner
+                    .probe_sent_ns
+                    .store(inner.now_ns() + 1, Ordering::Release);
+                let sent = inner.probe_sent_ns.clone();
+                let epoch = inner.epoch;
+                let hist = inner.metrics.probe_delay.clone();
+                with_spawn_name("diag-probe", || {
+                    h.spawn(async move {
+                        let s = sent.swap(0, Ordering::AcqRel);
+                        if s != 0 {
+                            let d = (epoch.elapsed().as_nanos() as u64).saturating_sub(s - 1);
+                            hist.observe(d as f64 / 1e9);
+                        }
+                    })
+                });
+            }
+        }
+        let probe_age = inner.probe_pending_age();
+        let runtime_stalled = hb_age >= threshold && probe_age.is_some_and(|p| p >= threshold);
+
+        // Operation-level checks only while the runtime itself is fine.
+        let mut found: BTreeMap<StallKind, Culprit> = BTreeMap::new();
+        if runtime_stalled {
+            let w = blocked.first();
+            found.insert(
+                StallKind::RuntimeStalled,
+                Culprit {
+                    labels: [
+                        w.map(|w| task_label(&inner, w)).unwrap_or_default(),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    ],
+                },
+            );
+        }
+        if let Some(w) = blocked.first() {
+            found.insert(
+                StallKind::BlockedWorker,
+                Culprit {
+                    labels: [
+                        task_label(&inner, w),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                    ],
+                },
+            );
+        }
+        if found.is_empty() {
+            let sources = inner
+                .sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let mut overdue: Vec<InflightEntry> = Vec::new();
+            for src in &sources {
+                overdue.extend(src.entries().into_iter().filter(|e| inner.is_overdue(e)));
+            }
+            overdue.sort_by_key(|e| std::cmp::Reverse(e.age));
+            if let Some(e) = overdue.first() {
+                found.insert(
+                    StallKind::OperationOverdue,
+                    Culprit {
+                        labels: [
+                            e.task.clone().unwrap_or_default(),
+                            e.node.clone().unwrap_or_default(),
+                            e.operation.clone().unwrap_or_default(),
+                            e.phase.clone().unwrap_or_default(),
+                            e.label.clone().unwrap_or_default(),
+                        ],
+                    },
+                );
+            }
+            if !inner.pool_starved(&sources).is_empty() {
+                found.insert(
+                    StallKind::PoolStarved,
+                    Culprit {
+                        labels: Default::default(),
+                    },
+                );
+            }
+            let overdue_workers: Vec<&'static str> = {
+                inner
+                    .workers
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter(|(_, r)| inner.worker_is_overdue(r))
+                    .map(|(n, _)| *n)
+                    .collect()
+            };
+            if let Some(n) = overdue_workers.first() {
+                found.insert(
+                    StallKind::WorkerOverdue,
+                    Culprit {
+                        labels: [
+                            n.to_string(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                        ],
+                    },
+                );
+            }
+        }
+        inner
+            .metrics
+            .stalled
+            .set(i64::from(runtime_stalled || !blocked.is_empty()));
+        *inner.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+
+        // Episodes.
+        let mut opened: Vec<StallKind> = Vec::new();
+        {
+            let mut eps = inner.episodes.lock().unwrap_or_else(|e| e.into_inner());
+            let ended: Vec<StallKind> = eps
+                .keys()
+                .filter(|k| !found.contains_key(k))
+                .copied()
+                .collect();
+            for k in ended {
+                let ep = eps.remove(&k).expect("present");
+                end_episode(&inner, k, ep);
+            }
+            for (k, c) in found {
+                if let std::collections::btree_map::Entry::Vacant(v) = eps.entry(k) {
+                    let record_index = start_episode(&inner, k, &c.labels);
+                    v.insert(Episode {
+                        started: now,
+                        labels: c.labels,
+                        record_index,
+                    });
+                    opened.push(k);
+                }
+            }
+        }
+        if let Some(k) = opened.iter().min().copied() {
+            let min_gap = Duration::from_secs_f64(inner.settings.dump_min_interval_seconds);
+            let due = match last_dump {
+                None => true,
+                Some((at, prev)) => k < prev || at.elapsed() >= min_gap,
+            };
+            if due {
+                last_dump = Some((Instant::now(), k));
+                let _ = dump_tx.send("episode");
+            }
+        }
+
+        // Exit-after-stall policy.
+        if let Some(limit) = inner.settings.exit_after_stall_seconds {
+            if let Some(age) = inner.episode_age(StallKind::RuntimeStalled) {
+                if age.as_secs_f64() >= limit {
+                    let d = dump::build(&inner, "exit");
+                    let d = inner.store_dump(d);
+                    tracing::error!(
+                        target: "vpnbot::diagnostics::watchdog",
+                        stalled_seconds = age.as_secs_f64(),
+                        exit_code = STALL_EXIT_CODE,
+                        verdict = %d.verdict,
+                        "runtime stalled past exit_after_stall_seconds: exiting for a restart"
+                    );
+                    std::process::exit(STALL_EXIT_CODE);
+                }
+            }
+        }
+
+        // Metrics sampling from this thread, so /metrics moves during a stall.
+        if last_metrics.elapsed() >= metrics_every {
+            last_metrics = Instant::now();
+            let families = inner.tasks.get().map(|t| t.monitors()).unwrap_or_default();
+            inner
+                .exporter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sample(&families);
+        }
+        inner.watchdog_ticks.fetch_add(1, Ordering::Relaxed);
+        inner
+            .watchdog_cpu_ns
+            .fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
+    }
+}
+
+fn task_label(inner: &Inner, w: &WorkerView) -> String {
+    inner
+        .tracker
+        .task(w.task)
+        .and_then(|e| e.name)
+        .unwrap_or("unnamed")
+        .to_owned()
+}
+
+fn label_values(kind: StallKind, labels: &[String; 5]) -> [&str; 6] {
+    [
+        kind.as_str(),
+        &labels[0],
+        &labels[1],
+        &labels[2],
+        &labels[3],
+        &labels[4],
+    ]
+}
+
+fn start_episode(inner: &Inner, kind: StallKind, labels: &[String; 5]) -> usize {
+    inner
+        .metrics
+        .stalls_total
+        .with_label_values(&[kind.as_str()])
+        .inc();
+    inner
+        .metrics
+        .episode_info
+        .with_label_values(&label_values(kind, labels))
+        .set(1);
+    tracing::warn!(
+        target: "vpnbot::diagnostics::watchdog",
+        kind = kind.as_str(),
+        task = %labels[0],
+        node = %labels[1],
+        operation = %labels[2],
+        "stall episode started"
+    );
+    let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
+    if h.len() >= HISTORY_MAX {
+        h.remove(0);
+    }
+    h.push(EpisodeRecord {
+        kind,
+        labels: labels.clone(),
+        detected_unix_seconds: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        duration_seconds: None,
+    });
+    h.len() - 1
+}
+
+fn end_episode(inner: &Inner, kind: StallKind, ep: Episode) {
+    let d = ep.started.elapsed();
+    inner
+        .metrics
+        .stall_duration
+        .with_label_values(&[kind.as_str()])
+        .observe(d.as_secs_f64());
+    let _ = inner
+        .metrics
+        .episode_info
+        .remove_label_values(&label_values(kind, &ep.labels));
+    tracing::warn!(
+        target: "vpnbot::diagnostics::watchdog",
+        kind = kind.as_str(),
+        duration_seconds = d.as_secs_f64(),
+        task = %ep.labels[0],
+        "stall episode ended"
+    );
+    let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
+    // The index may have shifted when old records were dropped; match by kind from the end.
+    if let Some(r) = h
+        .iter_mut()
+        .rev()
+        .find(|r| r.kind == kind && r.duration_seconds.is_none())
+    {
+        r.duration_seconds = Some(d.as_secs_f64());
+    }
+    let _ = ep.record_index;
+}
+
+fn close_all(inner: &Inner) {
+    let mut eps = inner.episodes.lock().unwrap_or_else(|e| e.into_inner());
+    let keys: Vec<StallKind> = eps.keys().copied().collect();
+    for k in keys {
+        let ep = eps.remove(&k).expect("present");
+        end_episode(inner, k, ep);
+    }
+    inner.metrics.stalled.set(0);
+}
+
+/// The console-subscriber layer when `settings.console_enabled`, serving on
+/// `settings.console_listen` from its own thread, with bounded retention so memory stays flat.
+/// Add it to the subscriber with a filter enabling `tokio=trace,runtime=trace`.
+pub fn console_layer<S>(settings: &DiagnosticsSettings) -> Option<impl tracing_subscriber::Layer<S>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    if !settings.console_enabled {
+        return None;
+    }
+    Some(
+        console_subscriber::ConsoleLayer::builder()
+            .server_addr(settings.console_listen)
+            .retention(Duration::from_secs_f64(
+                settings.console_retention_seconds.max(1.0),
+            ))
+            .spawn::<S>(),
+    )
+}
+
+/// Runs `spawn` (which must spawn exactly one task on the main runtime, from this thread)
+/// so that the task table and dumps know the task as `name`. Used by
+/// [`crate::tasks::Tasks::spawn_named`].
+pub fn spawn_with_name<R>(name: &'static str, spawn: impl FnOnce() -> R) -> R {
+    with_spawn_name(name, spawn)
+}
+
+/// Offers `name` to the spawn hook for the next task spawned from this thread (`None`
+/// withdraws it). Prefer [`spawn_with_name`]; this form keeps `#[track_caller]` intact.
+pub fn offer_spawn_name(name: Option<&'static str>) {
+    poll_tracking::offer_spawn_name(name);
+}

@@ -1,0 +1,343 @@
+//! A `tracing` layer that keeps a registry of open spans of interest with their fields, age,
+//! optional deadline and the OS thread they are entered on, readable from the watchdog thread.
+//!
+//! Recognised fields: `task.name` (inherited by child spans), `node`, `phase`, `label`, and
+//! `deadline_seconds` (a number: the span's own budget; makes it eligible for
+//! `operation_overdue`). Every other field is kept as text in the entry's detail.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::Subscriber;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+use super::inflight::{InflightEntry, InflightKind, InflightSource};
+use super::poll_tracking::current_tid;
+
+/// Most open spans kept; further spans are counted as dropped.
+pub const MAX_OPEN_SPANS: usize = 10_000;
+const MAX_FIELDS: usize = 16;
+const MAX_VALUE_LEN: usize = 128;
+
+thread_local! {
+    static TID: Cell<u32> = const { Cell::new(0) };
+    /// Task names of the tracked spans entered on this thread, innermost last: a span created
+    /// outside its task (`spawn_named("x", fut.instrument(span))`) learns its task on enter.
+    static ENTERED_TASKS: std::cell::RefCell<Vec<Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn tid() -> u32 {
+    TID.with(|t| {
+        let v = t.get();
+        if v != 0 {
+            return v;
+        }
+        let v = current_tid();
+        t.set(v);
+        v
+    })
+}
+
+#[derive(Debug, Default)]
+struct Fields {
+    task: Option<String>,
+    /// Task learned when entered inside a task span.
+    entered_task: Option<Arc<str>>,
+    node: Option<String>,
+    phase: Option<String>,
+    label: Option<String>,
+    deadline: Option<Duration>,
+    other: Vec<(&'static str, String)>,
+}
+
+impl Fields {
+    fn set(&mut self, name: &'static str, value: String) {
+        let mut value = value;
+        if value.len() > MAX_VALUE_LEN {
+            let mut cut = MAX_VALUE_LEN;
+            while !value.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            value.truncate(cut);
+        }
+        match name {
+            "task.name" => self.task = Some(value),
+            "node" => self.node = Some(value),
+            "phase" => self.phase = Some(value),
+            "label" => self.label = Some(value),
+            _ => {
+                if let Some(slot) = self.other.iter_mut().find(|(n, _)| *n == name) {
+                    slot.1 = value;
+                } else if self.other.len() < MAX_FIELDS {
+                    self.other.push((name, value));
+                }
+            }
+        }
+    }
+}
+
+impl Visit for Fields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if field.name() == "deadline_seconds" {
+            if value.is_finite() && value >= 0.0 {
+                self.deadline = Some(Duration::from_secs_f64(value));
+            }
+            return;
+        }
+        self.set(field.name(), value.to_string());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "deadline_seconds" {
+            self.deadline = Some(Duration::from_secs(value));
+            return;
+        }
+        self.set(field.name(), value.to_string());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if field.name() == "deadline_seconds" {
+            self.deadline = Some(Duration::from_secs(value.max(0) as u64));
+            return;
+        }
+        self.set(field.name(), value.to_string());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.set(field.name(), value.to_owned());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.set(field.name(), format!("{value:?}"));
+    }
+}
+
+#[derive(Debug)]
+struct SpanRec {
+    name: &'static str,
+    target: &'static str,
+    opened: Instant,
+    inherited_task: Option<String>,
+    fields: Mutex<Fields>,
+    entered_on: AtomicU32,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    spans: Mutex<HashMap<u64, Arc<SpanRec>>>,
+    dropped: AtomicU64,
+}
+
+/// Read side of the layer: the open spans, as an [`InflightSource`] (section `spans`).
+#[derive(Debug, Clone, Default)]
+pub struct OpenSpans {
+    inner: Arc<Registry>,
+}
+
+impl OpenSpans {
+    /// Number of spans not tracked because [`MAX_OPEN_SPANS`] were open.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Number of open spans tracked now.
+    pub fn len(&self) -> usize {
+        self.inner
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// True when no span is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl InflightSource for OpenSpans {
+    fn section(&self) -> &'static str {
+        "spans"
+    }
+
+    fn entries(&self) -> Vec<InflightEntry> {
+        let recs: Vec<Arc<SpanRec>> = self
+            .inner
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut out: Vec<InflightEntry> = recs
+            .iter()
+            .map(|r| {
+                let f = r.fields.lock().unwrap_or_else(|e| e.into_inner());
+                let mut e = InflightEntry::started_at(InflightKind::Span, r.opened);
+                e.task = f
+                    .task
+                    .clone()
+                    .or_else(|| r.inherited_task.clone())
+                    .or_else(|| f.entered_task.as_deref().map(str::to_owned));
+                e.node = f.node.clone();
+                e.operation = Some(r.name.to_owned());
+                e.phase = f.phase.clone();
+                e.label = f.label.clone();
+                e.deadline = f.deadline;
+                let t = r.entered_on.load(Ordering::Relaxed);
+                e.thread = (t != 0).then_some(t);
+                let mut detail = format!("target={}", r.target);
+                for (k, v) in &f.other {
+                    detail.push_str(&format!(" {k}={v}"));
+                }
+                e.detail = detail;
+                e.bounded()
+            })
+            .collect();
+        out.sort_by_key(|e| std::cmp::Reverse(e.age));
+        out
+    }
+}
+
+/// The layer; add it to the subscriber in telemetry init and give [`OpenSpansLayer::spans`] to
+/// [`super::Diagnostics::add_source`].
+///
+/// Tracks spans whose target starts with one of the configured prefixes (default `vpnbot`).
+#[derive(Debug, Clone)]
+pub struct OpenSpansLayer {
+    spans: OpenSpans,
+    prefixes: Vec<&'static str>,
+}
+
+impl Default for OpenSpansLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OpenSpansLayer {
+    /// A layer tracking spans with targets under `vpnbot`.
+    pub fn new() -> Self {
+        Self {
+            spans: OpenSpans::default(),
+            prefixes: vec!["vpnbot"],
+        }
+    }
+
+    /// Also tracks spans whose target starts with `prefix`.
+    pub fn track_target(mut self, prefix: &'static str) -> Self {
+        self.prefixes.push(prefix);
+        self
+    }
+
+    /// The read side (clone it into the diagnostics).
+    pub fn spans(&self) -> OpenSpans {
+        self.spans.clone()
+    }
+
+    fn interesting(&self, target: &str) -> bool {
+        self.prefixes.iter().any(|p| target.starts_with(p))
+    }
+}
+
+impl<S> Layer<S> for OpenSpansLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let meta = attrs.metadata();
+        if !self.interesting(meta.target()) {
+            return;
+        }
+        let Some(span) = ctx.span(id) else { return };
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        let inherited_task = span.scope().skip(1).find_map(|p| {
+            p.extensions().get::<Arc<SpanRec>>().and_then(|r| {
+                r.fields
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .task
+                    .clone()
+                    .or_else(|| r.inherited_task.clone())
+            })
+        });
+        let rec = Arc::new(SpanRec {
+            name: meta.name(),
+            target: meta.target(),
+            opened: Instant::now(),
+            inherited_task,
+            fields: Mutex::new(fields),
+            entered_on: AtomicU32::new(0),
+        });
+        {
+            let mut map = self
+                .spans
+                .inner
+                .spans
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if map.len() >= MAX_OPEN_SPANS {
+                self.spans.inner.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            map.insert(id.into_u64(), rec.clone());
+        }
+        span.extensions_mut().insert(rec);
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
+                values.record(&mut *r.fields.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+        }
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
+                r.entered_on.store(tid(), Ordering::Relaxed);
+                let mut f = r.fields.lock().unwrap_or_else(|e| e.into_inner());
+                let own = f.task.clone().or_else(|| r.inherited_task.clone());
+                ENTERED_TASKS.with(|t| {
+                    let mut t = t.borrow_mut();
+                    match own {
+                        Some(name) => t.push(name.into()),
+                        None => {
+                            if f.entered_task.is_none() {
+                                f.entered_task = t.last().cloned();
+                            }
+                            let inherited = f.entered_task.clone().unwrap_or_else(|| "".into());
+                            t.push(inherited);
+                        }
+                    }
+                });
+            }
+        }
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
+                r.entered_on.store(0, Ordering::Relaxed);
+                ENTERED_TASKS.with(|t| {
+                    t.borrow_mut().pop();
+                });
+            }
+        }
+    }
+
+    fn on_close(&self, id: Id, _ctx: Context<'_, S>) {
+        self.spans
+            .inner
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id.into_u64());
+    }
+}
