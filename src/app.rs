@@ -13,10 +13,13 @@ use crate::config::{secs, Config};
 use crate::db::leader::{spawn_leadership, LeaderHandle};
 use crate::db::readiness::run_probe;
 use crate::db::{self, DbError, DbPool};
+use crate::diagnostics::Diagnostics;
 use crate::fleet::Fleet;
+use crate::obs::health::DiagnosticsView;
 use crate::obs::health::HealthState;
 use crate::obs::server::{ObsServer, ObsState};
 use crate::outbox::{Outbox, OutboxMetrics};
+use crate::sources::{NodeCallSource, PoolSource};
 use crate::tasks::Tasks;
 
 /// Why an instance could not start.
@@ -55,6 +58,62 @@ impl StartError {
     }
 }
 
+/// Process-wide instruments, created before the main runtime: the one metrics registry, the
+/// diagnostics (whose poll hooks the runtime builder installs), and for `run`/`demo` the
+/// global subscriber with its layers (logs, open-span registry, tokio-console, OTLP).
+#[derive(Debug)]
+pub struct Instruments {
+    /// The one metrics registry.
+    pub registry: Registry,
+    /// Runtime diagnostics and the watchdog.
+    pub diagnostics: Diagnostics,
+    open_spans: Option<crate::diagnostics::OpenSpans>,
+    otel: Option<crate::otel::OtelGuard>,
+}
+
+impl Instruments {
+    /// Registry and diagnostics only; no global subscriber (tests, tools).
+    pub fn bare(config: &Config) -> Instruments {
+        let registry = crate::metrics::new_registry();
+        let diagnostics = Diagnostics::new(config.diagnostics.clone(), &registry);
+        Instruments {
+            registry,
+            diagnostics,
+            open_spans: None,
+            otel: None,
+        }
+    }
+
+    /// As [`Instruments::bare`], and installs the global subscriber: the log layer, the
+    /// diagnostics' open-span registry, tokio-console when enabled, OTLP export when an
+    /// endpoint is configured. Call before building the main runtime.
+    pub fn install(config: &Config) -> Instruments {
+        let mut me = Self::bare(config);
+        let spans_layer = crate::diagnostics::OpenSpansLayer::new();
+        me.open_spans = Some(spans_layer.spans());
+        let mut layers: Vec<crate::telemetry::BoxedLayer> = vec![Box::new(spans_layer)];
+        if let Some(console) =
+            crate::diagnostics::console_layer::<tracing_subscriber::Registry>(&config.diagnostics)
+        {
+            layers.push(Box::new(console));
+        }
+        if let Some((layer, guard)) = crate::otel::otel_layer(&config.observability, &me.registry) {
+            layers.push(layer);
+            me.otel = Some(guard);
+        }
+        crate::telemetry::init(&config.observability, layers);
+        me
+    }
+
+    /// Flushes and stops trace export (bounded). Blocking: call it outside the main runtime.
+    pub fn shutdown(self) {
+        self.diagnostics.stop();
+        if let Some(g) = self.otel {
+            g.shutdown();
+        }
+    }
+}
+
 /// A running instance.
 #[derive(Debug)]
 pub struct App {
@@ -72,18 +131,30 @@ pub struct App {
     pub health: Arc<HealthState>,
     /// The configured nodes' clients.
     pub fleet: Fleet,
+    /// Runtime diagnostics and the watchdog.
+    pub diagnostics: Diagnostics,
     obs: Option<ObsServer>,
 }
 
 impl App {
+    /// Starts an instance with [`Instruments::bare`] (tests).
+    ///
+    /// # Errors
+    /// As [`App::start_with`].
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let instruments = Instruments::bare(&config);
+        Self::start_with(config, &instruments).await
+    }
+
     /// Starts an instance on the current (main) runtime. The observability server comes up
-    /// first so an operator can see a database that is down.
+    /// first so an operator can see a database that is down; the watchdog starts next.
     ///
     /// # Errors
     /// [`StartError`]; the database is checked with one direct connection first so that an
     /// unreachable server reads as such, not as a pool timeout.
-    pub async fn start(config: Config) -> Result<App, StartError> {
-        let registry = crate::metrics::new_registry();
+    pub async fn start_with(config: Config, instruments: &Instruments) -> Result<App, StartError> {
+        let registry = instruments.registry.clone();
+        let diagnostics = instruments.diagnostics.clone();
         let health = Arc::new(HealthState::default());
         let _ = health
             .db_max_age
@@ -116,6 +187,17 @@ impl App {
         tracing::info!("database migrations applied");
 
         let tasks = Tasks::new();
+        diagnostics.add_source(Arc::new(PoolSource::new(
+            pool.inflight().clone(),
+            pool.acquire_timeout(),
+            secs(config.db.statement_timeout_seconds),
+        )));
+        diagnostics.add_source(Arc::new(NodeCallSource::new(fleet.inflight().clone())));
+        if let Some(spans) = &instruments.open_spans {
+            diagnostics.add_source(Arc::new(spans.clone()));
+        }
+        diagnostics.start(&tokio::runtime::Handle::current(), &tasks);
+        let _ = health.diagnostics.set(Arc::new(diagnostics.clone()));
         tasks.spawn_named(
             "readiness_probe",
             run_probe(
@@ -133,7 +215,8 @@ impl App {
             fleet.clone(),
             OutboxMetrics::register(&registry),
             config.outbox.clone(),
-        );
+        )
+        .with_diagnostics(diagnostics.clone());
         leader.run_while_leader(&tasks, "outbox", drain, move |token| {
             outbox.clone().run(token)
         });
@@ -146,6 +229,7 @@ impl App {
             leader,
             health,
             fleet,
+            diagnostics,
             obs: Some(obs),
         })
     }
@@ -178,6 +262,7 @@ impl App {
         {
             tracing::error!("database pool did not close within 5 s");
         }
+        self.diagnostics.stop();
         if let Some(obs) = self.obs.take() {
             // Joining the server thread is blocking; keep it off the runtime workers.
             let _ = tokio::task::spawn_blocking(move || obs.stop()).await;
@@ -221,5 +306,19 @@ async fn shutdown_signal() -> &'static str {
     tokio::select! {
         s = ctrl_c => s,
         s = term => s,
+    }
+}
+
+impl DiagnosticsView for Diagnostics {
+    fn stall(&self) -> Option<String> {
+        Diagnostics::stall(self).map(|k| k.as_str().to_string())
+    }
+
+    fn latest_dump_json(&self) -> Option<String> {
+        self.latest_dump().map(|d| d.to_json())
+    }
+
+    fn dump_now_json(&self) -> String {
+        self.dump_now().to_json()
     }
 }

@@ -50,7 +50,9 @@ pub fn main(args: BenchArgs) -> ExitCode {
             true
         }
         BenchName::NodeCallOverhead => {
-            rt.block_on(crate::node::bench::bench_call_overhead(args.iterations as usize));
+            rt.block_on(crate::node::bench::bench_call_overhead(
+                args.iterations as usize,
+            ));
             true
         }
         BenchName::NodeListUsers => {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::app::App;
+use crate::app::{App, Instruments};
 use crate::config::{Config, EXIT_CONFIG};
 
 /// vpnbot: a Telegram bot selling VLESS VPN subscriptions, with workers that keep Xray nodes in
@@ -55,17 +55,20 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            crate::telemetry::init(&cfg.observability, Vec::new());
-            let rt = build_runtime(&cfg);
-            rt.block_on(async move {
-                match App::start(cfg).await {
+            let instruments = Instruments::install(&cfg);
+            let rt = build_main_runtime(&cfg, &instruments);
+            let code = rt.block_on(async {
+                match App::start_with(cfg, &instruments).await {
                     Ok(app) => {
                         app.run_until_signal().await;
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail(&e, e.exit_code()),
                 }
-            })
+            });
+            drop(rt);
+            instruments.shutdown();
+            code
         }
         Command::Migrate => {
             let cfg = match load(&cli) {
@@ -109,7 +112,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Builds the main runtime explicitly: multi-thread, named workers, all drivers.
+/// Builds the main runtime with the diagnostics' poll hooks (see [`crate::runtime`]).
+pub fn build_main_runtime(cfg: &Config, instruments: &Instruments) -> tokio::runtime::Runtime {
+    let workers = (cfg.runtime.worker_threads > 0).then_some(cfg.runtime.worker_threads);
+    crate::runtime::build_main_runtime(workers, &instruments.diagnostics)
+        .expect("main runtime builds")
+}
+
+/// A plain runtime for short commands (migrate): multi-thread, named workers, all drivers.
 pub fn build_runtime(cfg: &Config) -> tokio::runtime::Runtime {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all().thread_name("vpnbot-worker");

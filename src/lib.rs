@@ -28,5 +28,6 @@ pub mod otel;
 pub mod outbox;
 pub mod runtime;
 pub mod sim;
+pub mod sources;
 pub mod tasks;
 pub mod telemetry;

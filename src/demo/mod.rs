@@ -47,7 +47,6 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
         }
         Config::default()
     });
-    crate::telemetry::init(&cfg.observability, Vec::new());
     let _pg = match std::env::var("DATABASE_URL") {
         Ok(url) if !url.is_empty() => {
             println!("demo: using PostgreSQL from DATABASE_URL");
@@ -72,8 +71,11 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     if !args.keep_running {
         cfg.observability.listen = "127.0.0.1:0".into();
     }
-    let rt = crate::cli::build_runtime(&cfg);
-    let ok = rt.block_on(scenario(cfg, args));
+    let instruments = crate::app::Instruments::install(&cfg);
+    let rt = crate::cli::build_main_runtime(&cfg, &instruments);
+    let ok = rt.block_on(scenario(cfg, args, &instruments));
+    drop(rt);
+    instruments.shutdown();
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -81,9 +83,9 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     }
 }
 
-async fn scenario(cfg: Config, args: DemoArgs) -> bool {
+async fn scenario(cfg: Config, args: DemoArgs, instruments: &crate::app::Instruments) -> bool {
     let started = Instant::now();
-    let app = match App::start(cfg).await {
+    let app = match App::start_with(cfg, instruments).await {
         Ok(a) => a,
         Err(e) => {
             eprintln!("demo: vpnbot failed to start: {e}");

@@ -215,9 +215,16 @@ pub struct Outbox {
     fleet: Fleet,
     metrics: OutboxMetrics,
     settings: OutboxSettings,
+    diagnostics: Option<crate::diagnostics::Diagnostics>,
 }
 
 impl Outbox {
+    /// Reports every completed pass to the watchdog's `worker_overdue` check.
+    pub fn with_diagnostics(mut self, diagnostics: crate::diagnostics::Diagnostics) -> Self {
+        self.diagnostics = Some(diagnostics);
+        self
+    }
+
     /// A worker over `pool` and `fleet`.
     pub fn new(
         pool: DbPool,
@@ -230,6 +237,7 @@ impl Outbox {
             fleet,
             metrics,
             settings,
+            diagnostics: None,
         }
     }
 
@@ -383,6 +391,9 @@ impl Outbox {
                 _ = cancel.cancelled() => return,
                 p = self.process_once() => p,
             };
+            if let Some(d) = &self.diagnostics {
+                d.record_worker_run("outbox", secs(self.settings.interval_seconds));
+            }
             match pass {
                 Ok(p) if p.due > 0 => tracing::info!(?p, "outbox pass"),
                 Ok(_) => {}

@@ -29,13 +29,13 @@ pub fn tool_any(names: &[&str]) -> Option<PathBuf> {
     match found {
         Some(p) => Some(p),
         None if std::env::var_os("CI").is_some() => panic!(
-            "`{name}` is not installed but CI is set: run scripts/install-ops-tools.sh \
+            "`{name}` is not installed but CI is set: run scripts/install-deps.sh \
              (Debian packages prometheus, prometheus-alertmanager)"
         ),
         None => {
             eprintln!(
                 "SKIPPED: `{name}` not found on PATH (install it with \
-                 scripts/install-ops-tools.sh); this test runs in CI"
+                 scripts/install-deps.sh); this test runs in CI"
             );
             None
         }
