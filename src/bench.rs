@@ -33,6 +33,14 @@ pub enum BenchName {
     /// `list-users` of 1,000,000 users from the simulator: transfer + decode time, peak memory,
     /// longest worker hold (target: within the deadline and body cap, no worker held > 1 s).
     NodeListUsers,
+    /// Extra cost per poll of the diagnostics' hooks on a `yield_now` storm (2 workers,
+    /// 1,000 tasks × 2,000 yields), against the same runtime without them.
+    PollHooks,
+    /// Watchdog detection latency over 20 injected stalls each of one blocked worker, every
+    /// worker blocked, and a CPU loop, threshold 300 ms (target: p99 ≤ threshold + 200 ms).
+    Detection,
+    /// The watchdog thread's own CPU over 10 s (target: < 1 % of a core).
+    WatchdogCpu,
 }
 
 /// Runs one benchmark.
@@ -53,6 +61,18 @@ pub fn main(args: BenchArgs) -> ExitCode {
             rt.block_on(crate::node::bench::bench_call_overhead(
                 args.iterations as usize,
             ));
+            true
+        }
+        BenchName::PollHooks => {
+            crate::diagnostics::bench::bench_poll_hook_cost(2, 1000, 2000);
+            true
+        }
+        BenchName::Detection => {
+            crate::diagnostics::bench::bench_detection_latency(20, Duration::from_millis(300));
+            true
+        }
+        BenchName::WatchdogCpu => {
+            crate::diagnostics::bench::bench_watchdog_cpu(Duration::from_secs(10));
             true
         }
         BenchName::NodeListUsers => {
