@@ -7,6 +7,10 @@
 //! timeline of the demo issue grows here as the node simulator, bot stand-in and watchdog land.
 
 pub mod postgres;
+pub mod report;
+pub mod scenario;
+
+use crate::sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -24,9 +28,39 @@ pub struct DemoArgs {
     /// server on the configured fixed address for Prometheus and tokio-console.
     #[arg(long)]
     pub keep_running: bool,
-    /// Run a clean day: no injected faults.
+    /// Run a clean day: no injected faults (only the `normal` step).
     #[arg(long)]
     pub no_faults: bool,
+    /// Steps to run, comma-separated, in order (default: all):
+    /// normal, old_freeze, blocked_worker, pool_pressure, recovery.
+    #[arg(long, value_delimiter = ',')]
+    pub scenario: Vec<String>,
+}
+
+/// Every step, in timeline order.
+pub const STEPS: [&str; 5] = [
+    "normal",
+    "old_freeze",
+    "blocked_worker",
+    "pool_pressure",
+    "recovery",
+];
+
+impl DemoArgs {
+    /// The steps to run, in timeline order.
+    fn steps(&self) -> Vec<String> {
+        if self.no_faults {
+            return vec!["normal".into()];
+        }
+        if self.scenario.is_empty() {
+            return STEPS.iter().map(|s| s.to_string()).collect();
+        }
+        STEPS
+            .iter()
+            .filter(|s| self.scenario.iter().any(|x| x == *s))
+            .map(|s| s.to_string())
+            .collect()
+    }
 }
 
 /// One expectation of the demo and whether it held.
@@ -68,12 +102,44 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
             }
         },
     };
+    if let Some(bad) = args.scenario.iter().find(|s| !STEPS.contains(&s.as_str())) {
+        eprintln!("demo: unknown step {bad:?}; steps: {}", STEPS.join(", "));
+        return ExitCode::from(crate::config::EXIT_CONFIG as u8);
+    }
     if !args.keep_running {
         cfg.observability.listen = "127.0.0.1:0".into();
     }
+    demo_settings(&mut cfg);
     let instruments = crate::app::Instruments::install(&cfg);
     let rt = crate::cli::build_main_runtime(&cfg, &instruments);
-    let ok = rt.block_on(scenario(cfg, args, &instruments));
+    // Two simulated nodes, seeded with users (80 % carry vpnbot's ownership marker).
+    let sims = rt.block_on(async {
+        let start = |seed| async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            SimNode::start(
+                l,
+                SimNodeOptions {
+                    users: 500,
+                    seed,
+                    ..Default::default()
+                },
+            )
+        };
+        (start(1).await, start(2).await)
+    });
+    for (name, sim) in [("a", &sims.0), ("b", &sims.1)] {
+        println!("demo: simulated node {name} at {}", sim.base_url());
+        cfg.nodes.insert(
+            name.into(),
+            crate::config::NodeConfig {
+                url: sim.base_url().to_string(),
+                api_key: SecretString::from(sim.api_key().to_string()),
+                public_host: format!("{name}.vpn.example"),
+                public_port: 443,
+            },
+        );
+    }
+    let ok = rt.block_on(scenario(cfg, args, &instruments, sims));
     drop(rt);
     instruments.shutdown();
     if ok {
@@ -83,7 +149,12 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     }
 }
 
-async fn scenario(cfg: Config, args: DemoArgs, instruments: &crate::app::Instruments) -> bool {
+async fn scenario(
+    cfg: Config,
+    args: DemoArgs,
+    instruments: &crate::app::Instruments,
+    sims: (SimNodeHandle, SimNodeHandle),
+) -> bool {
     let started = Instant::now();
     let app = match App::start_with(cfg, instruments).await {
         Ok(a) => a,
@@ -93,82 +164,82 @@ async fn scenario(cfg: Config, args: DemoArgs, instruments: &crate::app::Instrum
         }
     };
     let base = format!("http://{}", app.obs_addr());
-    println!(
-        "demo: vpnbot is up in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    println!("demo: vpnbot is up in {:.1} s", started.elapsed().as_secs_f64());
     println!("  metrics:  {base}/metrics");
     println!("  health:   {base}/healthz   readiness: {base}/readyz");
-    println!("  dump:     {base}/debug/dump");
-
-    let mut checks = Vec::new();
+    println!("  dump:     {base}/debug/dump   (a fresh one: {base}/debug/dump?now=1)");
+    if app.config.diagnostics.console_enabled {
+        println!(
+            "  console:  tokio-console http://{}",
+            app.config.diagnostics.console_listen
+        );
+    }
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
         .expect("http client");
 
+    let mut setup = Vec::new();
     let t = Instant::now();
     let became_leader = wait_for(Duration::from_secs(15), || app.leader.is_leader()).await;
-    checks.push(Check {
+    setup.push(Check {
         what: "instance takes leadership".into(),
         ok: became_leader,
         detail: format!("after {:.1} s", t.elapsed().as_secs_f64()),
     });
     let ready = wait_for_http(&http, &format!("{base}/readyz"), Duration::from_secs(15)).await;
-    checks.push(Check {
+    setup.push(Check {
         what: "/readyz reports a writable database".into(),
         ok: ready.is_ok(),
         detail: ready.unwrap_or_else(|e| e),
     });
-    let health = get(&http, &format!("{base}/healthz")).await;
-    checks.push(Check {
-        what: "/healthz answers ok".into(),
-        ok: matches!(&health, Ok((200, _))),
-        detail: format!("{health:?}"),
-    });
-    match get(&http, &format!("{base}/metrics")).await {
-        Ok((200, body)) => {
-            for family in [
-                "vpnbot_build_info",
-                "vpnbot_leader",
-                "vpnbot_db_pool_acquire_wait_seconds",
-                "vpnbot_db_pool_hold_seconds",
-                "vpnbot_db_pool_connections",
-                "vpnbot_db_pool_max_connections",
-                "vpnbot_db_pool_pending_acquires",
-            ] {
-                checks.push(Check {
-                    what: format!("/metrics exports {family}"),
-                    ok: body.contains(&format!("\n{family}")),
-                    detail: String::new(),
-                });
-            }
-        }
-        other => checks.push(Check {
-            what: "/metrics answers".into(),
-            ok: false,
-            detail: format!("{other:?}"),
-        }),
+
+    let users = scenario::UserProbe::start(&app);
+    let stage = scenario::Stage {
+        app: &app,
+        node_a: &sims.0,
+        node_b: &sims.1,
+        obs: base.clone(),
+        http: http.clone(),
+        users: users.clone(),
+    };
+    let steps = args.steps();
+    let mut reports = Vec::new();
+    for step in &steps {
+        println!("demo: step {step} ...");
+        let r = match step.as_str() {
+            "normal" => scenario::normal(&stage).await,
+            "old_freeze" => scenario::old_freeze(&stage).await,
+            "blocked_worker" => scenario::blocked_worker(&stage).await,
+            "pool_pressure" => scenario::pool_pressure(&stage).await,
+            "recovery" => scenario::recovery(&stage).await,
+            _ => unreachable!("validated by DemoArgs::steps"),
+        };
+        reports.push(r);
     }
-    if !args.no_faults {
-        println!("demo: fault scenarios are not built yet (node simulator, bot stand-in and watchdog land with their issues)");
-    }
+    users.stop();
 
     println!("\ndemo report");
     let mut all = true;
-    for c in &checks {
+    for c in &setup {
         all &= c.ok;
         println!(
-            "  [{}] {}{}",
+            "[{}] {} ({})",
             if c.ok { "ok" } else { "FAILED" },
             c.what,
-            if c.detail.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", c.detail)
-            }
+            c.detail
         );
     }
+    for r in &reports {
+        all &= r.ok();
+        r.print();
+    }
+    println!(
+        "dumps: {} (latest also at {base}/debug/dump)",
+        std::fs::canonicalize(&app.config.diagnostics.dump_dir)
+            .unwrap_or_else(|_| app.config.diagnostics.dump_dir.clone())
+            .display()
+    );
     println!(
         "demo: {} in {:.1} s",
         if all {
@@ -179,12 +250,28 @@ async fn scenario(cfg: Config, args: DemoArgs, instruments: &crate::app::Instrum
         started.elapsed().as_secs_f64()
     );
     if args.keep_running {
-        println!("demo: --keep-running: Ctrl-C to stop");
+        println!("demo: --keep-running: everything stays up; Ctrl-C to stop");
         app.run_until_signal().await;
     } else {
         app.shutdown().await;
     }
+    drop(sims);
     all
+}
+
+/// Short timings so the whole timeline takes well under two minutes.
+fn demo_settings(cfg: &mut Config) {
+    cfg.db.max_connections = 5;
+    cfg.db.min_connections = 1;
+    cfg.db.acquire_timeout_seconds = 2.0;
+    cfg.node_client.connect_timeout_seconds = 1.0;
+    cfg.node_client.headers_timeout_seconds = 2.0;
+    cfg.node_client.body_idle_timeout_seconds = 2.0;
+    cfg.node_client.total_deadline_seconds = 4.0;
+    cfg.diagnostics.pool_starved_seconds = 1.0;
+    cfg.diagnostics.dump_min_interval_seconds = 1.0;
+    cfg.diagnostics.console_enabled = true;
+    cfg.leader.takeover_delay_seconds = 2.5;
 }
 
 async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
