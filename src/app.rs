@@ -17,6 +17,7 @@ use crate::fleet::Fleet;
 use crate::obs::health::HealthState;
 use crate::obs::server::{ObsServer, ObsState};
 use crate::outbox::{Outbox, OutboxMetrics};
+use crate::reconcile::{ReconcileStatus, Reconciler};
 use crate::tasks::Tasks;
 
 /// Why an instance could not start.
@@ -72,6 +73,8 @@ pub struct App {
     pub health: Arc<HealthState>,
     /// The configured nodes' clients.
     pub fleet: Fleet,
+    /// When reconcile runs last completed (for the watchdog's `worker_overdue` check).
+    pub reconcile: ReconcileStatus,
     obs: Option<ObsServer>,
 }
 
@@ -137,6 +140,18 @@ impl App {
         leader.run_while_leader(&tasks, "outbox", drain, move |token| {
             outbox.clone().run(token)
         });
+        let reconciler = Reconciler::new(
+            pool.clone(),
+            fleet.clone(),
+            &registry,
+            config.reconcile.clone(),
+        );
+        let reconcile = reconciler.status();
+        if config.reconcile.enabled {
+            leader.run_while_leader(&tasks, "reconcile", drain, move |token| {
+                reconciler.clone().run(token)
+            });
+        }
 
         Ok(App {
             config,
@@ -146,6 +161,7 @@ impl App {
             leader,
             health,
             fleet,
+            reconcile,
             obs: Some(obs),
         })
     }

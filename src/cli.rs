@@ -34,6 +34,8 @@ pub enum Command {
     CheckConfig,
     /// Run a benchmark and print its figures.
     Bench(crate::bench::BenchArgs),
+    /// Reconcile nodes against the database once and print what was found and done.
+    Reconcile(crate::reconcile::cli::ReconcileArgs),
 }
 
 /// Parses arguments, runs the command, returns the process exit code.
@@ -88,6 +90,10 @@ pub fn main() -> ExitCode {
         }
         Command::Demo(args) => crate::demo::main(cli.config.as_deref(), args),
         Command::Bench(args) => crate::bench::main(args),
+        Command::Reconcile(ref args) => match load(&cli) {
+            Ok(cfg) => crate::reconcile::cli::main(cfg, args.clone()),
+            Err(code) => code,
+        },
     }
 }
 

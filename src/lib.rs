@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod node;
 pub mod obs;
 pub mod outbox;
+pub mod reconcile;
 pub mod sim;
 pub mod tasks;
 pub mod telemetry;

@@ -45,6 +45,8 @@ pub struct Config {
     pub node_client: crate::node::NodeClientSettings,
     /// The node-operation outbox worker.
     pub outbox: crate::outbox::OutboxSettings,
+    /// The reconcile worker.
+    pub reconcile: crate::reconcile::ReconcileSettings,
     /// VPN nodes by name. The name is used as the `node` metric label, so keep the set small.
     pub nodes: BTreeMap<String, NodeConfig>,
 }
@@ -245,6 +247,7 @@ const SECTIONS: &[&str] = &[
     "runtime",
     "node_client",
     "outbox",
+    "reconcile",
     "nodes",
 ];
 
@@ -303,6 +306,7 @@ impl Config {
             runtime: section(&fig, "runtime", e, f, "runtime"),
             node_client: section(&fig, "node_client", e, f, "node_client"),
             outbox: section(&fig, "outbox", e, f, "outbox"),
+            reconcile: section(&fig, "reconcile", e, f, "reconcile"),
             nodes: section(&fig, "nodes", e, f, "nodes"),
         };
         if cfg.db.url.expose_secret().is_empty() {
@@ -417,6 +421,7 @@ impl Config {
         );
         e.extend(self.node_client.validate());
         e.extend(self.outbox.validate());
+        e.extend(self.reconcile.validate());
         for (name, n) in &self.nodes {
             if name.is_empty()
                 || name.len() > 32
