@@ -19,6 +19,7 @@ use crate::obs::health::DiagnosticsView;
 use crate::obs::health::HealthState;
 use crate::obs::server::{ObsServer, ObsState};
 use crate::outbox::{Outbox, OutboxMetrics};
+use crate::reconcile::{ReconcileStatus, Reconciler};
 use crate::sources::{NodeCallSource, PoolSource};
 use crate::tasks::Tasks;
 
@@ -133,6 +134,8 @@ pub struct App {
     pub fleet: Fleet,
     /// Runtime diagnostics and the watchdog.
     pub diagnostics: Diagnostics,
+    /// When reconcile runs last completed (for the watchdog's `worker_overdue` check).
+    pub reconcile: ReconcileStatus,
     obs: Option<ObsServer>,
 }
 
@@ -220,6 +223,19 @@ impl App {
         leader.run_while_leader(&tasks, "outbox", drain, move |token| {
             outbox.clone().run(token)
         });
+        let reconciler = Reconciler::new(
+            pool.clone(),
+            fleet.clone(),
+            &registry,
+            config.reconcile.clone(),
+        )
+        .with_diagnostics(diagnostics.clone());
+        let reconcile = reconciler.status();
+        if config.reconcile.enabled {
+            leader.run_while_leader(&tasks, "reconcile", drain, move |token| {
+                reconciler.clone().run(token)
+            });
+        }
 
         Ok(App {
             config,
@@ -230,6 +246,7 @@ impl App {
             health,
             fleet,
             diagnostics,
+            reconcile,
             obs: Some(obs),
         })
     }

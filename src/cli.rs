@@ -37,6 +37,8 @@ pub enum Command {
     /// Serve a simulated VPN node API (the contract in openapi/node-api.json) that can
     /// misbehave on demand, for tests, the demo and alert rehearsals.
     SimNode(crate::sim::node::SimNodeArgs),
+    /// Reconcile nodes against the database once and print what was found and done.
+    Reconcile(crate::reconcile::cli::ReconcileArgs),
 }
 
 /// Parses arguments, runs the command, returns the process exit code.
@@ -109,6 +111,10 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Reconcile(ref args) => match load(&cli) {
+            Ok(cfg) => crate::reconcile::cli::main(cfg, args.clone()),
+            Err(code) => code,
+        },
     }
 }
 

@@ -26,6 +26,7 @@ pub mod node;
 pub mod obs;
 pub mod otel;
 pub mod outbox;
+pub mod reconcile;
 pub mod runtime;
 pub mod sim;
 pub mod sources;

@@ -52,6 +52,8 @@ fn example_config_matches_the_config_types() {
         "runtime",
         "node_client",
         "outbox",
+        "reconcile",
+        "diagnostics",
     ] {
         for (k, v) in re[section].as_table().unwrap() {
             if k == "url" {

@@ -25,7 +25,11 @@ fn readme_names_the_test_command_that_ci_runs() {
     let cmds = readme_commands();
     assert_eq!(cmds.len(), 2, "{cmds:?}");
     let ci = std::fs::read_to_string(".ci/run").unwrap();
-    assert!(ci.contains(&cmds[1]), ".ci/run must run README's test command {:?}", cmds[1]);
+    assert!(
+        ci.contains(&cmds[1]),
+        ".ci/run must run README's test command {:?}",
+        cmds[1]
+    );
 }
 
 #[test]
@@ -62,7 +66,10 @@ fn readme_first_command_runs_the_demo_and_every_expectation_holds() {
     let status = status.unwrap_or_else(|| panic!("`{cmd}` did not finish within {limit:?}"));
     assert!(status.success(), "`{cmd}` exited {status:?}:\n{out}");
     assert!(out.contains("every expectation held"), "{out}");
-    assert!(out.contains("started a throwaway PostgreSQL cluster"), "{out}");
+    assert!(
+        out.contains("started a throwaway PostgreSQL cluster"),
+        "{out}"
+    );
     for step in ["old_freeze", "blocked_worker", "pool_pressure", "recovery"] {
         assert!(out.contains(&format!("[ok] {step}")), "step {step}:\n{out}");
     }

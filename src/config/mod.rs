@@ -47,6 +47,8 @@ pub struct Config {
     pub outbox: crate::outbox::OutboxSettings,
     /// Runtime metrics, scheduler-lag probe, watchdog, dumps, tokio-console.
     pub diagnostics: crate::diagnostics::DiagnosticsSettings,
+    /// The reconcile worker.
+    pub reconcile: crate::reconcile::ReconcileSettings,
     /// VPN nodes by name. The name is used as the `node` metric label, so keep the set small.
     pub nodes: BTreeMap<String, NodeConfig>,
 }
@@ -248,6 +250,7 @@ const SECTIONS: &[&str] = &[
     "node_client",
     "outbox",
     "diagnostics",
+    "reconcile",
     "nodes",
 ];
 
@@ -307,6 +310,7 @@ impl Config {
             node_client: section(&fig, "node_client", e, f, "node_client"),
             outbox: section(&fig, "outbox", e, f, "outbox"),
             diagnostics: section(&fig, "diagnostics", e, f, "diagnostics"),
+            reconcile: section(&fig, "reconcile", e, f, "reconcile"),
             nodes: section(&fig, "nodes", e, f, "nodes"),
         };
         if cfg.db.url.expose_secret().is_empty() {
@@ -422,6 +426,7 @@ impl Config {
         e.extend(self.node_client.validate());
         e.extend(self.outbox.validate());
         e.extend(self.diagnostics.validate());
+        e.extend(self.reconcile.validate());
         for (name, n) in &self.nodes {
             if name.is_empty()
                 || name.len() > 32

@@ -115,7 +115,9 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     // Two simulated nodes, seeded with users (80 % carry vpnbot's ownership marker).
     let sims = rt.block_on(async {
         let start = |seed| async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             SimNode::start(
                 l,
                 SimNodeOptions {
@@ -164,7 +166,10 @@ async fn scenario(
         }
     };
     let base = format!("http://{}", app.obs_addr());
-    println!("demo: vpnbot is up in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "demo: vpnbot is up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     println!("  metrics:  {base}/metrics");
     println!("  health:   {base}/healthz   readiness: {base}/readyz");
     println!("  dump:     {base}/debug/dump   (a fresh one: {base}/debug/dump?now=1)");

@@ -67,7 +67,11 @@ impl StepReport {
         println!(
             "    culprit:  expected {} -> {}",
             self.expected_culprit,
-            if self.culprit_named { "named" } else { "NOT named" }
+            if self.culprit_named {
+                "named"
+            } else {
+                "NOT named"
+            }
         );
         if !self.users.is_empty() {
             println!("    users:    {}", self.users);

@@ -159,18 +159,31 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .filter(|l| {
             let head = l.rsplit_once(' ').map(|(h, _)| h).unwrap_or(l);
             let (n, rest) = head.split_once('{').unwrap_or((head, ""));
-            n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
         })
         .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
 /// Step 1: normal traffic; both nodes answer.
 pub async fn normal(stage: &Stage<'_>) -> StepReport {
-    let mut r = StepReport::new("normal", "none (a clean pass over both nodes)", "no episode");
+    let mut r = StepReport::new(
+        "normal",
+        "none (a clean pass over both nodes)",
+        "no episode",
+    );
     let t0 = Instant::now();
     let mut all_ok = true;
     for name in ["a", "b"] {
-        let res = stage.app.fleet.get(name).expect("configured").list_users().await;
+        let res = stage
+            .app
+            .fleet
+            .get(name)
+            .expect("configured")
+            .list_users()
+            .await;
         r.check(
             format!(
                 "node {name} list-users answered ({})",
@@ -210,7 +223,12 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
     });
     let fleet = stage.app.fleet.clone();
     let b = stage.app.tasks.spawn_named("reconcile", async move {
-        fleet.get("b").expect("configured").list_users().await.map(|u| u.len())
+        fleet
+            .get("b")
+            .expect("configured")
+            .list_users()
+            .await
+            .map(|u| u.len())
     });
     // Evidence while the call is open: the in-flight gauge and the dump's node_calls entry.
     let mut seen_body = None;
@@ -219,7 +237,11 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
         if sample(
             &text,
             "vpnbot_node_api_inflight_requests",
-            &[("node", "a"), ("operation", "list_users"), ("phase", "body")],
+            &[
+                ("node", "a"),
+                ("operation", "list_users"),
+                ("phase", "body"),
+            ],
         ) == Some(1.0)
         {
             seen_body = Some(t0.elapsed());
@@ -248,22 +270,36 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
             "node a failed with a typed error in {:.1} s (bound {:.0} s): {}",
             took.as_secs_f64(),
             bound.as_secs_f64(),
-            res_a.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+            res_a
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
         ),
         res_a.is_err() && took <= bound + Duration::from_millis(500),
     );
     r.check(
-        format!("node b completed meanwhile ({:?} users)", res_b.as_ref().ok()),
+        format!(
+            "node b completed meanwhile ({:?} users)",
+            res_b.as_ref().ok()
+        ),
         res_b.is_ok(),
     );
     let text = stage.metrics().await;
     let body_obs = sample(
         &text,
         "vpnbot_node_api_phase_duration_seconds_count",
-        &[("node", "a"), ("operation", "list_users"), ("phase", "body")],
+        &[
+            ("node", "a"),
+            ("operation", "list_users"),
+            ("phase", "body"),
+        ],
     )
     .unwrap_or(0.0);
-    r.check("phase histogram recorded the body phase of node a", body_obs >= 1.0);
+    r.check(
+        "phase histogram recorded the body phase of node a",
+        body_obs >= 1.0,
+    );
     r.users = stage.users.summary(t0, Instant::now());
     r
 }
@@ -382,7 +418,13 @@ pub async fn recovery(stage: &Stage<'_>) -> StepReport {
     );
     stage.node_a.set_fault(Operation::ListUsers, Fault::None);
     let t0 = Instant::now();
-    let res = stage.app.fleet.get("a").expect("configured").list_users().await;
+    let res = stage
+        .app
+        .fleet
+        .get("a")
+        .expect("configured")
+        .list_users()
+        .await;
     r.check(
         format!(
             "node a list-users succeeds again ({})",

@@ -1,0 +1,273 @@
+//! Benchmark of one full reconcile pass at production scale: N live subscriptions in
+//! PostgreSQL (default one million), N users on a simulated node, 1 % of them orphans and 1 %
+//! of the subscriptions missing on the node. Prints wall time per phase, peak RSS, database
+//! round trips, the most pooled connections held at once and the worst scheduler lag seen.
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use secrecy::SecretString;
+use serde::Serialize;
+use sqlx::{Connection, Executor};
+use uuid::Uuid;
+
+use super::{ReconcileSettings, Reconciler, RunOptions};
+use crate::config::{Config, NodeConfig};
+use crate::db::inflight::PoolUse;
+use crate::db::DbPool;
+use crate::fleet::Fleet;
+use crate::node::NodeUser;
+use crate::sim::node::{SimNode, SimNodeOptions};
+
+/// Figures of one benchmark pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Live subscriptions in the database.
+    pub subscriptions: usize,
+    /// Users on the simulated node.
+    pub node_users: usize,
+    /// Orphans planted / found by the diff.
+    pub orphans: (usize, u64),
+    /// Missing users planted / found by the diff.
+    pub missing: (usize, u64),
+    /// Removal and re-add intents written.
+    pub intents: (u64, u64),
+    /// Outcome of the pass.
+    pub outcome: &'static str,
+    /// Setup time (inserts, index, simulator), seconds.
+    pub setup_seconds: f64,
+    /// Wall time of the pass, seconds.
+    pub pass_seconds: f64,
+    /// Seconds per phase.
+    pub phase_seconds: std::collections::BTreeMap<&'static str, f64>,
+    /// Database round trips of the pass.
+    pub db_round_trips: u64,
+    /// Most pooled connections the pass held at once (its own count).
+    pub max_connections_held: u64,
+    /// Most pool holders of any label seen by a 10 ms sampler during the pass.
+    pub max_holders_sampled: usize,
+    /// Resident set before the pass (simulator and test data included), bytes.
+    pub rss_before_bytes: u64,
+    /// Peak resident set during the pass (VmHWM after resetting it), bytes.
+    pub peak_rss_bytes: u64,
+    /// Worst lateness of a 10 ms timer on the runtime during the pass, seconds.
+    pub max_timer_lag_seconds: f64,
+}
+
+fn status_kb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Runs the benchmark against the PostgreSQL server of `server_url` (a scratch database is
+/// created and dropped) with `n` subscriptions. Needs a multi-thread runtime.
+///
+/// # Errors
+/// Setup failures, as text.
+pub async fn bench_reconcile(server_url: &str, n: usize) -> Result<BenchReport, String> {
+    let t_setup = Instant::now();
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let db_name = format!("vpnbot_bench_reconcile_{}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect(server_url)
+        .await
+        .map_err(|x| e(&x))?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db_name}"
+        )))
+        .await
+        .map_err(|x| e(&x))?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+        .await
+        .map_err(|x| e(&x))?;
+    let mut url = url::Url::parse(server_url).map_err(|x| e(&x))?;
+    url.set_path(&db_name);
+
+    // Data: n live subscriptions; the node lacks the first 1 % and has 1 % extra orphans.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let live: Vec<Uuid> = (0..n)
+        .map(|_| uuid::Builder::from_random_bytes(rng.random()).into_uuid())
+        .collect();
+    let k = n / 100;
+    let orphans: Vec<Uuid> = (0..k)
+        .map(|_| uuid::Builder::from_random_bytes(rng.random()).into_uuid())
+        .collect();
+
+    let mut cfg = Config::default();
+    cfg.db.url = SecretString::from(url.to_string());
+    cfg.db.statement_timeout_seconds = 120.0;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|x| e(&x))?;
+    let sim = SimNode::start(listener, SimNodeOptions::default());
+    tokio::task::block_in_place(|| {
+        for u in live[k..].iter().chain(orphans.iter()) {
+            sim.insert_user(NodeUser::owned(*u));
+        }
+    });
+    sim.warm().await;
+    cfg.nodes.insert(
+        "a".into(),
+        NodeConfig {
+            url: sim.base_url().to_string(),
+            api_key: SecretString::from(sim.api_key().to_string()),
+            public_host: "a.example".into(),
+            public_port: 443,
+        },
+    );
+    // 1,000,000 users of the contract's `["uuid","email"]` pairs are ~69 MB: above the
+    // 64 MiB default cap (see the report).
+    cfg.node_client.body_max_bytes = 256 * 1024 * 1024;
+    let registry = crate::metrics::new_registry();
+    let pool = DbPool::connect(&cfg.db, &registry).map_err(|x| e(&x))?;
+    crate::db::migrate(&pool).await.map_err(|x| e(&x))?;
+    {
+        let mut c = pool.acquire("bench_setup").await.map_err(|x| e(&x))?;
+        sqlx::query("INSERT INTO bot_users (telegram_id) VALUES (1)")
+            .execute(&mut *c)
+            .await
+            .map_err(|x| e(&x))?;
+        for chunk in live.chunks(100_000) {
+            sqlx::query(
+                "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at, \
+                 created_at, updated_at) \
+                 SELECT 1, 'a', u, 'month', now() + interval '30 days', \
+                        now() - interval '1 day', now() - interval '1 day' \
+                 FROM UNNEST($1::uuid[]) AS u",
+            )
+            .bind(chunk)
+            .execute(&mut *c)
+            .await
+            .map_err(|x| e(&x))?;
+        }
+        sqlx::query("ANALYZE subscriptions")
+            .execute(&mut *c)
+            .await
+            .map_err(|x| e(&x))?;
+    }
+    let fleet = Fleet::from_config(&cfg, &registry).map_err(|(_, x)| e(&x))?;
+    let settings = ReconcileSettings::default();
+    let rec = Reconciler::new(pool.clone(), fleet, &registry, settings);
+    drop(live);
+    drop(orphans);
+    let setup_seconds = t_setup.elapsed().as_secs_f64();
+
+    // Reset the peak RSS so VmHWM reports the pass, not the setup.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let rss_before = status_kb("VmRSS:") * 1024;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let pool = pool.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut max_holders, mut max_lag) = (0usize, Duration::ZERO);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = Instant::now();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return (max_holders, max_lag),
+                    _ = tick.tick() => {}
+                }
+                let now = Instant::now();
+                max_lag = max_lag.max(
+                    now.duration_since(last)
+                        .saturating_sub(Duration::from_millis(10)),
+                );
+                last = now;
+                let holders = pool
+                    .inflight()
+                    .snapshot()
+                    .iter()
+                    .filter(|h| h.state == PoolUse::Holding)
+                    .count();
+                max_holders = max_holders.max(holders);
+            }
+        })
+    };
+    let t = Instant::now();
+    let rep = rec
+        .reconcile_once(&RunOptions::default())
+        .await
+        .map_err(|x| e(&x))?;
+    let pass_seconds = t.elapsed().as_secs_f64();
+    let peak = status_kb("VmHWM:") * 1024;
+    stop.cancel();
+    let (max_holders, max_lag) = sampler.await.map_err(|x| e(&x))?;
+    let node = rep.nodes.into_iter().next().ok_or("no node report")?;
+    pool.close().await;
+    drop(sim);
+    let _ = admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
+        )))
+        .await;
+    Ok(BenchReport {
+        subscriptions: n,
+        node_users: n,
+        orphans: (k, node.orphans),
+        missing: (k, node.missing),
+        intents: (node.removed, node.readded),
+        outcome: node.outcome.as_str(),
+        setup_seconds,
+        pass_seconds,
+        phase_seconds: node.phase_seconds,
+        db_round_trips: node.db_round_trips,
+        max_connections_held: node.max_connections_held,
+        max_holders_sampled: max_holders,
+        rss_before_bytes: rss_before,
+        peak_rss_bytes: peak,
+        max_timer_lag_seconds: max_lag.as_secs_f64(),
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        writeln!(
+            f,
+            "bench reconcile: {} live subscriptions, {} node users; outcome {}",
+            self.subscriptions, self.node_users, self.outcome
+        )?;
+        writeln!(
+            f,
+            "  orphans planted/found {}/{}, missing planted/found {}/{}, intents remove/add {}/{}",
+            self.orphans.0,
+            self.orphans.1,
+            self.missing.0,
+            self.missing.1,
+            self.intents.0,
+            self.intents.1
+        )?;
+        writeln!(f, "  setup {:.1} s", self.setup_seconds)?;
+        writeln!(f, "  pass  {:.2} s (target < 10 s)", self.pass_seconds)?;
+        for (p, s) in &self.phase_seconds {
+            writeln!(f, "    {p:<9} {s:7.3} s")?;
+        }
+        writeln!(f, "  db round trips {}", self.db_round_trips)?;
+        writeln!(
+            f,
+            "  pooled connections held at once: {} (own count), {} (10 ms sampler, any label)",
+            self.max_connections_held, self.max_holders_sampled
+        )?;
+        writeln!(
+            f,
+            "  RSS before pass {:.0} MiB (simulator and data included), peak during pass {:.0} MiB (target < 300 MB)",
+            mib(self.rss_before_bytes),
+            mib(self.peak_rss_bytes)
+        )?;
+        writeln!(
+            f,
+            "  worst 10 ms timer lag during the pass {:.1} ms (stall threshold 1000 ms)",
+            self.max_timer_lag_seconds * 1e3
+        )
+    }
+}
