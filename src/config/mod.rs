@@ -45,6 +45,8 @@ pub struct Config {
     pub node_client: crate::node::NodeClientSettings,
     /// The node-operation outbox worker.
     pub outbox: crate::outbox::OutboxSettings,
+    /// The Telegram bot (polling, trial, plans, links) and the expiry worker.
+    pub bot: crate::bot::BotSettings,
     /// VPN nodes by name. The name is used as the `node` metric label, so keep the set small.
     pub nodes: BTreeMap<String, NodeConfig>,
 }
@@ -245,6 +247,7 @@ const SECTIONS: &[&str] = &[
     "runtime",
     "node_client",
     "outbox",
+    "bot",
     "nodes",
 ];
 
@@ -303,6 +306,7 @@ impl Config {
             runtime: section(&fig, "runtime", e, f, "runtime"),
             node_client: section(&fig, "node_client", e, f, "node_client"),
             outbox: section(&fig, "outbox", e, f, "outbox"),
+            bot: section(&fig, "bot", e, f, "bot"),
             nodes: section(&fig, "nodes", e, f, "nodes"),
         };
         if cfg.db.url.expose_secret().is_empty() {
@@ -417,6 +421,11 @@ impl Config {
         );
         e.extend(self.node_client.validate());
         e.extend(self.outbox.validate());
+        e.extend(self.bot.validate());
+        if !matches!(url::Url::parse(&self.telegram.api_url), Ok(u) if matches!(u.scheme(), "http" | "https"))
+        {
+            e.push("telegram.api_url must be an http(s) URL".to_string());
+        }
         for (name, n) in &self.nodes {
             if name.is_empty()
                 || name.len() > 32

@@ -1,0 +1,1 @@
+//! Benchmark of update handling (filled in below).
