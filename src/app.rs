@@ -7,12 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
+use secrecy::ExposeSecret;
 use sqlx::{ConnectOptions, Connection};
 
+use crate::bot::{BotApi, BotMetrics, BotService};
 use crate::config::{secs, Config};
 use crate::db::leader::{spawn_leadership, LeaderHandle};
 use crate::db::readiness::run_probe;
 use crate::db::{self, DbError, DbPool};
+use crate::expiry::{ExpiryMetrics, ExpiryWorker};
 use crate::fleet::Fleet;
 use crate::obs::health::HealthState;
 use crate::obs::server::{ObsServer, ObsState};
@@ -34,6 +37,9 @@ pub enum StartError {
     /// The database is unreachable, read-only, or its migrations failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The Bot API client could not be built (bad `telegram.api_url`).
+    #[error("telegram bot: {0}")]
+    Bot(String),
     /// A node's client could not be built from its configuration.
     #[error("node {node}: {source}")]
     Node {
@@ -72,6 +78,8 @@ pub struct App {
     pub health: Arc<HealthState>,
     /// The configured nodes' clients.
     pub fleet: Fleet,
+    /// The bot, when `telegram.token` is set (it polls only while this instance leads).
+    pub bot: Option<BotService>,
     obs: Option<ObsServer>,
 }
 
@@ -137,6 +145,38 @@ impl App {
         leader.run_while_leader(&tasks, "outbox", drain, move |token| {
             outbox.clone().run(token)
         });
+        // The bot polls only when a token is set, and only on the leader (one poller per
+        // token); the expiry worker runs on the leader either way.
+        let bot = if config.telegram.token.expose_secret().is_empty() {
+            tracing::warn!("telegram.token is empty: the bot is off");
+            None
+        } else {
+            let metrics = BotMetrics::register(&registry);
+            let api =
+                BotApi::new(&config.telegram, &config.bot, metrics).map_err(StartError::Bot)?;
+            Some(BotService::new(
+                api,
+                pool.clone(),
+                fleet.clone(),
+                &config,
+                Some(health.clone()),
+                Some(registry.clone()),
+            ))
+        };
+        let expiry = ExpiryWorker::new(
+            pool.clone(),
+            bot.as_ref().map(|b| b.api().clone()),
+            config.bot.clone(),
+            ExpiryMetrics::register(&registry),
+        );
+        leader.run_while_leader(&tasks, "expiry", drain, move |token| {
+            expiry.clone().run(token)
+        });
+        if let Some(b) = bot.clone() {
+            leader.run_while_leader(&tasks, "bot_polling", drain, move |token| {
+                b.clone().run(token)
+            });
+        }
 
         Ok(App {
             config,
@@ -146,6 +186,7 @@ impl App {
             leader,
             health,
             fleet,
+            bot,
             obs: Some(obs),
         })
     }

@@ -52,6 +52,7 @@ fn example_config_matches_the_config_types() {
         "runtime",
         "node_client",
         "outbox",
+        "bot",
     ] {
         for (k, v) in re[section].as_table().unwrap() {
             if k == "url" {
