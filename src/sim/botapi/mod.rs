@@ -653,6 +653,11 @@ async fn api(
     if bot.strip_prefix("bot") != Some(sh.token.as_str()) {
         return err(401, "Unauthorized", None);
     }
+    // Telegram matches method names case-insensitively (teloxide sends `SendMessage`).
+    let Some(method) = canonical_method(&method) else {
+        return err(404, "Not Found: method not found", None);
+    };
+    let method = method.to_string();
     *sh.state().requests.entry(method.clone()).or_default() += 1;
     let params = match parse_params(req).await {
         Ok(p) => p,
@@ -689,6 +694,26 @@ async fn api(
         }
         _ => err(404, "Not Found: method not found", None),
     }
+}
+
+/// Methods the stand-in serves, in Telegram's spelling.
+const METHODS: &[&str] = &[
+    "getMe",
+    "getUpdates",
+    "deleteWebhook",
+    "setMyCommands",
+    "answerCallbackQuery",
+    "answerPreCheckoutQuery",
+    "sendMessage",
+    "sendPhoto",
+    "sendInvoice",
+    "editMessageText",
+    "deleteMessage",
+    "sendChatAction",
+];
+
+fn canonical_method(m: &str) -> Option<&'static str> {
+    METHODS.iter().copied().find(|c| c.eq_ignore_ascii_case(m))
 }
 
 fn send_rate_limited(sh: &Shared) -> Option<Response> {
