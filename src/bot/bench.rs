@@ -81,14 +81,39 @@ pub async fn bench_updates(admin_url: &str, users: usize) -> Result<BotBenchRepo
 }
 
 async fn run(db_url: &str, users: usize) -> Result<BotBenchReport, String> {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+    // The stand-in and the node simulator play remote peers: they run on their own runtime
+    // (one OS thread) so the measured runtime holds only the bot, as in production.
+    let peers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-peers")
+        .enable_all()
+        .build()
         .map_err(|e| e.to_string())?;
-    let sim = BotApiSim::start(l, BotApiSimOptions::default());
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let started_peers = peers
+        .spawn(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let sim = BotApiSim::start(l, BotApiSimOptions::default());
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let node = SimNode::start(l, SimNodeOptions::default());
+            Ok::<_, std::io::Error>((sim, node))
+        })
         .await
-        .map_err(|e| e.to_string())?;
-    let node = SimNode::start(l, SimNodeOptions::default());
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string());
+    let res = match started_peers {
+        Ok((sim, node)) => run_with(db_url, users, &sim, &node).await,
+        Err(e) => Err(e),
+    };
+    peers.shutdown_background();
+    res
+}
+
+async fn run_with(
+    db_url: &str,
+    users: usize,
+    sim: &crate::sim::botapi::BotApiSimHandle,
+    node: &crate::sim::node::SimNodeHandle,
+) -> Result<BotBenchReport, String> {
     let mut cfg = Config::default();
     cfg.db.url = SecretString::from(db_url.to_string());
     cfg.db.max_connections = 15;
