@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::Registry;
+use secrecy::ExposeSecret;
 use sqlx::{ConnectOptions, Connection};
 
+use crate::bot::{BotApi, BotMetrics, BotService};
 use crate::config::{secs, Config};
 use crate::db::leader::{spawn_leadership, LeaderHandle};
 use crate::db::readiness::run_probe;
 use crate::db::{self, DbError, DbPool};
 use crate::diagnostics::Diagnostics;
+use crate::expiry::{ExpiryMetrics, ExpiryWorker};
 use crate::fleet::Fleet;
 use crate::obs::health::DiagnosticsView;
 use crate::obs::health::HealthState;
@@ -38,6 +41,9 @@ pub enum StartError {
     /// The database is unreachable, read-only, or its migrations failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The Bot API client could not be built (bad `telegram.api_url`).
+    #[error("telegram bot: {0}")]
+    Bot(String),
     /// A node's client could not be built from its configuration.
     #[error("node {node}: {source}")]
     Node {
@@ -136,6 +142,10 @@ pub struct App {
     pub diagnostics: Diagnostics,
     /// When reconcile runs last completed (for the watchdog's `worker_overdue` check).
     pub reconcile: ReconcileStatus,
+    /// The bot, when `telegram.token` is set (it polls only while this instance leads).
+    pub bot: Option<BotService>,
+    /// The reconcile worker's step, for the CLI, `/reconcile` and the demo.
+    pub reconciler: Reconciler,
     obs: Option<ObsServer>,
 }
 
@@ -232,8 +242,42 @@ impl App {
         .with_diagnostics(diagnostics.clone());
         let reconcile = reconciler.status();
         if config.reconcile.enabled {
+            let r = reconciler.clone();
             leader.run_while_leader(&tasks, "reconcile", drain, move |token| {
-                reconciler.clone().run(token)
+                r.clone().run(token)
+            });
+        }
+        // The bot polls only when a token is set, and only on the leader (one poller per
+        // token); the expiry worker runs on the leader either way.
+        let bot = if config.telegram.token.expose_secret().is_empty() {
+            tracing::warn!("telegram.token is empty: the bot is off");
+            None
+        } else {
+            let metrics = BotMetrics::register(&registry);
+            let api =
+                BotApi::new(&config.telegram, &config.bot, metrics).map_err(StartError::Bot)?;
+            Some(BotService::new(
+                api,
+                pool.clone(),
+                fleet.clone(),
+                &config,
+                Some(health.clone()),
+                Some(registry.clone()),
+            ))
+        };
+        let expiry = ExpiryWorker::new(
+            pool.clone(),
+            bot.as_ref().map(|b| b.api().clone()),
+            config.bot.clone(),
+            ExpiryMetrics::register(&registry),
+        );
+        leader.run_while_leader(&tasks, "expiry", drain, move |token| {
+            expiry.clone().run(token)
+        });
+        if let Some(b) = bot.clone() {
+            b.set_reconcile(Arc::new(reconciler.clone()));
+            leader.run_while_leader(&tasks, "bot_polling", drain, move |token| {
+                b.clone().run(token)
             });
         }
 
@@ -247,6 +291,8 @@ impl App {
             fleet,
             diagnostics,
             reconcile,
+            bot,
+            reconciler,
             obs: Some(obs),
         })
     }
@@ -337,5 +383,22 @@ impl DiagnosticsView for Diagnostics {
 
     fn dump_now_json(&self) -> String {
         self.dump_now().to_json()
+    }
+}
+
+impl crate::bot::ReconcileTrigger for Reconciler {
+    fn run_once(
+        &self,
+        node: Option<String>,
+        dry_run: bool,
+    ) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+        let me = self.clone();
+        Box::pin(async move {
+            let opts = crate::reconcile::RunOptions { node, dry_run };
+            me.reconcile_once(&opts)
+                .await
+                .map(|rep| crate::reconcile::cli::render_table(&rep))
+                .map_err(|e| e.to_string())
+        })
     }
 }

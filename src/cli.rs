@@ -39,6 +39,23 @@ pub enum Command {
     SimNode(crate::sim::node::SimNodeArgs),
     /// Reconcile nodes against the database once and print what was found and done.
     Reconcile(crate::reconcile::cli::ReconcileArgs),
+    /// Serve the Bot API stand-in (tests and demo only): inject updates with
+    /// `POST /_sim/updates`, read what the bot sent at `GET /_sim/sent`.
+    SimBotapi(SimBotapiArgs),
+}
+
+/// Options of `vpnbot sim-botapi`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimBotapiArgs {
+    /// Address to listen on (loopback unless you mean otherwise).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: std::net::SocketAddr,
+    /// Token the stand-in accepts.
+    #[arg(long, default_value = "123456:sim-token")]
+    pub token: String,
+    /// `getUpdates` fault from the start: none, hang, rate_limited:SECS:TIMES, conflict:TIMES.
+    #[arg(long, default_value = "none")]
+    pub updates_fault: crate::sim::botapi::UpdatesFault,
 }
 
 /// Parses arguments, runs the command, returns the process exit code.
@@ -115,7 +132,34 @@ pub fn main() -> ExitCode {
             Ok(cfg) => crate::reconcile::cli::main(cfg, args.clone()),
             Err(code) => code,
         },
+        Command::SimBotapi(args) => sim_botapi(args),
     }
+}
+
+fn sim_botapi(args: SimBotapiArgs) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(&e, 1),
+        };
+        let sim = crate::sim::botapi::BotApiSim::start(
+            listener,
+            crate::sim::botapi::BotApiSimOptions {
+                token: args.token,
+                updates_fault: args.updates_fault,
+            },
+        );
+        println!(
+            "Bot API stand-in on {} (set telegram.api_url to it)",
+            sim.api_url()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
 }
 
 /// Builds the main runtime with the diagnostics' poll hooks (see [`crate::runtime`]).

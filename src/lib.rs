@@ -15,11 +15,13 @@ compile_error!(
 
 pub mod app;
 pub mod bench;
+pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
 pub mod diagnostics;
+pub mod expiry;
 pub mod fleet;
 pub mod metrics;
 pub mod node;

@@ -54,6 +54,7 @@ fn example_config_matches_the_config_types() {
         "outbox",
         "reconcile",
         "diagnostics",
+        "bot",
     ] {
         for (k, v) in re[section].as_table().unwrap() {
             if k == "url" {

@@ -49,6 +49,8 @@ pub struct Config {
     pub diagnostics: crate::diagnostics::DiagnosticsSettings,
     /// The reconcile worker.
     pub reconcile: crate::reconcile::ReconcileSettings,
+    /// The Telegram bot (polling, trial, plans, links) and the expiry worker.
+    pub bot: crate::bot::BotSettings,
     /// VPN nodes by name. The name is used as the `node` metric label, so keep the set small.
     pub nodes: BTreeMap<String, NodeConfig>,
 }
@@ -251,6 +253,7 @@ const SECTIONS: &[&str] = &[
     "outbox",
     "diagnostics",
     "reconcile",
+    "bot",
     "nodes",
 ];
 
@@ -311,6 +314,7 @@ impl Config {
             outbox: section(&fig, "outbox", e, f, "outbox"),
             diagnostics: section(&fig, "diagnostics", e, f, "diagnostics"),
             reconcile: section(&fig, "reconcile", e, f, "reconcile"),
+            bot: section(&fig, "bot", e, f, "bot"),
             nodes: section(&fig, "nodes", e, f, "nodes"),
         };
         if cfg.db.url.expose_secret().is_empty() {
@@ -427,6 +431,11 @@ impl Config {
         e.extend(self.outbox.validate());
         e.extend(self.diagnostics.validate());
         e.extend(self.reconcile.validate());
+        e.extend(self.bot.validate());
+        if !matches!(url::Url::parse(&self.telegram.api_url), Ok(u) if matches!(u.scheme(), "http" | "https"))
+        {
+            e.push("telegram.api_url must be an http(s) URL".to_string());
+        }
         for (name, n) in &self.nodes {
             if name.is_empty()
                 || name.len() > 32

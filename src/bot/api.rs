@@ -1,0 +1,267 @@
+//! The Bot API client side: two teloxide [`Bot`]s over one base URL (one whose HTTP total
+//! timeout fits a long poll, one for everything else), and [`BotApi::call`], which bounds,
+//! counts and retries (on `429 retry_after` only, so nothing is sent twice) every request.
+
+use std::future::{Future, IntoFuture};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use teloxide::payloads::{SendMessageSetters, SendPhotoSetters};
+use teloxide::prelude::Requester;
+use teloxide::types::{ChatId, InlineKeyboardMarkup, InputFile, Message};
+use teloxide::{ApiError, Bot, RequestError};
+
+use super::metrics::BotMetrics;
+use super::settings::BotSettings;
+use crate::config::{secs, TelegramConfig};
+
+/// Why a Bot API request failed, without the token or URL.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BotApiError {
+    /// No answer within the total timeout.
+    #[error("{method}: no answer within {after:?}")]
+    Timeout {
+        /// The Bot API method.
+        method: &'static str,
+        /// The bound that passed.
+        after: Duration,
+    },
+    /// `429` whose `retry_after` exceeds the configured maximum, or still limited after retries.
+    #[error("{method}: rate limited, retry after {retry_after:?}")]
+    RateLimited {
+        /// The Bot API method.
+        method: &'static str,
+        /// What Telegram asked for.
+        retry_after: Duration,
+    },
+    /// `409 Conflict`: another instance is polling the same token.
+    #[error("{method}: conflict, another instance is polling this bot token")]
+    Conflict {
+        /// The Bot API method.
+        method: &'static str,
+    },
+    /// Any other failure, described without secrets.
+    #[error("{method}: {kind}: {detail}")]
+    Other {
+        /// The Bot API method.
+        method: &'static str,
+        /// The outcome label (`network`, `api_error`, `invalid_json`, `error`).
+        kind: &'static str,
+        /// A description without the token or URL.
+        detail: String,
+    },
+}
+
+/// Outcome label and a secret-free description of a teloxide error.
+pub(crate) fn classify(e: &RequestError) -> (&'static str, String) {
+    match e {
+        RequestError::RetryAfter(s) => ("retry_after", format!("retry after {} s", s.seconds())),
+        RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => {
+            ("conflict", "terminated by other getUpdates request".into())
+        }
+        RequestError::Api(a) => ("api_error", a.to_string()),
+        RequestError::MigrateToChatId(_) => ("api_error", "chat migrated".into()),
+        RequestError::Network(n) => {
+            let what = if n.is_timeout() {
+                "timeout"
+            } else if n.is_connect() {
+                "connect"
+            } else if n.is_body() || n.is_decode() {
+                "body"
+            } else {
+                "request"
+            };
+            let kind = if n.is_timeout() { "timeout" } else { "network" };
+            (kind, format!("network error ({what})"))
+        }
+        RequestError::InvalidJson { source, .. } => (
+            "invalid_json",
+            format!("invalid JSON from the Bot API: {source}"),
+        ),
+        RequestError::Io(io) => ("error", format!("I/O error: {}", io.kind())),
+    }
+}
+
+/// Sends requests to the Bot API (cheap clone). Shared by the bot and the expiry worker.
+#[derive(Debug, Clone)]
+pub struct BotApi {
+    pub(crate) bot: Bot,
+    pub(crate) poll_bot: Bot,
+    pub(crate) metrics: BotMetrics,
+    pub(crate) settings: BotSettings,
+}
+
+impl BotApi {
+    /// Builds the clients for `telegram` (token and base URL) with the timeouts of `settings`.
+    ///
+    /// # Errors
+    /// A message when `telegram.api_url` is not a URL or an HTTP client cannot be built.
+    pub fn new(
+        telegram: &TelegramConfig,
+        settings: &BotSettings,
+        metrics: BotMetrics,
+    ) -> Result<BotApi, String> {
+        let url = reqwest::Url::parse(&telegram.api_url)
+            .map_err(|e| format!("telegram.api_url is not a URL: {e}"))?;
+        let client = |total: Duration| {
+            reqwest::Client::builder()
+                .timeout(total)
+                .connect_timeout(Duration::from_secs(5).min(total))
+                .tcp_nodelay(true)
+                .build()
+                .map_err(|e| format!("HTTP client: {e}"))
+        };
+        let token = telegram.token.expose_secret().to_string();
+        let bot = Bot::with_client(
+            token.clone(),
+            client(secs(settings.request_timeout_seconds))?,
+        )
+        .set_api_url(url.clone());
+        let poll_bot =
+            Bot::with_client(token, client(settings.poll_request_timeout())?).set_api_url(url);
+        Ok(BotApi {
+            bot,
+            poll_bot,
+            metrics,
+            settings: settings.clone(),
+        })
+    }
+
+    /// The metric families.
+    pub fn metrics(&self) -> &BotMetrics {
+        &self.metrics
+    }
+
+    /// Runs the request `make()` builds, bounded by the request timeout, counted under
+    /// `method`; on `429` waits `retry_after` (up to the configured maximum) and sends again,
+    /// at most twice. Other errors are not retried (a send might have been delivered).
+    ///
+    /// # Errors
+    /// [`BotApiError`].
+    pub async fn call<T, F, Fut>(&self, method: &'static str, make: F) -> Result<T, BotApiError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, RequestError>>,
+    {
+        // The client's own timeout bounds the HTTP exchange; this one also bounds teloxide's
+        // fixed 10 s pause after a 5xx.
+        let bound = secs(self.settings.request_timeout_seconds + 1.0);
+        let max_wait = secs(self.settings.retry_after_max_seconds);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res = tokio::time::timeout(bound, make()).await;
+            let e = match res {
+                Ok(Ok(v)) => {
+                    self.count(method, "ok");
+                    return Ok(v);
+                }
+                Err(_) => {
+                    self.count(method, "timeout");
+                    return Err(BotApiError::Timeout {
+                        method,
+                        after: bound,
+                    });
+                }
+                Ok(Err(e)) => e,
+            };
+            let (outcome, detail) = classify(&e);
+            self.count(method, outcome);
+            match e {
+                RequestError::RetryAfter(s) => {
+                    self.metrics.error("rate_limited");
+                    let wait = s.duration();
+                    if wait > max_wait || attempt >= 3 {
+                        return Err(BotApiError::RateLimited {
+                            method,
+                            retry_after: wait,
+                        });
+                    }
+                    tracing::warn!(
+                        method,
+                        retry_after_s = s.seconds(),
+                        "Bot API rate limit: waiting as told"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => {
+                    return Err(BotApiError::Conflict { method })
+                }
+                _ => {
+                    let kind = match outcome {
+                        "timeout" => {
+                            return Err(BotApiError::Timeout {
+                                method,
+                                after: bound,
+                            })
+                        }
+                        "network" => "network",
+                        "api_error" => "api_error",
+                        "invalid_json" => "invalid_json",
+                        _ => "error",
+                    };
+                    return Err(BotApiError::Other {
+                        method,
+                        kind,
+                        detail,
+                    });
+                }
+            }
+        }
+    }
+
+    pub(crate) fn count(&self, method: &'static str, outcome: &'static str) {
+        self.metrics
+            .api_requests
+            .with_label_values(&[method, outcome])
+            .inc();
+    }
+
+    /// Sends plain text (no parse mode, so user-supplied text needs no escaping), with an
+    /// optional inline keyboard.
+    ///
+    /// # Errors
+    /// [`BotApiError`].
+    pub async fn send_text(
+        &self,
+        chat: i64,
+        text: &str,
+        keyboard: Option<InlineKeyboardMarkup>,
+    ) -> Result<Message, BotApiError> {
+        self.call("sendMessage", || {
+            let mut req = self.bot.send_message(ChatId(chat), text);
+            if let Some(k) = &keyboard {
+                req = req.reply_markup(k.clone());
+            }
+            req.into_future()
+        })
+        .await
+    }
+
+    /// Sends a PNG with a caption.
+    ///
+    /// # Errors
+    /// [`BotApiError`].
+    pub async fn send_png(
+        &self,
+        chat: i64,
+        png: Vec<u8>,
+        caption: &str,
+        keyboard: Option<InlineKeyboardMarkup>,
+    ) -> Result<Message, BotApiError> {
+        self.call("sendPhoto", || {
+            let mut req = self
+                .bot
+                .send_photo(
+                    ChatId(chat),
+                    InputFile::memory(png.clone()).file_name("key.png"),
+                )
+                .caption(caption);
+            if let Some(k) = &keyboard {
+                req = req.reply_markup(k.clone());
+            }
+            req.into_future()
+        })
+        .await
+    }
+}

@@ -1,0 +1,816 @@
+//! Update routing and the handlers. Every action works on the sender's own rows (the user id
+//! comes from Telegram's `from`, never from callback data or payloads), so forged input can at
+//! worst reach the sender's own data.
+
+use std::future::IntoFuture;
+use std::time::Instant;
+
+use chrono::Utc;
+use teloxide::payloads::{AnswerCallbackQuerySetters, AnswerPreCheckoutQuerySetters};
+use teloxide::prelude::Requester;
+use teloxide::types::{
+    CallbackQuery, ChatId, InlineKeyboardButton, InlineKeyboardMarkup, LabeledPrice, Message,
+    PreCheckoutQuery, SuccessfulPayment, Update, UpdateKind, User,
+};
+use tracing::Instrument;
+
+use super::i18n::{self, Lang};
+use super::keys;
+use super::store::{self, CreditOutcome, PaymentIn, Subscription, TrialOutcome};
+use super::BotService;
+use crate::db::DbError;
+use crate::node::{owned_email, NodeUser};
+use crate::outbox::{enqueue, NodeOp};
+
+/// Currency of Telegram Stars.
+const XTR: &str = "XTR";
+/// Version prefix of invoice payloads: `v1:<plan id>`.
+const PAYLOAD_PREFIX: &str = "v1:";
+/// Longest text looked at; anything longer is not a command.
+const MAX_COMMAND_TEXT: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandlerError {
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+    #[error("Bot API: {0}")]
+    Api(#[from] super::BotApiError),
+}
+
+type HResult = Result<(), HandlerError>;
+
+/// Who an update comes from, in a private chat.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx {
+    pub(crate) user: i64,
+    pub(crate) chat: i64,
+    pub(crate) lang: Lang,
+}
+
+impl Ctx {
+    fn of(user: &User) -> Ctx {
+        let id = user.id.0 as i64;
+        Ctx {
+            user: id,
+            chat: id,
+            lang: Lang::from_code(user.language_code.as_deref()),
+        }
+    }
+}
+
+fn update_kind(u: &Update) -> &'static str {
+    match &u.kind {
+        UpdateKind::Message(m) if m.successful_payment().is_some() => "successful_payment",
+        UpdateKind::Message(m) if !m.chat.is_private() => "group_message",
+        UpdateKind::Message(_) => "message",
+        UpdateKind::EditedMessage(_) => "edited_message",
+        UpdateKind::CallbackQuery(_) => "callback_query",
+        UpdateKind::PreCheckoutQuery(_) => "pre_checkout_query",
+        UpdateKind::ChannelPost(_) | UpdateKind::EditedChannelPost(_) => "channel_post",
+        UpdateKind::MyChatMember(_) => "my_chat_member",
+        UpdateKind::Error(_) => "unparsed",
+        _ => "other",
+    }
+}
+
+/// A parsed command: `/name@bot args`.
+fn parse_command(text: &str) -> Option<(String, Vec<&str>)> {
+    if text.len() > MAX_COMMAND_TEXT || !text.starts_with('/') {
+        return None;
+    }
+    let mut parts = text.split_whitespace();
+    let head = parts.next()?.trim_start_matches('/');
+    let name = head.split('@').next().unwrap_or("").to_ascii_lowercase();
+    if name.is_empty() || name.len() > 32 {
+        return None;
+    }
+    Some((name, parts.take(4).collect()))
+}
+
+impl BotService {
+    /// Handles one update: routes it, runs its handler inside a span, records its kind and the
+    /// handler's duration. Never panics on odd input; errors are logged and counted, and the
+    /// user gets an honest "try again" where one is owed.
+    pub async fn handle_update(&self, u: Update) {
+        let kind = update_kind(&u);
+        self.metrics().updates.with_label_values(&[kind]).inc();
+        let span = tracing::info_span!(
+            "bot.update",
+            update.kind = kind,
+            handler = tracing::field::Empty
+        );
+        let started = Instant::now();
+        let (handler, res) = self.route(u).instrument(span.clone()).await;
+        span.record("handler", handler);
+        self.metrics()
+            .handler_duration
+            .with_label_values(&[handler])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = res {
+            let _g = span.enter();
+            match &e {
+                HandlerError::Db(d) => {
+                    self.metrics().error("db");
+                    tracing::warn!(handler, error = %d, "bot handler: database error");
+                }
+                HandlerError::Api(a) => {
+                    self.metrics().error("send_failed");
+                    tracing::warn!(handler, error = %a, "bot handler: Bot API error");
+                }
+            }
+        }
+    }
+
+    async fn route(&self, u: Update) -> (&'static str, HResult) {
+        match u.kind {
+            UpdateKind::Message(m) => self.on_message(m).await,
+            UpdateKind::CallbackQuery(q) => self.on_callback(q).await,
+            UpdateKind::PreCheckoutQuery(q) => ("pre_checkout", self.on_pre_checkout(q).await),
+            // Edited messages, channels, membership changes, unknown kinds: ignored on purpose.
+            _ => ("ignored", Ok(())),
+        }
+    }
+
+    async fn on_message(&self, m: Message) -> (&'static str, HResult) {
+        if !m.chat.is_private() {
+            return ("ignored", Ok(()));
+        }
+        let Some(from) = m.from.as_ref().filter(|f| !f.is_bot) else {
+            return ("ignored", Ok(()));
+        };
+        let ctx = Ctx::of(from);
+        if ctx.chat != m.chat.id.0 {
+            return ("ignored", Ok(()));
+        }
+        if let Some(p) = m.successful_payment() {
+            return ("payment", self.on_payment(ctx, p).await);
+        }
+        let Some((cmd, args)) = m.text().and_then(parse_command) else {
+            let r = self
+                .reply(
+                    ctx,
+                    i18n::not_a_command(ctx.lang),
+                    Some(self.menu(ctx, true)),
+                )
+                .await;
+            return ("text", r);
+        };
+        let admin = self.inner.admins.contains(&ctx.user);
+        match cmd.as_str() {
+            "start" | "menu" => ("start", self.on_start(ctx).await),
+            "help" => ("help", self.reply(ctx, i18n::help(ctx.lang), None).await),
+            "trial" => ("trial", self.on_trial(ctx).await),
+            "buy" | "renew" | "plans" => ("buy", self.on_buy(ctx).await),
+            "status" => ("status", self.on_status(ctx).await),
+            "key" => ("key", self.on_key(ctx).await),
+            "stats" if admin => ("stats", self.on_stats(ctx).await),
+            "diag" if admin => ("diag", self.on_diag(ctx).await),
+            "reconcile" if admin => ("reconcile", self.on_reconcile(ctx, &args).await),
+            // Admin commands from anyone else land here too: no sign they exist.
+            _ => (
+                "unknown_command",
+                self.reply(ctx, i18n::unknown_command(ctx.lang), None).await,
+            ),
+        }
+    }
+
+    async fn on_callback(&self, q: CallbackQuery) -> (&'static str, HResult) {
+        let ctx = Ctx::of(&q.from);
+        // Buttons only work in the user's own private chat with the bot.
+        let own_chat = q
+            .message
+            .as_ref()
+            .is_none_or(|m| m.chat().is_private() && m.chat().id.0 == ctx.chat);
+        let data = q.data.as_deref().unwrap_or("");
+        let action = if own_chat && data.len() <= 64 {
+            match data {
+                "trial" | "buy" | "status" | "key" | "help" | "menu" => Some(data),
+                d if d
+                    .strip_prefix("plan:")
+                    .is_some_and(|p| self.settings().plan(p).is_some()) =>
+                {
+                    Some("plan")
+                }
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let api = &self.inner.api;
+        let answer = api
+            .call("answerCallbackQuery", || {
+                let req = api.bot.answer_callback_query(q.id.clone());
+                if action.is_none() {
+                    req.text(i18n::unknown_action(ctx.lang)).into_future()
+                } else {
+                    req.into_future()
+                }
+            })
+            .await;
+        if let Err(e) = answer {
+            tracing::debug!(error = %e, "answerCallbackQuery failed");
+        }
+        let Some(action) = action else {
+            return ("callback_unknown", Ok(()));
+        };
+        match action {
+            "trial" => ("trial", self.on_trial(ctx).await),
+            "buy" => ("buy", self.on_buy(ctx).await),
+            "status" => ("status", self.on_status(ctx).await),
+            "key" => ("key", self.on_key(ctx).await),
+            "help" => ("help", self.reply(ctx, i18n::help(ctx.lang), None).await),
+            "menu" => ("start", self.on_start(ctx).await),
+            _ => {
+                let plan = data.strip_prefix("plan:").unwrap_or_default();
+                ("plan", self.on_plan(ctx, plan).await)
+            }
+        }
+    }
+
+    pub(crate) async fn reply(
+        &self,
+        ctx: Ctx,
+        text: &str,
+        kb: Option<InlineKeyboardMarkup>,
+    ) -> HResult {
+        self.inner.api.send_text(ctx.chat, text, kb).await?;
+        Ok(())
+    }
+
+    /// Tells the user about an internal error (best effort) and passes the error on.
+    async fn sorry<T>(&self, ctx: Ctx, e: DbError) -> Result<T, HandlerError> {
+        let _ = self.reply(ctx, i18n::unavailable(ctx.lang), None).await;
+        Err(HandlerError::Db(e))
+    }
+
+    fn menu(&self, ctx: Ctx, trial: bool) -> InlineKeyboardMarkup {
+        let b = |t: &str, d: &str| InlineKeyboardButton::callback(t.to_string(), d.to_string());
+        let l = ctx.lang;
+        let mut rows = Vec::new();
+        if trial && self.settings().trial_days > 0 {
+            rows.push(vec![b(i18n::btn_trial(l), "trial")]);
+        }
+        rows.push(vec![b(i18n::btn_buy(l), "buy")]);
+        rows.push(vec![
+            b(i18n::btn_status(l), "status"),
+            b(i18n::btn_key(l), "key"),
+        ]);
+        rows.push(vec![b(i18n::btn_help(l), "help")]);
+        InlineKeyboardMarkup::new(rows)
+    }
+
+    async fn on_start(&self, ctx: Ctx) -> HResult {
+        if let Err(e) = store::upsert_user(&self.inner.pool, ctx.user, ctx.lang.code()).await {
+            return self.sorry(ctx, e).await;
+        }
+        let trial = match store::trial_available(&self.inner.pool, ctx.user).await {
+            Ok(t) => t,
+            Err(e) => return self.sorry(ctx, e).await,
+        };
+        self.reply(ctx, i18n::welcome(ctx.lang), Some(self.menu(ctx, trial)))
+            .await
+    }
+
+    async fn on_trial(&self, ctx: Ctx) -> HResult {
+        let days = self.settings().trial_days;
+        if days == 0 {
+            return self.reply(ctx, i18n::trial_disabled(ctx.lang), None).await;
+        }
+        let s = self.settings();
+        let out = store::start_trial(
+            &self.inner.pool,
+            ctx.user,
+            ctx.lang.code(),
+            days,
+            &self.inner.node_names,
+            &s.node_policy,
+        )
+        .await;
+        match out {
+            Ok(TrialOutcome::Started(sub)) => {
+                let ready = self.issue_key(&sub).await;
+                self.reply(
+                    ctx,
+                    &i18n::trial_started(ctx.lang, days, sub.expires_at),
+                    None,
+                )
+                .await?;
+                self.deliver_key(ctx, &sub, ready).await
+            }
+            Ok(TrialOutcome::Used) => self.reply(ctx, i18n::trial_used(ctx.lang), None).await,
+            Ok(TrialOutcome::NoNode) => {
+                self.metrics().error("no_node");
+                self.reply(ctx, i18n::unavailable(ctx.lang), None).await
+            }
+            Err(e) => self.sorry(ctx, e).await,
+        }
+    }
+
+    async fn on_buy(&self, ctx: Ctx) -> HResult {
+        let rows = self
+            .settings()
+            .plans
+            .iter()
+            .map(|p| {
+                vec![InlineKeyboardButton::callback(
+                    i18n::plan_button(ctx.lang, p),
+                    format!("plan:{}", p.id),
+                )]
+            })
+            .collect::<Vec<_>>();
+        self.reply(
+            ctx,
+            i18n::choose_plan(ctx.lang),
+            Some(InlineKeyboardMarkup::new(rows)),
+        )
+        .await
+    }
+
+    async fn on_plan(&self, ctx: Ctx, plan_id: &str) -> HResult {
+        let Some(plan) = self.settings().plan(plan_id).cloned() else {
+            return self.reply(ctx, i18n::unknown_action(ctx.lang), None).await;
+        };
+        let (title, description) = i18n::invoice(ctx.lang, &plan);
+        let api = &self.inner.api;
+        let payload = format!("{PAYLOAD_PREFIX}{}", plan.id);
+        api.call("sendInvoice", || {
+            api.bot
+                .send_invoice(
+                    ChatId(ctx.chat),
+                    title.clone(),
+                    description.clone(),
+                    payload.clone(),
+                    XTR,
+                    [LabeledPrice::new(title.clone(), plan.stars)],
+                )
+                .into_future()
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Checks an invoice before Telegram charges: known payload and plan, `XTR`, the plan's
+    /// current price, and a node to put the key on.
+    fn validate_checkout(
+        &self,
+        payload: &str,
+        currency: &str,
+        amount: u32,
+    ) -> Result<(), &'static str> {
+        let plan = payload
+            .strip_prefix(PAYLOAD_PREFIX)
+            .and_then(|id| self.settings().plan(id))
+            .ok_or("invalid")?;
+        if currency != XTR || amount != plan.stars {
+            return Err("invalid");
+        }
+        if self.inner.node_names.is_empty() {
+            return Err("unavailable");
+        }
+        Ok(())
+    }
+
+    async fn on_pre_checkout(&self, q: PreCheckoutQuery) -> HResult {
+        let ctx = Ctx::of(&q.from);
+        let verdict = self.validate_checkout(&q.invoice_payload, &q.currency, q.total_amount);
+        if verdict.is_err() {
+            self.metrics()
+                .payments
+                .with_label_values(&["rejected"])
+                .inc();
+            tracing::info!(reason = ?verdict, "pre-checkout rejected");
+        }
+        let api = &self.inner.api;
+        api.call("answerPreCheckoutQuery", || {
+            let req = api
+                .bot
+                .answer_pre_checkout_query(q.id.clone(), verdict.is_ok());
+            match verdict {
+                Ok(()) => req.into_future(),
+                Err("unavailable") => req
+                    .error_message(i18n::precheckout_unavailable(ctx.lang))
+                    .into_future(),
+                Err(_) => req
+                    .error_message(i18n::precheckout_invalid(ctx.lang))
+                    .into_future(),
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn on_payment(&self, ctx: Ctx, p: &SuccessfulPayment) -> HResult {
+        let charge_key = if p.provider_payment_charge_id.is_empty() {
+            p.telegram_payment_charge_id.0.clone()
+        } else {
+            p.provider_payment_charge_id.clone()
+        };
+        let plan = p
+            .invoice_payload
+            .strip_prefix(PAYLOAD_PREFIX)
+            .and_then(|id| self.settings().plan(id))
+            .cloned();
+        let mut input = PaymentIn {
+            user_id: ctx.user,
+            lang: ctx.lang.code().into(),
+            charge_key,
+            telegram_charge_id: p.telegram_payment_charge_id.0.clone(),
+            plan: String::new(),
+            days: 0,
+            currency: p.currency.chars().take(8).collect(),
+            amount: p.total_amount as i64,
+        };
+        let Some(plan) = plan else {
+            // Telegram took the money: record it whatever the payload says, for support.
+            input.plan = "unknown".into();
+            self.metrics().error("payment_unknown_plan");
+            tracing::error!(
+                amount = p.total_amount,
+                "payment for an unknown plan; recorded for manual credit"
+            );
+            return match store::record_orphan_payment(&self.inner.pool, &input).await {
+                Ok(true) => {
+                    self.reply(ctx, i18n::payment_unknown_plan(ctx.lang), None)
+                        .await
+                }
+                Ok(false) => {
+                    self.metrics()
+                        .payments
+                        .with_label_values(&["duplicate"])
+                        .inc();
+                    self.reply(ctx, i18n::payment_duplicate(ctx.lang), None)
+                        .await
+                }
+                Err(e) => {
+                    self.metrics().payments.with_label_values(&["failed"]).inc();
+                    self.sorry(ctx, e).await
+                }
+            };
+        };
+        input.plan = plan.id.clone();
+        input.days = plan.days;
+        let s = self.settings();
+        match store::credit_payment(
+            &self.inner.pool,
+            &input,
+            &self.inner.node_names,
+            &s.node_policy,
+        )
+        .await
+        {
+            Ok(CreditOutcome::Credited { sub, issue }) => {
+                self.metrics()
+                    .payments
+                    .with_label_values(&["credited"])
+                    .inc();
+                tracing::info!(plan = %plan.id, stars = p.total_amount, "payment credited");
+                let ready = if issue {
+                    self.issue_key(&sub).await
+                } else {
+                    true
+                };
+                self.reply(
+                    ctx,
+                    &i18n::payment_credited(ctx.lang, &plan, sub.expires_at),
+                    None,
+                )
+                .await?;
+                if issue {
+                    self.deliver_key(ctx, &sub, ready).await?;
+                }
+                Ok(())
+            }
+            Ok(CreditOutcome::Duplicate) => {
+                self.metrics()
+                    .payments
+                    .with_label_values(&["duplicate"])
+                    .inc();
+                tracing::info!("repeated successful_payment: not credited again");
+                self.reply(ctx, i18n::payment_duplicate(ctx.lang), None)
+                    .await
+            }
+            Ok(CreditOutcome::NoNode) => {
+                self.metrics().payments.with_label_values(&["failed"]).inc();
+                self.metrics().error("no_node");
+                tracing::error!("payment could not be credited: no node configured");
+                self.reply(ctx, i18n::unavailable(ctx.lang), None).await
+            }
+            Err(e) => {
+                self.metrics().payments.with_label_values(&["failed"]).inc();
+                self.sorry(ctx, e).await
+            }
+        }
+    }
+
+    /// Adds the subscription's user on its node: outside any transaction and with no pooled
+    /// connection held during the HTTP call. On failure the intent goes to the outbox, which
+    /// retries until the node confirms. Returns whether the node confirmed now.
+    pub(crate) async fn issue_key(&self, sub: &Subscription) -> bool {
+        let user = NodeUser::owned(sub.vless_uuid);
+        let err = match self.inner.fleet.get(&sub.node) {
+            Some(client) => match client.add_user(&user).await {
+                Ok(_) => return true,
+                Err(e) => format!("{}: {e}", e.error_type()),
+            },
+            None => "node not configured".to_string(),
+        };
+        self.metrics().error("node_pending");
+        tracing::warn!(node = %sub.node, error = %err, "key not confirmed by the node; queued in the outbox");
+        let queued = async {
+            let mut c = self.inner.pool.acquire("bot_enqueue_add").await?;
+            let r = enqueue(
+                &mut c,
+                &sub.node,
+                NodeOp::Add,
+                sub.vless_uuid,
+                &owned_email(sub.vless_uuid),
+            )
+            .await;
+            c.check(r)
+        }
+        .await;
+        if let Err(e) = queued {
+            // Reconcile re-adds a live subscription missing from its node.
+            self.metrics().error("db");
+            tracing::error!(error = %e, "could not queue the node add; reconcile will repair it");
+        }
+        false
+    }
+
+    fn link(&self, sub: &Subscription) -> String {
+        let s = self.settings();
+        let (host, port) = self
+            .inner
+            .nodes
+            .get(&sub.node)
+            .map(|n| (n.host.as_str(), n.port))
+            .unwrap_or(("unknown", 443));
+        keys::vless_link(sub.vless_uuid, host, port, &s.link_params, &s.link_label)
+    }
+
+    /// Sends the key: the QR code with the link as caption (and the honest note first when
+    /// the node has not confirmed it yet).
+    async fn deliver_key(&self, ctx: Ctx, sub: &Subscription, ready: bool) -> HResult {
+        if !ready {
+            self.reply(ctx, i18n::key_pending(ctx.lang), None).await?;
+        }
+        let link = self.link(sub);
+        let caption = i18n::key_caption(ctx.lang, &link, sub.expires_at);
+        let qr = {
+            let link = link.clone();
+            tokio::task::spawn_blocking(move || keys::qr_png(&link)).await
+        };
+        match qr {
+            Ok(Ok(png)) => {
+                self.inner
+                    .api
+                    .send_png(ctx.chat, png, &caption, None)
+                    .await?;
+            }
+            _ => {
+                self.metrics().error("qr");
+                self.reply(ctx, &caption, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_status(&self, ctx: Ctx) -> HResult {
+        let sub = match store::current_subscription(&self.inner.pool, ctx.user).await {
+            Ok(s) => s,
+            Err(e) => return self.sorry(ctx, e).await,
+        };
+        let Some(sub) = sub else {
+            return self.reply(ctx, i18n::status_none(ctx.lang), None).await;
+        };
+        let now = Utc::now();
+        let plan = if sub.plan == "trial" {
+            if ctx.lang == Lang::Ru {
+                "пробный".to_string()
+            } else {
+                "trial".to_string()
+            }
+        } else {
+            self.settings()
+                .plan(&sub.plan)
+                .map(|p| i18n::plan_title(ctx.lang, p).to_string())
+                .unwrap_or_else(|| sub.plan.clone())
+        };
+        let text = i18n::status(
+            ctx.lang,
+            &plan,
+            sub.expires_at,
+            &sub.node,
+            sub.is_live(now),
+            now,
+        );
+        self.reply(ctx, &text, None).await
+    }
+
+    async fn on_key(&self, ctx: Ctx) -> HResult {
+        let sub = match store::current_subscription(&self.inner.pool, ctx.user).await {
+            Ok(s) => s,
+            Err(e) => return self.sorry(ctx, e).await,
+        };
+        match sub {
+            None => self.reply(ctx, i18n::key_none(ctx.lang), None).await,
+            Some(s) if !s.is_live(Utc::now()) => {
+                self.reply(ctx, i18n::key_expired(ctx.lang), None).await
+            }
+            Some(s) => self.deliver_key(ctx, &s, true).await,
+        }
+    }
+
+    async fn on_stats(&self, ctx: Ctx) -> HResult {
+        let st = match store::stats(&self.inner.pool).await {
+            Ok(s) => s,
+            Err(e) => return self.sorry(ctx, e).await,
+        };
+        let text = format!(
+            "Stats\nusers: {}\nactive subscriptions: {} (trials: {})\npayments: {}\nrevenue: {} ⭐ (last 30 days: {} ⭐)",
+            st.users, st.active, st.active_trials, st.payments, st.revenue_stars, st.revenue_stars_30d
+        );
+        self.reply(ctx, &text, None).await
+    }
+
+    async fn on_diag(&self, ctx: Ctx) -> HResult {
+        let text = self.diag_text().await;
+        self.reply(ctx, &text, None).await
+    }
+
+    /// The `/diag` message: stall state, leadership, polling age, scheduler lag p99, breakers,
+    /// pool saturation, last reconcile per node, latest dump summary.
+    pub async fn diag_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut t = String::from("Diagnostics\n");
+        let health = self.inner.health.as_deref();
+        let stall = health.and_then(|h| h.stall());
+        let _ = writeln!(t, "stall: {}", stall.as_deref().unwrap_or("none"));
+        if let Some(l) = health.and_then(|h| h.leader.get()) {
+            let _ = writeln!(t, "leader: {}", if l.is_leader() { "yes" } else { "no" });
+        }
+        let last = self.metrics().polling_last_success.get();
+        if last > 0.0 {
+            let _ = writeln!(
+                t,
+                "last poll: {:.1} s ago",
+                (super::unix_now() - last).max(0.0)
+            );
+        }
+        let lag = self
+            .inner
+            .registry
+            .as_ref()
+            .and_then(|r| histogram_quantile(r, "scheduler_lag", 0.99));
+        match lag {
+            Some((name, v)) => {
+                let _ = writeln!(t, "scheduler lag p99: {:.2} ms ({name})", v * 1000.0);
+            }
+            None => {
+                let _ = writeln!(t, "scheduler lag p99: n/a");
+            }
+        }
+        let breakers: Vec<String> = self
+            .inner
+            .fleet
+            .clients()
+            .map(|c| format!("{}={}", c.name(), c.breaker_state().as_str()))
+            .collect();
+        let _ = writeln!(
+            t,
+            "breakers: {}",
+            if breakers.is_empty() {
+                "none".into()
+            } else {
+                breakers.join(", ")
+            }
+        );
+        let raw = self.inner.pool.raw();
+        let used = raw.size().saturating_sub(raw.num_idle() as u32);
+        let waiting = self
+            .inner
+            .pool
+            .inflight()
+            .snapshot()
+            .iter()
+            .filter(|e| e.state == crate::db::inflight::PoolUse::Waiting)
+            .count();
+        let _ = writeln!(
+            t,
+            "pool: {used}/{} in use, {waiting} waiting",
+            self.inner.pool_max
+        );
+        match store::last_reconciles(&self.inner.pool).await {
+            Ok(runs) if runs.is_empty() => {
+                let _ = writeln!(t, "last reconcile: none");
+            }
+            Ok(runs) => {
+                for (node, at, outcome, removed, readded) in runs {
+                    let ago = (Utc::now() - at).num_seconds();
+                    let _ = writeln!(
+                        t,
+                        "last reconcile {node}: {outcome} {ago} s ago (removed {removed}, re-added {readded})"
+                    );
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(t, "last reconcile: unknown ({})", e.kind());
+            }
+        }
+        let dump = health
+            .and_then(|h| h.diagnostics.get())
+            .and_then(|d| d.latest_dump_json());
+        match dump {
+            Some(j) => {
+                let summary: String = j.chars().take(300).collect();
+                let _ = writeln!(t, "latest dump: {summary}");
+            }
+            None => {
+                let _ = writeln!(t, "latest dump: none");
+            }
+        }
+        t
+    }
+
+    async fn on_reconcile(&self, ctx: Ctx, args: &[&str]) -> HResult {
+        let dry = args.iter().any(|a| a.eq_ignore_ascii_case("dry"));
+        let node = args
+            .iter()
+            .find(|a| !a.eq_ignore_ascii_case("dry"))
+            .map(|s| s.to_string());
+        if let Some(n) = &node {
+            if !self.inner.nodes.contains_key(n) {
+                let known = self.inner.node_names.join(", ");
+                return self
+                    .reply(ctx, &format!("Unknown node. Known nodes: {known}"), None)
+                    .await;
+            }
+        }
+        let Some(trigger) = self.inner.reconcile.get().cloned() else {
+            return self
+                .reply(ctx, "Reconcile is not available in this instance.", None)
+                .await;
+        };
+        let text = match trigger.run_once(node, dry).await {
+            Ok(s) => format!("Reconcile{}:\n{s}", if dry { " (dry run)" } else { "" }),
+            Err(e) => format!("Reconcile failed: {e}"),
+        };
+        self.reply(ctx, &text, None).await
+    }
+}
+
+/// The `q` quantile (linear within a bucket) of the first histogram family whose name
+/// contains `needle`, summed over its label sets; `None` when absent or empty.
+fn histogram_quantile(
+    registry: &prometheus::Registry,
+    needle: &str,
+    q: f64,
+) -> Option<(String, f64)> {
+    let fam = registry.gather().into_iter().find(|f| {
+        f.name().contains(needle) && f.get_field_type() == prometheus::proto::MetricType::HISTOGRAM
+    })?;
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    let mut total = 0u64;
+    for m in fam.get_metric() {
+        let h = m.get_histogram();
+        total += h.get_sample_count();
+        for (i, b) in h.get_bucket().iter().enumerate() {
+            if buckets.len() <= i {
+                buckets.push((b.upper_bound(), 0));
+            }
+            buckets[i].1 += b.cumulative_count();
+        }
+    }
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut prev = (0.0, 0u64);
+    for (ub, c) in &buckets {
+        if *c as f64 >= rank {
+            let span = (*c - prev.1).max(1) as f64;
+            let v = prev.0 + (ub - prev.0) * ((rank - prev.1 as f64) / span);
+            return Some((fam.name().to_string(), v));
+        }
+        prev = (*ub, *c);
+    }
+    Some((fam.name().to_string(), prev.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_strictly() {
+        assert_eq!(parse_command("/start").unwrap().0, "start");
+        assert_eq!(
+            parse_command("/START@vpn_bot x y").unwrap(),
+            ("start".into(), vec!["x", "y"])
+        );
+        assert!(parse_command("start").is_none());
+        assert!(parse_command("/").is_none());
+        assert!(parse_command(&format!("/{}", "a".repeat(300))).is_none());
+        assert!(parse_command("/\u{0}\u{1}binary").is_some());
+    }
+}

@@ -1,0 +1,72 @@
+//! Metric families of the bot. Every label comes from a fixed set in the code: never a chat id,
+//! user id, payload or token.
+
+use prometheus::{Gauge, HistogramVec, IntCounterVec, IntGauge, Registry};
+
+use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
+
+/// The bot's metric families (cheap clone).
+#[derive(Debug, Clone)]
+pub struct BotMetrics {
+    pub(crate) updates: IntCounterVec,
+    pub(crate) handler_duration: HistogramVec,
+    pub(crate) errors: IntCounterVec,
+    pub(crate) polling_last_success: Gauge,
+    pub(crate) api_requests: IntCounterVec,
+    pub(crate) payments: IntCounterVec,
+    pub(crate) in_flight: IntGauge,
+}
+
+impl BotMetrics {
+    /// Registers the bot's families.
+    pub fn register(registry: &Registry) -> Self {
+        Self {
+            updates: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_updates_total",
+                "Telegram updates received, by kind (message, edited_message, callback_query, pre_checkout_query, successful_payment, channel_post, group_message, other).",
+                &["kind"],
+            ),
+            handler_duration: metrics::histogram_vec(
+                registry,
+                "vpnbot_bot_handler_duration_seconds",
+                "Time to handle one update, by handler (start, help, trial, buy, plan, pre_checkout, payment, status, key, stats, diag, reconcile, unknown, ignored, ...).",
+                &["handler"],
+                DURATION_BUCKETS_SECONDS,
+            ),
+            errors: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_errors_total",
+                "Bot errors by kind (conflict, rate_limited, poll_timeout, network, api, invalid_json, handler_timeout, db, node_pending, send_failed, panic).",
+                &["kind"],
+            ),
+            polling_last_success: metrics::gauge(
+                registry,
+                "vpnbot_bot_polling_last_success_timestamp_seconds",
+                "Unix time of the last getUpdates that succeeded (an empty long poll is a success).",
+            ),
+            api_requests: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_api_requests_total",
+                "Bot API requests by method and outcome (ok, retry_after, conflict, timeout, network, api_error, invalid_json, error).",
+                &["method", "outcome"],
+            ),
+            payments: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_payments_total",
+                "Payments by outcome: credited (first successful_payment of a charge), duplicate (a repeated one, not credited again), rejected (pre-checkout refused), failed (not recorded; retried by Telegram's redelivery or support).",
+                &["outcome"],
+            ),
+            in_flight: metrics::int_gauge(
+                registry,
+                "vpnbot_bot_updates_in_flight",
+                "Updates being handled now.",
+            ),
+        }
+    }
+
+    /// Counts one error of `kind` (a fixed name).
+    pub fn error(&self, kind: &'static str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+}

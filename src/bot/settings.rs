@@ -1,0 +1,255 @@
+//! `[bot]`: long polling, trial, plans priced in Telegram Stars, node choice, key links, and
+//! the expiry and reminder worker.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::secs;
+
+/// Default long-poll timeout sent to `getUpdates`, seconds.
+pub const DEFAULT_POLL_TIMEOUT_SECONDS: u32 = 25;
+/// Default margin added to the poll timeout for the HTTP client's total timeout, seconds.
+pub const DEFAULT_POLL_MARGIN_SECONDS: f64 = 10.0;
+/// Default total timeout of every other Bot API request, seconds.
+pub const DEFAULT_REQUEST_TIMEOUT_SECONDS: f64 = 15.0;
+/// Default first receive-loop backoff after an error, seconds.
+pub const DEFAULT_BACKOFF_BASE_SECONDS: f64 = 0.5;
+/// Default receive-loop backoff cap, seconds.
+pub const DEFAULT_BACKOFF_MAX_SECONDS: f64 = 30.0;
+/// Default pause after a `409 Conflict` (another instance polls the same token), seconds.
+pub const DEFAULT_CONFLICT_BACKOFF_SECONDS: f64 = 30.0;
+/// Default longest `retry_after` a send waits for before giving up, seconds.
+pub const DEFAULT_RETRY_AFTER_MAX_SECONDS: f64 = 60.0;
+/// Default updates handled at once.
+pub const DEFAULT_MAX_CONCURRENT_UPDATES: usize = 64;
+/// Default bound on handling one update, seconds.
+pub const DEFAULT_HANDLER_TIMEOUT_SECONDS: f64 = 30.0;
+/// Default trial length, days.
+pub const DEFAULT_TRIAL_DAYS: u32 = 3;
+/// Default node choice policy.
+pub const DEFAULT_NODE_POLICY: &str = "least_loaded";
+/// Default query string of `vless://` links.
+pub const DEFAULT_LINK_PARAMS: &str = "encryption=none&security=tls&type=tcp";
+/// Default fragment (display name) of `vless://` links.
+pub const DEFAULT_LINK_LABEL: &str = "vpnbot";
+/// Default interval of the expiry and reminder worker, seconds.
+pub const DEFAULT_EXPIRY_INTERVAL_SECONDS: f64 = 60.0;
+/// Default most subscriptions expired or reminded per pass.
+pub const DEFAULT_EXPIRY_BATCH: u32 = 500;
+
+/// One plan a user can buy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Short id used in callbacks and invoice payloads: 1-16 characters of `[a-z0-9_]`.
+    pub id: String,
+    /// Title in English.
+    pub title_en: String,
+    /// Title in Russian.
+    pub title_ru: String,
+    /// Days added to the subscription.
+    pub days: u32,
+    /// Price in Telegram Stars (`XTR`).
+    pub stars: u32,
+}
+
+fn default_plans() -> Vec<Plan> {
+    let p = |id: &str, en: &str, ru: &str, days, stars| Plan {
+        id: id.into(),
+        title_en: en.into(),
+        title_ru: ru.into(),
+        days,
+        stars,
+    };
+    vec![
+        p("month", "1 month", "1 месяц", 30, 100),
+        p("quarter", "3 months", "3 месяца", 90, 250),
+        p("year", "12 months", "12 месяцев", 365, 900),
+    ]
+}
+
+/// `[bot]`: the Telegram bot and the expiry worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BotSettings {
+    /// Long-poll timeout sent to `getUpdates`, seconds (default [`DEFAULT_POLL_TIMEOUT_SECONDS`]).
+    pub poll_timeout_seconds: u32,
+    /// Added to the poll timeout for the HTTP total timeout of `getUpdates`, seconds
+    /// (default [`DEFAULT_POLL_MARGIN_SECONDS`]).
+    pub poll_margin_seconds: f64,
+    /// Total timeout of every other Bot API request, seconds
+    /// (default [`DEFAULT_REQUEST_TIMEOUT_SECONDS`]).
+    pub request_timeout_seconds: f64,
+    /// First receive-loop backoff, doubled per failure, jittered
+    /// (default [`DEFAULT_BACKOFF_BASE_SECONDS`]).
+    pub backoff_base_seconds: f64,
+    /// Receive-loop backoff cap, seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
+    pub backoff_max_seconds: f64,
+    /// Pause after `409 Conflict`, seconds (default [`DEFAULT_CONFLICT_BACKOFF_SECONDS`]).
+    pub conflict_backoff_seconds: f64,
+    /// Longest `retry_after` a send waits for; longer ones fail the send, seconds
+    /// (default [`DEFAULT_RETRY_AFTER_MAX_SECONDS`]).
+    pub retry_after_max_seconds: f64,
+    /// Updates handled at once; polling waits when all slots are busy
+    /// (default [`DEFAULT_MAX_CONCURRENT_UPDATES`]).
+    pub max_concurrent_updates: usize,
+    /// Bound on handling one update, seconds (default [`DEFAULT_HANDLER_TIMEOUT_SECONDS`]).
+    pub handler_timeout_seconds: f64,
+    /// Trial length, days; 0 disables the trial (default [`DEFAULT_TRIAL_DAYS`]).
+    pub trial_days: u32,
+    /// Node for a new subscription: `least_loaded` (fewest active subscriptions) or `first`
+    /// (default [`DEFAULT_NODE_POLICY`]).
+    pub node_policy: String,
+    /// Query string of `vless://` links (default [`DEFAULT_LINK_PARAMS`]).
+    pub link_params: String,
+    /// Fragment (display name) of `vless://` links (default [`DEFAULT_LINK_LABEL`]).
+    pub link_label: String,
+    /// Interval of the expiry and reminder worker, seconds
+    /// (default [`DEFAULT_EXPIRY_INTERVAL_SECONDS`]).
+    pub expiry_interval_seconds: f64,
+    /// Most subscriptions expired or reminded per pass (default [`DEFAULT_EXPIRY_BATCH`]).
+    pub expiry_batch: u32,
+    /// Plans for sale, priced in Telegram Stars.
+    pub plans: Vec<Plan>,
+}
+
+impl Default for BotSettings {
+    fn default() -> Self {
+        Self {
+            poll_timeout_seconds: DEFAULT_POLL_TIMEOUT_SECONDS,
+            poll_margin_seconds: DEFAULT_POLL_MARGIN_SECONDS,
+            request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
+            backoff_base_seconds: DEFAULT_BACKOFF_BASE_SECONDS,
+            backoff_max_seconds: DEFAULT_BACKOFF_MAX_SECONDS,
+            conflict_backoff_seconds: DEFAULT_CONFLICT_BACKOFF_SECONDS,
+            retry_after_max_seconds: DEFAULT_RETRY_AFTER_MAX_SECONDS,
+            max_concurrent_updates: DEFAULT_MAX_CONCURRENT_UPDATES,
+            handler_timeout_seconds: DEFAULT_HANDLER_TIMEOUT_SECONDS,
+            trial_days: DEFAULT_TRIAL_DAYS,
+            node_policy: DEFAULT_NODE_POLICY.into(),
+            link_params: DEFAULT_LINK_PARAMS.into(),
+            link_label: DEFAULT_LINK_LABEL.into(),
+            expiry_interval_seconds: DEFAULT_EXPIRY_INTERVAL_SECONDS,
+            expiry_batch: DEFAULT_EXPIRY_BATCH,
+            plans: default_plans(),
+        }
+    }
+}
+
+impl BotSettings {
+    /// Every problem, each naming its key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        for (k, v) in [
+            ("poll_margin_seconds", self.poll_margin_seconds),
+            ("request_timeout_seconds", self.request_timeout_seconds),
+            ("backoff_base_seconds", self.backoff_base_seconds),
+            ("backoff_max_seconds", self.backoff_max_seconds),
+            ("conflict_backoff_seconds", self.conflict_backoff_seconds),
+            ("retry_after_max_seconds", self.retry_after_max_seconds),
+            ("handler_timeout_seconds", self.handler_timeout_seconds),
+            ("expiry_interval_seconds", self.expiry_interval_seconds),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                e.push(format!(
+                    "bot.{k} must be a positive number of seconds, got {v}"
+                ));
+            }
+        }
+        if self.poll_timeout_seconds > 3600 {
+            e.push("bot.poll_timeout_seconds must be at most 3600".into());
+        }
+        if self.max_concurrent_updates == 0 {
+            e.push("bot.max_concurrent_updates must be at least 1".into());
+        }
+        if self.expiry_batch == 0 {
+            e.push("bot.expiry_batch must be at least 1".into());
+        }
+        if !matches!(self.node_policy.as_str(), "least_loaded" | "first") {
+            e.push(format!(
+                "bot.node_policy `{}` must be `least_loaded` or `first`",
+                self.node_policy
+            ));
+        }
+        if self.link_params.contains(['#', ' ', '\n']) {
+            e.push("bot.link_params must be a URL query string without `#` or spaces".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.plans {
+            if p.id.is_empty()
+                || p.id.len() > 16
+                || !p
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                e.push(format!(
+                    "bot.plans: id `{}` must be 1-16 characters of [a-z0-9_]",
+                    p.id
+                ));
+            }
+            if p.id == "trial" {
+                e.push("bot.plans: id `trial` is reserved".into());
+            }
+            if !seen.insert(p.id.clone()) {
+                e.push(format!("bot.plans: id `{}` is repeated", p.id));
+            }
+            if p.days == 0 || p.days > 3660 {
+                e.push(format!("bot.plans.{}: days must be 1..=3660", p.id));
+            }
+            if p.stars == 0 || p.stars > 100_000 {
+                e.push(format!("bot.plans.{}: stars must be 1..=100000", p.id));
+            }
+            if p.title_en.is_empty() || p.title_ru.is_empty() {
+                e.push(format!("bot.plans.{}: titles must not be empty", p.id));
+            }
+        }
+        e
+    }
+
+    /// The plan with `id`.
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.id == id)
+    }
+
+    /// Total HTTP timeout of one `getUpdates`: poll timeout plus margin.
+    pub fn poll_request_timeout(&self) -> Duration {
+        secs(self.poll_timeout_seconds as f64 + self.poll_margin_seconds)
+    }
+
+    /// Receive-loop delay after `failures` failures in a row: base·2^(n-1) capped, ±20 % jitter.
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let exp = self.backoff_base_seconds * 2f64.powi(failures.saturating_sub(1).min(30) as i32);
+        secs(exp.min(self.backoff_max_seconds) * rand::random_range(0.8..=1.2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_backoff_is_capped() {
+        let s = BotSettings::default();
+        assert!(s.validate().is_empty(), "{:?}", s.validate());
+        assert!(s.backoff(100) <= secs(s.backoff_max_seconds * 1.2));
+        assert!(s.backoff(1) >= secs(s.backoff_base_seconds * 0.8));
+    }
+
+    #[test]
+    fn bad_plans_are_reported() {
+        let mut s = BotSettings::default();
+        s.plans.push(s.plans[0].clone());
+        s.plans.push(Plan {
+            id: "Bad Id".into(),
+            title_en: "".into(),
+            title_ru: "x".into(),
+            days: 0,
+            stars: 0,
+        });
+        s.node_policy = "random".into();
+        let e = s.validate();
+        assert_eq!(e.len(), 6, "{e:?}");
+    }
+}

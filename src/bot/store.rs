@@ -1,0 +1,407 @@
+//! The bot's reads and writes: users, subscriptions, payments. Each function holds one labelled
+//! pooled connection for its queries only (never across a Bot API or node call).
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::db::{DbError, DbPool};
+
+/// A user's subscription (the latest row; renewals extend it, so a user keeps one key).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Subscription {
+    /// Row id.
+    pub id: i64,
+    /// Node name.
+    pub node: String,
+    /// VLESS client id.
+    pub vless_uuid: Uuid,
+    /// `active`, `expired` or `cancelled`.
+    pub status: String,
+    /// Plan id or `trial`.
+    pub plan: String,
+    /// End of validity.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl Subscription {
+    /// Active and not past its expiry.
+    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
+        self.status == "active" && self.expires_at > now
+    }
+}
+
+const SUB_COLUMNS: &str = "id, node, vless_uuid, status, plan, expires_at";
+
+/// Registers the user or refreshes their language.
+///
+/// # Errors
+/// The database error.
+pub async fn upsert_user(pool: &DbPool, id: i64, lang: &str) -> Result<(), DbError> {
+    let mut c = pool.acquire("bot_upsert_user").await?;
+    let r = upsert_user_on(&mut c, id, lang).await;
+    c.check(r)
+}
+
+async fn upsert_user_on(c: &mut PgConnection, id: i64, lang: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO bot_users (telegram_id, language_code) VALUES ($1, $2) \
+         ON CONFLICT (telegram_id) DO UPDATE SET language_code = EXCLUDED.language_code, \
+         updated_at = now() WHERE bot_users.language_code IS DISTINCT FROM EXCLUDED.language_code",
+    )
+    .bind(id)
+    .bind(lang)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// The user's latest subscription.
+///
+/// # Errors
+/// The database error.
+pub async fn current_subscription(
+    pool: &DbPool,
+    owner: i64,
+) -> Result<Option<Subscription>, DbError> {
+    let mut c = pool.acquire("bot_subscription").await?;
+    let r = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE owner_id = $1 ORDER BY id DESC LIMIT 1"
+    )))
+    .bind(owner)
+    .fetch_optional(&mut *c)
+    .await;
+    c.check(r)
+}
+
+/// Whether the user may still take the trial (never used, no subscription ever).
+///
+/// # Errors
+/// The database error.
+pub async fn trial_available(pool: &DbPool, owner: i64) -> Result<bool, DbError> {
+    let mut c = pool.acquire("bot_trial_check").await?;
+    let r: Result<bool, _> = sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM bot_users WHERE telegram_id = $1 AND trial_used) \
+         AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE owner_id = $1)",
+    )
+    .bind(owner)
+    .fetch_one(&mut *c)
+    .await;
+    c.check(r)
+}
+
+/// Picks the node for a new subscription among `nodes` (configured names) by `policy`:
+/// `least_loaded` counts active subscriptions per node, `first` takes the first name.
+async fn choose_node(
+    c: &mut PgConnection,
+    nodes: &[String],
+    policy: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    if nodes.is_empty() {
+        return Ok(None);
+    }
+    if policy == "first" {
+        return Ok(nodes.first().cloned());
+    }
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT node, count(*) FROM subscriptions WHERE status = 'active' AND node = ANY($1) \
+         GROUP BY node",
+    )
+    .bind(nodes)
+    .fetch_all(c)
+    .await?;
+    Ok(nodes
+        .iter()
+        .min_by_key(|n| {
+            let load = counts.iter().find(|(m, _)| m == *n).map_or(0, |(_, k)| *k);
+            (load, (*n).clone())
+        })
+        .cloned())
+}
+
+/// What starting a trial did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrialOutcome {
+    /// The trial subscription was written; its key must be issued on its node.
+    Started(Subscription),
+    /// Already used, or the user already has a subscription.
+    Used,
+    /// No node is configured.
+    NoNode,
+}
+
+/// Starts the one-time trial of `days` days in one transaction: marks the trial used and
+/// writes the subscription (reminders that already fall inside the trial are marked done so a
+/// short trial does not get a "3 days left" message at once).
+///
+/// # Errors
+/// The database error.
+pub async fn start_trial(
+    pool: &DbPool,
+    owner: i64,
+    lang: &str,
+    days: u32,
+    nodes: &[String],
+    policy: &str,
+) -> Result<TrialOutcome, DbError> {
+    let mut c = pool.acquire("bot_trial").await?;
+    let mut tx = c.begin().await?;
+    let r = upsert_user_on(&mut tx, owner, lang).await;
+    tx.check(r)?;
+    let r: Result<Option<i64>, _> = sqlx::query_scalar(
+        "UPDATE bot_users SET trial_used = TRUE, updated_at = now() \
+         WHERE telegram_id = $1 AND NOT trial_used \
+         AND NOT EXISTS (SELECT 1 FROM subscriptions WHERE owner_id = $1) RETURNING telegram_id",
+    )
+    .bind(owner)
+    .fetch_optional(&mut *tx)
+    .await;
+    if tx.check(r)?.is_none() {
+        tx.rollback().await?;
+        return Ok(TrialOutcome::Used);
+    }
+    let r = choose_node(&mut tx, nodes, policy).await;
+    let Some(node) = tx.check(r)? else {
+        tx.rollback().await?;
+        return Ok(TrialOutcome::NoNode);
+    };
+    let r = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at, reminded_3d, \
+         reminded_1d) SELECT $1, $2, $3, 'trial', e, e <= now() + interval '3 days', \
+         e <= now() + interval '1 day' FROM (SELECT now() + make_interval(days => $4) AS e) x \
+         RETURNING {SUB_COLUMNS}"
+    )))
+    .bind(owner)
+    .bind(&node)
+    .bind(Uuid::new_v4())
+    .bind(days as i32)
+    .fetch_one(&mut *tx)
+    .await;
+    let sub = tx.check(r)?;
+    tx.commit().await?;
+    Ok(TrialOutcome::Started(sub))
+}
+
+/// A completed payment as Telegram reported it.
+#[derive(Debug, Clone)]
+pub struct PaymentIn {
+    /// Payer.
+    pub user_id: i64,
+    /// Payer's language code.
+    pub lang: String,
+    /// The unique charge key: the provider charge id, or Telegram's when the provider's is
+    /// empty (Telegram Stars).
+    pub charge_key: String,
+    /// Telegram's charge id.
+    pub telegram_charge_id: String,
+    /// Plan id from the payload.
+    pub plan: String,
+    /// Days the plan adds.
+    pub days: u32,
+    /// Currency (`XTR`).
+    pub currency: String,
+    /// Amount in the currency's smallest unit (Stars).
+    pub amount: i64,
+}
+
+/// What crediting a payment did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreditOutcome {
+    /// First time this charge was seen: the subscription was created or extended.
+    /// `issue` says the key must be (re-)added on the node (new or re-activated).
+    Credited {
+        /// The subscription after the credit.
+        sub: Subscription,
+        /// Whether the node must be told.
+        issue: bool,
+    },
+    /// This charge was credited before; nothing changed.
+    Duplicate,
+    /// No node is configured for a new subscription; nothing was written.
+    NoNode,
+}
+
+/// Credits `p` exactly once per charge key: the payment row (`ON CONFLICT DO NOTHING` on the
+/// unique charge id) and the subscription change commit together, so a repeated update
+/// finds the row and changes nothing.
+///
+/// # Errors
+/// The database error (nothing committed).
+pub async fn credit_payment(
+    pool: &DbPool,
+    p: &PaymentIn,
+    nodes: &[String],
+    policy: &str,
+) -> Result<CreditOutcome, DbError> {
+    let mut c = pool.acquire("bot_credit_payment").await?;
+    let mut tx = c.begin().await?;
+    let r = upsert_user_on(&mut tx, p.user_id, &p.lang).await;
+    tx.check(r)?;
+    let r: Result<Option<i64>, _> = sqlx::query_scalar(
+        "INSERT INTO payments (provider_charge_id, telegram_charge_id, user_id, plan, currency, \
+         amount) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (provider_charge_id) DO NOTHING \
+         RETURNING id",
+    )
+    .bind(&p.charge_key)
+    .bind(&p.telegram_charge_id)
+    .bind(p.user_id)
+    .bind(&p.plan)
+    .bind(&p.currency)
+    .bind(p.amount)
+    .fetch_optional(&mut *tx)
+    .await;
+    let Some(payment_id) = tx.check(r)? else {
+        tx.rollback().await?;
+        return Ok(CreditOutcome::Duplicate);
+    };
+    let r: Result<Option<Subscription>, _> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE owner_id = $1 ORDER BY id DESC LIMIT 1 \
+         FOR UPDATE"
+    )))
+    .bind(p.user_id)
+    .fetch_optional(&mut *tx)
+    .await;
+    let existing = tx.check(r)?;
+    // The extension in SQL: from the current expiry while live, else from now.
+    const NEW_EXPIRY: &str = "(CASE WHEN status = 'active' AND expires_at > now() THEN expires_at \
+                              ELSE now() END + make_interval(days => $2))";
+    let (sub, issue) = match existing {
+        Some(old) => {
+            let issue = !old.is_live(Utc::now());
+            let node = if nodes.contains(&old.node) {
+                old.node.clone()
+            } else {
+                let r = choose_node(&mut tx, nodes, policy).await;
+                match tx.check(r)? {
+                    Some(n) => n,
+                    None => {
+                        tx.rollback().await?;
+                        return Ok(CreditOutcome::NoNode);
+                    }
+                }
+            };
+            let r: Result<Subscription, _> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE subscriptions SET expires_at = {NEW_EXPIRY}, \
+                 reminded_3d = {NEW_EXPIRY} <= now() + interval '3 days', \
+                 reminded_1d = {NEW_EXPIRY} <= now() + interval '1 day', \
+                 status = 'active', plan = $3, node = $4, updated_at = now() \
+                 WHERE id = $1 RETURNING {SUB_COLUMNS}"
+            )))
+            .bind(old.id)
+            .bind(p.days as i32)
+            .bind(&p.plan)
+            .bind(&node)
+            .fetch_one(&mut *tx)
+            .await;
+            (tx.check(r)?, issue || node != old.node)
+        }
+        None => {
+            let r = choose_node(&mut tx, nodes, policy).await;
+            let Some(node) = tx.check(r)? else {
+                tx.rollback().await?;
+                return Ok(CreditOutcome::NoNode);
+            };
+            let r: Result<Subscription, _> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at, \
+                 reminded_3d, reminded_1d) SELECT $1, $2, $3, $4, e, \
+                 e <= now() + interval '3 days', e <= now() + interval '1 day' \
+                 FROM (SELECT now() + make_interval(days => $5) AS e) x RETURNING {SUB_COLUMNS}"
+            )))
+            .bind(p.user_id)
+            .bind(&node)
+            .bind(Uuid::new_v4())
+            .bind(&p.plan)
+            .bind(p.days as i32)
+            .fetch_one(&mut *tx)
+            .await;
+            (tx.check(r)?, true)
+        }
+    };
+    let r = sqlx::query("UPDATE payments SET subscription_id = $2 WHERE id = $1")
+        .bind(payment_id)
+        .bind(sub.id)
+        .execute(&mut *tx)
+        .await;
+    tx.check(r)?;
+    tx.commit().await?;
+    Ok(CreditOutcome::Credited { sub, issue })
+}
+
+/// Records a payment whose plan no longer exists, so it is never lost (support credits it by
+/// hand). Returns `false` when the charge was already recorded.
+///
+/// # Errors
+/// The database error.
+pub async fn record_orphan_payment(pool: &DbPool, p: &PaymentIn) -> Result<bool, DbError> {
+    let mut c = pool.acquire("bot_record_payment").await?;
+    let r = upsert_user_on(&mut c, p.user_id, &p.lang).await;
+    c.check(r)?;
+    let r = sqlx::query(
+        "INSERT INTO payments (provider_charge_id, telegram_charge_id, user_id, plan, currency, \
+         amount) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (provider_charge_id) DO NOTHING",
+    )
+    .bind(&p.charge_key)
+    .bind(&p.telegram_charge_id)
+    .bind(p.user_id)
+    .bind(&p.plan)
+    .bind(&p.currency)
+    .bind(p.amount)
+    .execute(&mut *c)
+    .await;
+    Ok(c.check(r)?.rows_affected() == 1)
+}
+
+/// Figures for `/stats`.
+#[derive(Debug, Clone, Default, PartialEq, sqlx::FromRow)]
+pub struct Stats {
+    /// Registered users.
+    pub users: i64,
+    /// Subscriptions active and not past expiry.
+    pub active: i64,
+    /// Of which trials.
+    pub active_trials: i64,
+    /// Payments recorded.
+    pub payments: i64,
+    /// Stars received in all.
+    pub revenue_stars: i64,
+    /// Stars received in the last 30 days.
+    pub revenue_stars_30d: i64,
+}
+
+/// Reads the `/stats` figures.
+///
+/// # Errors
+/// The database error.
+pub async fn stats(pool: &DbPool) -> Result<Stats, DbError> {
+    let mut c = pool.acquire("bot_stats").await?;
+    let r = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM bot_users) AS users, \
+         (SELECT count(*) FROM subscriptions WHERE status = 'active' AND expires_at > now()) AS active, \
+         (SELECT count(*) FROM subscriptions WHERE status = 'active' AND expires_at > now() \
+            AND plan = 'trial') AS active_trials, \
+         (SELECT count(*) FROM payments) AS payments, \
+         (SELECT coalesce(sum(amount), 0)::bigint FROM payments WHERE currency = 'XTR') AS revenue_stars, \
+         (SELECT coalesce(sum(amount), 0)::bigint FROM payments WHERE currency = 'XTR' \
+            AND created_at > now() - interval '30 days') AS revenue_stars_30d",
+    )
+    .fetch_one(&mut *c)
+    .await;
+    c.check(r)
+}
+
+/// The latest reconcile run of each node: `(node, finished_at, outcome, removed, readded)`.
+///
+/// # Errors
+/// The database error.
+pub async fn last_reconciles(
+    pool: &DbPool,
+) -> Result<Vec<(String, DateTime<Utc>, String, i64, i64)>, DbError> {
+    let mut c = pool.acquire("bot_diag").await?;
+    let r = sqlx::query_as(
+        "SELECT DISTINCT ON (node) node, finished_at, outcome, removed, readded \
+         FROM reconcile_runs ORDER BY node, started_at DESC",
+    )
+    .fetch_all(&mut *c)
+    .await;
+    c.check(r)
+}

@@ -1,0 +1,180 @@
+//! FAULTS.md rows T1 to T3 against the Bot API stand-in, and two instances on one database
+//! (only the leader polls).
+
+mod bot_common;
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bot_common::{bot_config, env, start_sims, WAIT};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use vpnbot::app::App;
+use vpnbot::sim::botapi::{SimUser, UpdatesFault};
+
+fn has(t: &str) -> impl Fn(&vpnbot::sim::botapi::SentMessage) -> bool + '_ {
+    move |m| m.text.contains(t)
+}
+
+/// T1: `getUpdates` never returns. Each poll is cut at poll timeout + margin (1.5 s here),
+/// counted as a timeout; polling resumes and the liveness gauge moves again once the API
+/// answers.
+#[sqlx::test(migrations = false)]
+async fn t1_hanging_get_updates_is_bounded_and_polling_resumes(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let e = env(&opts).await;
+    let u = SimUser::new(1, "en");
+    e.say(&u, "/help", has("/status")).await;
+    e.sim.set_updates_fault(UpdatesFault::Hang);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = e.sim.requests("getUpdates");
+    let stale_since = e.metric("vpnbot_bot_polling_last_success_timestamp_seconds", &[]);
+    // Two hung polls of 1.5 s each fit in 4 s: the bound fires, the loop polls again.
+    let ok = common::eventually(Duration::from_secs(6), || {
+        e.sim.requests("getUpdates") >= before + 2
+    })
+    .await;
+    assert!(ok.is_some(), "polling resumed after a hung poll");
+    let timeouts = e.metric(
+        "vpnbot_bot_api_requests_total",
+        &[("method", "getUpdates"), ("outcome", "timeout")],
+    );
+    assert!(timeouts >= 1.0, "timeouts counted: {timeouts}");
+    assert!(e.metric("vpnbot_bot_errors_total", &[("kind", "poll_timeout")]) >= 1.0);
+    assert!(
+        e.metric("vpnbot_bot_polling_last_success_timestamp_seconds", &[]) <= stale_since + 1.0,
+        "no success while hung"
+    );
+    e.sim.set_updates_fault(UpdatesFault::None);
+    let t = Instant::now();
+    e.say(&u, "/help", has("/status")).await;
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(e.metric("vpnbot_bot_polling_last_success_timestamp_seconds", &[]) > stale_since);
+}
+
+/// T2: 429 with `retry_after` on receive and on send is honoured and counted.
+#[sqlx::test(migrations = false)]
+async fn t2_rate_limits_are_honoured_on_receive_and_send(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let e = env(&opts).await;
+    let u = SimUser::new(2, "en");
+    e.say(&u, "/help", has("/status")).await;
+
+    let t = Instant::now();
+    e.sim.set_updates_fault(UpdatesFault::RateLimited {
+        retry_after: 1,
+        times: 1,
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    e.say(&u, "/help", has("/status")).await;
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(1000),
+        "waited retry_after: {took:?}"
+    );
+    assert_eq!(
+        e.metric(
+            "vpnbot_bot_api_requests_total",
+            &[("method", "getUpdates"), ("outcome", "retry_after")]
+        ),
+        1.0
+    );
+
+    e.sim.set_send_rate_limit(1, 1);
+    let t = Instant::now();
+    e.say(&u, "/help", has("/status")).await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        e.metric(
+            "vpnbot_bot_api_requests_total",
+            &[("method", "sendMessage"), ("outcome", "retry_after")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        e.metric("vpnbot_bot_errors_total", &[("kind", "rate_limited")]),
+        2.0
+    );
+    // The message was sent once, not twice.
+    assert_eq!(e.sim.sent_to(u.id).len(), 3);
+}
+
+/// T3: 409 Conflict is an error and a metric, with a pause between polls: no tight loop.
+#[sqlx::test(migrations = false)]
+async fn t3_conflict_is_counted_and_paced(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env(&opts).await;
+    let u = SimUser::new(3, "en");
+    e.say(&u, "/help", has("/status")).await;
+    e.sim
+        .set_updates_fault(UpdatesFault::Conflict { times: 1000 });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = e.sim.requests("getUpdates");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let polls = e.sim.requests("getUpdates") - before;
+    // conflict_backoff_seconds = 0.4 (±10 %): about 5 polls in 2 s, never hundreds.
+    assert!((2..=8).contains(&polls), "{polls} polls in 2 s");
+    let conflicts = e.metric("vpnbot_bot_errors_total", &[("kind", "conflict")]);
+    assert!(conflicts >= 2.0, "{conflicts}");
+    assert!(
+        e.metric(
+            "vpnbot_bot_api_requests_total",
+            &[("method", "getUpdates"), ("outcome", "conflict")]
+        ) >= 2.0
+    );
+    e.sim.set_updates_fault(UpdatesFault::None);
+    e.say(&u, "/help", has("/status")).await;
+}
+
+/// Two instances against one database and one token: only the leader polls (never two
+/// pollers at once, no 409 between them), and the bot answers.
+#[sqlx::test(migrations = false)]
+async fn two_instances_only_the_leader_polls(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let (sim, node) = start_sims().await;
+    let cfg = bot_config(&opts, &sim, &node);
+    let a = App::start(cfg.clone()).await.unwrap();
+    let b = App::start(cfg).await.unwrap();
+    assert!(a.bot.is_some() && b.bot.is_some());
+    let u = SimUser::new(10, "en");
+    let from = sim.sent_to(u.id).len();
+    sim.send_text(&u, "/start");
+    // Leadership is taken after the takeover delay (1 s in tests).
+    sim.wait_for(u.id, from, WAIT, has("Welcome"))
+        .await
+        .expect("the leader answers");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sim.max_concurrent_polls(), 1, "one poller at a time");
+    assert_eq!(sim.conflicts(), 0);
+    assert_eq!(
+        a.leader.is_leader() as u8 + b.leader.is_leader() as u8,
+        1,
+        "exactly one leader"
+    );
+    // The follower never polled: its registry shows no getUpdates.
+    let (leader, follower) = if a.leader.is_leader() { (a, b) } else { (b, a) };
+    let text = vpnbot::metrics::render(&follower.registry);
+    assert_eq!(
+        common::metric(
+            &text,
+            "vpnbot_bot_api_requests_total",
+            &[("method", "getUpdates"), ("outcome", "ok")]
+        ),
+        None
+    );
+    // Hand-over: the leader stops; the follower takes over and answers.
+    leader.shutdown().await;
+    let from = sim.sent_to(u.id).len();
+    sim.send_text(&u, "/help");
+    sim.wait_for(u.id, from, Duration::from_secs(10), has("/status"))
+        .await
+        .expect("the new leader answers");
+    assert!(follower.leader.is_leader());
+    assert_eq!(sim.max_concurrent_polls(), 1);
+    follower.shutdown().await;
+}
