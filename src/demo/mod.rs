@@ -10,6 +10,9 @@ pub mod postgres;
 pub mod report;
 pub mod scenario;
 
+use std::sync::Arc;
+
+use crate::sim::botapi::SimUser;
 use crate::sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
 
 use std::path::Path;
@@ -121,7 +124,10 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
             SimNode::start(
                 l,
                 SimNodeOptions {
-                    users: 500,
+                    // 300 users; about 2 % carry vpnbot's marker with no subscription behind
+                    // them (orphans for reconcile to remove), the rest are an operator's.
+                    users: 300,
+                    owned_share: 0.02,
                     seed,
                     ..Default::default()
                 },
@@ -129,6 +135,17 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
         };
         (start(1).await, start(2).await)
     });
+    // The Bot API stand-in: vpnbot's bot talks to it exactly as it would to Telegram.
+    let telegram = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        crate::sim::botapi::BotApiSim::start(l, Default::default())
+    });
+    println!("demo: Bot API stand-in at {}", telegram.api_url());
+    cfg.telegram.token = SecretString::from(telegram.token().to_string());
+    cfg.telegram.api_url = telegram.api_url();
+    cfg.telegram.admin_ids = vec![1];
     for (name, sim) in [("a", &sims.0), ("b", &sims.1)] {
         println!("demo: simulated node {name} at {}", sim.base_url());
         cfg.nodes.insert(
@@ -141,7 +158,7 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
             },
         );
     }
-    let ok = rt.block_on(scenario(cfg, args, &instruments, sims));
+    let ok = rt.block_on(scenario(cfg, args, &instruments, sims, Arc::new(telegram)));
     drop(rt);
     instruments.shutdown();
     if ok {
@@ -156,6 +173,7 @@ async fn scenario(
     args: DemoArgs,
     instruments: &crate::app::Instruments,
     sims: (SimNodeHandle, SimNodeHandle),
+    telegram: Arc<crate::sim::botapi::BotApiSimHandle>,
 ) -> bool {
     let started = Instant::now();
     let app = match App::start_with(cfg, instruments).await {
@@ -199,7 +217,12 @@ async fn scenario(
         detail: ready.unwrap_or_else(|e| e),
     });
 
-    let users = scenario::UserProbe::start(&app);
+    // A few dozen simulated customers, English and Russian, and ten who keep asking /status.
+    let customers: Vec<SimUser> = (0..30)
+        .map(|i| SimUser::new(100 + i, if i % 2 == 0 { "en" } else { "ru" }))
+        .collect();
+    let askers: Vec<SimUser> = (0..10).map(|i| SimUser::new(1000 + i, "en")).collect();
+    let users = scenario::UserProbe::start(telegram.clone(), askers);
     let stage = scenario::Stage {
         app: &app,
         node_a: &sims.0,
@@ -207,13 +230,14 @@ async fn scenario(
         obs: base.clone(),
         http: http.clone(),
         users: users.clone(),
+        telegram: telegram.clone(),
     };
     let steps = args.steps();
     let mut reports = Vec::new();
     for step in &steps {
         println!("demo: step {step} ...");
         let r = match step.as_str() {
-            "normal" => scenario::normal(&stage).await,
+            "normal" => scenario::normal(&stage, &customers).await,
             "old_freeze" => scenario::old_freeze(&stage).await,
             "blocked_worker" => scenario::blocked_worker(&stage).await,
             "pool_pressure" => scenario::pool_pressure(&stage).await,

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use crate::app::App;
 use crate::diagnostics::{EpisodeRecord, StallKind};
 use crate::node::Operation;
+use crate::reconcile::{Outcome, RunOptions};
+use crate::sim::botapi::{BotApiSimHandle, SimUser};
 use crate::sim::node::{Fault, SimNodeHandle};
 
 use super::report::StepReport;
@@ -28,70 +30,89 @@ pub struct Stage<'a> {
     pub http: reqwest::Client,
     /// Latencies the user probe saw.
     pub users: Arc<UserProbe>,
+    /// The Bot API stand-in.
+    pub telegram: Arc<BotApiSimHandle>,
 }
 
-/// A stand-in for users: a task on the main runtime doing what a handler does (a labelled
-/// acquire and a query) every 200 ms, recording latency and failures.
+/// Simulated users talking to the bot through the Bot API stand-in: every 250 ms one of them
+/// sends `/status` and the probe records how long the bot took to answer (or that it did not
+/// within 10 s).
 #[derive(Debug, Default)]
 pub struct UserProbe {
-    samples: Mutex<Vec<(Instant, Duration, bool)>>,
+    /// (sent at, answered after) per `/status`; `None` while unanswered.
+    samples: Mutex<Vec<(Instant, Option<Duration>)>>,
     stop: AtomicBool,
     count: AtomicU64,
 }
 
 impl UserProbe {
-    /// Starts the probe task.
-    pub fn start(app: &App) -> Arc<UserProbe> {
+    /// Starts the probe on the current runtime (it plays the users, not vpnbot).
+    pub fn start(sim: Arc<BotApiSimHandle>, users: Vec<SimUser>) -> Arc<UserProbe> {
         let me = Arc::new(UserProbe::default());
-        let pool = app.pool.clone();
         let probe = me.clone();
-        app.tasks.spawn_named("demo_user_probe", async move {
+        tokio::spawn(async move {
+            let mut i = 0usize;
             while !probe.stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let ok = async {
-                    let mut c = pool.acquire("demo_user_request").await.ok()?;
-                    sqlx::query("SELECT 1").execute(&mut *c).await.ok()
-                };
-                let ok = tokio::time::timeout(Duration::from_secs(5), ok)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some();
-                probe
-                    .samples
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((t, t.elapsed(), ok));
-                probe.count.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let u = users[i % users.len()].clone();
+                i += 1;
+                let sim = sim.clone();
+                let probe2 = probe.clone();
+                tokio::spawn(async move {
+                    let from = sim.sent_to(u.id).len();
+                    let t = Instant::now();
+                    let idx = {
+                        let mut s = probe2.samples.lock().unwrap_or_else(|p| p.into_inner());
+                        s.push((t, None));
+                        s.len() - 1
+                    };
+                    sim.send_text(&u, "/status");
+                    let answered = sim
+                        .wait_for(u.id, from, Duration::from_secs(10), |_| true)
+                        .await
+                        .map(|_| t.elapsed());
+                    probe2.samples.lock().unwrap_or_else(|p| p.into_inner())[idx].1 = answered;
+                    probe2.count.fetch_add(1, Ordering::Relaxed);
+                });
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
         me
     }
 
-    /// Summary of samples started in `[from, to)`: answered share and p99 latency.
+    /// Summary of requests sent in `[from, to)`: answered share and latency.
     pub fn summary(&self, from: Instant, to: Instant) -> String {
         let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         let mut lat: Vec<Duration> = s
             .iter()
-            .filter(|(t, _, _)| *t >= from && *t < to)
-            .map(|(_, d, _)| *d)
+            .filter(|(t, _)| *t >= from && *t < to)
+            .filter_map(|(_, d)| *d)
             .collect();
-        let ok = s
-            .iter()
-            .filter(|(t, _, ok)| *t >= from && *t < to && *ok)
-            .count();
-        if lat.is_empty() {
-            return "no requests sampled".into();
+        let sent = s.iter().filter(|(t, _)| *t >= from && *t < to).count();
+        if sent == 0 {
+            return "no /status sent in this step".into();
         }
         lat.sort();
-        let p99 = lat[(lat.len() * 99 / 100).min(lat.len() - 1)];
+        let p = |q: usize| {
+            lat.get((lat.len() * q / 100).min(lat.len().saturating_sub(1)))
+                .map(|d| format!("{:.0} ms", d.as_secs_f64() * 1e3))
+                .unwrap_or_else(|| "-".into())
+        };
         format!(
-            "{ok}/{} requests answered, p99 {:.0} ms, max {:.0} ms",
+            "bot answered {}/{sent} /status so far (p50 {}, p99 {})",
             lat.len(),
-            p99.as_secs_f64() * 1e3,
-            lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3
+            p(50),
+            p(99)
         )
+    }
+
+    /// Share of requests in `[from, to)` that were answered.
+    pub fn answered_share(&self, from: Instant, to: Instant) -> f64 {
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let all: Vec<_> = s.iter().filter(|(t, _)| *t >= from && *t < to).collect();
+        if all.is_empty() {
+            return 1.0;
+        }
+        all.iter().filter(|(_, d)| d.is_some()).count() as f64 / all.len() as f64
     }
 
     /// Stops the probe.
@@ -167,39 +188,86 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
-/// Step 1: normal traffic; both nodes answer.
-pub async fn normal(stage: &Stage<'_>) -> StepReport {
+/// Step 1: normal traffic: a few dozen users start, take trials, buy with Stars, ask for
+/// status; then a reconcile pass over both nodes.
+pub async fn normal(stage: &Stage<'_>, users: &[SimUser]) -> StepReport {
     let mut r = StepReport::new(
         "normal",
-        "none (a clean pass over both nodes)",
+        format!(
+            "none: {} users start, take trials, buy with Stars; reconcile both nodes",
+            users.len()
+        ),
         "no episode",
     );
     let t0 = Instant::now();
-    let mut all_ok = true;
-    for name in ["a", "b"] {
-        let res = stage
-            .app
-            .fleet
-            .get(name)
-            .expect("configured")
-            .list_users()
-            .await;
-        r.check(
-            format!(
-                "node {name} list-users answered ({})",
-                match &res {
-                    Ok(u) => format!("{} users", u.len()),
-                    Err(e) => e.to_string(),
-                }
-            ),
-            res.is_ok(),
-        );
-        all_ok &= res.is_ok();
+    let sim = &stage.telegram;
+    let wait = Duration::from_secs(15);
+    let mut answered = 0;
+    let mut keys = 0;
+    for (i, u) in users.iter().enumerate() {
+        let from = sim.sent_to(u.id).len();
+        sim.send_text(u, "/start");
+        if sim.wait_for(u.id, from, wait, |_| true).await.is_some() {
+            answered += 1;
+        }
+        let from = sim.sent_to(u.id).len();
+        if i % 3 == 0 {
+            // Buyers: invoice, pre-checkout, payment; the key arrives as a QR photo.
+            let q = sim.pre_checkout(u, "v1:month", "XTR", 100);
+            let ok = sim.wait_answer(&q, wait).await.is_some_and(|a| a.ok);
+            sim.successful_payment(u, "v1:month", "XTR", 100, &format!("demo-charge-{}", u.id));
+            if ok
+                && sim
+                    .wait_for(u.id, from, wait, |m| m.method == "sendPhoto")
+                    .await
+                    .is_some()
+            {
+                keys += 1;
+            }
+        } else {
+            sim.send_text(u, "/trial");
+            if sim
+                .wait_for(u.id, from, wait, |m| m.method == "sendPhoto")
+                .await
+                .is_some()
+            {
+                keys += 1;
+            }
+        }
+    }
+    r.check(
+        format!("{answered}/{} users got an answer to /start", users.len()),
+        answered == users.len(),
+    );
+    r.check(
+        format!(
+            "{keys}/{} users received a key (vless:// link + QR)",
+            users.len()
+        ),
+        keys == users.len(),
+    );
+    let rep = stage
+        .app
+        .reconciler
+        .reconcile_once(&RunOptions::default())
+        .await;
+    match &rep {
+        Ok(rep) => {
+            for n in &rep.nodes {
+                r.check(
+                    format!(
+                        "reconcile node {}: {:?} (live {}, on node {}, orphans {}, missing {})",
+                        n.node, n.outcome, n.db_live, n.node_users, n.orphans, n.missing
+                    ),
+                    matches!(n.outcome, Outcome::Ok | Outcome::Guarded),
+                );
+            }
+        }
+        Err(e) => r.check(format!("reconcile pass: {e}"), false),
     }
     r.detected = true;
     r.culprit_named = stage.app.diagnostics.stall().is_none();
     r.verdict = stage.app.diagnostics.dump_now().verdict;
-    r.check("healthy: no stall open", r.culprit_named && all_ok);
     r.users = stage.users.summary(t0, Instant::now());
     r
 }
@@ -215,20 +283,14 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
         .node_a
         .set_fault(Operation::ListUsers, Fault::HeadersThenSilence);
     let t0 = Instant::now();
-    let fleet = stage.app.fleet.clone();
-    let a = stage.app.tasks.spawn_named("reconcile", async move {
+    // The production step, as the periodic worker runs it.
+    let reconciler = stage.app.reconciler.clone();
+    let run = stage.app.tasks.spawn_named("reconcile", async move {
         let t = Instant::now();
-        let res = fleet.get("a").expect("configured").list_users().await;
-        (res.map(|u| u.len()), t.elapsed())
-    });
-    let fleet = stage.app.fleet.clone();
-    let b = stage.app.tasks.spawn_named("reconcile", async move {
-        fleet
-            .get("b")
-            .expect("configured")
-            .list_users()
-            .await
-            .map(|u| u.len())
+        (
+            reconciler.reconcile_once(&RunOptions::default()).await,
+            t.elapsed(),
+        )
     });
     // Evidence while the call is open: the in-flight gauge and the dump's node_calls entry.
     let mut seen_body = None;
@@ -262,29 +324,33 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
     r.detected = seen_body.is_some();
     r.detection_latency = seen_body;
     r.culprit_named = r.verdict.contains("node \"a\"") && r.verdict.contains("phase body");
-    let (res_a, took) = a.await.expect("task");
-    let res_b = b.await.expect("task");
+    let (rep, took) = run.await.expect("task");
     let bound = crate::config::secs(stage.app.config.node_client.total_deadline_seconds);
-    r.check(
-        format!(
-            "node a failed with a typed error in {:.1} s (bound {:.0} s): {}",
-            took.as_secs_f64(),
-            bound.as_secs_f64(),
-            res_a
-                .as_ref()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        ),
-        res_a.is_err() && took <= bound + Duration::from_millis(500),
-    );
-    r.check(
-        format!(
-            "node b completed meanwhile ({:?} users)",
-            res_b.as_ref().ok()
-        ),
-        res_b.is_ok(),
-    );
+    match rep {
+        Ok(rep) => {
+            let a = rep.node("a");
+            let b = rep.node("b");
+            r.check(
+                format!(
+                    "reconcile of node a failed within the node deadline ({:.1} s, bound {:.0} s): {:?}: {}",
+                    took.as_secs_f64(),
+                    bound.as_secs_f64(),
+                    a.map(|n| n.outcome),
+                    a.and_then(|n| n.error.clone()).unwrap_or_default()
+                ),
+                a.is_some_and(|n| matches!(n.outcome, Outcome::Failed))
+                    && took <= bound + Duration::from_secs(1),
+            );
+            r.check(
+                format!(
+                    "reconcile of node b completed meanwhile: {:?}",
+                    b.map(|n| n.outcome)
+                ),
+                b.is_some_and(|n| matches!(n.outcome, Outcome::Ok)),
+            );
+        }
+        Err(e) => r.check(format!("reconcile pass: {e}"), false),
+    }
     let text = stage.metrics().await;
     let body_obs = sample(
         &text,
@@ -349,7 +415,7 @@ pub async fn pool_pressure(stage: &Stage<'_>) -> StepReport {
     let mut r = StepReport::new(
         "pool_pressure",
         "every pool connection held by `demo_pool_hog` for 6 s; requests wait",
-        "kind=pool_starved and acquire timeouts labelled demo_user_request",
+        "kind=pool_starved naming the waiting label, acquire timeouts counted by label",
     );
     let since = unix_now();
     let t0 = Instant::now();
@@ -378,10 +444,18 @@ pub async fn pool_pressure(stage: &Stage<'_>) -> StepReport {
     let timeout = stage.app.pool.acquire_timeout();
     tokio::time::sleep(timeout.saturating_sub(t0.elapsed()) + Duration::from_millis(300)).await;
     let text = stage.metrics().await;
+    // The label the watchdog named as waiting must be the one whose acquires timed out.
+    let waiting = r
+        .verdict
+        .split("label \"")
+        .nth(1)
+        .and_then(|x| x.split('"').next())
+        .unwrap_or("")
+        .to_string();
     let timeouts = sample(
         &text,
         "vpnbot_db_pool_acquire_timeouts_total",
-        &[("label", "demo_user_request")],
+        &[("label", waiting.as_str())],
     )
     .unwrap_or(0.0);
     let holders = stage
@@ -392,9 +466,9 @@ pub async fn pool_pressure(stage: &Stage<'_>) -> StepReport {
         .iter()
         .filter(|e| e.label == "demo_pool_hog")
         .count();
-    r.culprit_named = timeouts >= 1.0 && r.verdict.contains("pool_starved");
+    r.culprit_named = timeouts >= 1.0 && r.verdict.starts_with("pool_starved");
     r.check(
-        format!("acquire timeouts counted for label demo_user_request: {timeouts}"),
+        format!("acquire timeouts counted for the waiting label {waiting:?}: {timeouts}"),
         timeouts >= 1.0,
     );
     r.check(
@@ -418,22 +492,27 @@ pub async fn recovery(stage: &Stage<'_>) -> StepReport {
     );
     stage.node_a.set_fault(Operation::ListUsers, Fault::None);
     let t0 = Instant::now();
-    let res = stage
+    let rep = stage
         .app
-        .fleet
-        .get("a")
-        .expect("configured")
-        .list_users()
+        .reconciler
+        .reconcile_once(&RunOptions::default())
         .await;
+    let outcomes: Vec<String> = rep
+        .as_ref()
+        .map(|r| {
+            r.nodes
+                .iter()
+                .map(|n| format!("{} {:?}", n.node, n.outcome))
+                .collect()
+        })
+        .unwrap_or_default();
     r.check(
         format!(
-            "node a list-users succeeds again ({})",
-            match &res {
-                Ok(u) => format!("{} users", u.len()),
-                Err(e) => e.to_string(),
-            }
+            "the next reconcile succeeds on both nodes ({})",
+            outcomes.join(", ")
         ),
-        res.is_ok(),
+        rep.as_ref()
+            .is_ok_and(|r| r.nodes.iter().all(|n| matches!(n.outcome, Outcome::Ok))),
     );
     let mut closed = false;
     for _ in 0..100 {
