@@ -17,10 +17,13 @@ pub struct BotMetrics {
     pub(crate) in_flight: IntGauge,
 }
 
+/// Error kinds exported at 0 from start-up (the ones alerts use).
+const ERROR_KINDS_ALWAYS_EXPORTED: [&str; 2] = ["conflict", "rate_limited"];
+
 impl BotMetrics {
     /// Registers the bot's families.
     pub fn register(registry: &Registry) -> Self {
-        Self {
+        let m = Self {
             updates: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_updates_total",
@@ -62,7 +65,13 @@ impl BotMetrics {
                 "vpnbot_bot_updates_in_flight",
                 "Updates being handled now.",
             ),
+        };
+        // Export the error kinds alerts watch (409 conflict, 429) at 0 from the start, so
+        // `increase()` sees the first one and the series exist before anything went wrong.
+        for kind in ERROR_KINDS_ALWAYS_EXPORTED {
+            m.errors.with_label_values(&[kind]);
         }
+        m
     }
 
     /// Counts one error of `kind` (a fixed name).

@@ -279,6 +279,10 @@ pub fn exposition_problems(text: &str) -> Vec<String> {
                 let Some((k, v)) = pair.split_once('=') else {
                     continue;
                 };
+                // Bucket bounds are numbers by design.
+                if k == "le" || k == "quantile" {
+                    continue;
+                }
                 let v = v.trim_matches('"');
                 if let Some(why) = suspicious_label_value(v) {
                     problems.push(format!(
