@@ -5,11 +5,11 @@
 //! a user id, UUID, URL or secret.
 
 #[path = "bot_common/mod.rs"]
-#[allow(dead_code, unreachable_pub)]
+
 mod bot_common;
-#[allow(dead_code, unreachable_pub)]
+
 mod common;
-#[allow(dead_code, unreachable_pub)]
+
 mod ops_support;
 
 use std::time::Duration;
