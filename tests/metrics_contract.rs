@@ -4,12 +4,8 @@
 //! (dashboards/metrics.txt) is exported, every family has HELP text, and no label value carries
 //! a user id, UUID, URL or secret.
 
-#[path = "bot_common/mod.rs"]
-
 mod bot_common;
-
 mod common;
-
 mod ops_support;
 
 use std::time::Duration;
