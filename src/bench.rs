@@ -41,6 +41,9 @@ pub enum BenchName {
     Detection,
     /// The watchdog thread's own CPU over 10 s (target: < 1 % of a core).
     WatchdogCpu,
+    /// Throughput cost of everything always on (hooks, watchdog, lag probe, monitors) on a
+    /// node-call loop over loopback (target: < 5 %).
+    AlwaysOnCost,
 }
 
 /// Runs one benchmark.
@@ -69,6 +72,10 @@ pub fn main(args: BenchArgs) -> ExitCode {
         }
         BenchName::Detection => {
             crate::diagnostics::bench::bench_detection_latency(20, Duration::from_millis(300));
+            true
+        }
+        BenchName::AlwaysOnCost => {
+            crate::diagnostics::bench::bench_always_on_cost(args.iterations as usize);
             true
         }
         BenchName::WatchdogCpu => {

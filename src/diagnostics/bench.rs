@@ -258,3 +258,133 @@ pub fn bench_watchdog_cpu(duration: Duration) -> f64 {
     rt.shutdown_timeout(Duration::from_secs(3));
     share
 }
+
+/// Throughput of a realistic loop with and without everything that is always on.
+#[derive(Debug, Clone)]
+pub struct AlwaysOnCostReport {
+    /// Node calls per round.
+    pub calls: usize,
+    /// Best calls/s without diagnostics (plain runtime, plain spawns).
+    pub plain_per_second: f64,
+    /// Best calls/s with the hooked runtime, watchdog, lag probe, runtime and task monitors.
+    pub instrumented_per_second: f64,
+}
+
+impl AlwaysOnCostReport {
+    /// Throughput lost to the always-on diagnostics, percent (negative: within noise).
+    pub fn cost_percent(&self) -> f64 {
+        (1.0 - self.instrumented_per_second / self.plain_per_second) * 100.0
+    }
+}
+
+impl fmt::Display for AlwaysOnCostReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "node-call loop, {} `health` calls per round over loopback, 16 concurrent tasks: \
+             plain {:.0} calls/s, with diagnostics {:.0} calls/s: cost {:.1} % (target < 5 %)",
+            self.calls,
+            self.plain_per_second,
+            self.instrumented_per_second,
+            self.cost_percent()
+        )
+    }
+}
+
+/// Runs `calls` node-API `health` calls (16 concurrent tasks) against a simulated node served
+/// from its own thread, on a 2-worker runtime without diagnostics and on the same runtime with
+/// the poll hooks, the watchdog, the lag probe and the runtime/task monitors, alternating 3
+/// rounds each; the best round of each is compared. Prints and returns the figures.
+pub fn bench_always_on_cost(calls: usize) -> AlwaysOnCostReport {
+    use crate::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
+    use crate::sim::node::{SimNode, SimNodeOptions};
+
+    // The node lives on its own runtime so it costs both variants the same.
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sim_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("sim runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let sim = SimNode::start(l, SimNodeOptions::default());
+            addr_tx
+                .send((sim.base_url(), sim.api_key().to_string()))
+                .expect("send");
+            let _ = stop_rx.await;
+            drop(sim);
+        });
+    });
+    let (url, key) = addr_rx.recv().expect("sim address");
+
+    let round = |instrumented: bool| -> f64 {
+        let registry = prometheus::Registry::new();
+        let diag = Diagnostics::new(DiagnosticsSettings::default(), &registry);
+        let rt = if instrumented {
+            crate::runtime::build_main_runtime(Some(2), &diag).expect("runtime")
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        let tasks = Tasks::new();
+        let elapsed = rt.block_on(async {
+            if instrumented {
+                diag.start(&tokio::runtime::Handle::current(), &tasks);
+            }
+            let client = NodeClient::new(
+                "bench",
+                url.clone(),
+                secrecy::SecretString::from(key.clone()),
+                &NodeClientSettings::default(),
+                NodeApiMetrics::register(&registry),
+                InflightCalls::new(),
+            )
+            .expect("client");
+            client.health().await.expect("warm-up");
+            let per_task = calls / 16;
+            let t0 = Instant::now();
+            let mut handles = Vec::new();
+            for _ in 0..16 {
+                let c = client.clone();
+                let work = async move {
+                    for _ in 0..per_task {
+                        let _ = c.health().await;
+                    }
+                };
+                handles.push(if instrumented {
+                    tasks.spawn_named("node_calls", work)
+                } else {
+                    tokio::spawn(work)
+                });
+            }
+            for h in handles {
+                let _ = h.await;
+            }
+            t0.elapsed()
+        });
+        if instrumented {
+            diag.stop();
+        }
+        drop(rt);
+        calls as f64 / elapsed.as_secs_f64()
+    };
+    let (mut plain, mut inst) = (0f64, 0f64);
+    for _ in 0..3 {
+        plain = plain.max(round(false));
+        inst = inst.max(round(true));
+    }
+    let _ = stop_tx.send(());
+    let _ = sim_thread.join();
+    let report = AlwaysOnCostReport {
+        calls,
+        plain_per_second: plain,
+        instrumented_per_second: inst,
+    };
+    println!("bench always-on-cost: {report}");
+    report
+}
