@@ -402,3 +402,94 @@ fn collector_that_never_answers_costs_nothing_and_shutdown_is_bounded() {
         "a timed-out export is counted"
     );
 }
+
+/// The real node client against the node simulator, traced through the real OTLP layer: the
+/// exported `node.call` span has `connect`, `headers`, `body` and `decode` children in its trace.
+#[test]
+fn real_node_call_exports_its_phase_children() {
+    use vpnbot::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
+    use vpnbot::sim::node::{SimNode, SimNodeOptions};
+
+    let rx = Receiver::start();
+    let registry = prometheus::Registry::new();
+    let settings = OtelSettings {
+        scheduled_delay: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let (layer, guard) = otel_layer_with(
+        &cfg(format!("http://{}/v1/traces", rx.addr)),
+        &registry,
+        settings,
+    )
+    .expect("layer");
+    let subscriber = tracing_subscriber::registry().with(layer);
+    tracing::subscriber::with_default(subscriber, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let sim = SimNode::start(
+                l,
+                SimNodeOptions {
+                    users: 50,
+                    ..Default::default()
+                },
+            );
+            let client = NodeClient::new(
+                "a",
+                sim.base_url(),
+                secrecy::SecretString::from(sim.api_key().to_string()),
+                &NodeClientSettings::default(),
+                NodeApiMetrics::register(&prometheus::Registry::new()),
+                InflightCalls::new(),
+            )
+            .unwrap();
+            let users = client.list_users().await.unwrap();
+            assert_eq!(users.len(), 50);
+        });
+    });
+    assert!(
+        until(Duration::from_secs(10), || guard.spans_exported() >= 5),
+        "spans not exported: {}",
+        guard.spans_exported()
+    );
+    assert!(guard.shutdown());
+    let reqs = rx.requests.lock().unwrap();
+    let spans: Vec<_> = reqs
+        .iter()
+        .flat_map(|r| r.resource_spans.iter())
+        .flat_map(|rs| rs.scope_spans.iter())
+        .flat_map(|ss| ss.spans.iter().cloned())
+        .collect();
+    let call = spans
+        .iter()
+        .find(|s| s.name == "node.call")
+        .unwrap_or_else(|| {
+            panic!(
+                "no node.call span in {:?}",
+                spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(attr(&call.attributes, "node").as_deref(), Some("a"));
+    assert_eq!(
+        attr(&call.attributes, "operation").as_deref(),
+        Some("list_users")
+    );
+    assert_eq!(
+        attr(&call.attributes, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    let children: std::collections::BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| s.trace_id == call.trace_id && s.span_id != call.span_id)
+        .map(|s| s.name.as_str())
+        .collect();
+    for phase in ["connect", "headers", "body", "decode"] {
+        assert!(
+            children.contains(phase),
+            "no {phase} span under node.call: {children:?}"
+        );
+    }
+}

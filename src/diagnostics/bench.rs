@@ -308,7 +308,9 @@ pub fn bench_always_on_cost(calls: usize) -> AlwaysOnCostReport {
             .build()
             .expect("sim runtime");
         rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
             let sim = SimNode::start(l, SimNodeOptions::default());
             addr_tx
                 .send((sim.base_url(), sim.api_key().to_string()))
