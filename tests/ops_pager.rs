@@ -176,6 +176,12 @@ impl Stack {
         )
         .unwrap();
         set_all(&mut rules, "for", "2s");
+        // Test-sized windows: `increase(...[10m])` would keep a fired alert for 10 minutes.
+        let mut text = serde_yaml::to_string(&rules).unwrap();
+        for w in ["[10m]", "[15m]", "[5m]", "[1m]"] {
+            text = text.replace(w, "[15s]");
+        }
+        let rules: Yaml = serde_yaml::from_str(&text).unwrap();
         std::fs::write(
             dir.path().join("rules.yml"),
             serde_yaml::to_string(&rules).unwrap(),
@@ -446,4 +452,149 @@ async fn scenario(prometheus: &Path, alertmanager: &Path) {
     tokio::task::spawn_blocking(move || obs.stop())
         .await
         .unwrap();
+}
+
+/// The pager path with nothing simulated on vpnbot's side: the real App on a runtime with the
+/// diagnostics' poll hooks, the real watchdog, the real node client against the node simulator
+/// (old freeze: `list-users` headers then silence), a real blocked worker; Prometheus scrapes the
+/// real observability server with the real rules, Alertmanager routes with the real config.
+#[test]
+fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
+    let (Some(prometheus), Some(alertmanager)) = (
+        tool("prometheus"),
+        tool_any(&["prometheus-alertmanager", "alertmanager"]),
+    ) else {
+        return;
+    };
+    let Ok(base) = std::env::var("DATABASE_URL") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "DATABASE_URL is set in CI"
+        );
+        eprintln!("SKIPPED: DATABASE_URL is not set");
+        return;
+    };
+    let mut cfg = vpnbot::config::Config::default();
+    cfg.observability.listen = "127.0.0.1:0".into();
+    cfg.diagnostics.stall_threshold_seconds = 0.3;
+    cfg.diagnostics.dump_dir =
+        std::env::temp_dir().join(format!("vpnbot-pager-{}", std::process::id()));
+    cfg.reconcile.enabled = false;
+    cfg.node_client.connect_timeout_seconds = 0.5;
+    cfg.node_client.headers_timeout_seconds = 1.0;
+    cfg.node_client.body_idle_timeout_seconds = 1.0;
+    cfg.node_client.total_deadline_seconds = 2.0;
+    let instruments = vpnbot::app::Instruments::bare(&cfg);
+    let rt = vpnbot::runtime::build_main_runtime(Some(2), &instruments.diagnostics).unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(240), async {
+            let admin = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&base)
+                .await
+                .unwrap();
+            let db = format!("vpnbot_pager_{}", std::process::id());
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}")))
+                .execute(&admin)
+                .await;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+                .execute(&admin)
+                .await
+                .unwrap();
+            let mut u = url::Url::parse(&base).unwrap();
+            u.set_path(&db);
+            cfg.db.url = secrecy::SecretString::from(u.to_string());
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let sim = vpnbot::sim::node::SimNode::start(l, Default::default());
+            cfg.nodes.insert(
+                "a".into(),
+                vpnbot::config::NodeConfig {
+                    url: sim.base_url().to_string(),
+                    api_key: secrecy::SecretString::from(sim.api_key().to_string()),
+                    public_host: "a.example".into(),
+                    public_port: 443,
+                },
+            );
+            let app = vpnbot::app::App::start_with(cfg, &instruments)
+                .await
+                .unwrap();
+            let (receivers, webhook, _telegram) = start_receivers().await;
+            let stack = Stack::start(&prometheus, &alertmanager, app.obs_addr(), receivers).await;
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            assert!(
+                webhook.all().is_empty(),
+                "pages while healthy: {:?}",
+                webhook.all()
+            );
+
+            // 1. The old freeze, for real: the reconcile's list-users gets headers, then silence.
+            sim.set_fault(
+                vpnbot::node::Operation::ListUsers,
+                vpnbot::sim::node::Fault::HeadersThenSilence,
+            );
+            let t = Instant::now();
+            let rep = app
+                .reconciler
+                .reconcile_once(&vpnbot::reconcile::RunOptions::default())
+                .await
+                .unwrap();
+            assert!(matches!(
+                rep.node("a").unwrap().outcome,
+                vpnbot::reconcile::Outcome::Failed
+            ));
+            let (page, took) =
+                expect_page(&stack, &webhook, "VpnbotNodeDeadlineExceeded", "firing", t).await;
+            eprintln!("real freeze paged in {took:?}");
+            assert_eq!(page["labels"]["node"], "a");
+            assert_eq!(page["labels"]["operation"], "list_users");
+            assert_eq!(
+                page["annotations"]["runbook_url"],
+                "docs/runbooks.md#vpnbotnodedeadlineexceeded"
+            );
+            sim.set_fault(
+                vpnbot::node::Operation::ListUsers,
+                vpnbot::sim::node::Fault::None,
+            );
+
+            // 2. A real blocked worker: sync sleep inside a named task for 8 s.
+            let t = Instant::now();
+            app.tasks.spawn_named("reconcile", async {
+                std::thread::sleep(Duration::from_secs(8));
+            });
+            let (page, took) =
+                expect_page(&stack, &webhook, "VpnbotWorkerBlocked", "firing", t).await;
+            eprintln!("real blocked worker paged in {took:?}");
+            assert_eq!(page["labels"]["kind"], "blocked_worker");
+            assert_eq!(page["labels"]["task"], "reconcile");
+            assert_eq!(
+                page["annotations"]["runbook_url"],
+                "docs/runbooks.md#vpnbotworkerblocked"
+            );
+
+            // 3. Recovery: the worker is released and the node answers; both alerts resolve.
+            let t = Instant::now();
+            let (_, took) =
+                expect_page(&stack, &webhook, "VpnbotWorkerBlocked", "resolved", t).await;
+            eprintln!("real blocked worker resolved in {took:?}");
+            let (_, took) = expect_page(
+                &stack,
+                &webhook,
+                "VpnbotNodeDeadlineExceeded",
+                "resolved",
+                t,
+            )
+            .await;
+            eprintln!("real freeze resolved in {took:?}");
+            drop(stack);
+            app.shutdown().await;
+            drop(sim);
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+            )))
+            .execute(&admin)
+            .await;
+        })
+        .await
+        .expect("real pager scenario exceeded 240 s");
+    });
 }

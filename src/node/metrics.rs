@@ -90,6 +90,11 @@ impl NodeApiMetrics {
     /// Children resolved once per (node, operation) so the hot path does no label lookups.
     pub(crate) fn for_op(&self, node: &str, op: Operation) -> OpMetrics {
         let o = op.as_str();
+        // Export the timeout outcomes at 0 from the start: a series born at 1 shows no
+        // `increase()`, so the first stuck call would never page (alerts/vpnbot.rules.yml).
+        for outcome in OUTCOMES_EXPORTED_AT_START {
+            self.request_duration.with_label_values(&[node, o, outcome]);
+        }
         OpMetrics {
             inflight: Phase::ALL.map(|p| self.inflight.with_label_values(&[node, o, p.as_str()])),
             phase: Phase::ALL.map(|p| {
@@ -101,6 +106,10 @@ impl NodeApiMetrics {
         }
     }
 }
+
+/// `outcome` values alerts watch, exported at 0 for every (node, operation) from the start.
+const OUTCOMES_EXPORTED_AT_START: [&str; 3] =
+    ["deadline_exceeded", "body_timeout", "headers_timeout"];
 
 /// Pre-resolved metric children of one (node, operation).
 #[derive(Debug)]
