@@ -139,3 +139,20 @@ pub fn render(registry: &Registry) -> String {
         .expect("text encoding into a Vec cannot fail");
     String::from_utf8(buf).expect("exposition text is UTF-8")
 }
+
+/// The value of the first sample of family `name` whose labels include every `(key, value)` of
+/// `labels`, read from exposition `text` (what `/metrics` serves). For the demo's checks and the
+/// tests; not a parser of the whole format.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let head = l.rsplit_once(' ').map(|(h, _)| h).unwrap_or(l);
+            let (n, rest) = head.split_once('{').unwrap_or((head, ""));
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+}

@@ -258,24 +258,9 @@ fn observability_server_answers_while_every_worker_is_blocked() {
         .enable_all()
         .build()
         .unwrap();
-    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
     let (app, addr) = rt.block_on(async {
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&url)
-            .await
-            .unwrap();
-        let db = format!("vpnbot_r2_{}", std::process::id());
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}")))
-            .execute(&admin)
-            .await;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let mut u = url::Url::parse(&url).unwrap();
-        u.set_path(&db);
-        let opts: PgConnectOptions = u.as_str().parse().unwrap();
+        let url = common::fresh_database("r2").await;
+        let opts: PgConnectOptions = url.parse().unwrap();
         let app = App::start(common::test_config(&opts)).await.unwrap();
         let addr = app.obs_addr();
         (app, addr)

@@ -12,6 +12,7 @@
 //!
 //! Skipped with a message when prometheus/alertmanager are missing outside CI; fails in CI.
 
+mod common;
 mod ops_support;
 
 use std::net::SocketAddr;
@@ -466,7 +467,7 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
     ) else {
         return;
     };
-    let Ok(base) = std::env::var("DATABASE_URL") else {
+    let Ok(_) = std::env::var("DATABASE_URL") else {
         assert!(
             std::env::var_os("CI").is_none(),
             "DATABASE_URL is set in CI"
@@ -488,22 +489,8 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
     let rt = vpnbot::runtime::build_main_runtime(Some(2), &instruments.diagnostics).unwrap();
     rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(240), async {
-            let admin = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&base)
-                .await
-                .unwrap();
-            let db = format!("vpnbot_pager_{}", std::process::id());
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}")))
-                .execute(&admin)
-                .await;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-                .execute(&admin)
-                .await
-                .unwrap();
-            let mut u = url::Url::parse(&base).unwrap();
-            u.set_path(&db);
-            cfg.db.url = secrecy::SecretString::from(u.to_string());
+            let url = common::fresh_database("pager").await;
+            cfg.db.url = secrecy::SecretString::from(url);
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let sim = vpnbot::sim::node::SimNode::start(l, Default::default());
             cfg.nodes.insert(
@@ -588,11 +575,6 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
             drop(stack);
             app.shutdown().await;
             drop(sim);
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-            )))
-            .execute(&admin)
-            .await;
         })
         .await
         .expect("real pager scenario exceeded 240 s");

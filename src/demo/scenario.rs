@@ -14,6 +14,7 @@ use crate::sim::botapi::{BotApiSimHandle, SimUser};
 use crate::sim::node::{Fault, SimNodeHandle};
 
 use super::report::StepReport;
+use crate::metrics::sample;
 
 /// Everything a step needs.
 #[derive(Debug)]
@@ -171,21 +172,6 @@ fn unix_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// Value of one sample in exposition text.
-pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let head = l.rsplit_once(' ').map(|(h, _)| h).unwrap_or(l);
-            let (n, rest) = head.split_once('{').unwrap_or((head, ""));
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
 }
 
 /// Step 1: normal traffic: a few dozen users start, take trials, buy with Stars, ask for

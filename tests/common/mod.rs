@@ -49,15 +49,30 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> Option<
 
 /// Value of one sample in Prometheus text, e.g. `metric(&text, "vpnbot_leader", &[])`.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let (head, _) = l.rsplit_once(' ').unwrap_or((l, ""));
-            let (n, rest) = head.split_once('{').unwrap_or((head, ""));
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        })
-        .find_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+    vpnbot::metrics::sample(text, name, labels)
+}
+
+/// A fresh database `vpnbot_<tag>_<pid>` on the server of `DATABASE_URL`, for tests that
+/// build their own runtime (where `#[sqlx::test]` cannot help). Returns its URL.
+pub async fn fresh_database(tag: &str) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set by scripts/test.sh");
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&base)
+        .await
+        .unwrap();
+    let db = format!("vpnbot_{tag}_{}", std::process::id());
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let mut u = url::Url::parse(&base).unwrap();
+    u.set_path(&db);
+    u.to_string()
 }
