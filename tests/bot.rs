@@ -512,3 +512,40 @@ async fn reminders_are_sent_once_and_expiry_queues_removal(
         "the queued removal is skipped: {pass:?}"
     );
 }
+
+/// branch `break` (T5): updates teloxide cannot parse as their kind, a callback with no
+/// message (inline), a text of 1 MiB, a language code of 10 kB: the loop keeps polling, no
+/// panic, the attacker gets nothing of the victim's.
+#[sqlx::test(migrations = false)]
+async fn break_malformed_updates_do_not_stop_polling(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env(&opts).await;
+    let victim = SimUser::new(4101, "en");
+    let attacker = SimUser::new(4102, "en");
+    e.say(&victim, "/trial", |m| m.method == "sendPhoto").await;
+    e.sim.inject(json!({"message": {"message_id": "NaN", "date": "x", "chat": 5}}));
+    e.sim.inject(json!({"message": 5}));
+    e.sim.inject(json!({"callback_query": {"id": "bad1", "from": 7}}));
+    e.sim.inject(json!({"unknown_kind": {"a": 1}}));
+    e.sim.inject(json!({}));
+    let q = json!({"callback_query": {
+        "id": "inline1", "from": attacker.user_json(), "chat_instance": "x", "data": "key",
+        "inline_message_id": "AAAA"}});
+    e.sim.inject(q);
+    let a = e.sim.wait_answer("inline1", WAIT).await;
+    assert!(a.is_some(), "inline callback answered");
+    let big = SimUser::new(4103, &"x".repeat(10_000));
+    e.say(&big, &"B".repeat(1 << 20), has("only understand commands"))
+        .await;
+    e.say(&attacker, "/help", has("/status")).await;
+    let victim_uuid: Uuid = {
+        let mut c = e.pool.acquire("test").await.unwrap();
+        sqlx::query_scalar("SELECT vless_uuid FROM subscriptions WHERE owner_id = 4101")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap()
+    };
+    for m in e.sim.sent_to(attacker.id) {
+        assert!(!m.text.contains(&victim_uuid.to_string()), "{m:?}");
+    }
+    assert_eq!(e.metric("vpnbot_bot_errors_total", &[("kind", "panic")]), 0.0);
+}
