@@ -746,3 +746,35 @@ fn exit_after_stall_exits_with_a_distinct_code_after_the_dump() {
         .unwrap_or_else(|| panic!("no exit dump among {files:?}"));
     assert!(exit_dump.contains("runtime_stalled"));
 }
+
+/// branch `break` (O3): a poll that blocks a worker past the poll-time histogram's last finite
+/// bucket (~4 s) lands in `+Inf`, and `_sum` adds the bucket's *start* (~4 s), so an
+/// 11-minute blocked poll reads as ~4 s. Shown here with 6 s.
+#[test]
+fn break_o3_long_blocked_poll_is_not_capped_in_the_poll_time_histogram() {
+    let _s = serial();
+    let app = App::new();
+    let before = app
+        .metric("vpnbot_runtime_poll_duration_seconds_sum")
+        .unwrap_or(0.0);
+    let h = app.rt().spawn(async {
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    app.rt().block_on(h).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let text = vpnbot::metrics::render(&app.registry);
+    let sum = app
+        .metric("vpnbot_runtime_poll_duration_seconds_sum")
+        .unwrap();
+    let top_finite = text
+        .lines()
+        .filter(|l| l.starts_with("vpnbot_runtime_poll_duration_seconds_bucket"))
+        .filter_map(|l| l.split("le=\"").nth(1)?.split('"').next()?.parse::<f64>().ok())
+        .filter(|v| v.is_finite())
+        .fold(0.0, f64::max);
+    assert!(
+        sum - before >= 5.5 && top_finite >= 1800.0,
+        "a 6 s poll reads as {:.2} s; top finite bucket {top_finite} s",
+        sum - before
+    );
+}
