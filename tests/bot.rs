@@ -517,14 +517,16 @@ async fn reminders_are_sent_once_and_expiry_queues_removal(
 /// message (inline), a text of 1 MiB, a language code of 10 kB: the loop keeps polling, no
 /// panic, the attacker gets nothing of the victim's.
 #[sqlx::test(migrations = false)]
-async fn break_malformed_updates_do_not_stop_polling(_p: PgPoolOptions, opts: PgConnectOptions) {
+async fn malformed_updates_do_not_stop_polling(_p: PgPoolOptions, opts: PgConnectOptions) {
     let e = env(&opts).await;
     let victim = SimUser::new(4101, "en");
     let attacker = SimUser::new(4102, "en");
     e.say(&victim, "/trial", |m| m.method == "sendPhoto").await;
-    e.sim.inject(json!({"message": {"message_id": "NaN", "date": "x", "chat": 5}}));
+    e.sim
+        .inject(json!({"message": {"message_id": "NaN", "date": "x", "chat": 5}}));
     e.sim.inject(json!({"message": 5}));
-    e.sim.inject(json!({"callback_query": {"id": "bad1", "from": 7}}));
+    e.sim
+        .inject(json!({"callback_query": {"id": "bad1", "from": 7}}));
     e.sim.inject(json!({"unknown_kind": {"a": 1}}));
     e.sim.inject(json!({}));
     let q = json!({"callback_query": {
@@ -547,5 +549,8 @@ async fn break_malformed_updates_do_not_stop_polling(_p: PgPoolOptions, opts: Pg
     for m in e.sim.sent_to(attacker.id) {
         assert!(!m.text.contains(&victim_uuid.to_string()), "{m:?}");
     }
-    assert_eq!(e.metric("vpnbot_bot_errors_total", &[("kind", "panic")]), 0.0);
+    assert_eq!(
+        e.metric("vpnbot_bot_errors_total", &[("kind", "panic")]),
+        0.0
+    );
 }

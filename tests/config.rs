@@ -174,13 +174,13 @@ fn missing_config_file_exits_64() {
     assert_eq!(out.status.code(), Some(EXIT_CONFIG));
 }
 
-// ---- branch `break`: secrets that check-config still prints ----
+// ---- secrets in unusual shapes (found by a tester; each failed before its fix) ----
 
 /// A secret that happens to be all digits (a numeric node API key, a PIN-like token) is parsed
 /// by the `VPNBOT_*` overlay as an integer; the resulting type error quotes the value verbatim
 /// on stderr ("found unsigned int `8472919283`").
 #[test]
-fn break_numeric_secret_is_not_echoed_by_a_type_error() {
+fn numeric_secret_is_not_echoed_by_a_type_error() {
     let out = vpnbot()
         .arg("check-config")
         .env("VPNBOT_DB__URL", "postgres://bot:pw@db/vpn")
@@ -200,12 +200,15 @@ fn break_numeric_secret_is_not_echoed_by_a_type_error() {
 /// The node client refuses a base URL with a query or fragment (so tokens cannot ride in it),
 /// but check-config accepts it, exits 0 and prints the token in clear.
 #[test]
-fn break_check_config_does_not_print_a_token_in_the_node_url() {
+fn check_config_does_not_print_a_token_in_the_node_url() {
     let out = vpnbot()
         .arg("check-config")
         .env("VPNBOT_DB__URL", "postgres://bot:pw@db/vpn")
         .env("VPNBOT_TELEGRAM__TOKEN", "123:tok")
-        .env("VPNBOT_NODES__A__URL", "http://10.0.0.1:8080/api?token=tok-s3cret")
+        .env(
+            "VPNBOT_NODES__A__URL",
+            "http://10.0.0.1:8080/api?token=tok-s3cret",
+        )
         .env("VPNBOT_NODES__A__API_KEY", "key")
         .output()
         .unwrap();
@@ -226,7 +229,7 @@ fn break_check_config_does_not_print_a_token_in_the_node_url() {
 /// otel.rs redacts credentials from the OTLP endpoint before logging it, but check-config
 /// prints `otlp_endpoint` (and a `sslpassword` in the DB URL) verbatim.
 #[test]
-fn break_check_config_redacts_otlp_credentials_and_sslpassword() {
+fn check_config_redacts_otlp_credentials_and_sslpassword() {
     let out = vpnbot()
         .arg("check-config")
         .env(
@@ -243,5 +246,8 @@ fn break_check_config_redacts_otlp_credentials_and_sslpassword() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     let leaks: Vec<&str> = stdout.lines().filter(|l| l.contains("s3cret")).collect();
-    assert!(leaks.is_empty(), "secrets printed by check-config: {leaks:?}");
+    assert!(
+        leaks.is_empty(),
+        "secrets printed by check-config: {leaks:?}"
+    );
 }

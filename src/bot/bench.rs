@@ -180,7 +180,7 @@ async fn run_with(
             .await
             .map_err(|e| api::classify(&e).1)?;
         for u in updates {
-            offset = offset.max(u.id.0 as i32 + 1);
+            offset = offset.max(i32::try_from(u.id.0).unwrap_or(i32::MAX).saturating_add(1));
             seen += 1;
             let permit = sem.clone().acquire_owned().await.expect("open semaphore");
             let (bot, lat) = (bot.clone(), latencies.clone());

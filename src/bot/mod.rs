@@ -227,7 +227,10 @@ impl BotService {
                     self.metrics().polling_last_success.set(unix_now());
                     failures = 0;
                     for u in updates {
-                        offset = Some(offset.unwrap_or(0).max(u.id.0 as i32 + 1));
+                        // Bot API offsets are i32 in teloxide; a hostile or odd endpoint could
+                        // send an id at i32::MAX: saturate instead of overflowing.
+                        let next = i32::try_from(u.id.0).unwrap_or(i32::MAX).saturating_add(1);
+                        offset = Some(offset.unwrap_or(0).max(next));
                         let permit = tokio::select! {
                             _ = cancel.cancelled() => break,
                             p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),

@@ -60,7 +60,10 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct TelegramConfig {
     /// Bot token from @BotFather. Secret: never printed.
-    #[serde(serialize_with = "secret::serialize_redacted")]
+    #[serde(
+        serialize_with = "secret::serialize_redacted",
+        deserialize_with = "secret::deserialize_lenient"
+    )]
     pub token: SecretString,
     /// Bot API base URL (default [`d::TELEGRAM_API_URL`]); point it at the stand-in in tests.
     pub api_url: String,
@@ -85,7 +88,10 @@ impl Default for TelegramConfig {
 pub struct DbConfig {
     /// `postgres://` URL. Falls back to the `DATABASE_URL` environment variable. Its password is
     /// never printed.
-    #[serde(serialize_with = "secret::serialize_redacted_url")]
+    #[serde(
+        serialize_with = "secret::serialize_redacted_url",
+        deserialize_with = "secret::deserialize_lenient"
+    )]
     pub url: SecretString,
     /// Connections kept open when idle (default [`d::DB_MIN_CONNECTIONS`]).
     pub min_connections: u32,
@@ -165,6 +171,8 @@ pub struct ObservabilityConfig {
     /// `tracing` filter directives for logs (default [`d::LOG_FILTER`]); `RUST_LOG` overrides it.
     pub log_filter: String,
     /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; empty disables export.
+    /// Credentials in it are printed redacted.
+    #[serde(serialize_with = "secret::serialize_redacted_url_str")]
     pub otlp_endpoint: String,
 }
 
@@ -205,7 +213,10 @@ pub struct NodeConfig {
     /// Base URL of the node API, e.g. `http://10.0.0.5:8080/`.
     pub url: String,
     /// API key sent in a header. Secret: never printed.
-    #[serde(serialize_with = "secret::serialize_redacted")]
+    #[serde(
+        serialize_with = "secret::serialize_redacted",
+        deserialize_with = "secret::deserialize_lenient"
+    )]
     pub api_key: SecretString,
     /// Host that clients connect to (goes into `vless://` links).
     pub public_host: String,
@@ -454,11 +465,22 @@ impl Config {
                             "nodes.{name}.url must not carry credentials; use api_key"
                         ));
                     }
+                    if u.query().is_some() || u.fragment().is_some() {
+                        e.push(format!(
+                            "nodes.{name}.url must not have a query or fragment (a token there \
+                             would leak into logs); use api_key"
+                        ));
+                    }
                 }
                 _ => e.push(format!("nodes.{name}.url must be an http(s) URL")),
             }
-            if n.api_key.expose_secret().is_empty() {
+            let key = n.api_key.expose_secret();
+            if key.is_empty() {
                 e.push(format!("nodes.{name}.api_key is empty"));
+            } else if !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+                e.push(format!(
+                    "nodes.{name}.api_key must be visible ASCII without spaces (it is sent in a header)"
+                ));
             }
         }
         e
@@ -491,12 +513,14 @@ fn section<T: DeserializeOwned + Default>(
     }
 }
 
-/// `db.max_connections: invalid type: found string "many", expected u32 (from TOML file x)`.
+/// `db.max_connections: invalid type: found a string, expected u32 (from TOML file x)`.
+///
+/// Values are never echoed: the key may hold a secret (an all-digit API key, a token).
 fn describe(section: &str, e: &figment::Error) -> String {
-    // figment records the path innermost-first and, for extract_inner, with the section.
-    let mut segs: Vec<String> = e.path.iter().rev().map(|p| p.to_lowercase()).collect();
-    if segs.first().map(String::as_str) == Some(section) {
-        segs.remove(0);
+    // figment records the field path outer-to-inner, with the extracted section appended.
+    let mut segs: Vec<String> = e.path.iter().map(|p| p.to_lowercase()).collect();
+    if segs.last().map(String::as_str) == Some(section) {
+        segs.pop();
     }
     let mut path = section.to_string();
     for p in segs {
@@ -508,7 +532,32 @@ fn describe(section: &str, e: &figment::Error) -> String {
         .as_ref()
         .map(|m| format!(" (from {})", m.name))
         .unwrap_or_default();
-    format!("{path}: {}{source}", e.kind)
+    format!("{path}: {}{source}", kind_without_value(&e.kind))
+}
+
+fn kind_without_value(kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let what = |a: &Actual| match a {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a number",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Seq => "a list",
+        Actual::Map => "a table",
+        _ => "a value",
+    };
+    match kind {
+        Kind::InvalidType(a, expected) => {
+            format!("invalid type: found {}, expected {expected}", what(a))
+        }
+        Kind::InvalidValue(a, expected) => {
+            format!("invalid value: found {}, expected {expected}", what(a))
+        }
+        Kind::UnsupportedKey(a, _) | Kind::Unsupported(a) => {
+            format!("unsupported {}", what(a))
+        }
+        other => other.to_string(),
+    }
 }
 
 fn positive(errors: &mut Vec<String>, key: &str, v: f64) {

@@ -2,7 +2,7 @@
 //! serialized only through these redacting helpers so `check-config` can print the config.
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serializer;
+use serde::{Deserializer, Serializer};
 
 /// What a secret prints as.
 pub const REDACTED: &str = "[REDACTED]";
@@ -22,8 +22,49 @@ pub fn serialize_redacted_url<S: Serializer>(s: &SecretString, ser: S) -> Result
     ser.serialize_str(&redact_url(s.expose_secret()))
 }
 
-/// Returns `raw` with any password (and `password=` query parameter) replaced by [`REDACTED`];
-/// a string that is not a URL is redacted whole.
+/// Serializes a plain URL string with credentials and secret-looking query values redacted.
+pub fn serialize_redacted_url_str<S: Serializer>(s: &str, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(&redact_url(s))
+}
+
+/// Deserializes a secret from a string or a number: an all-digit API key or token given as
+/// `VPNBOT_...=8472919283` arrives from the environment as an integer.
+pub fn deserialize_lenient<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = SecretString;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretString, E> {
+            Ok(SecretString::from(v.to_string()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SecretString, E> {
+            Ok(SecretString::from(v.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SecretString, E> {
+            Ok(SecretString::from(v.to_string()))
+        }
+        fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<SecretString, E> {
+            Ok(SecretString::from(v.to_string()))
+        }
+        fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<SecretString, E> {
+            Ok(SecretString::from(v.to_string()))
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// Query keys whose values are redacted: anything naming a password, secret, token or key.
+fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    ["pass", "secret", "token", "key", "auth", "signature"]
+        .iter()
+        .any(|w| k.contains(w))
+}
+
+/// Returns `raw` with any password (and query values whose key names a password, secret, token
+/// or key) replaced by [`REDACTED`]; a string that is not a URL is redacted whole.
 pub fn redact_url(raw: &str) -> String {
     if raw.is_empty() {
         return String::new();
@@ -36,7 +77,7 @@ pub fn redact_url(raw: &str) -> String {
             let pairs: Vec<(String, String)> = u
                 .query_pairs()
                 .map(|(k, v)| {
-                    let v = if k.eq_ignore_ascii_case("password") {
+                    let v = if is_secret_key(&k) {
                         REDACTED.to_string()
                     } else {
                         v.into_owned()
