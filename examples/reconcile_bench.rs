@@ -3,6 +3,8 @@
 //! is created and dropped).
 
 fn main() {
+    // Re-executed as the node simulator child: serve and exit.
+    vpnbot::reconcile::bench::maybe_run_sim_child();
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

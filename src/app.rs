@@ -326,6 +326,10 @@ impl App {
             tracing::error!("database pool did not close within 5 s");
         }
         self.diagnostics.stop();
+        let quiet_by = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.diagnostics.task_dump_in_flight() && tokio::time::Instant::now() < quiet_by {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Some(obs) = self.obs.take() {
             // Joining the server thread is blocking; keep it off the runtime workers.
             let _ = tokio::task::spawn_blocking(move || obs.stop()).await;
@@ -336,7 +340,10 @@ impl App {
 
 /// One direct connection with the connect timeout, so "server down" and "wrong password" are
 /// reported as themselves before the pool starts retrying.
-async fn preflight(config: &Config) -> Result<(), DbError> {
+///
+/// # Errors
+/// [`DbError::Unavailable`].
+pub async fn preflight(config: &Config) -> Result<(), DbError> {
     let opts = db::pool::connect_options(&config.db)?.disable_statement_logging();
     let bound = secs(config.db.connect_timeout_seconds);
     match tokio::time::timeout(bound, sqlx::PgConnection::connect_with(&opts)).await {

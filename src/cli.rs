@@ -26,7 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the service (production).
     Run,
-    /// Run the whole system end to end with embedded PostgreSQL and simulators.
+    /// Run the whole system end to end: a throwaway PostgreSQL cluster (or DATABASE_URL), simulated
+    /// nodes and Telegram, injected faults, and a report; exit 0 only when every expectation held.
     Demo(crate::demo::DemoArgs),
     /// Apply pending database migrations and exit.
     Migrate,
@@ -85,7 +86,8 @@ pub fn main() -> ExitCode {
                     Err(e) => fail(&e, e.exit_code()),
                 }
             });
-            drop(rt);
+            // Bounded: a task that ignores cancellation cannot hold the exit hostage.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
             instruments.shutdown();
             code
         }
@@ -102,6 +104,9 @@ pub fn main() -> ExitCode {
                     Ok(p) => p,
                     Err(e) => return fail(&e, 1),
                 };
+                if let Err(e) = crate::app::preflight(&cfg).await {
+                    return fail(&e, 69);
+                }
                 match crate::db::migrate(&pool).await {
                     Ok(()) => {
                         println!("migrations applied");
@@ -188,9 +193,15 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 
 fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
     let mut msg = format!("error: {e}");
+    let mut last = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
-        msg.push_str(&format!("\n  caused by: {s}"));
+        // Errors that already quote their source would repeat it: print each cause once.
+        let text = s.to_string();
+        if !last.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+        last = text;
         src = s.source();
     }
     eprintln!("{msg}");

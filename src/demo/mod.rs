@@ -34,8 +34,8 @@ pub struct DemoArgs {
     /// Run a clean day: no injected faults (only the `normal` step).
     #[arg(long)]
     pub no_faults: bool,
-    /// Steps to run, comma-separated, in order (default: all):
-    /// normal, old_freeze, blocked_worker, pool_pressure, recovery.
+    /// Steps to run, comma-separated (default: all): normal, old_freeze, blocked_worker,
+    /// pool_pressure, recovery. They run in timeline order; `normal` always runs first.
     #[arg(long, value_delimiter = ',')]
     pub scenario: Vec<String>,
 }
@@ -58,9 +58,11 @@ impl DemoArgs {
         if self.scenario.is_empty() {
             return STEPS.iter().map(|s| s.to_string()).collect();
         }
+        // `normal` always runs first: it creates the users and subscriptions the other steps
+        // reconcile against (without them the reconcile guard rightly refuses to act).
         STEPS
             .iter()
-            .filter(|s| self.scenario.iter().any(|x| x == *s))
+            .filter(|s| **s == "normal" || self.scenario.iter().any(|x| x == *s))
             .map(|s| s.to_string())
             .collect()
     }
@@ -159,7 +161,7 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
         );
     }
     let ok = rt.block_on(scenario(cfg, args, &instruments, sims, Arc::new(telegram)));
-    drop(rt);
+    rt.shutdown_timeout(Duration::from_secs(5));
     instruments.shutdown();
     if ok {
         ExitCode::SUCCESS
@@ -290,6 +292,11 @@ async fn scenario(
 
 /// Short timings so the whole timeline takes well under two minutes.
 fn demo_settings(cfg: &mut Config) {
+    // The report is the demo's output: logs show warnings and errors only (RUST_LOG overrides),
+    // without the full dump JSON (its verdict is in the report, the files in ./dumps).
+    if cfg.observability.log_filter == crate::config::defaults::LOG_FILTER {
+        cfg.observability.log_filter = "warn,sqlx=error,vpnbot::diagnostics::watchdog=off".into();
+    }
     cfg.db.max_connections = 5;
     cfg.db.min_connections = 1;
     cfg.db.acquire_timeout_seconds = 2.0;

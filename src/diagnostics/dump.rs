@@ -482,6 +482,13 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
             tasks: vec![],
         };
     };
+    // A task dump racing the runtime's shutdown can wait forever on a worker that is gone.
+    if inner.stop.load(Ordering::Acquire) {
+        return TaskDumpSection {
+            status: "skipped: diagnostics are stopping".into(),
+            tasks: vec![],
+        };
+    }
     if inner
         .task_dump_in_flight
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)

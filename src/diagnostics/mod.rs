@@ -363,6 +363,12 @@ impl Diagnostics {
         self.inner.stop.store(true, Ordering::Release);
     }
 
+    /// Whether a tokio task dump is running on the runtime now. Shutdown waits for it: a task
+    /// dump still running when the runtime shuts down can block the shutdown forever.
+    pub fn task_dump_in_flight(&self) -> bool {
+        self.inner.task_dump_in_flight.load(Ordering::Acquire)
+    }
+
     /// Adds an in-flight registry read by the watchdog and listed in dumps.
     pub fn add_source(&self, source: Arc<dyn InflightSource>) {
         self.inner
