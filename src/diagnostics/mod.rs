@@ -1020,15 +1020,15 @@ fn close_all(inner: &Inner) {
     inner.metrics.stalled.set(0);
 }
 
-/// The console-subscriber layer when `settings.console_enabled`, serving on
-/// `settings.console_listen` from its own thread, with bounded retention so memory stays flat.
-/// Add it to the subscriber with a filter enabling `tokio=trace,runtime=trace`.
 /// Events console-subscriber buffers between its aggregator runs. Its default (102,400) let
-/// RSS reach ~2.5 GB under heavy task churn here (tests/console_retention.rs); 8,192 bounds the
-/// buffer to a few tens of MB at the price of dropped events when churn outpaces the aggregator
-/// (console-subscriber counts those itself).
+/// RSS plateau near 2.5 GB under heavy task churn here, 8,192 near 0.6 GB (debug build,
+/// tests/console_retention.rs), at the price of dropped events when churn outpaces the
+/// aggregator (console-subscriber counts those itself).
 pub const CONSOLE_EVENT_BUFFER_CAPACITY: usize = 8 * 1024;
 
+/// The console-subscriber layer when `settings.console_enabled`, serving on
+/// `settings.console_listen` from its own thread, with bounded retention and event buffer so
+/// memory plateaus. Add it to the subscriber with a filter enabling `tokio=trace,runtime=trace`.
 pub fn console_layer<S>(settings: &DiagnosticsSettings) -> Option<impl tracing_subscriber::Layer<S>>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
