@@ -493,15 +493,7 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
             cfg.db.url = secrecy::SecretString::from(url);
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let sim = vpnbot::sim::node::SimNode::start(l, Default::default());
-            cfg.nodes.insert(
-                "a".into(),
-                vpnbot::config::NodeConfig {
-                    url: sim.base_url().to_string(),
-                    api_key: secrecy::SecretString::from(sim.api_key().to_string()),
-                    public_host: "a.example".into(),
-                    public_port: 443,
-                },
-            );
+            cfg.nodes.insert("a".into(), sim.node_config("a.example"));
             let app = vpnbot::app::App::start_with(cfg, &instruments)
                 .await
                 .unwrap();

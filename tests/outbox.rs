@@ -25,15 +25,7 @@ async fn env(opts: &PgConnectOptions) -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim = SimNode::start(listener, SimNodeOptions::default());
     let mut cfg = common::test_config(opts);
-    cfg.nodes.insert(
-        "a".into(),
-        vpnbot::config::NodeConfig {
-            url: sim.base_url().to_string(),
-            api_key: secrecy::SecretString::from(sim.api_key().to_string()),
-            public_host: "a.example".into(),
-            public_port: 443,
-        },
-    );
+    cfg.nodes.insert("a".into(), sim.node_config("a.example"));
     cfg.node_client.total_deadline_seconds = 2.0;
     cfg.node_client.connect_timeout_seconds = 1.0;
     cfg.node_client.headers_timeout_seconds = 1.0;

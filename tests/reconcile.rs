@@ -50,12 +50,7 @@ async fn env(opts: &PgConnectOptions, nodes: usize, settings: ReconcileSettings)
         let sim = SimNode::start(listener, SimNodeOptions::default());
         cfg.nodes.insert(
             ((b'a' + i as u8) as char).to_string(),
-            vpnbot::config::NodeConfig {
-                url: sim.base_url().to_string(),
-                api_key: secrecy::SecretString::from(sim.api_key().to_string()),
-                public_host: "x.example".into(),
-                public_port: 443,
-            },
+            sim.node_config("x.example"),
         );
         sims.push(sim);
     }

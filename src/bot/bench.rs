@@ -17,7 +17,7 @@ use teloxide::prelude::Requester;
 use tokio::sync::Semaphore;
 
 use super::{BotApi, BotMetrics, BotService};
-use crate::config::{Config, NodeConfig};
+use crate::config::Config;
 use crate::db::DbPool;
 use crate::fleet::Fleet;
 use crate::sim::botapi::{BotApiSim, BotApiSimOptions, SimUser};
@@ -119,15 +119,7 @@ async fn run_with(
     cfg.db.max_connections = 15;
     cfg.telegram.token = SecretString::from(sim.token().to_string());
     cfg.telegram.api_url = sim.api_url();
-    cfg.nodes.insert(
-        "a".into(),
-        NodeConfig {
-            url: node.base_url().to_string(),
-            api_key: SecretString::from(node.api_key().to_string()),
-            public_host: "a.example".into(),
-            public_port: 443,
-        },
-    );
+    cfg.nodes.insert("a".into(), node.node_config("a.example"));
     let registry = crate::metrics::new_registry();
     let pool = DbPool::connect(&cfg.db, &registry).map_err(|e| e.to_string())?;
     crate::db::migrate(&pool).await.map_err(|e| e.to_string())?;

@@ -150,15 +150,8 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     cfg.telegram.admin_ids = vec![1];
     for (name, sim) in [("a", &sims.0), ("b", &sims.1)] {
         println!("demo: simulated node {name} at {}", sim.base_url());
-        cfg.nodes.insert(
-            name.into(),
-            crate::config::NodeConfig {
-                url: sim.base_url().to_string(),
-                api_key: SecretString::from(sim.api_key().to_string()),
-                public_host: format!("{name}.vpn.example"),
-                public_port: 443,
-            },
-        );
+        cfg.nodes
+            .insert(name.into(), sim.node_config(&format!("{name}.vpn.example")));
     }
     let ok = rt.block_on(scenario(cfg, args, &instruments, sims, Arc::new(telegram)));
     rt.shutdown_timeout(Duration::from_secs(5));

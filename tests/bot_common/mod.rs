@@ -45,15 +45,7 @@ pub fn bot_config(opts: &PgConnectOptions, sim: &BotApiSimHandle, node: &SimNode
     cfg.telegram.token = secrecy::SecretString::from(sim.token().to_string());
     cfg.telegram.api_url = sim.api_url();
     cfg.telegram.admin_ids = vec![ADMIN];
-    cfg.nodes.insert(
-        "a".into(),
-        vpnbot::config::NodeConfig {
-            url: node.base_url().to_string(),
-            api_key: secrecy::SecretString::from(node.api_key().to_string()),
-            public_host: "a.example".into(),
-            public_port: 443,
-        },
-    );
+    cfg.nodes.insert("a".into(), node.node_config("a.example"));
     cfg.node_client.total_deadline_seconds = 1.5;
     cfg.node_client.connect_timeout_seconds = 0.5;
     cfg.node_client.headers_timeout_seconds = 0.5;

@@ -178,6 +178,17 @@ impl SimNodeHandle {
         &self.shared.api_key
     }
 
+    /// A `[nodes.NAME]` config entry pointing vpnbot at this simulated node, with
+    /// `public_host` for the `vless://` links it builds.
+    pub fn node_config(&self, public_host: &str) -> crate::config::NodeConfig {
+        crate::config::NodeConfig {
+            url: self.base_url().to_string(),
+            api_key: secrecy::SecretString::from(self.api_key().to_string()),
+            public_host: public_host.to_string(),
+            public_port: 443,
+        }
+    }
+
     /// Switches the fault of `operation` (takes effect on the next request).
     pub fn set_fault(&self, operation: Operation, fault: Fault) {
         self.shared.faults()[operation.index()] = fault;
