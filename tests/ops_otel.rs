@@ -187,6 +187,25 @@ fn attr(attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -
         })
 }
 
+/// The OTLP layer exporting to `rx` every 100 ms.
+fn exporting_to(
+    rx: &Receiver,
+    registry: &prometheus::Registry,
+    instance: Option<&str>,
+) -> (vpnbot::telemetry::BoxedLayer, OtelGuard) {
+    let settings = OtelSettings {
+        scheduled_delay: Duration::from_millis(100),
+        instance: instance.map(str::to_string),
+        ..Default::default()
+    };
+    otel_layer_with(
+        &cfg(format!("http://{}/v1/traces", rx.addr)),
+        registry,
+        settings,
+    )
+    .expect("layer")
+}
+
 #[test]
 fn disabled_without_endpoint() {
     let registry = prometheus::Registry::new();
@@ -198,17 +217,7 @@ fn disabled_without_endpoint() {
 fn node_call_span_tree_and_resource_reach_an_otlp_receiver() {
     let rx = Receiver::start();
     let registry = prometheus::Registry::new();
-    let settings = OtelSettings {
-        scheduled_delay: Duration::from_millis(100),
-        instance: Some("test-host:9187".into()),
-        ..Default::default()
-    };
-    let (layer, guard) = otel_layer_with(
-        &cfg(format!("http://{}/v1/traces", rx.addr)),
-        &registry,
-        settings,
-    )
-    .expect("layer");
+    let (layer, guard) = exporting_to(&rx, &registry, Some("test-host:9187"));
     let subscriber = tracing_subscriber::registry().with(layer);
     tracing::subscriber::with_default(subscriber, || {
         node_call("a");
@@ -412,16 +421,7 @@ fn real_node_call_exports_its_phase_children() {
 
     let rx = Receiver::start();
     let registry = prometheus::Registry::new();
-    let settings = OtelSettings {
-        scheduled_delay: Duration::from_millis(100),
-        ..Default::default()
-    };
-    let (layer, guard) = otel_layer_with(
-        &cfg(format!("http://{}/v1/traces", rx.addr)),
-        &registry,
-        settings,
-    )
-    .expect("layer");
+    let (layer, guard) = exporting_to(&rx, &registry, None);
     let subscriber = tracing_subscriber::registry().with(layer);
     tracing::subscriber::with_default(subscriber, || {
         let rt = tokio::runtime::Builder::new_current_thread()
