@@ -39,6 +39,9 @@ pub enum Command {
     /// misbehave on demand, for tests, the demo and alert rehearsals.
     SimNode(crate::sim::node::SimNodeArgs),
     /// Reconcile nodes against the database once and print what was found and done.
+    ///
+    /// Exit codes: 0 ok or dry run, 3 the guard tripped (nothing removed), 1 a node failed or
+    /// timed out, or an unknown node, 64 bad config.
     Reconcile(crate::reconcile::cli::ReconcileArgs),
     /// Serve the Bot API stand-in (tests and demo only): inject updates with
     /// `POST /_sim/updates`, read what the bot sent at `GET /_sim/sent`.
