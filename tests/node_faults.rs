@@ -508,24 +508,16 @@ async fn n8_large_list_parses_within_deadline_and_cap_without_blocking_workers()
     let e = env(NodeClientSettings::default(), users(N)).await;
     e.sim.warm().await;
     // A ticker on the same runtime: its worst lateness is how long a worker was held.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ticker = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut worst = Duration::ZERO;
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(5)));
-            }
-            worst
-        })
-    };
+    let lateness = vpnbot::diagnostics::lateness::LatenessProbe::start(Duration::from_millis(5));
     let t = Instant::now();
     let list = e.client.list_users().await.unwrap();
     let elapsed = t.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let worst = ticker.await.unwrap();
+    let worst = lateness
+        .finish()
+        .await
+        .into_iter()
+        .max()
+        .unwrap_or_default();
     assert_eq!(list.len(), N);
     let owned = list.iter().filter(|u| u.is_owned()).count();
     assert!(

@@ -6,7 +6,6 @@
 //! The owner wires it into `vpnbot bench`; `examples/bench_bot.rs` runs it directly.
 
 use std::future::IntoFuture;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -134,21 +133,7 @@ async fn run_with(
     }
 
     // Scheduler lag probe: a 1 ms ticker on the same runtime.
-    let stop = Arc::new(AtomicBool::new(false));
-    let lags = Arc::new(Mutex::new(Vec::<f64>::with_capacity(100_000)));
-    let probe = {
-        let (stop, lags) = (stop.clone(), lags.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                let over = t.elapsed().saturating_sub(Duration::from_millis(1));
-                lags.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(over.as_secs_f64() * 1e3);
-            }
-        })
-    };
+    let lag_probe = crate::diagnostics::lateness::LatenessProbe::start(Duration::from_millis(1));
 
     // The receive loop's dispatch, timed per handler.
     let concurrency = cfg.bot.max_concurrent_updates;
@@ -187,10 +172,13 @@ async fn run_with(
     }
     while handlers.join_next().await.is_some() {}
     let wall = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let _ = probe.await;
+    let mut lag: Vec<f64> = lag_probe
+        .finish()
+        .await
+        .into_iter()
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut lag = std::mem::take(&mut *lags.lock().unwrap_or_else(|e| e.into_inner()));
     pool.close().await;
     Ok(BotBenchReport {
         updates: users,

@@ -23,6 +23,7 @@
 pub mod bench;
 mod dump;
 mod inflight;
+pub mod lateness;
 mod open_spans;
 mod poll_tracking;
 mod runtime_metrics;

@@ -117,23 +117,18 @@ pub async fn bench_list_users_1m() -> ListUsersBenchReport {
             }
         })
     };
-    let ticker = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut worst = Duration::ZERO;
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(5)));
-            }
-            worst
-        })
-    };
+    // A ticker on the same runtime: its worst lateness is how long a worker was held.
+    let lateness = crate::diagnostics::lateness::LatenessProbe::start(Duration::from_millis(5));
     let t = Instant::now();
     let users = client.list_users().await.expect("list-users of 1M users");
     let elapsed = t.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let worst_worker_hold = ticker.await.expect("ticker");
+    let worst_worker_hold = lateness
+        .finish()
+        .await
+        .into_iter()
+        .max()
+        .unwrap_or_default();
     let _ = sampler.join();
     let body_bytes = crate::metrics::render(&registry)
         .lines()
