@@ -23,6 +23,7 @@ use crate::obs::health::HealthState;
 use crate::obs::server::{ObsServer, ObsState};
 use crate::outbox::{Outbox, OutboxMetrics};
 use crate::reconcile::{ReconcileStatus, Reconciler};
+use crate::signals::ShutdownSignal;
 use crate::sources::{NodeCallSource, PoolSource};
 use crate::tasks::Tasks;
 
@@ -281,6 +282,7 @@ impl App {
             });
         }
 
+        tracing::info!(observability = %obs.addr(), "vpnbot started");
         Ok(App {
             config,
             registry,
@@ -303,11 +305,25 @@ impl App {
     }
 
     /// Waits for SIGINT/SIGTERM or for the root token to be cancelled, then shuts down.
+    /// Registers the signal listeners now; use [`Self::run_until`] with listeners registered
+    /// before startup so that a signal during startup is not lost.
     pub async fn run_until_signal(self) {
+        match ShutdownSignal::install() {
+            Ok(signal) => self.run_until(signal).await,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers; shutting down");
+                self.shutdown().await;
+            }
+        }
+    }
+
+    /// Waits for a signal from `signal` (possibly one already delivered during startup) or for
+    /// the root token to be cancelled, then shuts down.
+    pub async fn run_until(self, mut signal: ShutdownSignal) {
         let root = self.tasks.root().clone();
         tokio::select! {
             _ = root.cancelled() => tracing::warn!("root token cancelled; shutting down"),
-            s = shutdown_signal() => tracing::info!(signal = s, "signal received; shutting down"),
+            s = signal.recv() => tracing::info!(signal = s, "signal received; shutting down"),
         }
         self.shutdown().await;
     }
@@ -353,29 +369,6 @@ pub async fn preflight(config: &Config) -> Result<(), DbError> {
         }
         Ok(Err(e)) => Err(DbError::Unavailable(e)),
         Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolTimedOut)),
-    }
-}
-
-async fn shutdown_signal() -> &'static str {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-        "SIGTERM"
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<&'static str>();
-    tokio::select! {
-        s = ctrl_c => s,
-        s = term => s,
     }
 }
 

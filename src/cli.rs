@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{App, Instruments};
 use crate::config::{Config, EXIT_CONFIG};
+use crate::signals::ShutdownSignal;
 
 /// vpnbot: a Telegram bot selling VLESS VPN subscriptions, with workers that keep Xray nodes in
 /// line with the database, built to see and survive runtime stalls.
@@ -81,9 +82,16 @@ pub fn main() -> ExitCode {
             let instruments = Instruments::install(&cfg);
             let rt = build_main_runtime(&cfg, &instruments);
             let code = rt.block_on(async {
+                // Registered before startup: a SIGTERM during migrations or connects is queued
+                // and drains the app once it has started (startup is bounded by its timeouts).
+                let signal = match ShutdownSignal::install() {
+                    Ok(s) => s,
+                    Err(e) => return fail(&e, 71), // EX_OSERR
+                };
+                tracing::info!("vpnbot starting; SIGTERM/SIGINT from now on drain and exit 0");
                 match App::start_with(cfg, &instruments).await {
                     Ok(app) => {
-                        app.run_until_signal().await;
+                        app.run_until(signal).await;
                         ExitCode::SUCCESS
                     }
                     Err(e) => fail(&e, e.exit_code()),

@@ -30,6 +30,7 @@ pub mod otel;
 pub mod outbox;
 pub mod reconcile;
 pub mod runtime;
+pub mod signals;
 pub mod sim;
 pub mod sources;
 pub mod tasks;

@@ -1,9 +1,11 @@
-//! The binary as an operator runs it: `run` drains and exits 0 on SIGTERM; `migrate` works.
+//! The binary as an operator runs it: `run` drains and exits 0 on SIGTERM, whether the signal
+//! arrives once it has started or while it is still starting; `migrate` works.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -21,20 +23,18 @@ fn vpnbot(url: &str) -> Command {
     c
 }
 
-#[sqlx::test(migrations = false)]
-async fn run_exits_0_after_sigterm_within_the_drain_bound(
-    _p: PgPoolOptions,
-    opts: PgConnectOptions,
-) {
-    let url = common::url_for(&opts);
-    let out = vpnbot(&url).arg("migrate").output().unwrap();
+fn migrate(url: &str) {
+    let out = vpnbot(url).arg("migrate").output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
 
-    let mut child = vpnbot(&url)
+/// Starts `vpnbot run` with its stderr lines forwarded to a channel.
+fn spawn_run(url: &str) -> (Child, Receiver<String>) {
+    let mut child = vpnbot(url)
         .arg("run")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -47,21 +47,30 @@ async fn run_exits_0_after_sigterm_within_the_drain_bound(
             let _ = tx.send(line);
         }
     });
+    (child, rx)
+}
+
+/// Collects lines until one contains `needle` (20 s at most).
+fn wait_for_line(rx: &Receiver<String>, needle: &str, seen: &mut Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut seen = Vec::new();
     while Instant::now() < deadline {
         if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            let ready = l.contains("database migrations applied");
+            let hit = l.contains(needle);
             seen.push(l);
-            if ready {
-                break;
+            if hit {
+                return;
             }
         }
     }
-    assert!(
-        seen.iter().any(|l| l.contains("migrations applied")),
-        "{seen:#?}"
-    );
+    panic!("no line with {needle:?} within 20 s: {seen:#?}");
+}
+
+/// Sends SIGTERM and asserts a drained exit with code 0 within 15 s.
+fn terminate_and_expect_clean_exit(
+    mut child: Child,
+    rx: &Receiver<String>,
+    seen: &mut Vec<String>,
+) {
     let t = Instant::now();
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -78,12 +87,44 @@ async fn run_exits_0_after_sigterm_within_the_drain_bound(
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert_eq!(status.code(), Some(0));
     while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
         seen.push(l);
     }
+    // `None` means the signal killed the process: no drain happened.
+    assert_eq!(status.code(), Some(0), "{seen:#?}");
     assert!(
         seen.iter().any(|l| l.contains("shutdown complete")),
+        "{seen:#?}"
+    );
+}
+
+#[sqlx::test(migrations = false)]
+async fn run_exits_0_after_sigterm_within_the_drain_bound(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let url = common::url_for(&opts);
+    migrate(&url);
+    let (child, rx) = spawn_run(&url);
+    let mut seen = Vec::new();
+    wait_for_line(&rx, "vpnbot started", &mut seen);
+    terminate_and_expect_clean_exit(child, &rx, &mut seen);
+}
+
+/// CI caught this once: a SIGTERM that arrived while `run` was applying migrations killed it
+/// (exit by signal), because the handlers were installed only after startup.
+#[sqlx::test(migrations = false)]
+async fn sigterm_during_startup_still_drains_and_exits_0(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let url = common::url_for(&opts);
+    let (child, rx) = spawn_run(&url);
+    let mut seen = Vec::new();
+    wait_for_line(&rx, "vpnbot starting", &mut seen);
+    terminate_and_expect_clean_exit(child, &rx, &mut seen);
+    assert!(
+        seen.iter().any(|l| l.contains("signal received")),
         "{seen:#?}"
     );
 }
