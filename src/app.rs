@@ -271,12 +271,14 @@ impl App {
             bot.as_ref().map(|b| b.api().clone()),
             config.bot.clone(),
             ExpiryMetrics::register(&registry),
-        );
+        )
+        .with_diagnostics(diagnostics.clone());
         leader.run_while_leader(&tasks, "expiry", drain, move |token| {
             expiry.clone().run(token)
         });
         if let Some(b) = bot.clone() {
             b.set_reconcile(Arc::new(reconciler.clone()));
+            b.set_diagnostics(&diagnostics);
             leader.run_while_leader(&tasks, "bot_polling", drain, move |token| {
                 b.clone().run(token)
             });

@@ -178,3 +178,50 @@ async fn two_instances_only_the_leader_polls(_p: PgPoolOptions, opts: PgConnectO
     assert_eq!(sim.max_concurrent_polls(), 1);
     follower.shutdown().await;
 }
+
+/// The receive loop is a tracked operation for the watchdog: a dump shows its phase (a hung
+/// `getUpdates` as `long_poll`, with the phase's deadline: poll timeout + margin + 1 s), and a
+/// stopped loop leaves no entry behind.
+#[sqlx::test(migrations = false)]
+async fn the_receive_loop_is_a_tracked_operation(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let (sim, node) = start_sims().await;
+    let cfg = bot_config(&opts, &sim, &node);
+    let app = App::start(cfg).await.unwrap();
+    let u = SimUser::new(20, "en");
+    sim.send_text(&u, "/help");
+    sim.wait_for(u.id, 0, WAIT, has("/status"))
+        .await
+        .expect("the leader answers");
+    let bot = app.bot.clone().unwrap();
+    assert_eq!(
+        bot.polling_operation().phase(),
+        Some(vpnbot::bot::PollPhase::LongPoll)
+    );
+
+    sim.set_updates_fault(UpdatesFault::Hang);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let d = app.diagnostics.dump_now();
+    let entries = d
+        .inflight
+        .get("bot_polling")
+        .expect("a bot_polling section");
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let e = &entries[0];
+    assert_eq!(e.phase.as_deref(), Some("long_poll"));
+    assert_eq!(e.task.as_deref(), Some("bot_polling"));
+    assert_eq!(e.deadline, Some(Duration::from_millis(2500)));
+    assert!(e.age < Duration::from_millis(2600), "{e:?}");
+    // Bounded polls keep completing: the loop is neither overdue nor a stalled worker.
+    assert!(d.overdue.is_empty(), "{:?}", d.overdue);
+    assert!(d.worker_overdue.is_empty(), "{:?}", d.worker_overdue);
+
+    let diagnostics = app.diagnostics.clone();
+    app.shutdown().await;
+    assert_eq!(bot.polling_operation().phase(), None);
+    let d = diagnostics.dump_now();
+    assert!(
+        d.inflight.get("bot_polling").is_none_or(|v| v.is_empty()),
+        "{:?}",
+        d.inflight
+    );
+}

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 use vpnbot::diagnostics::{
     Diagnostics, DiagnosticsSettings, Dump, InflightEntry, InflightKind, InflightSource, OpenSpans,
-    OpenSpansLayer, StallKind,
+    OpenSpansLayer, StallKind, WorkerWatch,
 };
 use vpnbot::tasks::Tasks;
 
@@ -610,6 +610,38 @@ fn r5_inflight_sources_feed_operation_overdue_pool_starved_and_worker_overdue() 
     let open = app.diag.open_kinds();
     assert!(!open.contains(&StallKind::OperationOverdue), "{open:?}");
     assert!(!open.contains(&StallKind::PoolStarved), "{open:?}");
+}
+
+/// A worker that stops on purpose (shutdown, lost leadership) drops its `WorkerWatch`: its
+/// silence afterwards is not `worker_overdue` (an ex-leader must not page for workers it no
+/// longer runs), while a worker that is still registered and silent is.
+#[test]
+fn a_stopped_worker_is_not_overdue_a_silent_one_is() {
+    let _g = serial();
+    let app = App::new();
+    let watch = WorkerWatch::start(Some(&app.diag), "outbox", Duration::from_millis(100));
+    assert!(
+        app.wait_kind(StallKind::WorkerOverdue, Duration::from_secs(3))
+            .is_some(),
+        "a silent registered worker is overdue"
+    );
+    assert!(app.diag.dump_now().worker_overdue[0].contains("\"outbox\""));
+    drop(watch);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !app.diag.open_kinds().contains(&StallKind::WorkerOverdue),
+        "{:?}",
+        app.diag.open_kinds()
+    );
+    assert!(app.diag.dump_now().worker_overdue.is_empty());
+
+    // A watch that keeps reporting runs is never overdue.
+    let watch = WorkerWatch::start(Some(&app.diag), "expiry", Duration::from_millis(100));
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(60));
+        watch.ran(Duration::from_millis(100));
+    }
+    assert!(!app.diag.open_kinds().contains(&StallKind::WorkerOverdue));
 }
 
 #[test]

@@ -20,11 +20,13 @@ mod handlers;
 pub mod i18n;
 pub mod keys;
 pub mod metrics;
+pub mod polling_op;
 pub mod settings;
 pub mod store;
 
 pub use api::{BotApi, BotApiError};
 pub use metrics::BotMetrics;
+pub use polling_op::{PollPhase, PollingOperation};
 pub use settings::{BotSettings, Plan};
 
 use std::collections::{BTreeMap, HashSet};
@@ -45,6 +47,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{secs, Config};
 use crate::db::DbPool;
+use crate::diagnostics::{Diagnostics, WorkerWatch};
 use crate::fleet::Fleet;
 use crate::obs::health::HealthState;
 
@@ -79,6 +82,8 @@ pub(crate) struct Inner {
     pub(crate) health: Option<Arc<HealthState>>,
     pub(crate) registry: Option<Registry>,
     pub(crate) reconcile: OnceLock<Arc<dyn ReconcileTrigger>>,
+    pub(crate) diagnostics: OnceLock<Diagnostics>,
+    pub(crate) polling: PollingOperation,
 }
 
 /// The bot (cheap clone).
@@ -124,6 +129,8 @@ impl BotService {
                 health,
                 registry,
                 reconcile: OnceLock::new(),
+                diagnostics: OnceLock::new(),
+                polling: PollingOperation::default(),
             }),
         }
     }
@@ -131,6 +138,21 @@ impl BotService {
     /// Attaches the reconcile runner behind `/reconcile` (once; later calls are ignored).
     pub fn set_reconcile(&self, trigger: Arc<dyn ReconcileTrigger>) {
         let _ = self.inner.reconcile.set(trigger);
+    }
+
+    /// Makes the receive loop visible to the watchdog (once; later calls are ignored): its
+    /// phase as an in-flight operation (dump section `bot_polling`, `operation_overdue` past a
+    /// phase's deadline) and its polls as the periodic worker `bot_polling`
+    /// (`worker_overdue` when polls stop completing).
+    pub fn set_diagnostics(&self, diagnostics: &Diagnostics) {
+        if self.inner.diagnostics.set(diagnostics.clone()).is_ok() {
+            diagnostics.add_source(Arc::new(self.inner.polling.clone()));
+        }
+    }
+
+    /// The receive loop's current phase, as the watchdog sees it.
+    pub fn polling_operation(&self) -> &PollingOperation {
+        &self.inner.polling
     }
 
     /// The Bot API client.
@@ -184,6 +206,11 @@ impl BotService {
     pub async fn run(self, cancel: CancellationToken) {
         let api = self.inner.api.clone();
         let s = self.settings().clone();
+        let op = &self.inner.polling;
+        let _clear = polling_op::ClearOnDrop(op.clone());
+        // Startup makes three bounded calls, each possibly retried once after a 429.
+        let call_bound = secs(s.request_timeout_seconds + s.retry_after_max_seconds);
+        op.enter(PollPhase::Startup, call_bound * 3);
         tracing::info!(
             poll_timeout_s = s.poll_timeout_seconds,
             client_timeout_s = s.poll_request_timeout().as_secs_f64(),
@@ -200,7 +227,10 @@ impl BotService {
         let mut offset: Option<i32> = None;
         let mut failures: u32 = 0;
         let bound = s.poll_request_timeout() + Duration::from_secs(1);
+        let slot_bound = secs(s.handler_timeout_seconds) + Duration::from_secs(1);
+        let watch = WorkerWatch::start(self.inner.diagnostics.get(), "bot_polling", bound);
         loop {
+            op.enter(PollPhase::LongPoll, bound);
             let mut req = api
                 .poll_bot
                 .get_updates()
@@ -231,9 +261,17 @@ impl BotService {
                         // send an id at i32::MAX: saturate instead of overflowing.
                         let next = i32::try_from(u.id.0).unwrap_or(i32::MAX).saturating_add(1);
                         offset = Some(offset.unwrap_or(0).max(next));
-                        let permit = tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+                        let permit = match sem.clone().try_acquire_owned() {
+                            Ok(p) => p,
+                            Err(_) => {
+                                op.enter(PollPhase::HandlerSlot, slot_bound);
+                                tokio::select! {
+                                    _ = cancel.cancelled() => break,
+                                    p = sem.clone().acquire_owned() => {
+                                        p.expect("semaphore never closed")
+                                    }
+                                }
+                            }
                         };
                         let bot = self.clone();
                         handlers.spawn(async move {
@@ -292,15 +330,19 @@ impl BotService {
                     Some(wait)
                 }
             };
+            watch.ran(bound + pause.unwrap_or_default());
             if let Some(wait) = pause {
+                op.enter(PollPhase::Backoff, wait + Duration::from_secs(1));
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
         }
+        drop(watch);
         handlers.close();
         let drain = secs(s.handler_timeout_seconds.min(5.0));
+        op.enter(PollPhase::Drain, drain + Duration::from_secs(3));
         if tokio::time::timeout(drain, handlers.wait()).await.is_err() {
             tracing::warn!("bot: handlers still running at shutdown were abandoned");
         }

@@ -29,6 +29,7 @@ mod poll_tracking;
 mod runtime_metrics;
 mod settings;
 pub mod stack;
+mod worker_watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,6 +48,7 @@ pub use inflight::{InflightEntry, InflightKind, InflightSource, MAX_DETAIL_LEN, 
 pub use open_spans::{OpenSpans, OpenSpansLayer, MAX_OPEN_SPANS};
 pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
+pub use worker_watch::WorkerWatch;
 
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 use crate::tasks::Tasks;
@@ -393,6 +395,16 @@ impl Diagnostics {
                     interval,
                 },
             );
+    }
+
+    /// Stops watching worker `worker`: it stopped on purpose (shutdown, lost leadership), so
+    /// its silence is not `worker_overdue`. [`WorkerWatch`] calls this on drop.
+    pub fn forget_worker(&self, worker: &'static str) {
+        self.inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(worker);
     }
 
     /// The runtime-level stall now open, if any (`runtime_stalled` before `blocked_worker`):

@@ -10,6 +10,7 @@
 //!
 //! Without a Bot API client (no token) the worker still expires subscriptions and sends nothing.
 
+use crate::diagnostics::WorkerWatch;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -97,6 +98,7 @@ pub struct ExpiryWorker {
     api: Option<BotApi>,
     settings: BotSettings,
     metrics: ExpiryMetrics,
+    diagnostics: Option<crate::diagnostics::Diagnostics>,
 }
 
 impl ExpiryWorker {
@@ -112,7 +114,14 @@ impl ExpiryWorker {
             api,
             settings,
             metrics,
+            diagnostics: None,
         }
+    }
+
+    /// Reports every completed pass to the watchdog's `worker_overdue` check.
+    pub fn with_diagnostics(mut self, diagnostics: crate::diagnostics::Diagnostics) -> Self {
+        self.diagnostics = Some(diagnostics);
+        self
     }
 
     /// One pass: expire, claim reminders, send. See the module docs.
@@ -263,7 +272,9 @@ impl ExpiryWorker {
 
     /// Runs a pass every `bot.expiry_interval_seconds` until `cancel` (leader only).
     pub async fn run(self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(secs(self.settings.expiry_interval_seconds));
+        let interval = secs(self.settings.expiry_interval_seconds);
+        let watch = WorkerWatch::start(self.diagnostics.as_ref(), "expiry", interval);
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -274,6 +285,7 @@ impl ExpiryWorker {
                 _ = cancel.cancelled() => return,
                 r = self.run_once() => r,
             };
+            watch.ran(interval);
             match res {
                 Ok(p) if p.expired + p.reminded_1d + p.reminded_3d > 0 => {
                     tracing::info!(?p, "expiry pass")

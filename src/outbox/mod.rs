@@ -8,6 +8,7 @@
 //! A removal is re-checked against the database just before it is applied: a UUID whose
 //! subscription is live again (renewed, re-bought) is never removed.
 
+use crate::diagnostics::WorkerWatch;
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
@@ -380,7 +381,9 @@ impl Outbox {
 
     /// Runs a pass every `interval_seconds` until `cancel` (only on the leader).
     pub async fn run(self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(secs(self.settings.interval_seconds));
+        let interval = secs(self.settings.interval_seconds);
+        let watch = WorkerWatch::start(self.diagnostics.as_ref(), "outbox", interval);
+        let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -391,9 +394,7 @@ impl Outbox {
                 _ = cancel.cancelled() => return,
                 p = self.process_once() => p,
             };
-            if let Some(d) = &self.diagnostics {
-                d.record_worker_run("outbox", secs(self.settings.interval_seconds));
-            }
+            watch.ran(interval);
             match pass {
                 Ok(p) if p.due > 0 => tracing::info!(?p, "outbox pass"),
                 Ok(_) => {}

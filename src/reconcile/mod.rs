@@ -41,6 +41,7 @@ pub use guard::{GuardReason, GuardTrip};
 pub use metrics::ReconcileMetrics;
 pub use settings::*;
 
+use crate::diagnostics::WorkerWatch;
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -558,12 +559,22 @@ impl Reconciler {
         })
     }
 
+    /// Budget per run for the watchdog: the interval plus its jitter, so the watchdog's
+    /// factor counts whole runs.
+    fn run_budget(&self) -> std::time::Duration {
+        let s = &self.inner.settings;
+        s.jittered_interval()
+            .max(crate::config::secs(s.interval_seconds))
+    }
+
     /// Runs [`Reconciler::reconcile_once`] at a jittered fixed rate until `cancel` (only on the
     /// leader: wire it through `run_while_leader`). The first run starts at once. Runs never
     /// overlap: the next start waits for the current run, which the iteration timeout bounds
     /// (and which must not exceed the interval).
     pub async fn run(self, cancel: CancellationToken) {
         self.inner.status.worker_started_now();
+        let watch =
+            WorkerWatch::start(self.inner.diagnostics.get(), "reconcile", self.run_budget());
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -576,16 +587,7 @@ impl Reconciler {
                 _ = cancel.cancelled() => return,
                 r = self.reconcile_once(&opts) => r,
             };
-            if let Some(d) = self.inner.diagnostics.get() {
-                // Budget per run: the interval plus its jitter, so the watchdog's factor counts
-                // whole runs.
-                let budget = self
-                    .inner
-                    .settings
-                    .jittered_interval()
-                    .max(crate::config::secs(self.inner.settings.interval_seconds));
-                d.record_worker_run("reconcile", budget);
-            }
+            watch.ran(self.run_budget());
             if let Ok(rep) = run {
                 let bad: Vec<&str> = rep
                     .nodes

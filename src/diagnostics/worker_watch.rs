@@ -1,0 +1,50 @@
+//! A periodic worker's registration with the watchdog's `worker_overdue` check, removed when
+//! the worker stops on purpose (shutdown, lost leadership) so that an ex-leader does not report
+//! its stopped workers as overdue.
+
+use std::time::Duration;
+
+use super::Diagnostics;
+
+/// Held by a worker loop for as long as it runs. Creating it starts the clock (a first run that
+/// never completes is overdue too); [`WorkerWatch::ran`] restarts it; dropping it unregisters
+/// the worker.
+#[derive(Debug)]
+pub struct WorkerWatch {
+    diagnostics: Option<Diagnostics>,
+    worker: &'static str,
+}
+
+impl WorkerWatch {
+    /// Registers `worker` (a fixed name) expecting a completed run within `interval`. With no
+    /// diagnostics (tests, tools) it does nothing.
+    pub fn start(
+        diagnostics: Option<&Diagnostics>,
+        worker: &'static str,
+        interval: Duration,
+    ) -> WorkerWatch {
+        if let Some(d) = diagnostics {
+            d.record_worker_run(worker, interval);
+        }
+        WorkerWatch {
+            diagnostics: diagnostics.cloned(),
+            worker,
+        }
+    }
+
+    /// A run completed; the next is expected within `interval` (may differ per run, e.g. a
+    /// deliberate pause).
+    pub fn ran(&self, interval: Duration) {
+        if let Some(d) = &self.diagnostics {
+            d.record_worker_run(self.worker, interval);
+        }
+    }
+}
+
+impl Drop for WorkerWatch {
+    fn drop(&mut self) {
+        if let Some(d) = &self.diagnostics {
+            d.forget_worker(self.worker);
+        }
+    }
+}
