@@ -1,9 +1,10 @@
 //! Benchmark: a burst of updates from distinct simulated users through the real pieces (Bot API
 //! stand-in over loopback HTTP, teloxide client, PostgreSQL, node simulator), handled with the
-//! bot's concurrency bound. Reports handler latency percentiles and the main runtime's
-//! scheduler lag measured alongside (a 1 ms ticker's overshoot).
+//! bot's concurrency bound, optionally while reconcile passes over a million users run back to
+//! back on the same runtime and pool (the scenario). Reports handler latency
+//! percentiles and the runtime's scheduler lag measured alongside (a 1 ms ticker's overshoot).
 //!
-//! The owner wires it into `vpnbot bench`; `examples/bench_bot.rs` runs it directly.
+//! `examples/bench_bot.rs` runs it.
 
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,21 @@ pub struct BotBenchReport {
     pub sent: usize,
     /// Concurrency bound used (`bot.max_concurrent_updates`).
     pub concurrency: usize,
+    /// The reconcile load that ran during the burst, if any.
+    pub reconcile: Option<ReconcileLoad>,
+}
+
+/// Reconcile passes that ran back to back on the same runtime and pool during the burst.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReconcileLoad {
+    /// Live subscriptions (and node users) each pass compares.
+    pub subscriptions: usize,
+    /// Wall time of each pass that ended, seconds (the last one may end after the burst).
+    pub pass_seconds: Vec<f64>,
+    /// Outcome of each pass (`ok`, `guard_tripped`, ... or `error`).
+    pub outcomes: Vec<String>,
+    /// True when a pass was running from the first poll to the last handler's end.
+    pub covered_burst: bool,
 }
 
 fn pct(v: &mut [f64]) -> [f64; 3] {
@@ -80,14 +96,7 @@ pub async fn bench_updates(admin_url: &str, users: usize) -> Result<BotBenchRepo
 }
 
 async fn run(db_url: &str, users: usize) -> Result<BotBenchReport, String> {
-    // The stand-in and the node simulator play remote peers: they run on their own runtime
-    // (one OS thread) so the measured runtime holds only the bot, as in production.
-    let peers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("bench-peers")
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let peers = peer_runtime()?;
     let started_peers = peers
         .spawn(async {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -115,15 +124,127 @@ async fn run_with(
 ) -> Result<BotBenchReport, String> {
     let mut cfg = Config::default();
     cfg.db.url = SecretString::from(db_url.to_string());
-    cfg.db.max_connections = 15;
-    cfg.telegram.token = SecretString::from(sim.token().to_string());
-    cfg.telegram.api_url = sim.api_url();
     cfg.nodes.insert("a".into(), node.node_config("a.example"));
     let registry = crate::metrics::new_registry();
     let pool = DbPool::connect(&cfg.db, &registry).map_err(|e| e.to_string())?;
     crate::db::migrate(&pool).await.map_err(|e| e.to_string())?;
     let fleet = Fleet::from_config(&cfg, &registry).map_err(|(n, e)| format!("{n}: {e}"))?;
-    let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(&registry))?;
+    let res = burst(&cfg, &registry, &pool, fleet, sim, users).await;
+    pool.close().await;
+    res
+}
+
+/// Runs the burst with `users` updates while reconcile passes over `subscriptions` live
+/// subscriptions and node users run back to back on this runtime and on the same pool, as on
+/// a production leader. The node is simulated in a child process (the binary must call
+/// [`crate::reconcile::bench::maybe_run_sim_child`] first), the Bot API stand-in on its own
+/// thread; a scratch database on the server of `server_url` is created and dropped.
+///
+/// # Errors
+/// Setup failures, or a burst that does not finish in 120 s, as text.
+pub async fn bench_updates_during_reconcile(
+    server_url: &str,
+    users: usize,
+    subscriptions: usize,
+) -> Result<BotBenchReport, String> {
+    let fx = crate::reconcile::bench::ReconcileFixture::prepare(server_url, subscriptions).await?;
+    let peers = peer_runtime()?;
+    let sim = peers
+        .spawn(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            Ok::<_, std::io::Error>(BotApiSim::start(l, BotApiSimOptions::default()))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string());
+    let res = match sim {
+        Ok(sim) => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let passes = {
+                let (rec, stop) = (fx.reconciler.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut done = Vec::new();
+                    while !stop.is_cancelled() {
+                        let t = Instant::now();
+                        let r = rec
+                            .reconcile_once(&crate::reconcile::RunOptions::default())
+                            .await;
+                        let outcome = match r {
+                            Ok(rep) => rep
+                                .nodes
+                                .first()
+                                .map(|n| n.outcome.as_str().to_string())
+                                .unwrap_or_default(),
+                            Err(_) => "error".to_string(),
+                        };
+                        done.push((t, Instant::now(), outcome));
+                    }
+                    done
+                })
+            };
+            // Let the first pass get into its snapshot before the burst starts.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let burst_from = Instant::now();
+            let res = burst(
+                &fx.config,
+                &fx.registry,
+                &fx.pool,
+                fx.fleet.clone(),
+                &sim,
+                users,
+            )
+            .await;
+            let burst_to = Instant::now();
+            stop.cancel();
+            let done = passes.await.map_err(|e| e.to_string())?;
+            // Passes run back to back, so coverage means: the first started before the burst
+            // and the last ended after it.
+            let covered = done.first().is_some_and(|p| p.0 <= burst_from)
+                && done.last().is_some_and(|p| p.1 >= burst_to);
+            res.map(|mut r| {
+                r.reconcile = Some(ReconcileLoad {
+                    subscriptions,
+                    pass_seconds: done
+                        .iter()
+                        .map(|p| p.1.duration_since(p.0).as_secs_f64())
+                        .collect(),
+                    outcomes: done.into_iter().map(|p| p.2).collect(),
+                    covered_burst: covered,
+                });
+                r
+            })
+        }
+        Err(e) => Err(e),
+    };
+    peers.shutdown_background();
+    fx.teardown().await;
+    res
+}
+
+/// The stand-in and simulators play remote peers: they run on their own runtime (one OS
+/// thread) so the measured runtime holds only vpnbot's work, as in production.
+fn peer_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-peers")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The burst itself against a prepared database (`pool`) and `fleet`.
+async fn burst(
+    base: &Config,
+    registry: &prometheus::Registry,
+    pool: &DbPool,
+    fleet: Fleet,
+    sim: &crate::sim::botapi::BotApiSimHandle,
+    users: usize,
+) -> Result<BotBenchReport, String> {
+    let mut cfg = base.clone();
+    cfg.telegram.token = SecretString::from(sim.token().to_string());
+    cfg.telegram.api_url = sim.api_url();
+    let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(registry))?;
     let bot = BotService::new(api.clone(), pool.clone(), fleet, &cfg, None, None);
 
     for i in 0..users {
@@ -179,7 +300,6 @@ async fn run_with(
         .map(|d| d.as_secs_f64() * 1e3)
         .collect();
     let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
-    pool.close().await;
     Ok(BotBenchReport {
         updates: users,
         wall_seconds: wall,
@@ -187,6 +307,7 @@ async fn run_with(
         scheduler_lag_ms: pct(&mut lag),
         sent: sim.sent().len(),
         concurrency,
+        reconcile: None,
     })
 }
 

@@ -66,117 +66,190 @@ fn status_kb(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Production-scale reconcile load, ready to run: a scratch database with `n` live
+/// subscriptions on node `a`, the node simulated in a child process (this binary re-executed,
+/// see [`maybe_run_sim_child`]) holding the same users minus 1 % (missing) plus 1 % orphans,
+/// and a pool (production defaults, statement timeout 120 s) and fleet over them. Shared by
+/// the reconcile benchmark and the bot benchmark that measures the bot during a pass.
+#[derive(Debug)]
+pub struct ReconcileFixture {
+    /// Config pointing at the scratch database and the simulated node `a`.
+    pub config: Config,
+    /// Registry holding the pool's, fleet's and reconciler's metrics.
+    pub registry: prometheus::Registry,
+    /// The pool (`db.max_connections` from the default config).
+    pub pool: DbPool,
+    /// Node client fleet (one node, `a`).
+    pub fleet: Fleet,
+    /// Reconciler with default settings.
+    pub reconciler: Reconciler,
+    /// Subscriptions planted.
+    pub subscriptions: usize,
+    /// Orphans (on the node only) and missing users (in the database only) planted.
+    pub planted: usize,
+    /// Setup wall time, seconds.
+    pub setup_seconds: f64,
+    admin: sqlx::PgConnection,
+    db_name: String,
+    child: std::process::Child,
+    _users_file: tempfile::NamedTempFile,
+}
+
+impl ReconcileFixture {
+    /// Builds it against the PostgreSQL server of `server_url` (any database on it; the
+    /// scratch one is created here and dropped by [`Self::teardown`]). The binary must call
+    /// [`maybe_run_sim_child`] first thing in `main`.
+    ///
+    /// # Errors
+    /// Setup failures, as text.
+    pub async fn prepare(server_url: &str, n: usize) -> Result<ReconcileFixture, String> {
+        let t_setup = Instant::now();
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        let db_name = format!("vpnbot_bench_reconcile_{}", std::process::id());
+        let mut admin = sqlx::PgConnection::connect(server_url)
+            .await
+            .map_err(|x| e(&x))?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {db_name}"
+            )))
+            .await
+            .map_err(|x| e(&x))?;
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+            .await
+            .map_err(|x| e(&x))?;
+        let mut url = url::Url::parse(server_url).map_err(|x| e(&x))?;
+        url.set_path(&db_name);
+
+        // Data: n live subscriptions; the node lacks the first 1 % and has 1 % extra orphans.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let live: Vec<Uuid> = (0..n)
+            .map(|_| uuid::Builder::from_random_bytes(rng.random()).into_uuid())
+            .collect();
+        let k = n / 100;
+        let orphans: Vec<Uuid> = (0..k)
+            .map(|_| uuid::Builder::from_random_bytes(rng.random()).into_uuid())
+            .collect();
+
+        let mut cfg = Config::default();
+        cfg.db.url = SecretString::from(url.to_string());
+        cfg.db.statement_timeout_seconds = 120.0;
+        // The node runs in a child process so that the peak RSS measured by the benchmark is
+        // vpnbot's alone, and its CPU is not the measured runtime's.
+        let users_file = tempfile::NamedTempFile::new().map_err(|x| e(&x))?;
+        {
+            let mut bytes = Vec::with_capacity(n * 16);
+            for u in live[k..].iter().chain(orphans.iter()) {
+                bytes.extend_from_slice(u.as_bytes());
+            }
+            std::fs::write(users_file.path(), bytes).map_err(|x| e(&x))?;
+        }
+        let exe = std::env::current_exe().map_err(|x| e(&x))?;
+        let mut child = std::process::Command::new(exe)
+            .env(SIM_CHILD_ENV, users_file.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|x| e(&x))?;
+        let stdout = child.stdout.take().ok_or("child stdout")?;
+        let base_url = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+            line.trim().to_string()
+        })
+        .await
+        .map_err(|x| e(&x))?;
+        if base_url.is_empty() {
+            let _ = child.kill();
+            return Err("the simulator child did not start".into());
+        }
+        cfg.nodes.insert(
+            "a".into(),
+            NodeConfig {
+                url: base_url,
+                api_key: SecretString::from(SimNodeOptions::default().api_key),
+                public_host: "a.example".into(),
+                public_port: 443,
+            },
+        );
+        // The default body cap (64 MiB) holds 1,000,000 owned users (~60 MiB with the
+        // 19-character ownership marker); the benchmark runs with it.
+        let registry = crate::metrics::new_registry();
+        let pool = DbPool::connect(&cfg.db, &registry).map_err(|x| e(&x))?;
+        crate::db::migrate(&pool).await.map_err(|x| e(&x))?;
+        {
+            let mut c = pool.acquire("bench_setup").await.map_err(|x| e(&x))?;
+            sqlx::query("INSERT INTO bot_users (telegram_id) VALUES (1)")
+                .execute(&mut *c)
+                .await
+                .map_err(|x| e(&x))?;
+            for chunk in live.chunks(100_000) {
+                sqlx::query(
+                    "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at, \
+                     created_at, updated_at) \
+                     SELECT 1, 'a', u, 'month', now() + interval '30 days', \
+                            now() - interval '1 day', now() - interval '1 day' \
+                     FROM UNNEST($1::uuid[]) AS u",
+                )
+                .bind(chunk)
+                .execute(&mut *c)
+                .await
+                .map_err(|x| e(&x))?;
+            }
+            sqlx::query("ANALYZE subscriptions")
+                .execute(&mut *c)
+                .await
+                .map_err(|x| e(&x))?;
+        }
+        let fleet = Fleet::from_config(&cfg, &registry).map_err(|(_, x)| e(&x))?;
+        let reconciler = Reconciler::new(
+            pool.clone(),
+            fleet.clone(),
+            &registry,
+            ReconcileSettings::default(),
+        );
+        Ok(ReconcileFixture {
+            config: cfg,
+            registry,
+            pool,
+            fleet,
+            reconciler,
+            subscriptions: n,
+            planted: k,
+            setup_seconds: t_setup.elapsed().as_secs_f64(),
+            admin,
+            db_name,
+            child,
+            _users_file: users_file,
+        })
+    }
+
+    /// Closes the pool, stops the simulator child and drops the scratch database.
+    pub async fn teardown(mut self) {
+        self.pool.close().await;
+        drop(self.child.stdin.take());
+        let _ = tokio::task::spawn_blocking(move || self.child.wait()).await;
+        let _ = self
+            .admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.db_name
+            )))
+            .await;
+    }
+}
+
 /// Runs the benchmark against the PostgreSQL server of `server_url` (a scratch database is
 /// created and dropped) with `n` subscriptions. Needs a multi-thread runtime.
 ///
 /// # Errors
 /// Setup failures, as text.
 pub async fn bench_reconcile(server_url: &str, n: usize) -> Result<BenchReport, String> {
-    let t_setup = Instant::now();
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let db_name = format!("vpnbot_bench_reconcile_{}", std::process::id());
-    let mut admin = sqlx::PgConnection::connect(server_url)
-        .await
-        .map_err(|x| e(&x))?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {db_name}"
-        )))
-        .await
-        .map_err(|x| e(&x))?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .await
-        .map_err(|x| e(&x))?;
-    let mut url = url::Url::parse(server_url).map_err(|x| e(&x))?;
-    url.set_path(&db_name);
-
-    // Data: n live subscriptions; the node lacks the first 1 % and has 1 % extra orphans.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let live: Vec<Uuid> = (0..n)
-        .map(|_| uuid::Builder::from_random_bytes(rng.random()).into_uuid())
-        .collect();
-    let k = n / 100;
-    let orphans: Vec<Uuid> = (0..k)
-        .map(|_| uuid::Builder::from_random_bytes(rng.random()).into_uuid())
-        .collect();
-
-    let mut cfg = Config::default();
-    cfg.db.url = SecretString::from(url.to_string());
-    cfg.db.statement_timeout_seconds = 120.0;
-    // The node runs in a child process (this binary re-executed, see
-    // [`maybe_run_sim_child`]) so that the peak RSS measured below is vpnbot's alone.
-    let users_file = tempfile::NamedTempFile::new().map_err(|x| e(&x))?;
-    {
-        let mut bytes = Vec::with_capacity((n - k + k) * 16);
-        for u in live[k..].iter().chain(orphans.iter()) {
-            bytes.extend_from_slice(u.as_bytes());
-        }
-        std::fs::write(users_file.path(), bytes).map_err(|x| e(&x))?;
-    }
-    let exe = std::env::current_exe().map_err(|x| e(&x))?;
-    let mut child = std::process::Command::new(exe)
-        .env(SIM_CHILD_ENV, users_file.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|x| e(&x))?;
-    let stdout = child.stdout.take().ok_or("child stdout")?;
-    let base_url = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
-        line.trim().to_string()
-    })
-    .await
-    .map_err(|x| e(&x))?;
-    if base_url.is_empty() {
-        let _ = child.kill();
-        return Err("the simulator child did not start".into());
-    }
-    cfg.nodes.insert(
-        "a".into(),
-        NodeConfig {
-            url: base_url,
-            api_key: SecretString::from(SimNodeOptions::default().api_key),
-            public_host: "a.example".into(),
-            public_port: 443,
-        },
-    );
-    // The default body cap (64 MiB) holds 1,000,000 owned users (~60 MiB with the 19-character
-    // ownership marker); the benchmark runs with it.
-    let registry = crate::metrics::new_registry();
-    let pool = DbPool::connect(&cfg.db, &registry).map_err(|x| e(&x))?;
-    crate::db::migrate(&pool).await.map_err(|x| e(&x))?;
-    {
-        let mut c = pool.acquire("bench_setup").await.map_err(|x| e(&x))?;
-        sqlx::query("INSERT INTO bot_users (telegram_id) VALUES (1)")
-            .execute(&mut *c)
-            .await
-            .map_err(|x| e(&x))?;
-        for chunk in live.chunks(100_000) {
-            sqlx::query(
-                "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at, \
-                 created_at, updated_at) \
-                 SELECT 1, 'a', u, 'month', now() + interval '30 days', \
-                        now() - interval '1 day', now() - interval '1 day' \
-                 FROM UNNEST($1::uuid[]) AS u",
-            )
-            .bind(chunk)
-            .execute(&mut *c)
-            .await
-            .map_err(|x| e(&x))?;
-        }
-        sqlx::query("ANALYZE subscriptions")
-            .execute(&mut *c)
-            .await
-            .map_err(|x| e(&x))?;
-    }
-    let fleet = Fleet::from_config(&cfg, &registry).map_err(|(_, x)| e(&x))?;
-    let settings = ReconcileSettings::default();
-    let rec = Reconciler::new(pool.clone(), fleet, &registry, settings);
-    drop(live);
-    drop(orphans);
-    let setup_seconds = t_setup.elapsed().as_secs_f64();
+    let fx = ReconcileFixture::prepare(server_url, n).await?;
+    let (pool, rec, k) = (fx.pool.clone(), fx.reconciler.clone(), fx.planted);
+    let setup_seconds = fx.setup_seconds;
 
     // Reset the peak RSS so VmHWM reports the pass, not the setup.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -212,23 +285,19 @@ pub async fn bench_reconcile(server_url: &str, n: usize) -> Result<BenchReport, 
         })
     };
     let t = Instant::now();
-    let rep = rec
-        .reconcile_once(&RunOptions::default())
-        .await
-        .map_err(|x| e(&x))?;
+    let rep = match rec.reconcile_once(&RunOptions::default()).await {
+        Ok(r) => r,
+        Err(x) => {
+            fx.teardown().await;
+            return Err(e(&x));
+        }
+    };
     let pass_seconds = t.elapsed().as_secs_f64();
     let peak = status_kb("VmHWM:") * 1024;
     stop.cancel();
     let (max_holders, max_lag) = sampler.await.map_err(|x| e(&x))?;
     let node = rep.nodes.into_iter().next().ok_or("no node report")?;
-    pool.close().await;
-    drop(child.stdin.take());
-    let _ = child.wait();
-    let _ = admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-        )))
-        .await;
+    fx.teardown().await;
     Ok(BenchReport {
         subscriptions: n,
         node_users: n,
