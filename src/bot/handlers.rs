@@ -276,14 +276,12 @@ impl BotService {
         if days == 0 {
             return self.reply(ctx, i18n::trial_disabled(ctx.lang), None).await;
         }
-        let s = self.settings();
         let out = store::start_trial(
             &self.inner.pool,
             ctx.user,
             ctx.lang.code(),
             days,
-            &self.inner.node_names,
-            &s.node_policy,
+            &self.inner.node_picker,
         )
         .await;
         match out {
@@ -449,15 +447,7 @@ impl BotService {
         };
         input.plan = plan.id.clone();
         input.days = plan.days;
-        let s = self.settings();
-        match store::credit_payment(
-            &self.inner.pool,
-            &input,
-            &self.inner.node_names,
-            &s.node_policy,
-        )
-        .await
-        {
+        match store::credit_payment(&self.inner.pool, &input, &self.inner.node_picker).await {
             Ok(CreditOutcome::Credited { sub, issue }) => {
                 self.metrics()
                     .payments

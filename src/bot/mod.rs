@@ -20,6 +20,7 @@ mod handlers;
 pub mod i18n;
 pub mod keys;
 pub mod metrics;
+pub mod node_picker;
 pub mod polling_op;
 pub mod settings;
 pub mod store;
@@ -77,6 +78,7 @@ pub(crate) struct Inner {
     pub(crate) fleet: Fleet,
     pub(crate) nodes: BTreeMap<String, NodePublic>,
     pub(crate) node_names: Vec<String>,
+    pub(crate) node_picker: node_picker::NodePicker,
     pub(crate) admins: HashSet<i64>,
     pub(crate) pool_max: u32,
     pub(crate) health: Option<Arc<HealthState>>,
@@ -121,6 +123,10 @@ impl BotService {
             inner: Arc::new(Inner {
                 api,
                 node_names: nodes.keys().cloned().collect(),
+                node_picker: node_picker::NodePicker::new(
+                    nodes.keys().cloned().collect(),
+                    &config.bot.node_policy,
+                ),
                 nodes,
                 pool,
                 fleet,

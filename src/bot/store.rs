@@ -1,6 +1,7 @@
 //! The bot's reads and writes: users, subscriptions, payments. Each function holds one labelled
 //! pooled connection for its queries only (never across a Bot API or node call).
 
+use super::node_picker::NodePicker;
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -90,35 +91,6 @@ pub async fn trial_available(pool: &DbPool, owner: i64) -> Result<bool, DbError>
     c.check(r)
 }
 
-/// Picks the node for a new subscription among `nodes` (configured names) by `policy`:
-/// `least_loaded` counts active subscriptions per node, `first` takes the first name.
-async fn choose_node(
-    c: &mut PgConnection,
-    nodes: &[String],
-    policy: &str,
-) -> Result<Option<String>, sqlx::Error> {
-    if nodes.is_empty() {
-        return Ok(None);
-    }
-    if policy == "first" {
-        return Ok(nodes.first().cloned());
-    }
-    let counts: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT node, count(*) FROM subscriptions WHERE status = 'active' AND node = ANY($1) \
-         GROUP BY node",
-    )
-    .bind(nodes)
-    .fetch_all(c)
-    .await?;
-    Ok(nodes
-        .iter()
-        .min_by_key(|n| {
-            let load = counts.iter().find(|(m, _)| m == *n).map_or(0, |(_, k)| *k);
-            (load, (*n).clone())
-        })
-        .cloned())
-}
-
 /// What starting a trial did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrialOutcome {
@@ -141,8 +113,7 @@ pub async fn start_trial(
     owner: i64,
     lang: &str,
     days: u32,
-    nodes: &[String],
-    policy: &str,
+    nodes: &NodePicker,
 ) -> Result<TrialOutcome, DbError> {
     let mut c = pool.acquire("bot_trial").await?;
     let mut tx = c.begin().await?;
@@ -160,7 +131,7 @@ pub async fn start_trial(
         tx.rollback().await?;
         return Ok(TrialOutcome::Used);
     }
-    let r = choose_node(&mut tx, nodes, policy).await;
+    let r = nodes.pick(&mut tx).await;
     let Some(node) = tx.check(r)? else {
         tx.rollback().await?;
         return Ok(TrialOutcome::NoNode);
@@ -230,8 +201,7 @@ pub enum CreditOutcome {
 pub async fn credit_payment(
     pool: &DbPool,
     p: &PaymentIn,
-    nodes: &[String],
-    policy: &str,
+    picker: &NodePicker,
 ) -> Result<CreditOutcome, DbError> {
     let mut c = pool.acquire("bot_credit_payment").await?;
     let mut tx = c.begin().await?;
@@ -268,10 +238,10 @@ pub async fn credit_payment(
     let (sub, issue) = match existing {
         Some(old) => {
             let issue = !old.is_live(Utc::now());
-            let node = if nodes.contains(&old.node) {
+            let node = if picker.has(&old.node) {
                 old.node.clone()
             } else {
-                let r = choose_node(&mut tx, nodes, policy).await;
+                let r = picker.pick(&mut tx).await;
                 match tx.check(r)? {
                     Some(n) => n,
                     None => {
@@ -296,7 +266,7 @@ pub async fn credit_payment(
             (tx.check(r)?, issue || node != old.node)
         }
         None => {
-            let r = choose_node(&mut tx, nodes, policy).await;
+            let r = picker.pick(&mut tx).await;
             let Some(node) = tx.check(r)? else {
                 tx.rollback().await?;
                 return Ok(CreditOutcome::NoNode);
