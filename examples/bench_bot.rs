@@ -14,6 +14,9 @@ struct Args {
     /// Live subscriptions (and node users) reconciled back to back during the burst; 0 = none.
     #[arg(long, default_value_t = 1_000_000)]
     subscriptions: usize,
+    /// Handlers at once (default: `bot.max_concurrent_updates`).
+    #[arg(long)]
+    concurrency: Option<usize>,
 }
 
 fn main() {
@@ -27,11 +30,15 @@ fn main() {
         .thread_name("vpnbot-worker")
         .build()
         .expect("runtime");
+    let shape = vpnbot::bot::bench::Burst {
+        users: args.users,
+        concurrency: args.concurrency,
+    };
     let res = rt.block_on(async {
         if args.subscriptions == 0 {
-            vpnbot::bot::bench::bench_updates(&url, args.users).await
+            vpnbot::bot::bench::bench_updates(&url, shape).await
         } else {
-            vpnbot::bot::bench::bench_updates_during_reconcile(&url, args.users, args.subscriptions)
+            vpnbot::bot::bench::bench_updates_during_reconcile(&url, shape, args.subscriptions)
                 .await
         }
     });
@@ -45,6 +52,12 @@ fn main() {
                 "handler latency ms: p50 {:.2}  p99 {:.2}  max {:.2}   (target p99 < 100)",
                 r.handler_ms[0], r.handler_ms[1], r.handler_ms[2]
             );
+            for (cmd, p) in &r.handler_ms_by_command {
+                println!(
+                    "  {cmd:<8} ms: p50 {:.2}  p99 {:.2}  max {:.2}",
+                    p[0], p[1], p[2]
+                );
+            }
             println!(
                 "scheduler lag ms:   p50 {:.3}  p99 {:.3}  max {:.3}   (target p99 < 10)",
                 r.scheduler_lag_ms[0], r.scheduler_lag_ms[1], r.scheduler_lag_ms[2]

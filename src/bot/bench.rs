@@ -23,6 +23,31 @@ use crate::fleet::Fleet;
 use crate::sim::botapi::{BotApiSim, BotApiSimOptions, SimUser};
 use crate::sim::node::{SimNode, SimNodeOptions};
 
+/// The burst to send: `users` updates, one per simulated user, handled with at most
+/// `concurrency` at once (`None`: the default `bot.max_concurrent_updates`).
+#[derive(Debug, Clone, Copy)]
+pub struct Burst {
+    /// Updates (and simulated users).
+    pub users: usize,
+    /// Handler concurrency bound.
+    pub concurrency: Option<usize>,
+}
+
+/// Telegram id of the first simulated user of the burst.
+const FIRST_USER_ID: i64 = 5_000_000_000;
+
+/// The burst's mix, one command per user in turn; `/trial` issues a key on the node and
+/// renders a QR code.
+const COMMANDS: [&str; 4] = ["/start", "/status", "/help", "/trial"];
+
+fn command_of(u: &teloxide::types::Update) -> &'static str {
+    let text = match &u.kind {
+        teloxide::types::UpdateKind::Message(m) => m.text().unwrap_or(""),
+        _ => "",
+    };
+    COMMANDS.into_iter().find(|c| *c == text).unwrap_or("other")
+}
+
 /// Figures of one run.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BotBenchReport {
@@ -32,6 +57,8 @@ pub struct BotBenchReport {
     pub wall_seconds: f64,
     /// Handler latency percentiles, milliseconds: p50, p99, max.
     pub handler_ms: [f64; 3],
+    /// The same per command of the mix.
+    pub handler_ms_by_command: std::collections::BTreeMap<&'static str, [f64; 3]>,
     /// Scheduler lag percentiles (1 ms ticker overshoot), milliseconds: p50, p99, max.
     pub scheduler_lag_ms: [f64; 3],
     /// Messages the stand-in received from the bot.
@@ -70,7 +97,7 @@ fn pct(v: &mut [f64]) -> [f64; 3] {
 ///
 /// # Errors
 /// A message when the database cannot be prepared or the burst does not finish in 120 s.
-pub async fn bench_updates(admin_url: &str, users: usize) -> Result<BotBenchReport, String> {
+pub async fn bench_updates(admin_url: &str, shape: Burst) -> Result<BotBenchReport, String> {
     let db_name = format!("vpnbot_bench_{}", std::process::id());
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
@@ -86,7 +113,7 @@ pub async fn bench_updates(admin_url: &str, users: usize) -> Result<BotBenchRepo
         .map_err(|e| format!("create database: {e}"))?;
     let mut url = url::Url::parse(admin_url).map_err(|e| e.to_string())?;
     url.set_path(&db_name);
-    let res = run(url.as_str(), users).await;
+    let res = run(url.as_str(), shape).await;
     let _ = admin
         .execute(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
@@ -95,7 +122,7 @@ pub async fn bench_updates(admin_url: &str, users: usize) -> Result<BotBenchRepo
     res
 }
 
-async fn run(db_url: &str, users: usize) -> Result<BotBenchReport, String> {
+async fn run(db_url: &str, shape: Burst) -> Result<BotBenchReport, String> {
     let peers = peer_runtime()?;
     let started_peers = peers
         .spawn(async {
@@ -109,7 +136,7 @@ async fn run(db_url: &str, users: usize) -> Result<BotBenchReport, String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string());
     let res = match started_peers {
-        Ok((sim, node)) => run_with(db_url, users, &sim, &node).await,
+        Ok((sim, node)) => run_with(db_url, shape, &sim, &node).await,
         Err(e) => Err(e),
     };
     peers.shutdown_background();
@@ -118,7 +145,7 @@ async fn run(db_url: &str, users: usize) -> Result<BotBenchReport, String> {
 
 async fn run_with(
     db_url: &str,
-    users: usize,
+    shape: Burst,
     sim: &crate::sim::botapi::BotApiSimHandle,
     node: &crate::sim::node::SimNodeHandle,
 ) -> Result<BotBenchReport, String> {
@@ -129,12 +156,12 @@ async fn run_with(
     let pool = DbPool::connect(&cfg.db, &registry).map_err(|e| e.to_string())?;
     crate::db::migrate(&pool).await.map_err(|e| e.to_string())?;
     let fleet = Fleet::from_config(&cfg, &registry).map_err(|(n, e)| format!("{n}: {e}"))?;
-    let res = burst(&cfg, &registry, &pool, fleet, sim, users).await;
+    let res = burst(&cfg, &registry, &pool, fleet, sim, shape).await;
     pool.close().await;
     res
 }
 
-/// Runs the burst with `users` updates while reconcile passes over `subscriptions` live
+/// Runs the burst `shape` while reconcile passes over `subscriptions` live
 /// subscriptions and node users run back to back on this runtime and on the same pool, as on
 /// a production leader. The node is simulated in a child process (the binary must call
 /// [`crate::reconcile::bench::maybe_run_sim_child`] first), the Bot API stand-in on its own
@@ -144,7 +171,7 @@ async fn run_with(
 /// Setup failures, or a burst that does not finish in 120 s, as text.
 pub async fn bench_updates_during_reconcile(
     server_url: &str,
-    users: usize,
+    shape: Burst,
     subscriptions: usize,
 ) -> Result<BotBenchReport, String> {
     let fx = crate::reconcile::bench::ReconcileFixture::prepare(server_url, subscriptions).await?;
@@ -191,7 +218,7 @@ pub async fn bench_updates_during_reconcile(
                 &fx.pool,
                 fx.fleet.clone(),
                 &sim,
-                users,
+                shape,
             )
             .await;
             let burst_to = Instant::now();
@@ -239,17 +266,27 @@ async fn burst(
     pool: &DbPool,
     fleet: Fleet,
     sim: &crate::sim::botapi::BotApiSimHandle,
-    users: usize,
+    shape: Burst,
 ) -> Result<BotBenchReport, String> {
+    let users = shape.users;
     let mut cfg = base.clone();
+    if let Some(c) = shape.concurrency {
+        cfg.bot.max_concurrent_updates = c;
+    }
     cfg.telegram.token = SecretString::from(sim.token().to_string());
     cfg.telegram.api_url = sim.api_url();
     let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(registry))?;
     let bot = BotService::new(api.clone(), pool.clone(), fleet, &cfg, None, None);
+    // As `run` does before its first poll.
+    bot.warm().await.map_err(|e| e.to_string())?;
 
     for i in 0..users {
-        let u = SimUser::new(100_000 + i as i64, if i % 2 == 0 { "en" } else { "ru" });
-        let cmd = ["/start", "/status", "/help", "/trial"][i % 4];
+        // Ids above any the reconcile fixture gives its subscription owners: new users.
+        let u = SimUser::new(
+            FIRST_USER_ID + i as i64,
+            if i % 2 == 0 { "en" } else { "ru" },
+        );
+        let cmd = COMMANDS[i % 4];
         sim.send_text(&u, cmd);
     }
 
@@ -259,7 +296,7 @@ async fn burst(
     // The receive loop's dispatch, timed per handler.
     let concurrency = cfg.bot.max_concurrent_updates;
     let sem = Arc::new(Semaphore::new(concurrency));
-    let latencies = Arc::new(Mutex::new(Vec::<f64>::with_capacity(users)));
+    let latencies = Arc::new(Mutex::new(Vec::<(&'static str, f64)>::with_capacity(users)));
     let mut handlers = tokio::task::JoinSet::new();
     let started = Instant::now();
     let mut offset = 0i32;
@@ -282,11 +319,14 @@ async fn burst(
             seen += 1;
             let permit = sem.clone().acquire_owned().await.expect("open semaphore");
             let (bot, lat) = (bot.clone(), latencies.clone());
+            let cmd = command_of(&u);
             handlers.spawn(async move {
                 let t = Instant::now();
                 bot.handle_update(u).await;
                 let ms = t.elapsed().as_secs_f64() * 1e3;
-                lat.lock().unwrap_or_else(|e| e.into_inner()).push(ms);
+                lat.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((cmd, ms));
                 drop(permit);
             });
         }
@@ -299,11 +339,18 @@ async fn burst(
         .into_iter()
         .map(|d| d.as_secs_f64() * 1e3)
         .collect();
-    let mut lat = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
+    let all = std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut by_command = std::collections::BTreeMap::new();
+    for cmd in COMMANDS {
+        let mut v: Vec<f64> = all.iter().filter(|x| x.0 == cmd).map(|x| x.1).collect();
+        by_command.insert(cmd, pct(&mut v));
+    }
+    let mut lat: Vec<f64> = all.into_iter().map(|x| x.1).collect();
     Ok(BotBenchReport {
         updates: users,
         wall_seconds: wall,
         handler_ms: pct(&mut lat),
+        handler_ms_by_command: by_command,
         scheduler_lag_ms: pct(&mut lag),
         sent: sim.sent().len(),
         concurrency,

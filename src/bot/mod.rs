@@ -126,6 +126,7 @@ impl BotService {
                 node_picker: node_picker::NodePicker::new(
                     nodes.keys().cloned().collect(),
                     &config.bot.node_policy,
+                    pool.clone(),
                 ),
                 nodes,
                 pool,
@@ -159,6 +160,15 @@ impl BotService {
     /// The receive loop's current phase, as the watchdog sees it.
     pub fn polling_operation(&self) -> &PollingOperation {
         &self.inner.polling
+    }
+
+    /// Loads what handlers need before the first update (the per-node load for
+    /// `least_loaded`); [`Self::run`] does this at start.
+    ///
+    /// # Errors
+    /// The database error.
+    pub async fn warm(&self) -> Result<(), crate::db::DbError> {
+        self.inner.node_picker.warm().await
     }
 
     /// The Bot API client.
@@ -228,6 +238,9 @@ impl BotService {
             .await;
         self.set_commands().await;
 
+        if let Err(e) = self.warm().await {
+            tracing::warn!(error = %e, "node load not counted at start; the first pick counts");
+        }
         let sem = Arc::new(Semaphore::new(s.max_concurrent_updates));
         let handlers = TaskTracker::new();
         let mut offset: Option<i32> = None;

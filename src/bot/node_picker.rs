@@ -1,17 +1,20 @@
 //! Which node a new subscription goes to. `least_loaded` needs active subscriptions per node;
 //! counting them is a scan of every active subscription (about 0.2 s of database CPU at a
-//! million), which per trial or purchase made a burst of 250 trials during a reconcile pass
-//! take 47 s in the bot benchmark. So the counts are read at most once per
-//! [`NODE_LOAD_REFRESH`] and kept current in between by counting this process's own
-//! assignments; other writers (expiry, other instances) are caught up at the next refresh.
+//! million, more beside a reconcile pass), which per trial or purchase made a burst of 250
+//! trials during a reconcile pass take 47 s in the bot benchmark. So the counts are loaded
+//! once (at bot start, or by the first pick), kept current by counting this process's own
+//! assignments, and reloaded in the background every [`NODE_LOAD_REFRESH`] so other writers
+//! (expiry, other instances, operators) are caught up. No handler waits for a reload.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 
-/// How long per-node counts are reused before the next count query.
+use crate::db::{DbError, DbPool};
+
+/// How long per-node counts are used before a background reload.
 pub const NODE_LOAD_REFRESH: Duration = Duration::from_secs(30);
 
 /// Picks nodes by `bot.node_policy` over the configured node names. Shared by all handlers.
@@ -19,25 +22,38 @@ pub const NODE_LOAD_REFRESH: Duration = Duration::from_secs(30);
 pub struct NodePicker {
     nodes: Vec<String>,
     least_loaded: bool,
-    cache: Mutex<Cache>,
+    pool: DbPool,
+    refresh: Duration,
+    cache: Arc<Mutex<Cache>>,
+    /// Serialises the first load so concurrent first picks run one count, not one each.
+    first_load: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
 struct Cache {
     counts: HashMap<String, i64>,
-    refreshed: Option<Instant>,
-    refreshing: bool,
+    loaded: Option<Instant>,
+    reloading: bool,
 }
 
 impl NodePicker {
-    /// A picker over `nodes` (configured names; ties go to the first) with `policy` `least_loaded`
-    /// or `first` (validated by the config).
-    pub fn new(nodes: Vec<String>, policy: &str) -> NodePicker {
+    /// A picker over `nodes` (configured names; ties go to the first) with `policy`
+    /// `least_loaded` or `first` (validated by the config); background reloads use `pool`.
+    pub fn new(nodes: Vec<String>, policy: &str, pool: DbPool) -> NodePicker {
         NodePicker {
             nodes,
             least_loaded: policy == "least_loaded",
-            cache: Mutex::new(Cache::default()),
+            pool,
+            refresh: NODE_LOAD_REFRESH,
+            cache: Arc::default(),
+            first_load: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Replaces the reload period (tests).
+    pub fn with_refresh(mut self, refresh: Duration) -> Self {
+        self.refresh = refresh;
+        self
     }
 
     /// True when `node` is a configured node.
@@ -45,12 +61,23 @@ impl NodePicker {
         self.nodes.iter().any(|n| n == node)
     }
 
-    /// The node for one new subscription, `None` when no node is configured. Runs the count
-    /// query on `c` (the caller's transaction) only when the counts are older than
-    /// [`NODE_LOAD_REFRESH`] and no other handler is refreshing them already.
+    /// Loads the counts now (bot start), so that no user's first purchase pays for the scan.
     ///
     /// # Errors
-    /// The count query's error.
+    /// The pool's or the count query's error.
+    pub async fn warm(&self) -> Result<(), DbError> {
+        if !self.least_loaded || self.nodes.is_empty() {
+            return Ok(());
+        }
+        reload(&self.pool, &self.nodes, &self.cache).await
+    }
+
+    /// The node for one new subscription, `None` when no node is configured. Counts on `c`
+    /// (the caller's transaction) only when nothing is loaded yet; stale counts are used while
+    /// a background reload runs.
+    ///
+    /// # Errors
+    /// The first count query's error.
     pub async fn pick(&self, c: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
         if self.nodes.is_empty() {
             return Ok(None);
@@ -58,25 +85,24 @@ impl NodePicker {
         if !self.least_loaded {
             return Ok(self.nodes.first().cloned());
         }
-        let refresh = {
-            let mut g = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            let stale = g.refreshed.is_none_or(|t| t.elapsed() >= NODE_LOAD_REFRESH);
-            // With some counts already known, one handler refreshes and the others use them.
-            let go = stale && (g.refreshed.is_none() || !g.refreshing);
-            if go {
-                g.refreshing = true;
+        if self.lock().loaded.is_none() {
+            let _one = self.first_load.lock().await;
+            if self.lock().loaded.is_none() {
+                let counts = count_active(c, &self.nodes).await?;
+                store(&self.cache, counts);
             }
-            go
-        };
-        if refresh {
-            // Cleared on drop too: a handler cancelled mid-query must not block refreshes.
-            let _flag = RefreshFlag(&self.cache);
-            let counts = count_active(c, &self.nodes).await?;
-            let mut g = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            g.counts = counts.into_iter().collect();
-            g.refreshed = Some(Instant::now());
         }
-        let mut g = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock();
+        if g.loaded.is_some_and(|t| t.elapsed() >= self.refresh) && !g.reloading {
+            g.reloading = true;
+            let (pool, nodes, cache) = (self.pool.clone(), self.nodes.clone(), self.cache.clone());
+            tokio::spawn(async move {
+                if let Err(e) = reload(&pool, &nodes, &cache).await {
+                    tracing::warn!(error = %e, "node load reload failed; using older counts");
+                }
+                cache.lock().unwrap_or_else(|e| e.into_inner()).reloading = false;
+            });
+        }
         let node = self
             .nodes
             .iter()
@@ -87,14 +113,23 @@ impl NodePicker {
         }
         Ok(node)
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-struct RefreshFlag<'a>(&'a Mutex<Cache>);
+async fn reload(pool: &DbPool, nodes: &[String], cache: &Mutex<Cache>) -> Result<(), DbError> {
+    let mut c = pool.acquire("bot_node_load").await?;
+    let r = count_active(&mut c, nodes).await;
+    store(cache, c.check(r)?);
+    Ok(())
+}
 
-impl Drop for RefreshFlag<'_> {
-    fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).refreshing = false;
-    }
+fn store(cache: &Mutex<Cache>, counts: Vec<(String, i64)>) {
+    let mut g = cache.lock().unwrap_or_else(|e| e.into_inner());
+    g.counts = counts.into_iter().collect();
+    g.loaded = Some(Instant::now());
 }
 
 async fn count_active(

@@ -180,24 +180,28 @@ impl ReconcileFixture {
         crate::db::migrate(&pool).await.map_err(|x| e(&x))?;
         {
             let mut c = pool.acquire("bench_setup").await.map_err(|x| e(&x))?;
-            sqlx::query("INSERT INTO bot_users (telegram_id) VALUES (1)")
+            // One user per subscription, as in production (owner ids 1..=n): skewed owners
+            // would make the bot's per-user queries plan as scans.
+            sqlx::query("INSERT INTO bot_users (telegram_id) SELECT generate_series(1, $1)")
+                .bind(n as i64)
                 .execute(&mut *c)
                 .await
                 .map_err(|x| e(&x))?;
-            for chunk in live.chunks(100_000) {
+            for (i, chunk) in live.chunks(100_000).enumerate() {
                 sqlx::query(
                     "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at, \
                      created_at, updated_at) \
-                     SELECT 1, 'a', u, 'month', now() + interval '30 days', \
+                     SELECT $2 + o, 'a', u, 'month', now() + interval '30 days', \
                             now() - interval '1 day', now() - interval '1 day' \
-                     FROM UNNEST($1::uuid[]) AS u",
+                     FROM UNNEST($1::uuid[]) WITH ORDINALITY AS t(u, o)",
                 )
                 .bind(chunk)
+                .bind((i * 100_000) as i64)
                 .execute(&mut *c)
                 .await
                 .map_err(|x| e(&x))?;
             }
-            sqlx::query("ANALYZE subscriptions")
+            sqlx::query("ANALYZE bot_users, subscriptions")
                 .execute(&mut *c)
                 .await
                 .map_err(|x| e(&x))?;

@@ -61,9 +61,25 @@ impl Default for SimNodeOptions {
 
 #[derive(Debug, Default)]
 pub(crate) struct UserStore {
-    pub(crate) map: HashMap<uuid::Uuid, String>,
+    pub(crate) map: HashMap<uuid::Uuid, std::sync::Arc<str>>,
     /// Serialized `list-users` body, rebuilt after a change.
     pub(crate) list_cache: Option<Bytes>,
+    /// Bumped by every change, so a body serialized from an older snapshot is not cached.
+    pub(crate) generation: u64,
+}
+
+impl UserStore {
+    /// Adds or replaces a user and drops the cached body.
+    pub(crate) fn put(&mut self, uuid: uuid::Uuid, email: String) {
+        self.map.insert(uuid, email.into());
+        self.changed();
+    }
+
+    /// Marks the store changed: the cached body is stale.
+    pub(crate) fn changed(&mut self) {
+        self.list_cache = None;
+        self.generation += 1;
+    }
 }
 
 #[derive(Debug)]
@@ -131,7 +147,7 @@ impl SimNode {
             } else {
                 format!("user{i}@operator")
             };
-            map.insert(uuid, email);
+            map.insert(uuid, email.into());
         }
         let mut faults: [Fault; 5] = Default::default();
         for (op, f) in &opts.faults {
@@ -140,6 +156,7 @@ impl SimNode {
         let shared = Arc::new(Shared {
             api_key: opts.api_key,
             users: Mutex::new(UserStore {
+                generation: 0,
                 map,
                 list_cache: None,
             }),
@@ -207,7 +224,7 @@ impl SimNodeHandle {
             .iter()
             .map(|(uuid, email)| NodeUser {
                 uuid: *uuid,
-                email: email.clone(),
+                email: email.to_string(),
             })
             .collect()
     }
@@ -219,9 +236,7 @@ impl SimNodeHandle {
 
     /// Adds or replaces a user directly, bypassing the API and its faults.
     pub fn insert_user(&self, user: NodeUser) {
-        let mut u = self.shared.users();
-        u.map.insert(user.uuid, user.email);
-        u.list_cache = None;
+        self.shared.users().put(user.uuid, user.email);
     }
 
     /// Requests received for `operation` (answered or not).

@@ -300,15 +300,14 @@ async fn apply(
             let mut users = shared.users();
             let present = users.map.get(&body.uuid).cloned();
             let result = match (op, present) {
-                (_, Some(e)) if e == body.email => MutationResult::Unchanged,
+                (_, Some(e)) if *e == *body.email => MutationResult::Unchanged,
                 (Operation::AddUser, Some(_)) => return (409, error_body("conflict")),
                 (Operation::AddUser, None) => MutationResult::Created,
                 (_, None) => return (404, error_body("not_found")),
                 (_, Some(_)) => MutationResult::Updated,
             };
             if result != MutationResult::Unchanged {
-                users.map.insert(body.uuid, body.email);
-                users.list_cache = None;
+                users.put(body.uuid, body.email);
             }
             mutation(result)
         }
@@ -316,7 +315,7 @@ async fn apply(
             let id = id.expect("routed with a uuid");
             let mut users = shared.users();
             let r = if users.map.remove(&id).is_some() {
-                users.list_cache = None;
+                users.changed();
                 MutationResult::Removed
             } else {
                 MutationResult::Absent
@@ -326,21 +325,32 @@ async fn apply(
     }
 }
 
-/// The `list-users` body, serialized on the blocking pool when not cached.
+/// The `list-users` body, serialized on the blocking pool when not cached. The lock is held
+/// only to copy the entries (reference-counted emails), not while serializing: a node that
+/// blocked writes for the whole serialization of a million users would stall every
+/// `add-user` behind a reconcile pass's `list-users`, which real node APIs do not do.
 pub(crate) async fn list_body(shared: &Arc<Shared>) -> Bytes {
     if let Some(b) = shared.users().list_cache.clone() {
         return b;
     }
     let s = shared.clone();
     tokio::task::spawn_blocking(move || {
-        let mut users = s.users();
-        if let Some(b) = users.list_cache.clone() {
-            return b;
-        }
+        let (snapshot, generation) = {
+            let users = s.users();
+            if let Some(b) = users.list_cache.clone() {
+                return b;
+            }
+            let snapshot: Vec<(uuid::Uuid, Arc<str>)> =
+                users.map.iter().map(|(k, v)| (*k, v.clone())).collect();
+            (snapshot, users.generation)
+        };
         let mut out = Vec::new();
-        wire::write_list_users(&mut out, users.map.iter().map(|(k, v)| (k, v.as_str())));
+        wire::write_list_users(&mut out, snapshot.iter().map(|(k, v)| (k, &**v)));
         let b = Bytes::from(out);
-        users.list_cache = Some(b.clone());
+        let mut users = s.users();
+        if users.generation == generation {
+            users.list_cache = Some(b.clone());
+        }
         b
     })
     .await
