@@ -431,6 +431,46 @@ async fn node_failure_during_key_issue_is_told_and_completed_later(
     );
 }
 
+/// A node that never answers holds a handler slot for `bot.key_issue_timeout_seconds`, not for
+/// the node client's deadline with retries: the user is told at once that the key is not
+/// confirmed yet, the add waits in the outbox, and the outbox completes it once the node
+/// answers again.
+#[sqlx::test(migrations = false)]
+async fn hung_node_during_key_issue_answers_within_the_key_issue_bound(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let e = bot_common::env_with(&opts, |c| {
+        c.node_client.total_deadline_seconds = 5.0;
+        c.node_client.headers_timeout_seconds = 5.0;
+        c.bot.key_issue_timeout_seconds = 0.4;
+    })
+    .await;
+    e.node.set_fault(Operation::AddUser, Fault::NoHeaders);
+    let u = SimUser::new(6101, "en");
+    let t = std::time::Instant::now();
+    e.say(&u, "/trial", |m| {
+        m.text.contains("did not confirm your key yet")
+    })
+    .await;
+    let took = t.elapsed();
+    // 0.4 s bound plus the trial's own work; the node client alone would wait 5 s.
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(
+        e.scalar_i64("SELECT count(*) FROM pending_node_ops WHERE op = 'add' AND done_at IS NULL")
+            .await,
+        1
+    );
+    assert_eq!(
+        e.metric("vpnbot_bot_errors_total", &[("kind", "node_pending")]),
+        1.0
+    );
+    e.node.set_fault(Operation::AddUser, Fault::None);
+    let pass = e.outbox.process_once().await.unwrap();
+    assert_eq!(pass.applied, 1, "{pass:?}");
+    assert_eq!(e.node.users().len(), 1);
+}
+
 /// Reminders 3 days and 1 day before expiry, each at most once; expired subscriptions are
 /// marked and their removal queued, the user notified once.
 #[sqlx::test(migrations = false)]

@@ -497,10 +497,14 @@ impl BotService {
     /// retries until the node confirms. Returns whether the node confirmed now.
     pub(crate) async fn issue_key(&self, sub: &Subscription) -> bool {
         let user = NodeUser::owned(sub.vless_uuid);
+        let bound = crate::config::secs(self.settings().key_issue_timeout_seconds);
         let err = match self.inner.fleet.get(&sub.node) {
-            Some(client) => match client.add_user(&user).await {
-                Ok(_) => return true,
-                Err(e) => format!("{}: {e}", e.error_type()),
+            // Cut short, the call may still have reached the node: the outbox's add is
+            // idempotent ("already present" counts as done).
+            Some(client) => match tokio::time::timeout(bound, client.add_user(&user)).await {
+                Ok(Ok(_)) => return true,
+                Ok(Err(e)) => format!("{}: {e}", e.error_type()),
+                Err(_) => format!("no confirmation within {:.1} s", bound.as_secs_f64()),
             },
             None => "node not configured".to_string(),
         };

@@ -27,6 +27,10 @@ pub const DEFAULT_RETRY_AFTER_MAX_SECONDS: f64 = 60.0;
 /// faster. Beyond the pool's connections, more handlers queue on the runtime and the pool
 /// instead of finishing sooner. Each slot is held at most `handler_timeout_seconds`.
 pub const DEFAULT_MAX_CONCURRENT_UPDATES: usize = 8;
+/// Default wait for a node to confirm a new key before the bot answers and leaves the add to
+/// the outbox, seconds: a hung node then holds a handler slot for this long, not for the node
+/// client's whole deadline with retries (10 s).
+pub const DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS: f64 = 3.0;
 /// Default bound on handling one update, seconds.
 pub const DEFAULT_HANDLER_TIMEOUT_SECONDS: f64 = 30.0;
 /// Default trial length, days.
@@ -100,6 +104,9 @@ pub struct BotSettings {
     pub max_concurrent_updates: usize,
     /// Bound on handling one update, seconds (default [`DEFAULT_HANDLER_TIMEOUT_SECONDS`]).
     pub handler_timeout_seconds: f64,
+    /// Wait for the node to confirm a new key before answering "not confirmed yet" and
+    /// leaving the add to the outbox, seconds (default [`DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS`]).
+    pub key_issue_timeout_seconds: f64,
     /// Trial length, days; 0 disables the trial (default [`DEFAULT_TRIAL_DAYS`]).
     pub trial_days: u32,
     /// Node for a new subscription: `least_loaded` (fewest active subscriptions) or `first`
@@ -130,6 +137,7 @@ impl Default for BotSettings {
             retry_after_max_seconds: DEFAULT_RETRY_AFTER_MAX_SECONDS,
             max_concurrent_updates: DEFAULT_MAX_CONCURRENT_UPDATES,
             handler_timeout_seconds: DEFAULT_HANDLER_TIMEOUT_SECONDS,
+            key_issue_timeout_seconds: DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS,
             trial_days: DEFAULT_TRIAL_DAYS,
             node_policy: DEFAULT_NODE_POLICY.into(),
             link_params: DEFAULT_LINK_PARAMS.into(),
@@ -153,6 +161,7 @@ impl BotSettings {
             ("conflict_backoff_seconds", self.conflict_backoff_seconds),
             ("retry_after_max_seconds", self.retry_after_max_seconds),
             ("handler_timeout_seconds", self.handler_timeout_seconds),
+            ("key_issue_timeout_seconds", self.key_issue_timeout_seconds),
             ("expiry_interval_seconds", self.expiry_interval_seconds),
         ] {
             if !(v.is_finite() && v > 0.0) {
