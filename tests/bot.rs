@@ -556,11 +556,27 @@ async fn reminders_are_sent_once_and_expiry_queues_removal(
         e.scalar_i64("SELECT count(*) FROM subscriptions WHERE owner_id = 7003 AND status = 'active' AND expires_at > now() + interval '29 days'").await,
         1
     );
-    let pass = e.outbox.process_once().await.unwrap();
+    // The renewal's add replaced the queued removal (one open intent per key) and the node
+    // confirmed it: nothing is left for the outbox, the key is on the node.
     assert_eq!(
-        pass.skipped_live, 1,
-        "the queued removal is skipped: {pass:?}"
+        e.scalar_i64("SELECT count(*) FROM pending_node_ops WHERE done_at IS NULL")
+            .await,
+        0
     );
+    let pass = e.outbox.process_once().await.unwrap();
+    assert_eq!((pass.due, pass.skipped_live), (0, 0), "{pass:?}");
+    let on_node = e
+        .scalar_i64(&format!(
+            "SELECT count(*) FROM subscriptions WHERE owner_id = 7003 AND vless_uuid IN ({})",
+            e.node
+                .users()
+                .iter()
+                .map(|u| format!("'{}'", u.uuid))
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .await;
+    assert_eq!(on_node, 1, "the renewed key is on the node");
 }
 
 /// branch `break` (T5): updates teloxide cannot parse as their kind, a callback with no

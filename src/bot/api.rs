@@ -83,12 +83,22 @@ pub(crate) fn classify(e: &RequestError) -> (&'static str, String) {
 }
 
 /// Sends requests to the Bot API (cheap clone). Shared by the bot and the expiry worker.
-#[derive(Debug, Clone)]
+/// `Debug` leaves the teloxide clients out: their own `Debug` prints the bot token.
+#[derive(Clone)]
 pub struct BotApi {
     pub(crate) bot: Bot,
     pub(crate) poll_bot: Bot,
     pub(crate) metrics: BotMetrics,
     pub(crate) settings: BotSettings,
+}
+
+impl std::fmt::Debug for BotApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BotApi")
+            .field("bot", &"<teloxide client, token redacted>")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BotApi {

@@ -20,7 +20,7 @@ use super::store::{self, CreditOutcome, PaymentIn, Subscription, TrialOutcome};
 use super::BotService;
 use crate::db::DbError;
 use crate::node::{owned_email, NodeUser};
-use crate::outbox::{enqueue, NodeOp};
+use crate::outbox::{complete, enqueue, NodeOp};
 
 /// Currency of Telegram Stars.
 const XTR: &str = "XTR";
@@ -132,6 +132,14 @@ impl BotService {
     }
 
     async fn on_message(&self, m: Message) -> (&'static str, HResult) {
+        // Telegram reports a charge wherever the invoice was paid (a forwarded invoice can be
+        // paid in a group): credit the payer whatever the chat, answering them privately.
+        if let (Some(p), Some(from)) = (
+            m.successful_payment(),
+            m.from.as_ref().filter(|f| !f.is_bot),
+        ) {
+            return ("payment", self.on_payment(Ctx::of(from), p).await);
+        }
         if !m.chat.is_private() {
             return ("ignored", Ok(()));
         }
@@ -141,9 +149,6 @@ impl BotService {
         let ctx = Ctx::of(from);
         if ctx.chat != m.chat.id.0 {
             return ("ignored", Ok(()));
-        }
-        if let Some(p) = m.successful_payment() {
-            return ("payment", self.on_payment(ctx, p).await);
         }
         let Some((cmd, args)) = m.text().and_then(parse_command) else {
             let r = self
@@ -282,6 +287,7 @@ impl BotService {
             ctx.lang.code(),
             days,
             &self.inner.node_picker,
+            self.add_grace(),
         )
         .await;
         match out {
@@ -447,7 +453,7 @@ impl BotService {
         };
         input.plan = plan.id.clone();
         input.days = plan.days;
-        match store::credit_payment(&self.inner.pool, &input, &self.inner.node_picker).await {
+        match self.credit_with_retry(&input).await {
             Ok(CreditOutcome::Credited { sub, issue }) => {
                 self.metrics()
                     .payments
@@ -486,10 +492,57 @@ impl BotService {
                 self.reply(ctx, i18n::unavailable(ctx.lang), None).await
             }
             Err(e) => {
+                // Telegram has the money and will not send this update again: the charge ids
+                // (not secrets) go to the error log so support can credit it by hand.
                 self.metrics().payments.with_label_values(&["failed"]).inc();
-                self.sorry(ctx, e).await
+                tracing::error!(
+                    error = %e,
+                    user_id = input.user_id,
+                    plan = %input.plan,
+                    amount = input.amount,
+                    provider_charge_id = %input.charge_key,
+                    telegram_charge_id = %input.telegram_charge_id,
+                    "payment NOT credited after retries: credit it manually"
+                );
+                let _ = self.reply(ctx, i18n::payment_delayed(ctx.lang), None).await;
+                Err(HandlerError::Db(e))
             }
         }
+    }
+
+    /// Credits a payment, retrying database errors that can pass (pool exhausted, server
+    /// restarting, failover) with capped exponential backoff while the handler bound leaves
+    /// room for one more attempt and the reply (an acquire timeout plus 2 s). Safe to repeat:
+    /// the payment row is unique per provider charge id.
+    async fn credit_with_retry(&self, input: &PaymentIn) -> Result<CreditOutcome, DbError> {
+        use backon::{ExponentialBuilder, Retryable};
+        let bound = crate::config::secs(self.settings().handler_timeout_seconds);
+        let reserve = self.inner.pool.acquire_timeout() + std::time::Duration::from_secs(2);
+        let budget = bound.saturating_sub(reserve);
+        let started = Instant::now();
+        let backoff = ExponentialBuilder::new()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(3))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(budget));
+        let grace = self.add_grace();
+        (|| store::credit_payment(&self.inner.pool, input, &self.inner.node_picker, grace))
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e: &DbError| {
+                !matches!(e, DbError::Query(_) | DbError::Migrate(_)) && started.elapsed() < budget
+            })
+            .notify(|e, wait| {
+                self.metrics().error("payment_retry");
+                tracing::warn!(error = %e, wait_s = wait.as_secs_f64(), "payment credit failed; retrying");
+            })
+            .await
+    }
+
+    /// How long the outbox leaves a new key's add to the handler: the node bound plus a margin.
+    fn add_grace(&self) -> std::time::Duration {
+        crate::config::secs(self.settings().key_issue_timeout_seconds + 2.0)
     }
 
     /// Adds the subscription's user on its node: outside any transaction and with no pooled
@@ -502,7 +555,10 @@ impl BotService {
             // Cut short, the call may still have reached the node: the outbox's add is
             // idempotent ("already present" counts as done).
             Some(client) => match tokio::time::timeout(bound, client.add_user(&user)).await {
-                Ok(Ok(_)) => return true,
+                Ok(Ok(_)) => {
+                    self.add_confirmed(sub).await;
+                    return true;
+                }
                 Ok(Err(e)) => format!("{}: {e}", e.error_type()),
                 Err(_) => format!("no confirmation within {:.1} s", bound.as_secs_f64()),
             },
@@ -529,6 +585,20 @@ impl BotService {
             tracing::error!(error = %e, "could not queue the node add; reconcile will repair it");
         }
         false
+    }
+
+    /// Closes the add intent queued with the subscription. If this fails the outbox applies
+    /// the add again later, which the node answers "unchanged": harmless.
+    async fn add_confirmed(&self, sub: &Subscription) {
+        let done = async {
+            let mut c = self.inner.pool.acquire("bot_key_confirmed").await?;
+            let r = complete(&mut c, &sub.node, NodeOp::Add, sub.vless_uuid).await;
+            c.check(r)
+        }
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not close the add intent; the outbox repeats it");
+        }
     }
 
     fn link(&self, sub: &Subscription) -> String {

@@ -86,6 +86,10 @@ texts! {
     /// A repeated payment notice (not credited twice).
     payment_duplicate => "This payment has already been credited. Send /status to check your subscription.",
         "Этот платёж уже зачислен. Проверить подписку: /status.";
+    /// The database stayed unavailable through every credit attempt: the charge is logged for
+    /// support; the user must not pay again.
+    payment_delayed => "Your payment was received, but we could not credit it yet because of a problem on our side. Please do not pay again: support has the payment and will credit it.",
+        "Платёж получен, но из-за сбоя на нашей стороне мы пока не смогли его зачислить. Пожалуйста, не платите повторно: поддержка видит платёж и зачислит его.";
     /// No subscription yet.
     status_none => "You have no subscription yet. Try /trial or choose a plan with /buy.",
         "У вас пока нет подписки. Попробуйте /trial или выберите тариф: /buy.";

@@ -33,7 +33,7 @@ impl BotMetrics {
             handler_duration: metrics::histogram_vec(
                 registry,
                 "vpnbot_bot_handler_duration_seconds",
-                "Time to handle one update, by handler (start, help, trial, buy, plan, pre_checkout, payment, status, key, stats, diag, reconcile, unknown, ignored, ...).",
+                "Time to handle one update, by handler (start, help, trial, buy, plan, pre_checkout, payment, status, key, stats, diag, reconcile, unknown, ignored, ...; `timeout` and `panic` for handlers cut by the bound or a panic).",
                 &["handler"],
                 DURATION_BUCKETS_SECONDS,
             ),

@@ -40,7 +40,7 @@ use futures_util::FutureExt;
 use prometheus::Registry;
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
-use teloxide::types::{AllowedUpdate, BotCommand, Update};
+use teloxide::types::{AllowedUpdate, BotCommand, Update, UpdateKind};
 use teloxide::{ApiError, RequestError};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -275,19 +275,30 @@ impl BotService {
                     api.count("getUpdates", "ok");
                     self.metrics().polling_last_success.set(unix_now());
                     failures = 0;
+                    // Bot API offsets are i32 in teloxide; a hostile or odd endpoint could
+                    // send an id at i32::MAX: saturate instead of overflowing.
+                    let id_of = |u: &Update| i32::try_from(u.id.0).unwrap_or(i32::MAX);
+                    let mut unstarted: std::collections::BTreeSet<i32> =
+                        updates.iter().map(id_of).collect();
+                    let batch_next = unstarted.last().map(|id| id.saturating_add(1));
+                    // Telegram cancels a payment whose pre-checkout is not answered within
+                    // 10 s; the answer is light: pre-checkouts go first and take no slot.
+                    let mut updates = updates;
+                    updates.sort_by_key(|u| !matches!(u.kind, UpdateKind::PreCheckoutQuery(_)));
                     for u in updates {
-                        // Bot API offsets are i32 in teloxide; a hostile or odd endpoint could
-                        // send an id at i32::MAX: saturate instead of overflowing.
-                        let next = i32::try_from(u.id.0).unwrap_or(i32::MAX).saturating_add(1);
-                        offset = Some(offset.unwrap_or(0).max(next));
-                        let permit = match sem.clone().try_acquire_owned() {
-                            Ok(p) => p,
-                            Err(_) => {
-                                op.enter(PollPhase::HandlerSlot, slot_bound);
-                                tokio::select! {
-                                    _ = cancel.cancelled() => break,
-                                    p = sem.clone().acquire_owned() => {
-                                        p.expect("semaphore never closed")
+                        let id = id_of(&u);
+                        let permit = if matches!(u.kind, UpdateKind::PreCheckoutQuery(_)) {
+                            None
+                        } else {
+                            match sem.clone().try_acquire_owned() {
+                                Ok(p) => Some(p),
+                                Err(_) => {
+                                    op.enter(PollPhase::HandlerSlot, slot_bound);
+                                    tokio::select! {
+                                        _ = cancel.cancelled() => break,
+                                        p = sem.clone().acquire_owned() => {
+                                            Some(p.expect("semaphore never closed"))
+                                        }
                                     }
                                 }
                             }
@@ -297,7 +308,15 @@ impl BotService {
                             bot.handle_guarded(u).await;
                             drop(permit);
                         });
+                        unstarted.remove(&id);
                     }
+                    // Confirm only what was started: an update left unstarted by shutdown
+                    // stays with Telegram for the next leader.
+                    offset = match (unstarted.first(), batch_next) {
+                        (Some(&first), _) => Some(first),
+                        (None, Some(next)) => Some(offset.unwrap_or(0).max(next)),
+                        (None, None) => offset,
+                    };
                     None
                 }
                 Ok(Err(e)) => {
@@ -307,11 +326,15 @@ impl BotService {
                     match e {
                         RequestError::RetryAfter(sec) => {
                             self.metrics().error("rate_limited");
+                            // Bounded like sends: a bogus hour-long retry_after must not stop
+                            // the bot for an hour.
+                            let cap = secs(s.retry_after_max_seconds);
                             tracing::warn!(
                                 retry_after_s = sec.seconds(),
-                                "getUpdates: 429, waiting as told"
+                                wait_s = sec.duration().min(cap).as_secs_f64(),
+                                "getUpdates: 429, waiting as told (capped at retry_after_max_seconds)"
                             );
-                            Some(sec.duration())
+                            Some(sec.duration().min(cap))
                         }
                         RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => {
                             self.metrics().error("conflict");
@@ -377,14 +400,24 @@ impl BotService {
     async fn handle_guarded(&self, u: Update) {
         let bound = secs(self.settings().handler_timeout_seconds);
         self.metrics().in_flight.inc();
+        let started = std::time::Instant::now();
         let fut = std::panic::AssertUnwindSafe(self.handle_update(u)).catch_unwind();
+        let cut = |handler: &str| {
+            // The handler's own observation never ran: keep the slowest ones in the histogram.
+            self.metrics()
+                .handler_duration
+                .with_label_values(&[handler])
+                .observe(started.elapsed().as_secs_f64());
+        };
         match tokio::time::timeout(bound, fut).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
+                cut("panic");
                 self.metrics().error("panic");
                 tracing::error!("bot: an update handler panicked");
             }
             Err(_) => {
+                cut("timeout");
                 self.metrics().error("handler_timeout");
                 tracing::error!(
                     bound_s = bound.as_secs_f64(),

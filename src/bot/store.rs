@@ -1,7 +1,11 @@
 //! The bot's reads and writes: users, subscriptions, payments. Each function holds one labelled
 //! pooled connection for its queries only (never across a Bot API or node call).
 
+use std::time::Duration;
+
 use super::node_picker::NodePicker;
+use crate::node::owned_email;
+use crate::outbox::{enqueue_after, NodeOp};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -114,6 +118,7 @@ pub async fn start_trial(
     lang: &str,
     days: u32,
     nodes: &NodePicker,
+    add_grace: Duration,
 ) -> Result<TrialOutcome, DbError> {
     let mut c = pool.acquire("bot_trial").await?;
     let mut tx = c.begin().await?;
@@ -149,8 +154,30 @@ pub async fn start_trial(
     .fetch_one(&mut *tx)
     .await;
     let sub = tx.check(r)?;
+    let r = queue_add(&mut tx, &sub, add_grace).await;
+    tx.check(r)?;
     tx.commit().await?;
     Ok(TrialOutcome::Started(sub))
+}
+
+/// Queues the node add of a new or re-issued key in the transaction that writes it, due after
+/// `grace`: the handler tries the add itself first and completes the intent when the node
+/// confirms; if the handler fails or is cut off, the outbox applies it. So a committed
+/// subscription's key is always either on its node or in the outbox.
+async fn queue_add(
+    tx: &mut PgConnection,
+    sub: &Subscription,
+    grace: Duration,
+) -> Result<(), sqlx::Error> {
+    enqueue_after(
+        tx,
+        &sub.node,
+        NodeOp::Add,
+        sub.vless_uuid,
+        &owned_email(sub.vless_uuid),
+        grace,
+    )
+    .await
 }
 
 /// A completed payment as Telegram reported it.
@@ -202,6 +229,7 @@ pub async fn credit_payment(
     pool: &DbPool,
     p: &PaymentIn,
     picker: &NodePicker,
+    add_grace: Duration,
 ) -> Result<CreditOutcome, DbError> {
     let mut c = pool.acquire("bot_credit_payment").await?;
     let mut tx = c.begin().await?;
@@ -293,6 +321,10 @@ pub async fn credit_payment(
         .execute(&mut *tx)
         .await;
     tx.check(r)?;
+    if issue {
+        let r = queue_add(&mut tx, &sub, add_grace).await;
+        tx.check(r)?;
+    }
     tx.commit().await?;
     Ok(CreditOutcome::Credited { sub, issue })
 }

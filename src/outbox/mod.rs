@@ -139,19 +139,62 @@ pub async fn enqueue(
     uuid: Uuid,
     email: &str,
 ) -> Result<(), sqlx::Error> {
+    enqueue_after(conn, node, op, uuid, email, Duration::ZERO).await
+}
+
+/// [`enqueue`], due only after `delay`: for a caller that tries the operation itself first
+/// (the bot issuing a key) and calls [`complete`] when the node confirms. Should the caller
+/// fail or be cancelled, the outbox applies the intent after the delay.
+///
+/// # Errors
+/// The database error.
+pub async fn enqueue_after(
+    conn: &mut PgConnection,
+    node: &str,
+    op: NodeOp,
+    uuid: Uuid,
+    email: &str,
+    delay: Duration,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO pending_node_ops (node, op, vless_uuid, email) VALUES ($1, $2, $3, $4) \
+        "INSERT INTO pending_node_ops (node, op, vless_uuid, email, next_attempt_at) \
+         VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) \
          ON CONFLICT (node, vless_uuid) WHERE done_at IS NULL DO UPDATE \
          SET op = EXCLUDED.op, email = EXCLUDED.email, attempts = 0, \
-             next_attempt_at = now(), last_error = NULL",
+             next_attempt_at = EXCLUDED.next_attempt_at, last_error = NULL",
     )
     .bind(node)
     .bind(op.as_str())
     .bind(uuid)
     .bind(email)
+    .bind(delay.as_secs_f64())
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Marks the open intent `op` for `uuid` on `node` done (the caller applied it and the node
+/// confirmed). Returns false when no such open intent exists (already applied by the outbox,
+/// or replaced by a newer intent, which then stays open).
+///
+/// # Errors
+/// The database error.
+pub async fn complete(
+    conn: &mut PgConnection,
+    node: &str,
+    op: NodeOp,
+    uuid: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE pending_node_ops SET done_at = now(), attempts = attempts + 1 \
+         WHERE node = $1 AND vless_uuid = $2 AND op = $3 AND done_at IS NULL",
+    )
+    .bind(node)
+    .bind(uuid)
+    .bind(op.as_str())
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() > 0)
 }
 
 /// Metric families of the outbox.
