@@ -815,11 +815,21 @@ impl BotService {
                 .reply(ctx, "Reconcile is not available in this instance.", None)
                 .await;
         };
-        let text = match trigger.run_once(node, dry).await {
-            Ok(s) => format!("Reconcile{}:\n{s}", if dry { " (dry run)" } else { "" }),
-            Err(e) => format!("Reconcile failed: {e}"),
-        };
-        self.reply(ctx, &text, None).await
+        // A pass over a big node can outlast the handler bound: it runs as its own task (the
+        // reconcile iteration timeout bounds it) and reports when done, freeing the slot.
+        self.reply(ctx, "Starting a pass; the summary follows when it ends.", None)
+            .await?;
+        let bot = self.clone();
+        tokio::spawn(async move {
+            let text = match trigger.run_once(node, dry).await {
+                Ok(s) => format!("Reconcile{}:\n{s}", if dry { " (dry run)" } else { "" }),
+                Err(e) => format!("Reconcile failed: {e}"),
+            };
+            if let Err(e) = bot.reply(ctx, &text, None).await {
+                tracing::warn!(error = %e, "could not send the /reconcile summary");
+            }
+        });
+        Ok(())
     }
 }
 
