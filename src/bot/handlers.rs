@@ -817,8 +817,12 @@ impl BotService {
         };
         // A pass over a big node can outlast the handler bound: it runs as its own task (the
         // reconcile iteration timeout bounds it) and reports when done, freeing the slot.
-        self.reply(ctx, "Starting a pass; the summary follows when it ends.", None)
-            .await?;
+        self.reply(
+            ctx,
+            "Starting a pass; the summary follows when it ends.",
+            None,
+        )
+        .await?;
         let bot = self.clone();
         tokio::spawn(async move {
             let text = match trigger.run_once(node, dry).await {
