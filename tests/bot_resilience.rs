@@ -23,8 +23,17 @@ fn has(t: &str) -> impl Fn(&vpnbot::sim::botapi::SentMessage) -> bool + '_ {
 
 /// Holds both pooled connections (the tests' pool has 2) for `hold`, from now on.
 async fn hog(pool: &vpnbot::db::DbPool, hold: Duration) -> tokio::task::JoinHandle<()> {
-    let h1 = pool.acquire("test_hog").await.unwrap();
-    let h2 = pool.acquire("test_hog").await.unwrap();
+    // The bot may be finishing earlier work: keep trying past the 0.3 s acquire timeout.
+    let grab = || async {
+        for _ in 0..20 {
+            if let Ok(c) = pool.acquire("test_hog").await {
+                return c;
+            }
+        }
+        panic!("the pool never had a free connection");
+    };
+    let h1 = grab().await;
+    let h2 = grab().await;
     tokio::spawn(async move {
         tokio::time::sleep(hold).await;
         drop((h1, h2));
