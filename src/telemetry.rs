@@ -34,8 +34,11 @@ pub fn init(cfg: &ObservabilityConfig, extra: Vec<BoxedLayer>) -> bool {
             .with_filter(filter)
             .boxed()
     } else {
+        // Colour only on a terminal: escape codes in files and journals are noise.
+        use std::io::IsTerminal;
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_filter(filter)
             .boxed()
     };

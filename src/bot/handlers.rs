@@ -786,8 +786,16 @@ impl BotService {
             .and_then(|d| d.latest_dump_json());
         match dump {
             Some(j) => {
-                let summary: String = j.chars().take(300).collect();
-                let _ = writeln!(t, "latest dump: {summary}");
+                // Verdict, kind and time: the whole dump is at /debug/dump.
+                let v: serde_json::Value = serde_json::from_str(&j).unwrap_or_default();
+                let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+                let verdict: String = field("verdict").chars().take(300).collect();
+                let _ = writeln!(
+                    t,
+                    "latest dump: {} at {}: {verdict}",
+                    field("kind"),
+                    field("time")
+                );
             }
             None => {
                 let _ = writeln!(t, "latest dump: none");

@@ -185,6 +185,11 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     let view = inner.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let heartbeat_age = inner.heartbeat_age();
     let probe_pending = inner.probe_pending_age();
+    // Taken with the worker view, before stacks and the task dump (which take up to seconds),
+    // so the verdict's poll age and episode age describe the same moment.
+    let open_kinds = inner.open_kinds();
+    let kind = open_kinds.first().copied();
+    let elapsed = kind.and_then(|k| inner.episode_age(k));
 
     // Sources.
     let sources = inner
@@ -310,9 +315,6 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
         task_dump(inner, s.task_dump_timeout())
     };
 
-    let open_kinds = inner.open_kinds();
-    let kind = open_kinds.first().copied();
-    let elapsed = kind.and_then(|k| inner.episode_age(k));
     let workers_ref = &workers;
     let verdict = verdict(
         kind,
