@@ -78,6 +78,11 @@ struct Check {
 
 /// Runs the demo; exit code 0 only when every expectation held.
 pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
+    // Arguments first: a typo must not cost a PostgreSQL start.
+    if let Some(bad) = args.scenario.iter().find(|s| !STEPS.contains(&s.as_str())) {
+        eprintln!("demo: unknown step {bad:?}; steps: {}", STEPS.join(", "));
+        return ExitCode::from(crate::config::EXIT_CONFIG as u8);
+    }
     // The demo builds its own config: the file and VPNBOT_* still apply, missing values are
     // filled with demo settings.
     let mut cfg = Config::load(config_path).unwrap_or_else(|e| {
@@ -107,10 +112,6 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
             }
         },
     };
-    if let Some(bad) = args.scenario.iter().find(|s| !STEPS.contains(&s.as_str())) {
-        eprintln!("demo: unknown step {bad:?}; steps: {}", STEPS.join(", "));
-        return ExitCode::from(crate::config::EXIT_CONFIG as u8);
-    }
     if !args.keep_running {
         cfg.observability.listen = "127.0.0.1:0".into();
     }

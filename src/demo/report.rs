@@ -23,9 +23,23 @@ pub struct StepReport {
     pub users: String,
     /// Further expectations of the step, each with its outcome.
     pub checks: Vec<(String, bool)>,
+    /// No fault is injected: the step checks that nothing is detected.
+    pub no_fault: bool,
 }
 
 impl StepReport {
+    /// A step that injects no fault and expects `expected` (e.g. no episode open).
+    pub fn without_fault(
+        step: &'static str,
+        what: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        Self {
+            no_fault: true,
+            ..Self::new(step, what, expected)
+        }
+    }
+
     /// A step with nothing seen yet.
     pub fn new(step: &'static str, fault: impl Into<String>, expected: impl Into<String>) -> Self {
         Self {
@@ -54,25 +68,36 @@ impl StepReport {
             self.step,
             self.fault
         );
-        println!(
-            "    detected: {}{}",
-            if self.detected { "yes" } else { "NO" },
-            self.detection_latency
-                .map(|d| format!(" after {:.2} s", d.as_secs_f64()))
-                .unwrap_or_default()
-        );
-        if !self.verdict.is_empty() {
-            println!("    verdict:  {}", self.verdict);
-        }
-        println!(
-            "    culprit:  expected {} -> {}",
-            self.expected_culprit,
-            if self.culprit_named {
-                "named"
-            } else {
-                "NOT named"
+        if self.no_fault {
+            println!(
+                "    expected: {} -> {}",
+                self.expected_culprit,
+                if self.culprit_named { "yes" } else { "NO" }
+            );
+            if !self.verdict.is_empty() {
+                println!("    verdict:  {}", self.verdict);
             }
-        );
+        } else {
+            println!(
+                "    detected: {}{}",
+                if self.detected { "yes" } else { "NO" },
+                self.detection_latency
+                    .map(|d| format!(" after {:.2} s", d.as_secs_f64()))
+                    .unwrap_or_default()
+            );
+            if !self.verdict.is_empty() {
+                println!("    verdict:  {}", self.verdict);
+            }
+            println!(
+                "    culprit:  expected {} -> {}",
+                self.expected_culprit,
+                if self.culprit_named {
+                    "named"
+                } else {
+                    "NOT named"
+                }
+            );
+        }
         if !self.users.is_empty() {
             println!("    users:    {}", self.users);
         }

@@ -177,13 +177,13 @@ fn unix_now() -> f64 {
 /// Step 1: normal traffic: a few dozen users start, take trials, buy with Stars, ask for
 /// status; then a reconcile pass over both nodes.
 pub async fn normal(stage: &Stage<'_>, users: &[SimUser]) -> StepReport {
-    let mut r = StepReport::new(
+    let mut r = StepReport::without_fault(
         "normal",
         format!(
-            "none: {} users start, take trials, buy with Stars; reconcile both nodes",
+            "no fault: {} users start, take trials, buy with Stars; reconcile both nodes",
             users.len()
         ),
-        "no episode",
+        "no stall episode open",
     );
     let t0 = Instant::now();
     let sim = &stage.telegram;
@@ -471,7 +471,7 @@ pub async fn pool_pressure(stage: &Stage<'_>) -> StepReport {
 
 /// Step 5: recovery: faults cleared, node a answers again, no stall open.
 pub async fn recovery(stage: &Stage<'_>) -> StepReport {
-    let mut r = StepReport::new(
+    let mut r = StepReport::without_fault(
         "recovery",
         "faults cleared",
         "breaker of node a closed, no stall open",
