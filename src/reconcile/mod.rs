@@ -834,7 +834,8 @@ impl Reconciler {
         )
         .in_scope(|| {
             if let Some(t) = &trip {
-                tracing::warn!(reason = t.reason.as_str(), detail = %t.detail, "reconcile guard tripped: nothing removed");
+                // The node on the event itself: at warn level the span fields are not shown.
+                tracing::warn!(node = %node, reason = t.reason.as_str(), detail = %t.detail, "reconcile guard tripped: nothing removed");
             }
         });
         if trip.is_some() {
