@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use super::node_picker::NodePicker;
-use crate::node::owned_email;
-use crate::outbox::{enqueue_after, NodeOp};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use super::node_picker::NodePicker;
 use crate::db::{DbError, DbPool};
+use crate::node::owned_email;
+use crate::outbox::{enqueue_after, NodeOp};
 
 /// A user's subscription (the latest row; renewals extend it, so a user keeps one key).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -235,19 +235,7 @@ pub async fn credit_payment(
     let mut tx = c.begin().await?;
     let r = upsert_user_on(&mut tx, p.user_id, &p.lang).await;
     tx.check(r)?;
-    let r: Result<Option<i64>, _> = sqlx::query_scalar(
-        "INSERT INTO payments (provider_charge_id, telegram_charge_id, user_id, plan, currency, \
-         amount) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (provider_charge_id) DO NOTHING \
-         RETURNING id",
-    )
-    .bind(&p.charge_key)
-    .bind(&p.telegram_charge_id)
-    .bind(p.user_id)
-    .bind(&p.plan)
-    .bind(&p.currency)
-    .bind(p.amount)
-    .fetch_optional(&mut *tx)
-    .await;
+    let r = insert_payment(&mut tx, p).await;
     let Some(payment_id) = tx.check(r)? else {
         tx.rollback().await?;
         return Ok(CreditOutcome::Duplicate);
@@ -338,9 +326,16 @@ pub async fn record_orphan_payment(pool: &DbPool, p: &PaymentIn) -> Result<bool,
     let mut c = pool.acquire("bot_record_payment").await?;
     let r = upsert_user_on(&mut c, p.user_id, &p.lang).await;
     c.check(r)?;
-    let r = sqlx::query(
+    let r = insert_payment(&mut c, p).await;
+    Ok(c.check(r)?.is_some())
+}
+
+/// Inserts the payment row once per provider charge id; `None` when it already exists.
+async fn insert_payment(c: &mut PgConnection, p: &PaymentIn) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
         "INSERT INTO payments (provider_charge_id, telegram_charge_id, user_id, plan, currency, \
-         amount) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (provider_charge_id) DO NOTHING",
+         amount) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (provider_charge_id) DO NOTHING \
+         RETURNING id",
     )
     .bind(&p.charge_key)
     .bind(&p.telegram_charge_id)
@@ -348,9 +343,8 @@ pub async fn record_orphan_payment(pool: &DbPool, p: &PaymentIn) -> Result<bool,
     .bind(&p.plan)
     .bind(&p.currency)
     .bind(p.amount)
-    .execute(&mut *c)
-    .await;
-    Ok(c.check(r)?.rows_affected() == 1)
+    .fetch_optional(c)
+    .await
 }
 
 /// Figures for `/stats`.

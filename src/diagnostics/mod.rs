@@ -48,7 +48,7 @@ pub use inflight::{InflightEntry, InflightKind, InflightSource, MAX_DETAIL_LEN, 
 pub use open_spans::{OpenSpans, OpenSpansLayer, MAX_OPEN_SPANS};
 pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
-pub use worker_watch::WorkerWatch;
+pub use worker_watch::{run_every, WorkerWatch};
 
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 use crate::tasks::Tasks;

@@ -2,7 +2,10 @@
 //! the worker stops on purpose (shutdown, lost leadership) so that an ex-leader does not report
 //! its stopped workers as overdue.
 
+use std::future::Future;
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use super::Diagnostics;
 
@@ -46,5 +49,34 @@ impl Drop for WorkerWatch {
         if let Some(d) = &self.diagnostics {
             d.forget_worker(self.worker);
         }
+    }
+}
+
+/// Runs `pass` every `interval` (the first at once; a late tick delays the next rather than
+/// bunching) until `cancel`, as the watched periodic worker `worker`. A pass in progress is
+/// dropped on cancellation; the registration ends with the loop.
+pub async fn run_every<F, Fut>(
+    worker: &'static str,
+    interval: Duration,
+    diagnostics: Option<&Diagnostics>,
+    cancel: &CancellationToken,
+    mut pass: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let watch = WorkerWatch::start(diagnostics, worker, interval);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = pass() => {}
+        }
+        watch.ran(interval);
     }
 }

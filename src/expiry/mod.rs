@@ -10,7 +10,6 @@
 //!
 //! Without a Bot API client (no token) the worker still expires subscriptions and sends nothing.
 
-use crate::diagnostics::WorkerWatch;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -22,6 +21,7 @@ use crate::bot::i18n::{self, Lang};
 use crate::bot::{BotApi, BotSettings};
 use crate::config::secs;
 use crate::db::{DbError, DbPool};
+use crate::diagnostics::run_every;
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 use crate::node::owned_email;
 use crate::outbox::{enqueue, NodeOp};
@@ -273,26 +273,23 @@ impl ExpiryWorker {
     /// Runs a pass every `bot.expiry_interval_seconds` until `cancel` (leader only).
     pub async fn run(self, cancel: CancellationToken) {
         let interval = secs(self.settings.expiry_interval_seconds);
-        let watch = WorkerWatch::start(self.diagnostics.as_ref(), "expiry", interval);
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
+        run_every(
+            "expiry",
+            interval,
+            self.diagnostics.as_ref(),
+            &cancel,
+            || self.run_logged(),
+        )
+        .await;
+    }
+
+    async fn run_logged(&self) {
+        match self.run_once().await {
+            Ok(p) if p.expired + p.reminded_1d + p.reminded_3d > 0 => {
+                tracing::info!(?p, "expiry pass")
             }
-            let res = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = self.run_once() => r,
-            };
-            watch.ran(interval);
-            match res {
-                Ok(p) if p.expired + p.reminded_1d + p.reminded_3d > 0 => {
-                    tracing::info!(?p, "expiry pass")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "expiry pass failed"),
-            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "expiry pass failed"),
         }
     }
 }

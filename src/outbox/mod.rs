@@ -8,7 +8,6 @@
 //! A removal is re-checked against the database just before it is applied: a UUID whose
 //! subscription is live again (renewed, re-bought) is never removed.
 
-use crate::diagnostics::WorkerWatch;
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
@@ -20,6 +19,7 @@ use uuid::Uuid;
 
 use crate::config::secs;
 use crate::db::{DbError, DbPool};
+use crate::diagnostics::run_every;
 use crate::fleet::Fleet;
 use crate::metrics;
 use crate::node::NodeUser;
@@ -425,24 +425,21 @@ impl Outbox {
     /// Runs a pass every `interval_seconds` until `cancel` (only on the leader).
     pub async fn run(self, cancel: CancellationToken) {
         let interval = secs(self.settings.interval_seconds);
-        let watch = WorkerWatch::start(self.diagnostics.as_ref(), "outbox", interval);
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let pass = tokio::select! {
-                _ = cancel.cancelled() => return,
-                p = self.process_once() => p,
-            };
-            watch.ran(interval);
-            match pass {
-                Ok(p) if p.due > 0 => tracing::info!(?p, "outbox pass"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "outbox pass failed"),
-            }
+        run_every(
+            "outbox",
+            interval,
+            self.diagnostics.as_ref(),
+            &cancel,
+            || self.process_logged(),
+        )
+        .await;
+    }
+
+    async fn process_logged(&self) {
+        match self.process_once().await {
+            Ok(p) if p.due > 0 => tracing::info!(?p, "outbox pass"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "outbox pass failed"),
         }
     }
 }

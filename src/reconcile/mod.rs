@@ -41,7 +41,6 @@ pub use guard::{GuardReason, GuardTrip};
 pub use metrics::ReconcileMetrics;
 pub use settings::*;
 
-use crate::diagnostics::WorkerWatch;
 use std::collections::BTreeMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +57,7 @@ use uuid::Uuid;
 
 use crate::config::secs;
 use crate::db::{DbConn, DbError, DbPool};
+use crate::diagnostics::WorkerWatch;
 use crate::fleet::Fleet;
 use crate::node::{NodeClient, NodeError};
 
