@@ -112,6 +112,10 @@ pub fn otel_layer_with(
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(endpoint)
         .with_timeout(settings.export_timeout)
+        .with_http_client(match no_redirect_client(settings.export_timeout) {
+            Some(c) => c,
+            None => return None,
+        })
         .with_retry_policy(
             opentelemetry_otlp::RetryPolicy::recommended()
                 .with_max_retries(2)
@@ -279,6 +283,31 @@ impl OtelMetrics {
 enum Control {
     Flush(SyncSender<OTelSdkResult>),
     Shutdown(SyncSender<OTelSdkResult>),
+}
+
+/// The exporter's blocking HTTP client, with redirects off: `OTEL_EXPORTER_OTLP_HEADERS` may
+/// carry a collector's credentials, and a collector's 3xx must not send them (or the spans)
+/// elsewhere. Built on a thread of its own because a blocking client may not be built or
+/// dropped inside an async context (the exporter's own default does the same).
+fn no_redirect_client(timeout: Duration) -> Option<otlp_reqwest::blocking::Client> {
+    let built = thread::spawn(move || {
+        otlp_reqwest::blocking::Client::builder()
+            .timeout(timeout)
+            .redirect(otlp_reqwest::redirect::Policy::none())
+            .build()
+    })
+    .join();
+    match built {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(error)) => {
+            tracing::error!(error = %error.without_url(), "OTLP HTTP client could not be built; trace export disabled");
+            None
+        }
+        Err(_) => {
+            tracing::error!("OTLP HTTP client builder panicked; trace export disabled");
+            None
+        }
+    }
 }
 
 /// The non-blocking span processor: bounded queue in, one export thread out.

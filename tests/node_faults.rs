@@ -774,3 +774,79 @@ async fn mutations_are_idempotent_and_foreign_users_are_listed_as_not_owned() {
         "4xx answers are not outages"
     );
 }
+
+/// A second server that counts the connections it accepts and answers every request as an
+/// empty node would (`{"users":[]}`): where a followed redirect would land.
+async fn redirect_target() -> (u16, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let body = br#"{"users":[]}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body).await;
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// Issue 11 item 1: a node answering `307` to another server. The API key must not follow it
+/// and the other server's answer must not be taken as this node's list: a typed error naming
+/// the redirect (origin only), not retried, counted as `outcome="redirect"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_is_a_typed_error_and_nothing_reaches_the_target() {
+    let (port, accepted) = redirect_target().await;
+    let e = env(fast(), users(3)).await;
+    for op in Operation::ALL {
+        e.sim.set_fault(op, Fault::Redirect(port));
+    }
+    let err = e.client.list_users().await.unwrap_err();
+    match &err {
+        NodeError::Redirect { status, location } => {
+            assert_eq!(*status, 307);
+            assert_eq!(location, &format!("http://127.0.0.1:{port}"));
+        }
+        other => panic!("expected a redirect error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("redirect"), "{err}");
+    assert!(!err.to_string().contains("/v1/"), "no path in the message: {err}");
+    assert!(e.client.remove_user(uuid::Uuid::new_v4()).await.is_err());
+    assert!(e.client.health().await.is_err());
+    assert_eq!(e.sim.requests(Operation::ListUsers), 1, "not retried");
+    assert_eq!(outcome_count(&e, "list_users", "redirect"), 1.0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "no request may reach the redirect target"
+    );
+}
+
+/// Issue 11 item 8: a body compressed although vpnbot asked for `identity` only is refused
+/// with an error naming the encoding, not parsed as garbage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrequested_content_encoding_is_named_not_decoded_as_garbage() {
+    let e = env(fast(), users(3)).await;
+    e.sim.set_fault(Operation::ListUsers, Fault::Gzip);
+    let err = e.client.list_users().await.unwrap_err();
+    assert!(
+        matches!(&err, NodeError::UnexpectedEncoding { encoding } if encoding == "gzip"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("gzip"), "{err}");
+    assert_eq!(outcome_count(&e, "list_users", "content_encoding"), 1.0);
+    e.sim.set_fault(Operation::ListUsers, Fault::None);
+    assert_eq!(e.client.list_users().await.unwrap().len(), 3);
+}

@@ -493,3 +493,56 @@ fn real_node_call_exports_its_phase_children() {
         );
     }
 }
+
+/// Issue 11 item 1, OTLP side: a collector endpoint that answers every export with `307` to
+/// another (working) receiver. The exporter must not follow it (collector headers may carry
+/// credentials): the receiver sees nothing and the failed exports are counted.
+#[test]
+fn collector_redirect_is_not_followed() {
+    use std::io::{Read, Write};
+    let rx = Receiver::start();
+    let redirector = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = redirector.local_addr().unwrap();
+    let location = format!("http://{}/v1/traces", rx.addr);
+    std::thread::spawn(move || {
+        for conn in redirector.incoming() {
+            let Ok(mut c) = conn else { break };
+            let mut buf = [0u8; 64 * 1024];
+            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    let registry = prometheus::Registry::new();
+    let settings = OtelSettings {
+        export_timeout: Duration::from_millis(500),
+        scheduled_delay: Duration::from_millis(50),
+        shutdown_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let (layer, guard) = otel_layer_with(
+        &cfg(format!("http://{addr}/v1/traces")),
+        &registry,
+        settings,
+    )
+    .unwrap();
+    let subscriber = tracing_subscriber::registry().with(layer);
+    tracing::subscriber::with_default(subscriber, || node_call("a"));
+    assert!(
+        until(Duration::from_secs(10), || counter(
+            &registry,
+            "vpnbot_otel_export_failures_total",
+            None
+        ) > 0.0),
+        "a redirected export must count as failed"
+    );
+    assert_eq!(guard.spans_exported(), 0);
+    guard.shutdown();
+    assert!(
+        rx.requests.lock().unwrap().is_empty(),
+        "the redirect target must receive nothing"
+    );
+}

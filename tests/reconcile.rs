@@ -761,3 +761,43 @@ async fn metric_families(_p: PgPoolOptions, opts: PgConnectOptions) {
         ["act", "diff", "guard", "list", "recheck", "record", "snapshot"]
     );
 }
+
+/// Issue 11 item 1: a node whose every answer is a `307` to a second server returning
+/// `{"users":[]}`. Reconcile must record the node as failed (never "empty"), queue nothing, and
+/// no connection may reach the second server (the API key stays home).
+#[sqlx::test(migrations = false)]
+async fn redirecting_node_fails_and_its_target_sees_nothing(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let e = env(&opts, 1, quick_settings()).await;
+    for _ in 0..3 {
+        e.live_on_both("a").await;
+    }
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = target.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    for op in Operation::ALL {
+        e.sim("a").set_fault(op, Fault::Redirect(port));
+    }
+    let rep = e.once(false).await;
+    let n = rep.node("a").unwrap();
+    assert_eq!(n.outcome, Outcome::Failed, "{n:?}");
+    assert_eq!(n.failed_phase, Some(vpnbot::reconcile::Phase::List));
+    assert!(
+        n.error.as_deref().unwrap_or_default().contains("redirect"),
+        "{n:?}"
+    );
+    assert!(e.intents("add").await.is_empty());
+    assert!(e.intents("remove").await.is_empty());
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+}

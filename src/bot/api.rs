@@ -118,6 +118,9 @@ impl BotApi {
                 .timeout(total)
                 .connect_timeout(Duration::from_secs(5).min(total))
                 .tcp_nodelay(true)
+                // Never follow a redirect: the token is in the URL path and a message's text
+                // in the body; a 3xx from the Bot API is an error, not an instruction.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| format!("HTTP client: {e}"))
         };

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
-use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{
+    HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, LOCATION, RETRY_AFTER,
+};
 use reqwest::{Method, Response, Url};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Semaphore;
@@ -273,6 +275,9 @@ impl NodeClient {
             // Node traffic goes straight to the node; an ambient HTTP(S)_PROXY would add a hop
             // with its own timeouts that these deadlines cannot see.
             .no_proxy()
+            // Never follow a redirect: the API key would go wherever `Location` points and the
+            // other host's answer would be read as this node's (a 3xx is a typed error instead).
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("vpnbot/", env!("CARGO_PKG_VERSION")))
             .dns_resolver(Arc::new(BoundedResolver {
                 inner: resolver,
@@ -593,6 +598,9 @@ impl NodeClient {
         let mut req = reqwest::Request::new(method, url.clone());
         req.headers_mut()
             .insert(wire::API_KEY_HEADER, inner.api_key.clone());
+        // No compression is decoded; say so, and refuse a body encoded anyway (see below).
+        req.headers_mut()
+            .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         if let Some(b) = body {
             req.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -605,8 +613,17 @@ impl NodeClient {
         let status = resp.status();
         call.span
             .record("http.response.status_code", status.as_u16());
+        if status.is_redirection() {
+            return Err(NodeError::Redirect {
+                status: status.as_u16(),
+                location: redirect_origin(url, resp.headers()),
+            });
+        }
         if !status.is_success() {
             return Err(status_error(status.as_u16(), resp.headers()));
+        }
+        if let Some(encoding) = unrequested_encoding(resp.headers()) {
+            return Err(NodeError::UnexpectedEncoding { encoding });
         }
         let body = self
             .read_body(call, resp)
@@ -724,6 +741,38 @@ fn decode_mutation(b: &[u8]) -> Result<MutationResult, String> {
     serde_json::from_slice::<MutationResponse>(b)
         .map(|r| r.result)
         .map_err(|e| e.to_string())
+}
+
+/// The origin (`scheme://host:port`) a redirect points to, resolved against the request URL;
+/// never its path or query, which may carry anything.
+fn redirect_origin(url: &Url, headers: &reqwest::header::HeaderMap) -> String {
+    let Some(location) = headers.get(LOCATION) else {
+        return "(no Location)".to_owned();
+    };
+    location
+        .to_str()
+        .ok()
+        .and_then(|l| url.join(l).ok())
+        .map(|u| u.origin().ascii_serialization())
+        .filter(|o| o != "null")
+        .unwrap_or_else(|| "(unparsable Location)".to_owned())
+}
+
+/// A `Content-Encoding` other than `identity`, sanitised for an error message: printable
+/// ASCII only, at most 32 characters.
+fn unrequested_encoding(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let v = headers.get(CONTENT_ENCODING)?;
+    let raw = String::from_utf8_lossy(v.as_bytes());
+    let t = raw.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("identity") {
+        return None;
+    }
+    Some(
+        t.chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(32)
+            .collect(),
+    )
 }
 
 fn status_error(status: u16, headers: &reqwest::header::HeaderMap) -> NodeError {

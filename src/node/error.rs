@@ -74,6 +74,23 @@ pub enum NodeError {
         /// The HTTP status code.
         status: u16,
     },
+    /// A redirect (3xx). Redirects are never followed: the API key would go wherever
+    /// `Location` points, and another host's answer would be taken as this node's. `location`
+    /// is the target's origin only (`scheme://host:port`), so no path or query leaks.
+    #[error("node answered a redirect (HTTP {status}) to {location}; redirects are never followed")]
+    Redirect {
+        /// The 3xx status code.
+        status: u16,
+        /// Origin of the `Location` header, or `(none)` / `(unparsable)`.
+        location: String,
+    },
+    /// The body came with a `Content-Encoding` vpnbot did not ask for (it sends
+    /// `Accept-Encoding: identity` and decodes no compression), e.g. a proxy that gzips anyway.
+    #[error("node sent a body with Content-Encoding {encoding:?}, which was not requested (only identity is accepted)")]
+    UnexpectedEncoding {
+        /// The header value, sanitised (printable ASCII, at most 32 characters).
+        encoding: String,
+    },
     /// 429 Too Many Requests.
     #[error("node rate-limited the call (retry after {retry_after:?})")]
     RateLimited {
@@ -120,6 +137,8 @@ impl NodeError {
             NodeError::Status { status } if *status >= 500 => "http_5xx",
             NodeError::Status { .. } => "http_4xx",
             NodeError::RateLimited { .. } => "rate_limited",
+            NodeError::Redirect { .. } => "redirect",
+            NodeError::UnexpectedEncoding { .. } => "content_encoding",
             NodeError::AuthRejected { .. } => "auth_rejected",
             NodeError::Decode { .. } => "decode",
             NodeError::CircuitOpen { .. } => "circuit_open",
@@ -136,6 +155,8 @@ impl NodeError {
             | NodeError::StaleConnection { .. }
             | NodeError::Status { .. }
             | NodeError::RateLimited { .. }
+            | NodeError::Redirect { .. }
+            | NodeError::UnexpectedEncoding { .. }
             | NodeError::AuthRejected { .. } => Some("headers"),
             NodeError::BodyTimeout { .. }
             | NodeError::BodyTooLarge { .. }
@@ -166,6 +187,8 @@ impl NodeError {
     pub(crate) fn is_node_failure(&self) -> bool {
         match self {
             NodeError::AuthRejected { .. }
+            | NodeError::Redirect { .. }
+            | NodeError::UnexpectedEncoding { .. }
             | NodeError::CircuitOpen { .. }
             | NodeError::Config(_) => false,
             NodeError::Status { status } => *status >= 500,

@@ -49,6 +49,12 @@ pub enum Fault {
     /// connection on the next request without answering (the idle keep-alive race, made
     /// deterministic).
     StaleKeepAlive,
+    /// `redirect:PORT`: `307` to the same path on `127.0.0.1:PORT` (another server), whatever
+    /// the request; a client that follows it sends its API key there.
+    Redirect(u16),
+    /// `gzip`: the real answer gzip-compressed with `Content-Encoding: gzip`, although the
+    /// client never asked for it (a proxy that compresses anyway).
+    Gzip,
 }
 
 impl fmt::Display for Fault {
@@ -73,6 +79,8 @@ impl fmt::Display for Fault {
             Fault::ApplyThen500 => f.write_str("apply_then_500"),
             Fault::ApplyThenDrop => f.write_str("apply_then_drop"),
             Fault::StaleKeepAlive => f.write_str("stale_keepalive"),
+            Fault::Redirect(port) => write!(f, "redirect:{port}"),
+            Fault::Gzip => f.write_str("gzip"),
         }
     }
 }
@@ -117,6 +125,10 @@ impl FromStr for Fault {
             "apply_then_500" => Fault::ApplyThen500,
             "apply_then_drop" => Fault::ApplyThenDrop,
             "stale_keepalive" => Fault::StaleKeepAlive,
+            "redirect" => Fault::Redirect(
+                u16::try_from(num("PORT")?).map_err(|_| "fault redirect: PORT out of range")?,
+            ),
+            "gzip" => Fault::Gzip,
             other => return Err(format!("unknown fault {other:?}")),
         };
         let takes_arg = matches!(
@@ -126,6 +138,7 @@ impl FromStr for Fault {
                 | Fault::Status(_)
                 | Fault::RateLimited(_)
                 | Fault::Flaky(_)
+                | Fault::Redirect(_)
         );
         if arg.is_some() && !takes_arg {
             return Err(format!("fault {name} takes no argument"));
@@ -168,6 +181,8 @@ mod tests {
             Fault::ApplyThen500,
             Fault::ApplyThenDrop,
             Fault::StaleKeepAlive,
+            Fault::Redirect(8080),
+            Fault::Gzip,
         ];
         for f in all {
             assert_eq!(f.to_string().parse::<Fault>().unwrap(), f);

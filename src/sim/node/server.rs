@@ -203,6 +203,10 @@ async fn handle(shared: &Arc<Shared>, stream: &mut TcpStream, req: Request, serv
             let extra = [("retry-after", secs.to_string())];
             return write_response(stream, 429, &extra, &body).await.is_ok();
         }
+        Fault::Redirect(port) => {
+            let extra = [("location", format!("http://127.0.0.1:{port}{}", req.path))];
+            return write_response(stream, 307, &extra, b"").await.is_ok();
+        }
         Fault::MalformedJson => {
             return write_response(stream, 200, &[], b"{\"users\":[[\"5b1e\", oops")
                 .await
@@ -231,6 +235,13 @@ async fn handle(shared: &Arc<Shared>, stream: &mut TcpStream, req: Request, serv
     match fault {
         Fault::ApplyThen500 => respond_error(stream, 500, "simulated_failure").await,
         Fault::ApplyThenDrop => false,
+        Fault::Gzip => {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            let _ = std::io::Write::write_all(&mut gz, &body);
+            let zipped = gz.finish().unwrap_or_default();
+            let extra = [("content-encoding", "gzip".to_owned())];
+            write_response(stream, status, &extra, &zipped).await.is_ok()
+        }
         Fault::HeadersThenSilence => {
             let head = head(status, &[], body.len());
             if stream.write_all(head.as_bytes()).await.is_ok() {
@@ -433,6 +444,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
+        307 => "Temporary Redirect",
         404 => "Not Found",
         409 => "Conflict",
         429 => "Too Many Requests",
