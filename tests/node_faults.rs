@@ -235,6 +235,21 @@ async fn n2_trickling_body_is_ended_by_the_total_deadline() {
         "{elapsed:?}"
     );
     assert!(phase_count(&e, "list_users", "body") >= 1.0);
+    // Issue 11 item 7: the failure carries the phase the deadline caught it in, in the
+    // labels the alert uses.
+    assert_eq!(
+        metric(
+            &e.registry,
+            "vpnbot_node_api_request_failures_total",
+            &[
+                ("node", NODE),
+                ("operation", "list_users"),
+                ("outcome", "deadline_exceeded"),
+                ("phase", "body")
+            ]
+        ),
+        1.0
+    );
     assert_eq!(
         e.sim.requests(Operation::ListUsers),
         1,
@@ -821,7 +836,10 @@ async fn redirect_is_a_typed_error_and_nothing_reaches_the_target() {
         other => panic!("expected a redirect error, got {other:?}"),
     }
     assert!(err.to_string().contains("redirect"), "{err}");
-    assert!(!err.to_string().contains("/v1/"), "no path in the message: {err}");
+    assert!(
+        !err.to_string().contains("/v1/"),
+        "no path in the message: {err}"
+    );
     assert!(e.client.remove_user(uuid::Uuid::new_v4()).await.is_err());
     assert!(e.client.health().await.is_err());
     assert_eq!(e.sim.requests(Operation::ListUsers), 1, "not retried");

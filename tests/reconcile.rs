@@ -801,3 +801,52 @@ async fn redirecting_node_fails_and_its_target_sees_nothing(
     assert!(e.intents("remove").await.is_empty());
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
 }
+
+/// Issue 11 item 2: a node (or a panel in front of its core) that lower-cases emails and
+/// upper-cases UUIDs. Markers of both forms must still be recognised, so an expired user is
+/// removed and a live one kept; a marker that matches no UUID (copied by hand) is counted and
+/// reported, never removed.
+#[sqlx::test(migrations = false)]
+async fn markers_survive_a_node_that_folds_case(_p: PgPoolOptions, opts: PgConnectOptions) {
+    use vpnbot::node::legacy_owned_email;
+    let e = env(&opts, 1, quick_settings()).await;
+    let mut live = Vec::new();
+    for _ in 0..4 {
+        live.push(e.live_on_both("a").await);
+    }
+    // One live user still carrying the legacy marker, as vpnbot wrote it before.
+    let legacy_live = Uuid::new_v4();
+    e.sub("a", legacy_live, "active", "30 days", "1 hour").await;
+    e.sim("a").insert_user(NodeUser {
+        uuid: legacy_live,
+        email: legacy_owned_email(legacy_live),
+    });
+    let new_orphan = e.orphan("a").await;
+    let legacy_orphan = Uuid::new_v4();
+    e.sub("a", legacy_orphan, "expired", "-1 hour", "1 hour")
+        .await;
+    e.sim("a").insert_user(NodeUser {
+        uuid: legacy_orphan,
+        email: legacy_owned_email(legacy_orphan),
+    });
+    let copied = Uuid::new_v4();
+    e.sim("a").insert_user(NodeUser {
+        uuid: copied,
+        email: owned_email(Uuid::new_v4()),
+    });
+    e.sim("a").set_fault(Operation::ListUsers, Fault::FoldCase);
+    let rep = e.once(false).await;
+    let n = rep.node("a").unwrap();
+    assert_eq!(n.outcome, Outcome::Ok, "{n:?}");
+    assert_eq!((n.node_users, n.node_owned), (8, 7), "{n:?}");
+    assert_eq!(n.unmatched_markers, 1, "{n:?}");
+    assert_eq!(
+        sorted(e.intents("remove").await),
+        sorted(vec![new_orphan, legacy_orphan])
+    );
+    assert!(e.intents("add").await.is_empty(), "live users were seen");
+    assert_eq!(
+        e.metric("vpnbot_reconcile_unmatched_markers", &[("node", "a")]),
+        Some(1.0)
+    );
+}

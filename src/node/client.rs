@@ -486,6 +486,16 @@ impl NodeClient {
                     .request_duration
                     .with_label_values(&[&inner.name, op.as_str(), e.error_type()])
                     .observe(elapsed);
+                inner
+                    .metrics
+                    .request_failures
+                    .with_label_values(&[
+                        &inner.name,
+                        op.as_str(),
+                        e.error_type(),
+                        e.phase().unwrap_or("none"),
+                    ])
+                    .inc();
                 span.record("error.type", e.error_type());
                 tracing::warn!(
                     parent: &span,

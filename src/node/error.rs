@@ -77,7 +77,9 @@ pub enum NodeError {
     /// A redirect (3xx). Redirects are never followed: the API key would go wherever
     /// `Location` points, and another host's answer would be taken as this node's. `location`
     /// is the target's origin only (`scheme://host:port`), so no path or query leaks.
-    #[error("node answered a redirect (HTTP {status}) to {location}; redirects are never followed")]
+    #[error(
+        "node answered a redirect (HTTP {status}) to {location}; redirects are never followed"
+    )]
     Redirect {
         /// The 3xx status code.
         status: u16,

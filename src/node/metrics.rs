@@ -16,6 +16,11 @@ pub struct NodeApiMetrics {
     /// `vpnbot_node_api_request_duration_seconds{node,operation,outcome}`: whole calls,
     /// retries included; `outcome` is `ok` or an `error.type` value.
     pub request_duration: HistogramVec,
+    /// `vpnbot_node_api_request_failures_total{node,operation,outcome,phase}`: failed calls by
+    /// `error.type` and the phase the call was in when it failed (for `deadline_exceeded`, the
+    /// phase the deadline caught it in), so an alert can say "list_users timed out in body".
+    /// `phase` is a [`Phase`] label value or `none` (breaker open, bad config).
+    pub request_failures: IntCounterVec,
     /// `vpnbot_node_api_phase_duration_seconds{node,operation,phase}`.
     pub phase_duration: HistogramVec,
     /// `vpnbot_node_api_inflight_requests{node,operation,phase}`.
@@ -45,6 +50,12 @@ impl NodeApiMetrics {
                 "Duration of node API calls, retries included, by outcome (ok or error.type).",
                 &["node", "operation", "outcome"],
                 DURATION_BUCKETS_SECONDS,
+            ),
+            request_failures: counter_vec(
+                registry,
+                "vpnbot_node_api_request_failures_total",
+                "Failed node API calls by outcome (error.type) and the phase the call was in when it failed.",
+                &["node", "operation", "outcome", "phase"],
             ),
             phase_duration: histogram_vec(
                 registry,
@@ -95,6 +106,18 @@ impl NodeApiMetrics {
         for outcome in OUTCOMES_EXPORTED_AT_START {
             self.request_duration.with_label_values(&[node, o, outcome]);
         }
+        for phase in Phase::ALL {
+            self.request_failures.with_label_values(&[
+                node,
+                o,
+                "deadline_exceeded",
+                phase.as_str(),
+            ]);
+        }
+        self.request_failures
+            .with_label_values(&[node, o, "body_timeout", "body"]);
+        self.request_failures
+            .with_label_values(&[node, o, "headers_timeout", "headers"]);
         OpMetrics {
             inflight: Phase::ALL.map(|p| self.inflight.with_label_values(&[node, o, p.as_str()])),
             phase: Phase::ALL.map(|p| {

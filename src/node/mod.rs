@@ -125,37 +125,81 @@ impl NodeUser {
         }
     }
 
-    /// Whether vpnbot created this user: its email is exactly [`owned_email`] of its UUID
-    /// (stricter than [`is_owned`], which checks the marker alone).
+    /// Whether vpnbot created this user: its email is the ownership marker of exactly its own
+    /// UUID, in the current or the legacy form, compared after trimming and ignoring ASCII case
+    /// (a panel that lower-cases emails, or an operator's editor, must not orphan a user from
+    /// vpnbot's view). See [`marker_matches`].
     pub fn is_owned(&self) -> bool {
-        self.email == owned_email(self.uuid)
+        marker_matches(&self.email, self.uuid)
     }
 }
 
-/// Prefix that marks an email/tag as created by vpnbot.
-pub const OWNED_EMAIL_PREFIX: &str = "vb:";
+/// Prefix of the ownership marker vpnbot writes: `vb.` plus 16 lower-case base32 characters.
+pub const OWNED_EMAIL_PREFIX: &str = "vb.";
 
-/// The email/tag vpnbot gives the user with `uuid`: `vb:` plus the first 12 UUID bytes in
-/// unpadded base64url (19 characters in all; 90 random bits of a v4 UUID, so collisions among
-/// millions of users are negligible). Kept short because a 1,000,000-user `list-users` must
-/// stay under the 64 MiB body cap: about 63 bytes per owned user on the wire.
+/// Prefix of the legacy marker (`vb:` plus 16 base64url characters), written before markers
+/// had to survive case folding. Still recognised, in any case, never written.
+pub const LEGACY_OWNED_EMAIL_PREFIX: &str = "vb:";
+
+/// Length of either marker, bytes.
+const MARKER_LEN: usize = 19;
+
+/// The email/tag vpnbot gives the user with `uuid`: `vb.` plus the first 10 UUID bytes in
+/// unpadded lower-case base32 (RFC 4648 alphabet), 19 characters in all. Base32 has one letter
+/// case, so the marker survives a node or panel that lower- or upper-cases emails (base64url,
+/// the legacy form, did not). 80 bits of the UUID (76 random in a v4) suffice: ownership is
+/// always checked against the user's own UUID, so the marker only has to be unforgeable by
+/// accident, and a 1,000,000-user `list-users` stays under the 64 MiB body cap (about 63 bytes
+/// per owned user on the wire, as before).
 pub fn owned_email(uuid: uuid::Uuid) -> String {
-    let mut s = String::with_capacity(19);
+    let mut s = String::with_capacity(MARKER_LEN);
     s.push_str(OWNED_EMAIL_PREFIX);
+    s.push_str(
+        &data_encoding::BASE32_NOPAD
+            .encode(&uuid.as_bytes()[..10])
+            .to_ascii_lowercase(),
+    );
+    s
+}
+
+/// The legacy marker of `uuid`: `vb:` plus the first 12 UUID bytes in unpadded base64url.
+pub fn legacy_owned_email(uuid: uuid::Uuid) -> String {
+    let mut s = String::with_capacity(MARKER_LEN);
+    s.push_str(LEGACY_OWNED_EMAIL_PREFIX);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(&uuid.as_bytes()[..12], &mut s);
     s
 }
 
-/// Whether `email` carries vpnbot's ownership marker: `vb:` followed by exactly 16 base64url
-/// characters. vpnbot never touches users for which this is false. See also
-/// [`NodeUser::is_owned`], which also checks that the email belongs to the user's UUID.
-pub fn is_owned(email: &str) -> bool {
-    email.strip_prefix(OWNED_EMAIL_PREFIX).is_some_and(|rest| {
-        rest.len() == 16
-            && base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(rest)
-                .is_ok()
-    })
+/// Whether `email` is the ownership marker of `uuid`, current or legacy form, after trimming
+/// white space and ignoring ASCII case.
+pub fn marker_matches(email: &str, uuid: uuid::Uuid) -> bool {
+    let e = email.trim();
+    if e.len() != MARKER_LEN {
+        return false;
+    }
+    let prefix = &e.as_bytes()[..3];
+    if prefix.eq_ignore_ascii_case(OWNED_EMAIL_PREFIX.as_bytes()) {
+        e.eq_ignore_ascii_case(&owned_email(uuid))
+    } else if prefix.eq_ignore_ascii_case(LEGACY_OWNED_EMAIL_PREFIX.as_bytes()) {
+        e.eq_ignore_ascii_case(&legacy_owned_email(uuid))
+    } else {
+        false
+    }
+}
+
+/// Whether `email` looks like a marker vpnbot writes (either form, any case, trimmed): the
+/// prefix and 16 characters of the marker alphabets. A user that looks marked but is not
+/// [`NodeUser::is_owned`] was either copied by hand onto another UUID or mangled by the node
+/// (reconcile counts and reports those; it never removes them).
+pub fn looks_owned(email: &str) -> bool {
+    let e = email.trim();
+    e.len() == MARKER_LEN
+        && e.is_char_boundary(3)
+        && (e[..3].eq_ignore_ascii_case(OWNED_EMAIL_PREFIX)
+            || e[..3].eq_ignore_ascii_case(LEGACY_OWNED_EMAIL_PREFIX))
+        && e[3..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -167,25 +211,65 @@ mod tests {
         let id = uuid::Uuid::new_v4();
         let email = owned_email(id);
         assert_eq!(email.len(), 19);
-        assert!(is_owned(&email));
+        assert!(email.starts_with("vb."));
+        assert_eq!(email, email.to_ascii_lowercase());
+        assert!(looks_owned(&email));
         assert!(NodeUser::owned(id).is_owned());
         let copied = NodeUser {
             uuid: uuid::Uuid::new_v4(),
-            email,
+            email: email.clone(),
         };
         assert!(
             !copied.is_owned(),
             "a marker copied onto another UUID is not ours"
         );
+        assert!(looks_owned(&copied.email), "but it looks like one");
         for foreign in [
             "alice@example.com",
             "vb:",
+            "vb.",
             "vb:short",
-            "VB:AAAAAAAAAAAAAAAA",
             "vb:AAAAAAAAAAAAAAA!",
+            "vb.aaaaaaaaaaaaaaa@",
             "",
         ] {
-            assert!(!is_owned(foreign), "{foreign}");
+            assert!(!looks_owned(foreign), "{foreign}");
+            assert!(!marker_matches(foreign, id), "{foreign}");
+        }
+    }
+
+    #[test]
+    fn markers_survive_case_folding_trimming_and_the_legacy_form() {
+        for _ in 0..200 {
+            let id = uuid::Uuid::new_v4();
+            let new = owned_email(id);
+            let legacy = legacy_owned_email(id);
+            for email in [
+                new.clone(),
+                new.to_uppercase(),
+                format!("  {new}\n"),
+                legacy.clone(),
+                legacy.to_lowercase(),
+                legacy.to_uppercase(),
+                format!("\t{}  ", legacy.to_lowercase()),
+            ] {
+                let user = NodeUser {
+                    uuid: id,
+                    email: email.clone(),
+                };
+                assert!(user.is_owned(), "{email:?} for {id}");
+                assert!(looks_owned(&email), "{email:?}");
+            }
+            // An upper-case UUID from a node parses to the same value as the database's.
+            let upper: uuid::Uuid = id.to_string().to_uppercase().parse().unwrap();
+            assert_eq!(upper, id);
+            // Another UUID's marker, however it is cased, is not ours.
+            let other = uuid::Uuid::new_v4();
+            assert!(!marker_matches(&owned_email(other).to_uppercase(), id));
+            assert!(!marker_matches(
+                &legacy_owned_email(other).to_lowercase(),
+                id
+            ));
         }
     }
 

@@ -137,6 +137,15 @@ pub fn render_table(rep: &RunReport) -> String {
         );
     }
     for n in &rep.nodes {
+        if n.unmatched_markers > 0 {
+            let _ = writeln!(
+                out,
+                "{}: {} users look vpnbot-made but match no UUID of theirs (never removed; marker copied by hand or emails rewritten by the node)",
+                n.node, n.unmatched_markers
+            );
+        }
+    }
+    for n in &rep.nodes {
         if let Some(e) = &n.error {
             let _ = writeln!(out, "{}: error: {e}", n.node);
         }

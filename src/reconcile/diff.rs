@@ -13,6 +13,9 @@ pub(crate) struct Diff {
     pub(crate) node_users: u64,
     /// Users carrying vpnbot's ownership marker for their own UUID.
     pub(crate) node_owned: u64,
+    /// Users whose email looks like vpnbot's marker but matches no UUID of theirs (copied by
+    /// hand, or mangled by the node): never removed, reported.
+    pub(crate) unmatched_markers: u64,
     /// Owned node users without an active subscription on this node, sorted.
     pub(crate) orphans: Vec<Uuid>,
     /// Unexpired active subscriptions absent from the node, sorted.
@@ -28,7 +31,17 @@ pub(crate) fn owned(u: &NodeUser) -> bool {
 /// Merges the sorted snapshot with the node's list. Consumes (and frees) the node list here,
 /// on the blocking pool, rather than on a runtime worker.
 pub(crate) fn diff(live: &[(Uuid, bool)], node: Vec<NodeUser>) -> Diff {
-    let mut users: Vec<(Uuid, bool)> = node.iter().map(|u| (u.uuid, owned(u))).collect();
+    let mut unmatched_markers = 0u64;
+    let mut users: Vec<(Uuid, bool)> = node
+        .iter()
+        .map(|u| {
+            let own = owned(u);
+            if !own && crate::node::looks_owned(&u.email) {
+                unmatched_markers += 1;
+            }
+            (u.uuid, own)
+        })
+        .collect();
     drop(node);
     users.sort_unstable();
     // A UUID listed twice counts once; it is owned if any entry is owned (the sort puts
@@ -43,6 +56,7 @@ pub(crate) fn diff(live: &[(Uuid, bool)], node: Vec<NodeUser>) -> Diff {
     let mut d = Diff {
         node_users: dedup.len() as u64,
         node_owned: dedup.iter().filter(|u| u.1).count() as u64,
+        unmatched_markers,
         ..Default::default()
     };
     let (mut i, mut j) = (0, 0);

@@ -16,6 +16,7 @@ pub struct ReconcileMetrics {
     pub(crate) readded: IntCounterVec,
     pub(crate) last_success: GaugeVec,
     pub(crate) guard_trips: IntCounterVec,
+    pub(crate) unmatched_markers: GaugeVec,
 }
 
 impl ReconcileMetrics {
@@ -70,6 +71,12 @@ impl ReconcileMetrics {
                 "vpnbot_reconcile_guard_trips_total",
                 "Runs the safety guard stopped from removing anything, by reason (remove_share, remove_count, db_empty).",
                 &["node", "reason"],
+            ),
+            unmatched_markers: metrics::gauge_vec(
+                registry,
+                "vpnbot_reconcile_unmatched_markers",
+                "Users on a node whose email looks like vpnbot's ownership marker but is not the marker of their own UUID, at the last run that read the node (never removed; non-zero means expired users may stay).",
+                &["node"],
             ),
         }
     }

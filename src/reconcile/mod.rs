@@ -150,6 +150,10 @@ pub struct NodeReport {
     pub node_users: u64,
     /// Users on the node carrying vpnbot's ownership marker.
     pub node_owned: u64,
+    /// Users whose email looks like vpnbot's marker but is not the marker of their own UUID
+    /// (copied by hand, or mangled by the node or a panel): never removed. Non-zero on a node
+    /// where every user should be matched means expired users are silently never removed.
+    pub unmatched_markers: u64,
     /// Orphans found by the diff (before the re-check).
     pub orphans: u64,
     /// Missing users found by the diff (before the re-check).
@@ -198,6 +202,7 @@ impl NodeReport {
             db_live: 0,
             node_users: 0,
             node_owned: 0,
+            unmatched_markers: 0,
             orphans: 0,
             missing: 0,
             kept_by_recheck: 0,
@@ -734,6 +739,12 @@ impl Reconciler {
         m.missing.with_label_values(&[n]).inc_by(rep.missing);
         m.removed.with_label_values(&[n]).inc_by(rep.removed);
         m.readded.with_label_values(&[n]).inc_by(rep.readded);
+        // Only a run that read the node's list knows; a failed one leaves the last reading.
+        if rep.phase_seconds.contains_key(Phase::Diff.as_str()) {
+            m.unmatched_markers
+                .with_label_values(&[n])
+                .set(rep.unmatched_markers as f64);
+        }
         if let Some(g) = &rep.guard {
             m.guard_trips
                 .with_label_values(&[n, g.reason.as_str()])
@@ -799,6 +810,15 @@ impl Reconciler {
         span.record("missing", d.missing.len());
         rep.node_users = d.node_users;
         rep.node_owned = d.node_owned;
+        rep.unmatched_markers = d.unmatched_markers;
+        if d.unmatched_markers > 0 {
+            tracing::warn!(
+                node = %node,
+                unmatched_markers = d.unmatched_markers,
+                owned = d.node_owned,
+                "users on this node look vpnbot-made but match no UUID of theirs; they are never removed (marker copied by hand, or emails rewritten by the node or a panel)"
+            );
+        }
         rep.orphans = d.orphans.len() as u64;
         rep.missing = d.missing.len() as u64;
         self.end(rep);

@@ -55,6 +55,9 @@ pub enum Fault {
     /// `gzip`: the real answer gzip-compressed with `Content-Encoding: gzip`, although the
     /// client never asked for it (a proxy that compresses anyway).
     Gzip,
+    /// `fold_case`: `list-users` as a panel that normalises identities serves it: every email
+    /// lower-cased, every UUID upper-cased.
+    FoldCase,
 }
 
 impl fmt::Display for Fault {
@@ -81,6 +84,7 @@ impl fmt::Display for Fault {
             Fault::StaleKeepAlive => f.write_str("stale_keepalive"),
             Fault::Redirect(port) => write!(f, "redirect:{port}"),
             Fault::Gzip => f.write_str("gzip"),
+            Fault::FoldCase => f.write_str("fold_case"),
         }
     }
 }
@@ -129,6 +133,7 @@ impl FromStr for Fault {
                 u16::try_from(num("PORT")?).map_err(|_| "fault redirect: PORT out of range")?,
             ),
             "gzip" => Fault::Gzip,
+            "fold_case" => Fault::FoldCase,
             other => return Err(format!("unknown fault {other:?}")),
         };
         let takes_arg = matches!(
@@ -183,6 +188,7 @@ mod tests {
             Fault::StaleKeepAlive,
             Fault::Redirect(8080),
             Fault::Gzip,
+            Fault::FoldCase,
         ];
         for f in all {
             assert_eq!(f.to_string().parse::<Fault>().unwrap(), f);

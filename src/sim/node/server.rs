@@ -235,12 +235,18 @@ async fn handle(shared: &Arc<Shared>, stream: &mut TcpStream, req: Request, serv
     match fault {
         Fault::ApplyThen500 => respond_error(stream, 500, "simulated_failure").await,
         Fault::ApplyThenDrop => false,
+        Fault::FoldCase if op == Operation::ListUsers => {
+            let folded = fold_case(&body);
+            write_response(stream, status, &[], &folded).await.is_ok()
+        }
         Fault::Gzip => {
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             let _ = std::io::Write::write_all(&mut gz, &body);
             let zipped = gz.finish().unwrap_or_default();
             let extra = [("content-encoding", "gzip".to_owned())];
-            write_response(stream, status, &extra, &zipped).await.is_ok()
+            write_response(stream, status, &extra, &zipped)
+                .await
+                .is_ok()
         }
         Fault::HeadersThenSilence => {
             let head = head(status, &[], body.len());
@@ -366,6 +372,22 @@ pub(crate) async fn list_body(shared: &Arc<Shared>) -> Bytes {
     })
     .await
     .expect("list serialization does not panic")
+}
+
+/// A `list-users` body with emails lower-cased and UUIDs upper-cased (the `fold_case` fault).
+fn fold_case(body: &[u8]) -> Vec<u8> {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return body.to_vec();
+    };
+    if let Some(users) = v.get_mut("users").and_then(|u| u.as_array_mut()) {
+        for pair in users.iter_mut().filter_map(|p| p.as_array_mut()) {
+            if let [id, email] = pair.as_mut_slice() {
+                *id = id.as_str().unwrap_or_default().to_uppercase().into();
+                *email = email.as_str().unwrap_or_default().to_lowercase().into();
+            }
+        }
+    }
+    serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec())
 }
 
 fn admin(shared: &Arc<Shared>, req: &Request) -> (u16, Vec<u8>) {
