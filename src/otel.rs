@@ -112,10 +112,7 @@ pub fn otel_layer_with(
         .with_protocol(Protocol::HttpBinary)
         .with_endpoint(endpoint)
         .with_timeout(settings.export_timeout)
-        .with_http_client(match no_redirect_client(settings.export_timeout) {
-            Some(c) => c,
-            None => return None,
-        })
+        .with_http_client(no_redirect_client(settings.export_timeout)?)
         .with_retry_policy(
             opentelemetry_otlp::RetryPolicy::recommended()
                 .with_max_retries(2)
