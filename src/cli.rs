@@ -185,14 +185,43 @@ pub fn build_main_runtime(cfg: &Config, instruments: &Instruments) -> tokio::run
         .expect("main runtime builds")
 }
 
-/// A plain runtime for short commands (migrate): multi-thread, named workers, all drivers.
-pub fn build_runtime(cfg: &Config) -> tokio::runtime::Runtime {
+/// How long a short command (`migrate`, `reconcile --once`) waits, once its work is done, for
+/// what is still running on its runtime (a DNS lookup stuck in the blocking pool, say) before the
+/// process exits anyway. `run` uses its own bound after the drain.
+pub const COMMAND_EXIT_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A plain runtime for short commands (`migrate`, `reconcile --once`): multi-thread, named
+/// workers, all drivers. Dropping it shuts it down within [`COMMAND_EXIT_BOUND`] instead of
+/// waiting for every blocking task: a `getaddrinfo` against a resolver that never answers can
+/// run for minutes (glibc's timeout × attempts × servers) and cannot be cancelled.
+pub fn build_runtime(cfg: &Config) -> CommandRuntime {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all().thread_name("vpnbot-worker");
     if cfg.runtime.worker_threads > 0 {
         b.worker_threads(cfg.runtime.worker_threads);
     }
-    b.build().expect("main runtime builds")
+    CommandRuntime(Some(b.build().expect("main runtime builds")))
+}
+
+/// A runtime whose drop is bounded by [`COMMAND_EXIT_BOUND`] (see [`build_runtime`]);
+/// dereferences to the [`tokio::runtime::Runtime`].
+#[derive(Debug)]
+pub struct CommandRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for CommandRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("runtime present until drop")
+    }
+}
+
+impl Drop for CommandRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_timeout(COMMAND_EXIT_BOUND);
+        }
+    }
 }
 
 fn load(cli: &Cli) -> Result<Config, ExitCode> {
