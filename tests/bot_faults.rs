@@ -15,6 +15,58 @@ fn has(t: &str) -> impl Fn(&vpnbot::sim::botapi::SentMessage) -> bool + '_ {
     move |m| m.text.contains(t)
 }
 
+/// Issue 11 item 1, Bot API side: an API URL whose every answer is a `307` to another server.
+/// The client must not follow it (the token is in the path, the message in the body): the call
+/// fails and the other server never sees a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bot_api_redirect_is_not_followed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = target.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let redirector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_url = format!("http://{}/", redirector.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = redirector.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{target_addr}/elsewhere\r\ncontent-length: 0\r\n\r\n"
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+            });
+        }
+    });
+    let mut cfg = vpnbot::config::Config::default();
+    cfg.telegram.api_url = api_url;
+    cfg.telegram.token = secrecy::SecretString::from("123:redirect-test-token");
+    let registry = vpnbot::metrics::new_registry();
+    let api = vpnbot::bot::BotApi::new(
+        &cfg.telegram,
+        &cfg.bot,
+        vpnbot::bot::metrics::BotMetrics::register(&registry),
+    )
+    .unwrap();
+    let res = api.send_text(1, "hello", None).await;
+    assert!(res.is_err(), "a redirect is not a delivered message");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "nothing follows the redirect"
+    );
+}
+
 /// T1: `getUpdates` never returns. Each poll is cut at poll timeout + margin (1.5 s here),
 /// counted as a timeout; polling resumes and the liveness gauge moves again once the API
 /// answers.
