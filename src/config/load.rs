@@ -135,11 +135,15 @@ fn scan_env(
                 .find(|s| lower.starts_with(&format!("{s}_")) && lower.len() > s.len() + 1)
             {
                 let key = &lower[section.len() + 1..];
+                let fix = if *section == "nodes" {
+                    format!("{ENV_PREFIX}NODES__<NAME>__<KEY>")
+                } else {
+                    env_name(&[section.to_string(), key.to_string()])
+                };
                 errors.push(format!(
                     "{name}: not a configuration variable (those are \
                      {ENV_PREFIX}<SECTION>__<KEY>, two underscores after the section); \
-                     did you mean {}?",
-                    env_name(&[section.to_string(), key.to_string()])
+                     did you mean {fix}?"
                 ));
             }
             continue;
@@ -223,33 +227,32 @@ impl Collector<'_> {
             .collect()
     }
 
-    /// Records one problem at `path`. `hint` replaces the last path segment with a
-    /// suggestion.
+    /// Records one problem at `path`; `suggestion` replaces its last segment in the "did you
+    /// mean" (as a variable name when the key came from the environment).
     fn report(&mut self, path: &[String], what: &str, suggestion: Option<&str>) {
         let dotted = path.join(".");
+        let fixed = suggestion.map(|s| {
+            let mut p = path.to_vec();
+            *p.last_mut().expect("error paths are non-empty") = s.to_string();
+            p
+        });
         let vars = self.env_for(path);
         let msg = if vars.is_empty() {
-            let hint = suggestion
-                .map(|s| {
-                    let mut fixed = path.to_vec();
-                    *fixed.last_mut().expect("non-empty path") = s.to_string();
-                    format!("; did you mean {}?", fixed.join("."))
-                })
+            let hint = fixed
+                .map(|p| format!("; did you mean {}?", p.join(".")))
                 .unwrap_or_default();
             format!("{dotted}: {what}{hint}")
         } else {
             let names: Vec<&str> = vars.iter().map(|k| k.name.as_str()).collect();
-            let hint = suggestion
-                .map(|s| {
-                    let i = path.len() - 1;
-                    match vars.as_slice() {
-                        [one] => {
-                            let mut fixed = one.path.clone();
-                            fixed[i] = s.to_string();
-                            format!("; did you mean {}?", env_name(&fixed))
+            let hint = fixed
+                .map(|mut p| {
+                    // One variable below the bad key: keep its deeper segments in the fix.
+                    if let [one] = vars.as_slice() {
+                        if one.path.len() > p.len() {
+                            p.extend_from_slice(&one.path[p.len()..]);
                         }
-                        _ => format!("; did you mean {}?", env_name(&path[..i + 1])),
                     }
+                    format!("; did you mean {}?", env_name(&p))
                 })
                 .unwrap_or_default();
             format!(
@@ -276,7 +279,7 @@ impl Collector<'_> {
                 Err(e) => e,
             };
             let mut path = vec![name.to_string()];
-            path.extend(e.path.iter().map(|p| p.to_ascii_lowercase()));
+            path.extend(e.path.iter().cloned());
             match &e.kind {
                 figment::error::Kind::UnknownField(field, expected) => {
                     match suggest(field, expected) {
@@ -302,7 +305,7 @@ impl Collector<'_> {
 
     fn fail(&mut self, section: &str, removed: &[String]) {
         let mut p = vec![section.to_string()];
-        p.extend(removed.iter().map(|s| s.to_ascii_lowercase()));
+        p.extend_from_slice(removed);
         self.failed.push(p);
     }
 }
@@ -626,6 +629,41 @@ mod tests {
         }
         assert!(!all.contains("s3cret"), "{all}");
         assert_eq!(errs.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn a_nested_variable_gets_its_fix_at_every_level() {
+        let errs = load_env(
+            OK,
+            &[
+                ("VPNBOT_NODES__A__URLL", "http://h/"),
+                ("VPNBOT_DB__MAX_CONECTIONS__X", "1"),
+            ],
+        )
+        .unwrap_err()
+        .0;
+        let all = errs.join("\n");
+        for needle in [
+            "environment variable VPNBOT_NODES__A__URLL (nodes.a.urll): unknown key; did you \
+             mean VPNBOT_NODES__A__URL?",
+            "environment variable VPNBOT_DB__MAX_CONECTIONS__X (db.max_conections): unknown \
+             key; did you mean VPNBOT_DB__MAX_CONNECTIONS__X?",
+        ] {
+            assert!(all.contains(needle), "no {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn keys_keep_their_case_in_messages() {
+        let errs = from_toml_str(&format!(
+            "{OK}[nodes.Alpha]\nurl = \"http://h/\"\napi_key = \"k\"\nApi_Key2 = 1\n"
+        ))
+        .unwrap_err()
+        .0;
+        assert_eq!(
+            errs,
+            vec!["nodes.Alpha.Api_Key2: unknown key; did you mean nodes.Alpha.api_key?"]
+        );
     }
 
     #[test]
