@@ -361,3 +361,25 @@ fn check_config_reports_a_typo_a_wrong_type_and_a_negative_timeout_in_one_run() 
          - db.acquire_timeout_seconds must be a positive number of seconds, got -1\n"
     );
 }
+
+/// A file that does not parse is one line naming the file and the position; the parser's
+/// excerpt of the line (here an unterminated token) is not echoed.
+#[test]
+fn a_file_that_does_not_parse_is_named_without_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vpnbot.toml");
+    std::fs::write(&file, "[telegram]\ntoken = \"123:tok-s3cret\n").unwrap();
+    let out = vpnbot()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: TOML parse error at line 2", file.display())),
+        "{stderr}"
+    );
+}

@@ -332,6 +332,24 @@ fn remove(value: &mut Value, path: &[String]) -> Option<Vec<String>> {
     }
 }
 
+/// A file that does not parse, as `FILE: TOML parse error at line 2, column 9: invalid basic
+/// string`: without the excerpt of the offending line the parser adds, which may hold a secret.
+fn parse_error(e: &figment::Error) -> String {
+    let text = match &e.kind {
+        figment::error::Kind::Message(m) => m
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.contains('|'))
+            .collect::<Vec<_>>()
+            .join(": "),
+        kind => kind_without_value(kind),
+    };
+    match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+        Some(source) => format!("{source}: {text}"),
+        None => text,
+    }
+}
+
 /// A type or value error without the value itself: the key may hold a secret (an all-digit
 /// API key, a token).
 fn kind_without_value(kind: &figment::error::Kind) -> String {
@@ -347,6 +365,11 @@ fn kind_without_value(kind: &figment::error::Kind) -> String {
     };
     match kind {
         Kind::InvalidType(a, expected) => {
+            let expected = if expected.starts_with("struct ") || expected.starts_with("a map") {
+                "a table"
+            } else {
+                expected
+            };
             format!("invalid type: found {}, expected {expected}", what(a))
         }
         Kind::InvalidValue(a, expected) => {
@@ -433,7 +456,7 @@ fn from_figment(
         Ok(top) => top,
         Err(e) => {
             // The file does not parse: nothing below would be meaningful.
-            c.errors.extend(e.into_iter().map(|e| e.to_string()));
+            c.errors.extend(e.into_iter().map(|e| parse_error(&e)));
             return Err(ConfigErrors(c.errors));
         }
     };
@@ -663,6 +686,28 @@ mod tests {
         assert_eq!(
             errs,
             vec!["nodes.Alpha.Api_Key2: unknown key; did you mean nodes.Alpha.api_key?"]
+        );
+    }
+
+    #[test]
+    fn a_file_that_does_not_parse_is_one_line_without_its_content() {
+        let errs = from_toml_str("[telegram]\ntoken = \"123:s3cret\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("TOML parse error at line 2"), "{errs:?}");
+        assert!(
+            !errs[0].contains("s3cret") && !errs[0].contains('\n'),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_scalar_where_a_table_belongs() {
+        let errs = from_toml_str(&format!("leader = 3\n{OK}")).unwrap_err().0;
+        assert_eq!(
+            errs,
+            vec!["leader: invalid type: found an integer, expected a table"]
         );
     }
 
