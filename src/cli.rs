@@ -14,7 +14,8 @@ use crate::signals::ShutdownSignal;
 #[derive(Debug, Parser)]
 #[command(name = "vpnbot", version, about)]
 pub struct Cli {
-    /// TOML config file; `VPNBOT_*` environment variables override it (`__` nests keys).
+    /// TOML config file. `VPNBOT_<SECTION>__<KEY>` environment variables override its keys
+    /// (e.g. `VPNBOT_DB__MAX_CONNECTIONS=20`); `VPNBOT_*` names without `__` are not config.
     #[arg(long, global = true, env = "VPNBOT_CONFIG")]
     pub config: Option<PathBuf>,
     /// What to do.
@@ -32,7 +33,9 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Apply pending database migrations and exit.
     Migrate,
-    /// Validate the configuration, print it with secrets redacted, exit 0 (64 when invalid).
+    /// Validate the configuration, print it with secrets redacted, exit 0; when invalid, list
+    /// every problem (unknown keys, wrong types, bad values, the variable when one comes from
+    /// the environment) and exit 64.
     CheckConfig,
     /// Run a benchmark and print its figures.
     Bench(crate::bench::BenchArgs),

@@ -128,3 +128,72 @@ async fn sigterm_during_startup_still_drains_and_exits_0(
         "{seen:#?}"
     );
 }
+
+/// Issue 11 item 9: `VPNBOT_CONFIG` (the environment form of `--config`) and the test
+/// scripts' and simulator's `VPNBOT_*` variables used to be read as config sections, and
+/// every command that loads the configuration exited 64. Now `migrate`, `reconcile` and `run`
+/// read the file `VPNBOT_CONFIG` names and ignore the others.
+#[sqlx::test(migrations = false)]
+async fn commands_read_vpnbot_config_and_ignore_non_config_variables(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let url = common::url_for(&opts);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vpnbot.toml");
+    std::fs::write(&file, "[db]\napplication_name = \"vpnbot-from-file\"\n").unwrap();
+    let with_env = |mut c: Command| {
+        c.env("VPNBOT_CONFIG", &file)
+            .env("VPNBOT_TEST_PGPORT", "1")
+            .env("VPNBOT_TEST_PGDATA", "/nonexistent")
+            .env("VPNBOT_SIM_API_KEY", "x");
+        c
+    };
+    let out = with_env(vpnbot(&url)).arg("migrate").output().unwrap();
+    assert!(
+        out.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = with_env(vpnbot(&url))
+        .args(["reconcile", "--once", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "reconcile: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = with_env(vpnbot(&url))
+        .arg("run")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    wait_for_line(&rx, "vpnbot started", &mut seen);
+    // The file was read: the service's connections carry its application_name.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.clone())
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'vpnbot-from-file'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert!(n > 0, "no connection named by the config file");
+    terminate_and_expect_clean_exit(child, &rx, &mut seen);
+}

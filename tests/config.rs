@@ -251,3 +251,135 @@ fn check_config_redacts_otlp_credentials_and_sslpassword() {
         "secrets printed by check-config: {leaks:?}"
     );
 }
+
+// ---- issue 11, items 9 and 10: the environment namespace, every problem in one run ----
+
+/// Values a valid run of the example file needs (it leaves the secrets empty).
+fn with_example_secrets(c: &mut Command) -> &mut Command {
+    c.env("DATABASE_URL", "postgres://bot@db/vpn")
+        .env("VPNBOT_NODES__A__API_KEY", "key")
+}
+
+/// `--help` advertises `VPNBOT_CONFIG` as the environment form of `--config`; it used to be
+/// read as a config section too (exit 64, "unknown section `config`").
+#[test]
+fn vpnbot_config_names_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vpnbot.toml");
+    std::fs::write(
+        &file,
+        "[db]\nurl = \"postgres://bot@db/vpn\"\nmax_connections = 7\n",
+    )
+    .unwrap();
+    let out = vpnbot()
+        .arg("check-config")
+        .env("VPNBOT_CONFIG", &file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("max_connections = 7"),
+        "file not read: {stdout}"
+    );
+}
+
+/// The test scripts' and the simulator's variables, exported as the README suggests, are not
+/// configuration and must not break a command that loads it.
+#[test]
+fn test_and_simulator_variables_are_not_configuration() {
+    let out = with_example_secrets(&mut vpnbot())
+        .args(["check-config", "--config", "vpnbot.example.toml"])
+        .env("VPNBOT_TEST_PGPORT", "1")
+        .env("VPNBOT_TEST_PGDATA", "/tmp/nowhere")
+        .env("VPNBOT_SIM_API_KEY", "x")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A configuration variable that is wrong is named in the error, with the fix when it is a
+/// near miss; its value is never echoed.
+#[test]
+fn a_bad_configuration_variable_is_named() {
+    let out = with_example_secrets(&mut vpnbot())
+        .args(["check-config", "--config", "vpnbot.example.toml"])
+        .env("VPNBOT_DB__MAX_CONECTIONS", "3")
+        .env("VPNBOT_DB__MIN_CONNECTIONS", "pw-s3cret")
+        .env("VPNBOT_DB_STATEMENT_TIMEOUT_SECONDS", "5")
+        .env("VPNBOT_TELEGRAMM__TOKEN", "tok-s3cret")
+        .env("VPNBOT_OBSERVABILITY__LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "VPNBOT_DB__MAX_CONECTIONS (db.max_conections): unknown key; did you mean \
+         VPNBOT_DB__MAX_CONNECTIONS?",
+        "VPNBOT_DB__MIN_CONNECTIONS (db.min_connections): invalid type",
+        "VPNBOT_DB_STATEMENT_TIMEOUT_SECONDS: not a configuration variable",
+        "did you mean VPNBOT_DB__STATEMENT_TIMEOUT_SECONDS?",
+        "VPNBOT_TELEGRAMM__TOKEN: unknown section telegramm; did you mean VPNBOT_TELEGRAM__TOKEN?",
+        "(set by environment variable VPNBOT_OBSERVABILITY__LOG_FORMAT)",
+        "invalid configuration (5 problems)",
+    ] {
+        assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+/// A file with a key typo, a wrong type and a negative timeout used to report only the typo.
+#[test]
+fn check_config_reports_a_typo_a_wrong_type_and_a_negative_timeout_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vpnbot.toml");
+    std::fs::write(
+        &file,
+        "[db]\nurl = \"postgres://bot@db/vpn\"\nmax_conections = 20\n\
+         min_connections = \"two\"\nacquire_timeout_seconds = -1.0\n",
+    )
+    .unwrap();
+    let out = vpnbot()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        "invalid configuration (3 problems):\n  \
+         - db.max_conections: unknown key; did you mean db.max_connections?\n  \
+         - db.min_connections: invalid type: found a string, expected u32\n  \
+         - db.acquire_timeout_seconds must be a positive number of seconds, got -1\n"
+    );
+}
+
+/// A file that does not parse is one line naming the file and the position; the parser's
+/// excerpt of the line (here an unterminated token) is not echoed.
+#[test]
+fn a_file_that_does_not_parse_is_named_without_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vpnbot.toml");
+    std::fs::write(&file, "[telegram]\ntoken = \"123:tok-s3cret\n").unwrap();
+    let out = vpnbot()
+        .arg("check-config")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(EXIT_CONFIG));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: TOML parse error at line 2", file.display())),
+        "{stderr}"
+    );
+}

@@ -1,5 +1,6 @@
-//! Typed configuration: an optional TOML file overlaid by `VPNBOT_*` environment variables
-//! (nested keys joined by `__`, e.g. `VPNBOT_DB__MAX_CONNECTIONS=20`).
+//! Typed configuration: an optional TOML file overlaid by `VPNBOT_<SECTION>__<KEY>` environment
+//! variables (nested keys joined by `__`, e.g. `VPNBOT_DB__MAX_CONNECTIONS=20`); other
+//! `VPNBOT_*` names are not configuration (see [`load`]).
 //!
 //! Every default is a named constant in [`defaults`]; `vpnbot.example.toml` documents every key
 //! and a test fails when it drifts from these types. Loading collects every error (unknown keys,
@@ -7,6 +8,7 @@
 //! exits with [`EXIT_CONFIG`].
 
 pub mod defaults;
+pub mod load;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -14,10 +16,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use self::defaults as d;
@@ -27,6 +26,8 @@ pub const EXIT_CONFIG: i32 = 64;
 
 /// Environment variable prefix; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "VPNBOT_";
+
+pub use load::{NON_CONFIG_ENV, SECTIONS};
 
 /// The whole configuration. Each field is one TOML table.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -241,7 +242,9 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        let n = self.0.len();
+        let s = if n == 1 { "" } else { "s" };
+        writeln!(f, "invalid configuration ({n} problem{s}):")?;
         for e in &self.0 {
             writeln!(f, "  - {e}")?;
         }
@@ -254,38 +257,19 @@ pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
 
-const SECTIONS: &[&str] = &[
-    "telegram",
-    "db",
-    "leader",
-    "observability",
-    "runtime",
-    "node_client",
-    "outbox",
-    "diagnostics",
-    "reconcile",
-    "bot",
-    "nodes",
-];
-
 impl Config {
-    /// Loads from an optional TOML file and the process environment, then validates.
+    /// Loads from an optional TOML file and the configuration variables of the process
+    /// environment (`VPNBOT_<SECTION>__<KEY>`, see [`load`]), then validates.
     ///
     /// # Errors
-    /// Every problem at once: unreadable file, unknown keys, wrong types, invalid values.
+    /// Every problem at once: unreadable file, unknown keys, wrong types, invalid values, and
+    /// `VPNBOT_*` variables that look like configuration but are not (named in the message).
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
-        let mut fig = Figment::new();
-        if let Some(p) = path {
-            if !p.exists() {
-                return Err(ConfigErrors(vec![format!(
-                    "config file {} does not exist",
-                    p.display()
-                )]));
-            }
-            fig = fig.merge(Toml::file(p));
-        }
-        fig = fig.merge(Env::prefixed(ENV_PREFIX).split("__"));
-        Self::from_figment(fig, std::env::var("DATABASE_URL").ok())
+        load::load(
+            path,
+            std::env::vars_os(),
+            std::env::var("DATABASE_URL").ok(),
+        )
     }
 
     /// Loads from TOML text only (no environment); for tests and tools.
@@ -293,57 +277,7 @@ impl Config {
     /// # Errors
     /// As [`Config::load`].
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
-        Self::from_figment(Figment::from(Toml::string(text)), None)
-    }
-
-    /// Extracts each section on its own so that one bad section does not hide the others'
-    /// errors, then validates values across sections.
-    fn from_figment(fig: Figment, database_url: Option<String>) -> Result<Config, ConfigErrors> {
-        let mut errors = Vec::new();
-        match fig.extract::<BTreeMap<String, figment::value::Value>>() {
-            Ok(top) => {
-                for key in top.keys() {
-                    if !SECTIONS.contains(&key.as_str()) {
-                        errors.push(format!(
-                            "unknown section `{key}` (known: {})",
-                            SECTIONS.join(", ")
-                        ));
-                    }
-                }
-            }
-            Err(e) => errors.extend(e.into_iter().map(|e| e.to_string())),
-        }
-        let mut failed = Vec::new();
-        let (e, f) = (&mut errors, &mut failed);
-        let mut cfg = Config {
-            telegram: section(&fig, "telegram", e, f, "telegram"),
-            db: section(&fig, "db", e, f, "db"),
-            leader: section(&fig, "leader", e, f, "leader"),
-            observability: section(&fig, "observability", e, f, "observability"),
-            runtime: section(&fig, "runtime", e, f, "runtime"),
-            node_client: section(&fig, "node_client", e, f, "node_client"),
-            outbox: section(&fig, "outbox", e, f, "outbox"),
-            diagnostics: section(&fig, "diagnostics", e, f, "diagnostics"),
-            reconcile: section(&fig, "reconcile", e, f, "reconcile"),
-            bot: section(&fig, "bot", e, f, "bot"),
-            nodes: section(&fig, "nodes", e, f, "nodes"),
-        };
-        if cfg.db.url.expose_secret().is_empty() {
-            if let Some(url) = database_url {
-                cfg.db.url = SecretString::from(url);
-            }
-        }
-        // A section that failed to parse holds defaults: its value checks would be noise.
-        errors.extend(
-            cfg.validate()
-                .into_iter()
-                .filter(|e| !failed.iter().any(|s| e.starts_with(&format!("{s}.")))),
-        );
-        if errors.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        load::from_toml_str(text)
     }
 
     /// Checks values that types alone cannot; returns every problem found.
@@ -490,73 +424,6 @@ impl Config {
     /// prints).
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serializes to TOML")
-    }
-}
-
-fn section<T: DeserializeOwned + Default>(
-    fig: &Figment,
-    key: &str,
-    errors: &mut Vec<String>,
-    failed: &mut Vec<&'static str>,
-    name: &'static str,
-) -> T {
-    if !fig.contains(key) {
-        return T::default();
-    }
-    match fig.extract_inner::<T>(key) {
-        Ok(v) => v,
-        Err(e) => {
-            failed.push(name);
-            errors.extend(e.into_iter().map(|e| describe(key, &e)));
-            T::default()
-        }
-    }
-}
-
-/// `db.max_connections: invalid type: found a string, expected u32 (from TOML file x)`.
-///
-/// Values are never echoed: the key may hold a secret (an all-digit API key, a token).
-fn describe(section: &str, e: &figment::Error) -> String {
-    // figment records the field path outer-to-inner, with the extracted section appended.
-    let mut segs: Vec<String> = e.path.iter().map(|p| p.to_lowercase()).collect();
-    if segs.last().map(String::as_str) == Some(section) {
-        segs.pop();
-    }
-    let mut path = section.to_string();
-    for p in segs {
-        path.push('.');
-        path.push_str(&p);
-    }
-    let source = e
-        .metadata
-        .as_ref()
-        .map(|m| format!(" (from {})", m.name))
-        .unwrap_or_default();
-    format!("{path}: {}{source}", kind_without_value(&e.kind))
-}
-
-fn kind_without_value(kind: &figment::error::Kind) -> String {
-    use figment::error::{Actual, Kind};
-    let what = |a: &Actual| match a {
-        Actual::Bool(_) => "a boolean",
-        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
-        Actual::Float(_) => "a number",
-        Actual::Char(_) | Actual::Str(_) => "a string",
-        Actual::Seq => "a list",
-        Actual::Map => "a table",
-        _ => "a value",
-    };
-    match kind {
-        Kind::InvalidType(a, expected) => {
-            format!("invalid type: found {}, expected {expected}", what(a))
-        }
-        Kind::InvalidValue(a, expected) => {
-            format!("invalid value: found {}, expected {expected}", what(a))
-        }
-        Kind::UnsupportedKey(a, _) | Kind::Unsupported(a) => {
-            format!("unsupported {}", what(a))
-        }
-        other => other.to_string(),
     }
 }
 
