@@ -11,8 +11,13 @@
 //!   a long pause, never a tight loop (T3); other errors back off (capped, jittered);
 //! - every successful poll, empty or not, sets
 //!   `vpnbot_bot_polling_last_success_timestamp_seconds`;
-//! - updates are handled concurrently up to `bot.max_concurrent_updates`; when all slots are
-//!   busy the loop waits before polling again (back-pressure, bounded memory).
+//! - updates are handled concurrently up to `bot.max_concurrent_updates`; while all slots are
+//!   busy the loop keeps polling into a bounded queue (`bot.update_queue_capacity`) and waits
+//!   only when it is full (back-pressure, bounded memory, visible in
+//!   `vpnbot_bot_receive_backpressure_seconds_total`);
+//! - time-critical updates (pre-checkout queries, successful payments) have a queue and
+//!   slots of their own (`bot.priority_concurrent_updates`), so ordinary traffic can neither
+//!   delay their fetching nor take their slots (`vpnbot_bot_precheckout_answer_seconds`).
 
 pub mod api;
 pub mod bench;
@@ -33,7 +38,7 @@ pub use settings::{BotSettings, Plan};
 use std::collections::{BTreeMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -42,7 +47,7 @@ use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
 use teloxide::types::{AllowedUpdate, BotCommand, Update, UpdateKind};
 use teloxide::{ApiError, RequestError};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -241,8 +246,27 @@ impl BotService {
         if let Err(e) = self.warm().await {
             tracing::warn!(error = %e, "node load not counted at start; the first pick counts");
         }
-        let sem = Arc::new(Semaphore::new(s.max_concurrent_updates));
         let handlers = TaskTracker::new();
+        // Two lanes, each a bounded queue drained onto its own slots: ordinary updates, and
+        // time-critical ones (pre-checkout queries, successful payments) that ordinary traffic
+        // can neither delay nor starve. The loop keeps polling while slots are busy; it pauses
+        // only when a queue is full (back-pressure, bounded memory).
+        let ordinary = Lane::start(
+            &self,
+            "ordinary",
+            s.max_concurrent_updates,
+            s.update_queue_capacity,
+            &handlers,
+            &cancel,
+        );
+        let priority = Lane::start(
+            &self,
+            "priority",
+            s.priority_concurrent_updates,
+            s.update_queue_capacity,
+            &handlers,
+            &cancel,
+        );
         let mut offset: Option<i32> = None;
         let mut failures: u32 = 0;
         let bound = s.poll_request_timeout() + Duration::from_secs(1);
@@ -272,47 +296,41 @@ impl BotService {
             };
             let pause = match res {
                 Ok(Ok(updates)) => {
+                    let received = Instant::now();
                     api.count("getUpdates", "ok");
                     self.metrics().polling_last_success.set(unix_now());
                     failures = 0;
                     // Bot API offsets are i32 in teloxide; a hostile or odd endpoint could
                     // send an id at i32::MAX: saturate instead of overflowing.
                     let id_of = |u: &Update| i32::try_from(u.id.0).unwrap_or(i32::MAX);
-                    let mut unstarted: std::collections::BTreeSet<i32> =
+                    let mut unqueued: std::collections::BTreeSet<i32> =
                         updates.iter().map(id_of).collect();
-                    let batch_next = unstarted.last().map(|id| id.saturating_add(1));
-                    // Telegram cancels a payment whose pre-checkout is not answered within
-                    // 10 s; the answer is light: pre-checkouts go first and take no slot.
+                    let batch_next = unqueued.last().map(|id| id.saturating_add(1));
+                    // Time-critical updates go first in their batch, to their own lane.
                     let mut updates = updates;
-                    updates.sort_by_key(|u| !matches!(u.kind, UpdateKind::PreCheckoutQuery(_)));
+                    updates.sort_by_key(|u| !is_time_critical(u));
                     for u in updates {
                         let id = id_of(&u);
-                        let permit = if matches!(u.kind, UpdateKind::PreCheckoutQuery(_)) {
-                            None
+                        let lane = if is_time_critical(&u) {
+                            &priority
                         } else {
-                            match sem.clone().try_acquire_owned() {
-                                Ok(p) => Some(p),
-                                Err(_) => {
-                                    op.enter(PollPhase::HandlerSlot, slot_bound);
-                                    tokio::select! {
-                                        _ = cancel.cancelled() => break,
-                                        p = sem.clone().acquire_owned() => {
-                                            Some(p.expect("semaphore never closed"))
-                                        }
-                                    }
-                                }
-                            }
+                            &ordinary
                         };
-                        let bot = self.clone();
-                        handlers.spawn(async move {
-                            bot.handle_guarded(u).await;
-                            drop(permit);
-                        });
-                        unstarted.remove(&id);
+                        let queued = Queued {
+                            update: u,
+                            received,
+                        };
+                        if !lane
+                            .push(queued, &cancel, op, slot_bound, self.metrics())
+                            .await
+                        {
+                            break;
+                        }
+                        unqueued.remove(&id);
                     }
-                    // Confirm only what was started: an update left unstarted by shutdown
-                    // stays with Telegram for the next leader.
-                    offset = match (unstarted.first(), batch_next) {
+                    // Confirm only what was queued: an update left out by shutdown stays
+                    // with Telegram for the next leader (queued ones are started at shutdown).
+                    offset = match (unqueued.first(), batch_next) {
                         (Some(&first), _) => Some(first),
                         (None, Some(next)) => Some(offset.unwrap_or(0).max(next)),
                         (None, None) => offset,
@@ -382,6 +400,9 @@ impl BotService {
             }
         }
         drop(watch);
+        // The lanes start what they hold (confirmed to Telegram) without waiting for a slot.
+        ordinary.finish().await;
+        priority.finish().await;
         handlers.close();
         let drain = secs(s.handler_timeout_seconds.min(5.0));
         op.enter(PollPhase::Drain, drain + Duration::from_secs(3));
@@ -426,6 +447,143 @@ impl BotService {
             }
         }
         self.metrics().in_flight.dec();
+    }
+}
+
+/// Pre-checkout queries (Telegram cancels the payment unless answered within 10 s) and
+/// successful payments: handled on slots of their own.
+fn is_time_critical(u: &Update) -> bool {
+    match &u.kind {
+        UpdateKind::PreCheckoutQuery(_) => true,
+        UpdateKind::Message(m) => m.successful_payment().is_some(),
+        _ => false,
+    }
+}
+
+/// An update fetched and waiting for a slot, with when it was fetched.
+#[derive(Debug)]
+struct Queued {
+    update: Update,
+    received: Instant,
+}
+
+/// One lane of the receive loop: a bounded queue drained by a dispatcher task onto the lane's
+/// own handler slots.
+struct Lane {
+    name: &'static str,
+    tx: mpsc::Sender<Queued>,
+    depth: prometheus::IntGauge,
+    dispatcher: tokio::task::JoinHandle<()>,
+}
+
+impl Lane {
+    fn start(
+        bot: &BotService,
+        name: &'static str,
+        slots: usize,
+        capacity: usize,
+        handlers: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Lane {
+        let (tx, mut rx) = mpsc::channel::<Queued>(capacity);
+        let depth = bot.metrics().queue_depth.with_label_values(&[name]);
+        depth.set(0);
+        let sem = Arc::new(Semaphore::new(slots));
+        let (bot, handlers, cancel, d) =
+            (bot.clone(), handlers.clone(), cancel.clone(), depth.clone());
+        let dispatcher = tokio::spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+                };
+                let q = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    q = rx.recv() => match q {
+                        Some(q) => q,
+                        None => break,
+                    },
+                };
+                d.dec();
+                bot.spawn_handler(&handlers, q, Some(permit));
+            }
+            // Shutdown: what is queued was confirmed to Telegram; start it now, slot or not,
+            // under the loop's bounded drain.
+            rx.close();
+            while let Ok(q) = rx.try_recv() {
+                d.dec();
+                bot.spawn_handler(&handlers, q, None);
+            }
+        });
+        Lane {
+            name,
+            tx,
+            depth,
+            dispatcher,
+        }
+    }
+
+    /// Queues `q`, waiting for room when the queue is full (the loop then does not poll: the
+    /// wait is the `handler_slot` phase and counts in the back-pressure metric). `false` when
+    /// cancelled first (`q` is dropped, not confirmed).
+    async fn push(
+        &self,
+        q: Queued,
+        cancel: &CancellationToken,
+        op: &PollingOperation,
+        bound: Duration,
+        metrics: &BotMetrics,
+    ) -> bool {
+        self.depth.inc();
+        let q = match self.tx.try_send(q) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.depth.dec();
+                return false;
+            }
+            Err(mpsc::error::TrySendError::Full(q)) => q,
+        };
+        op.enter(PollPhase::HandlerSlot, bound);
+        tracing::debug!(lane = self.name, "bot: update queue full; polling paused");
+        let waited = Instant::now();
+        let sent = tokio::select! {
+            _ = cancel.cancelled() => false,
+            r = self.tx.send(q) => r.is_ok(),
+        };
+        metrics.backpressure.inc_by(waited.elapsed().as_secs_f64());
+        if !sent {
+            self.depth.dec();
+        }
+        sent
+    }
+
+    /// Waits for the dispatcher, which starts what is still queued once cancelled.
+    async fn finish(self) {
+        drop(self.tx);
+        let _ = self.dispatcher.await;
+    }
+}
+
+impl BotService {
+    fn spawn_handler(
+        &self,
+        handlers: &TaskTracker,
+        q: Queued,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let bot = self.clone();
+        handlers.spawn(async move {
+            let pre_checkout = matches!(q.update.kind, UpdateKind::PreCheckoutQuery(_));
+            bot.handle_guarded(q.update).await;
+            if pre_checkout {
+                bot.metrics()
+                    .precheckout_answer
+                    .observe(q.received.elapsed().as_secs_f64());
+            }
+            drop(permit);
+        });
     }
 }
 
