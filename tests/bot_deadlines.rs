@@ -137,3 +137,150 @@ async fn full_queue_pauses_polling_visibly_and_loses_nothing(
     }
     assert!(e.metric("vpnbot_bot_receive_backpressure_seconds_total", &[]) > 0.1);
 }
+
+/// When the subscription of `owner` has the status `expired` and its removal is queued.
+async fn enforced(e: &Env, owner: i64) -> bool {
+    e.scalar_i64(&format!(
+        "SELECT count(*) FROM subscriptions s JOIN pending_node_ops p \
+         ON p.vless_uuid = s.vless_uuid AND p.op = 'remove' AND p.done_at IS NULL \
+         WHERE s.owner_id = {owner} AND s.status = 'expired'"
+    ))
+    .await
+        == 1
+}
+
+/// Item 4: ten reminders whose sends take 2 s each (request timeout 3 s) and, meanwhile, a
+/// subscription that expires: the periodic worker (interval 0.3 s) enforces it within a
+/// couple of intervals, while the reminders go out four at a time on their own. Before, the
+/// pass sent them one after another and enforcement waited for all of them (the issue: 118 s
+/// late with a 60 s interval and 12 s sends).
+#[sqlx::test(migrations = false)]
+async fn expiry_enforcement_never_waits_for_slow_sends(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env_with(&opts, |c| {
+        c.bot.request_timeout_seconds = 3.0;
+        c.bot.expiry_interval_seconds = 0.3;
+    })
+    .await;
+    e.exec(
+        "INSERT INTO bot_users (telegram_id, language_code) \
+         SELECT 12400 + g, 'en' FROM generate_series(0, 10) g",
+    )
+    .await;
+    e.exec(
+        "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at) \
+         SELECT 12400 + g, 'a', gen_random_uuid(), 'month', now() + interval '12 hours' \
+         FROM generate_series(0, 9) g",
+    )
+    .await;
+    e.exec(
+        "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at, reminded_1d, reminded_3d) \
+         VALUES (12410, 'a', gen_random_uuid(), 'month', now() + interval '1.5 seconds', TRUE, TRUE)",
+    )
+    .await;
+    e.sim.set_message_delay(Some(Duration::from_secs(2)));
+    let expires = Instant::now() + Duration::from_millis(1500);
+    let worker = tokio::spawn(e.expiry.clone().run(e.cancel.clone()));
+    // The first pass claimed the ten reminders; their sends are under way.
+    let claimed = common::eventually(Duration::from_secs(2), || {
+        e.sim.max_concurrent_messages() >= 1
+    })
+    .await;
+    assert!(claimed.is_some(), "precondition: reminders being sent");
+    let mut late = None;
+    while Instant::now() < expires + Duration::from_secs(10) {
+        if enforced(&e, 12410).await {
+            late = Some(Instant::now().saturating_duration_since(expires));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let late = late.expect("the subscription was enforced");
+    eprintln!("enforced {late:?} after expiry (interval 0.3 s, sends 2 s)");
+    assert!(late < Duration::from_secs(1), "enforced {late:?} late");
+    // The reminders still all go out, at most four at a time (bot.notify_concurrency).
+    let sent = common::eventually(Duration::from_secs(10), || {
+        e.metric(
+            "vpnbot_expiry_reminders_total",
+            &[("window", "1d"), ("outcome", "sent")],
+        ) == 10.0
+    })
+    .await;
+    assert!(sent.is_some(), "every reminder sent");
+    assert_eq!(e.sim.max_concurrent_messages(), 4);
+    e.cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+}
+
+/// Item 4: a user who blocked the bot (`403`) is remembered and not sent to again; using the
+/// bot again clears it. A `429 retry_after` is waited out by the send, and the reminder still
+/// goes out.
+#[sqlx::test(migrations = false)]
+async fn blocked_users_are_remembered_and_rate_limits_honoured(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let e = env_with(&opts, |c| c.bot.retry_after_max_seconds = 3.0).await;
+    let blocked = 12500;
+    e.exec(
+        "INSERT INTO bot_users (telegram_id, language_code) VALUES (12500, 'en'), (12501, 'en')",
+    )
+    .await;
+    e.exec(
+        "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at) VALUES \
+         (12500, 'a', gen_random_uuid(), 'month', now() - interval '1 minute')",
+    )
+    .await;
+    e.sim.block_chat(blocked);
+    let p = e.expiry.run_once().await.unwrap();
+    assert_eq!((p.expired, p.blocked, p.sent), (1, 1, 0), "{p:?}");
+    assert_eq!(
+        e.scalar_i64(
+            "SELECT count(*) FROM bot_users WHERE telegram_id = 12500 AND blocked_at IS NOT NULL"
+        )
+        .await,
+        1,
+        "the 403 is remembered"
+    );
+    // The user renews elsewhere (support): the 1-day reminder is not attempted.
+    e.exec(
+        "INSERT INTO subscriptions (owner_id, node, vless_uuid, plan, expires_at) VALUES \
+         (12500, 'a', gen_random_uuid(), 'month', now() + interval '12 hours'), \
+         (12501, 'a', gen_random_uuid(), 'month', now() + interval '12 hours')",
+    )
+    .await;
+    // And the Bot API asks to slow down: 429 retry_after=1 on the next send.
+    e.sim.set_message_rate_limit(1, 1);
+    let t = Instant::now();
+    let p = e.expiry.run_once().await.unwrap();
+    assert_eq!((p.reminded_1d, p.blocked, p.sent), (2, 1, 1), "{p:?}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "retry_after honoured"
+    );
+    assert_eq!(e.sim.message_attempts(blocked), 1, "not sent to again");
+    assert_eq!(
+        e.metric(
+            "vpnbot_expiry_reminders_total",
+            &[("window", "1d"), ("outcome", "blocked")]
+        ),
+        1.0
+    );
+    // Back: /start clears the mark.
+    e.sim.send_text(&SimUser::new(blocked, "en"), "/start");
+    let cleared = common::eventually(Duration::from_secs(3), || {
+        e.metric(
+            "vpnbot_bot_handler_duration_seconds_count",
+            &[("handler", "start")],
+        ) >= 1.0
+    })
+    .await;
+    assert!(cleared.is_some());
+    assert_eq!(
+        e.scalar_i64(
+            "SELECT count(*) FROM bot_users WHERE telegram_id = 12500 AND blocked_at IS NULL"
+        )
+        .await,
+        1,
+        "using the bot again clears the mark"
+    );
+}

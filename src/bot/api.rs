@@ -45,11 +45,41 @@ pub enum BotApiError {
     Other {
         /// The Bot API method.
         method: &'static str,
-        /// The outcome label (`network`, `api_error`, `invalid_json`, `error`).
+        /// The outcome label (`network`, `api_error`, `forbidden`, `invalid_json`, `error`).
         kind: &'static str,
         /// A description without the token or URL.
         detail: String,
     },
+}
+
+impl BotApiError {
+    /// The user blocked the bot, deleted their account or cannot be written to (`403`):
+    /// sending again will not help.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(
+            self,
+            BotApiError::Other {
+                kind: "forbidden",
+                ..
+            }
+        )
+    }
+}
+
+/// `403` answers about the recipient: blocked, deactivated, kicked, never started the bot.
+fn is_forbidden(e: &RequestError) -> bool {
+    matches!(
+        e,
+        RequestError::Api(
+            ApiError::BotBlocked
+                | ApiError::UserDeactivated
+                | ApiError::BotKicked
+                | ApiError::BotKickedFromSupergroup
+                | ApiError::BotKickedFromChannel
+                | ApiError::CantInitiateConversation
+                | ApiError::CantTalkWithBots
+        )
+    )
 }
 
 /// Outcome label and a secret-free description of a teloxide error.
@@ -199,6 +229,7 @@ impl BotApi {
                 }
                 _ => {
                     let kind = match outcome {
+                        _ if is_forbidden(&e) => "forbidden",
                         "timeout" => {
                             return Err(BotApiError::Timeout {
                                 method,

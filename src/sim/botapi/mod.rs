@@ -192,6 +192,8 @@ struct SimState {
     message_rate_limit: Option<(u32, u32)>,
     blocked_chats: std::collections::BTreeSet<i64>,
     message_attempts: BTreeMap<i64, u64>,
+    messages_in_flight: u32,
+    max_messages_in_flight: u32,
     requests: BTreeMap<String, u64>,
     last_offset: Option<i64>,
     poll_generation: u64,
@@ -540,6 +542,12 @@ impl BotApiSimHandle {
             .unwrap_or(0)
     }
 
+    /// Most delayed message requests that were in flight at once (see
+    /// [`Self::set_message_delay`]).
+    pub fn max_concurrent_messages(&self) -> u32 {
+        self.shared.state().max_messages_in_flight
+    }
+
     /// Requests received for `method` (any outcome).
     pub fn requests(&self, method: &str) -> u64 {
         self.shared
@@ -782,6 +790,20 @@ async fn message_fault(sh: &Shared, p: &Params) -> Option<Response> {
         st.message_delay
     };
     if let Some(d) = delay {
+        {
+            let mut st = sh.state();
+            st.messages_in_flight += 1;
+            st.max_messages_in_flight = st.max_messages_in_flight.max(st.messages_in_flight);
+        }
+        // Counted down however the request ends (the client may give up first).
+        struct Done<'a>(&'a Shared);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                let mut st = self.0.state();
+                st.messages_in_flight = st.messages_in_flight.saturating_sub(1);
+            }
+        }
+        let _done = Done(sh);
         tokio::time::sleep(d).await;
     }
     let mut st = sh.state();
