@@ -12,6 +12,7 @@ use bot_common::{env_with, Env};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vpnbot::bot::PollPhase;
 use vpnbot::sim::botapi::SimUser;
+use vpnbot::sim::proxy::{SilentDropProxy, SilentDropProxyHandle};
 
 fn has(t: &str) -> impl Fn(&vpnbot::sim::botapi::SentMessage) -> bool + '_ {
     move |m| m.text.contains(t)
@@ -282,5 +283,151 @@ async fn blocked_users_are_remembered_and_rate_limits_honoured(
         .await,
         1,
         "using the bot again clears the mark"
+    );
+}
+
+/// The bot's Bot API traffic through a [`SilentDropProxy`] in front of the stand-in.
+async fn env_behind_proxy(
+    opts: &PgConnectOptions,
+    tweak: impl FnOnce(&mut vpnbot::config::Config),
+) -> (Env, SilentDropProxyHandle) {
+    let mut proxy = None;
+    let e = env_with(opts, |c| {
+        let sim: std::net::SocketAddr = c
+            .telegram
+            .api_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let p = SilentDropProxy::start(tokio::net::TcpListener::from_std(l).unwrap(), sim);
+        c.telegram.api_url = format!("http://{}/", p.addr());
+        tweak(c);
+        proxy = Some(p);
+    })
+    .await;
+    (e, proxy.unwrap())
+}
+
+/// Item 5: the path to the Bot API drops silently (no FIN) while the send connection is idle
+/// in the pool. The idle connection was recycled (`bot.pool_idle_timeout_seconds`), so the
+/// next reply goes out on a fresh connection and arrives; before, it went out on the dead
+/// pooled connection (reqwest keeps idle ones 90 s), failed after the request timeout and was
+/// lost.
+#[sqlx::test(migrations = false)]
+async fn reply_after_a_silently_dropped_path_goes_out_on_a_fresh_connection(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let (e, proxy) = env_behind_proxy(&opts, |c| c.bot.pool_idle_timeout_seconds = 0.5).await;
+    let u = SimUser::new(12600, "en");
+    e.say(&u, "/help", has("/status")).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    proxy.drop_existing();
+    let from = e.sim.sent_to(u.id).len();
+    e.sim.send_text(&u, "/status");
+    let answered = e
+        .sim
+        .wait_for(u.id, from, Duration::from_secs(6), |_| true)
+        .await;
+    assert!(answered.is_some(), "the reply arrived");
+    assert_eq!(
+        e.metric(
+            "vpnbot_bot_api_requests_total",
+            &[("method", "sendMessage"), ("outcome", "timeout")]
+        ),
+        0.0,
+        "no send went out on the dead connection"
+    );
+}
+
+/// Item 5, the other case: the path drops right after a send, the connection is still fresh in
+/// the pool, the next request goes out on it and its bytes are acknowledged (by the proxy's
+/// end), so it may have been read: not retried, a failure bounded by the request timeout and
+/// counted. The dead connection is discarded; the next send works.
+#[sqlx::test(migrations = false)]
+async fn send_on_a_dead_connection_fails_bounded_and_counted(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let (e, proxy) = env_behind_proxy(&opts, |_| {}).await;
+    let u = SimUser::new(12601, "en");
+    e.say(&u, "/help", has("/status")).await;
+    proxy.drop_existing();
+    let t = Instant::now();
+    let err = e
+        .bot
+        .api()
+        .send_text(u.id, "lost on the dead path", None)
+        .await
+        .unwrap_err();
+    let took = t.elapsed();
+    // Request timeout 2 s in the test config (+1 s bound).
+    assert!(took < Duration::from_millis(3500), "{took:?}: {err}");
+    assert!(
+        matches!(err, vpnbot::bot::BotApiError::Timeout { .. }),
+        "{err:?}"
+    );
+    assert!(
+        e.metric(
+            "vpnbot_bot_api_requests_total",
+            &[("method", "sendMessage"), ("outcome", "timeout")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        e.metric(
+            "vpnbot_bot_api_retries_total",
+            &[("method", "sendMessage"), ("reason", "not_acknowledged")]
+        ),
+        0.0,
+        "acknowledged bytes are never sent twice"
+    );
+    assert!(!e.sim.sent().iter().any(|m| m.text.contains("dead path")));
+    e.bot.api().send_text(u.id, "after", None).await.unwrap();
+}
+
+/// Item 5: a request that never reached the peer (connection refused: not one byte sent) is
+/// sent once more on a fresh connection, counted, and then fails bounded.
+#[sqlx::test(migrations = false)]
+async fn unacknowledged_request_is_retried_once_on_a_fresh_connection(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let e = env_with(&opts, |_| {}).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let mut telegram = e.config.telegram.clone();
+    telegram.api_url = format!("http://127.0.0.1:{port}/");
+    let registry = vpnbot::metrics::new_registry();
+    let api = vpnbot::bot::BotApi::new(
+        &telegram,
+        &e.config.bot,
+        vpnbot::bot::BotMetrics::register(&registry),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let err = api.send_text(1, "x", None).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(!err.is_forbidden());
+    let text = vpnbot::metrics::render(&registry);
+    let m =
+        |name: &str, labels: &[(&str, &str)]| common::metric(&text, name, labels).unwrap_or(0.0);
+    assert_eq!(
+        m(
+            "vpnbot_bot_api_retries_total",
+            &[("method", "sendMessage"), ("reason", "not_acknowledged")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m(
+            "vpnbot_bot_api_requests_total",
+            &[("method", "sendMessage"), ("outcome", "network")]
+        ),
+        2.0,
+        "sent twice, not more"
     );
 }

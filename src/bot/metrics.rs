@@ -20,6 +20,7 @@ pub struct BotMetrics {
     pub(crate) precheckout_answer: Histogram,
     pub(crate) queue_depth: IntGaugeVec,
     pub(crate) backpressure: Counter,
+    pub(crate) api_retries: IntCounterVec,
 }
 
 /// Buckets of `vpnbot_bot_precheckout_answer_seconds`: fine below Telegram's 10 s deadline.
@@ -86,6 +87,12 @@ impl BotMetrics {
                 "vpnbot_bot_update_queue_depth",
                 "Updates fetched and waiting for a handler slot, by lane (ordinary; priority: pre-checkout queries and successful payments).",
                 &["lane"],
+            ),
+            api_retries: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_api_retries_total",
+                "Bot API requests sent once more, by method and reason (not_acknowledged: failed before any byte was acknowledged, retried on a fresh connection).",
+                &["method", "reason"],
             ),
             backpressure: {
                 let c = Counter::with_opts(Opts::new(

@@ -37,6 +37,13 @@ pub const DEFAULT_UPDATE_QUEUE_CAPACITY: usize = 100;
 /// Default time-critical updates (pre-checkout queries, successful payments) handled at once, on
 /// slots of their own that ordinary traffic never takes.
 pub const DEFAULT_PRIORITY_CONCURRENT_UPDATES: usize = 4;
+/// Default longest a pooled Bot API connection stays idle before it is closed, seconds: well
+/// under the idle timeouts of NATs and firewalls that forget a flow without a FIN.
+pub const DEFAULT_POOL_IDLE_TIMEOUT_SECONDS: f64 = 10.0;
+/// Default `TCP_USER_TIMEOUT` of Bot API connections (Linux), seconds: a request whose bytes
+/// stay unacknowledged this long aborts its connection (then it is retried once on a fresh
+/// one) instead of waiting for the whole request timeout.
+pub const DEFAULT_TCP_USER_TIMEOUT_SECONDS: f64 = 5.0;
 /// Default bound on handling one update, seconds.
 pub const DEFAULT_HANDLER_TIMEOUT_SECONDS: f64 = 30.0;
 /// Default trial length, days.
@@ -117,6 +124,12 @@ pub struct BotSettings {
     /// Time-critical updates (pre-checkout queries, successful payments) handled at once, on
     /// slots ordinary updates never take (default [`DEFAULT_PRIORITY_CONCURRENT_UPDATES`]).
     pub priority_concurrent_updates: usize,
+    /// Longest a pooled Bot API connection stays idle before it is closed, seconds (default
+    /// [`DEFAULT_POOL_IDLE_TIMEOUT_SECONDS`]).
+    pub pool_idle_timeout_seconds: f64,
+    /// Unacknowledged request bytes abort a Bot API connection after this long (Linux
+    /// `TCP_USER_TIMEOUT`), seconds (default [`DEFAULT_TCP_USER_TIMEOUT_SECONDS`]).
+    pub tcp_user_timeout_seconds: f64,
     /// Bound on handling one update, seconds (default [`DEFAULT_HANDLER_TIMEOUT_SECONDS`]).
     pub handler_timeout_seconds: f64,
     /// Wait for the node to confirm a new key before answering "not confirmed yet" and
@@ -157,6 +170,8 @@ impl Default for BotSettings {
             update_queue_capacity: DEFAULT_UPDATE_QUEUE_CAPACITY,
             priority_concurrent_updates: DEFAULT_PRIORITY_CONCURRENT_UPDATES,
             handler_timeout_seconds: DEFAULT_HANDLER_TIMEOUT_SECONDS,
+            pool_idle_timeout_seconds: DEFAULT_POOL_IDLE_TIMEOUT_SECONDS,
+            tcp_user_timeout_seconds: DEFAULT_TCP_USER_TIMEOUT_SECONDS,
             key_issue_timeout_seconds: DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS,
             trial_days: DEFAULT_TRIAL_DAYS,
             node_policy: DEFAULT_NODE_POLICY.into(),
@@ -182,6 +197,8 @@ impl BotSettings {
             ("conflict_backoff_seconds", self.conflict_backoff_seconds),
             ("retry_after_max_seconds", self.retry_after_max_seconds),
             ("handler_timeout_seconds", self.handler_timeout_seconds),
+            ("pool_idle_timeout_seconds", self.pool_idle_timeout_seconds),
+            ("tcp_user_timeout_seconds", self.tcp_user_timeout_seconds),
             ("key_issue_timeout_seconds", self.key_issue_timeout_seconds),
             ("expiry_interval_seconds", self.expiry_interval_seconds),
         ] {
