@@ -431,3 +431,153 @@ async fn unacknowledged_request_is_retried_once_on_a_fresh_connection(
         "sent twice, not more"
     );
 }
+
+/// Holds both pooled connections (the pool has 2 here) for `hold`, from now on.
+async fn hog(pool: &vpnbot::db::DbPool, hold: Duration) -> tokio::task::JoinHandle<()> {
+    let h1 = pool.acquire("test_hog").await.unwrap();
+    let h2 = pool.acquire("test_hog").await.unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        drop((h1, h2));
+    })
+}
+
+/// Handler bound 0.5 s, acquire timeout 3 s, a pool of two.
+fn short_bound(c: &mut vpnbot::config::Config) {
+    c.db.max_connections = 2;
+    c.db.acquire_timeout_seconds = 3.0;
+    c.bot.handler_timeout_seconds = 0.5;
+}
+
+/// Item 6: a `/trial` cut off by the handler bound while it waits for the database gets an
+/// honest "try again in a minute" (nothing was committed); before, it got no answer at all.
+#[sqlx::test(migrations = false)]
+async fn cut_off_trial_is_told_to_try_again(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env_with(&opts, short_bound).await;
+    let u = SimUser::new(12700, "en");
+    e.say(&u, "/help", has("/status")).await;
+    let released = hog(&e.pool, Duration::from_millis(1500)).await;
+    let from = e.sim.sent_to(u.id).len();
+    e.sim.send_text(&u, "/trial");
+    let told = e
+        .sim
+        .wait_for(
+            u.id,
+            from,
+            Duration::from_secs(3),
+            has("try again in a minute"),
+        )
+        .await;
+    released.await.unwrap();
+    assert!(told.is_some(), "sent: {:?}", e.sim.sent_to(u.id));
+    assert!(e.metric("vpnbot_bot_errors_total", &[("kind", "handler_timeout")]) >= 1.0);
+    assert_eq!(
+        e.scalar_i64("SELECT count(*) FROM subscriptions WHERE owner_id = 12700")
+            .await,
+        0,
+        "nothing was committed"
+    );
+}
+
+/// Item 6: a `successful_payment` cut off before the payment was recorded: the user is told
+/// the payment was received and not to pay again (never "try again"), the charge is counted
+/// failed (and logged for support).
+#[sqlx::test(migrations = false)]
+async fn cut_off_payment_is_told_not_to_pay_again(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env_with(&opts, short_bound).await;
+    let u = SimUser::new(12701, "en");
+    e.say(&u, "/help", has("/status")).await;
+    let released = hog(&e.pool, Duration::from_secs(3)).await;
+    let from = e.sim.sent_to(u.id).len();
+    e.sim
+        .successful_payment(&u, "v1:month", "XTR", 100, "charge-cut-1");
+    let told = e
+        .sim
+        .wait_for(u.id, from, Duration::from_secs(5), |_| true)
+        .await;
+    released.await.unwrap();
+    let text = told.map(|m| m.text).unwrap_or_default();
+    assert!(text.contains("do not pay again"), "{text:?}");
+    assert_eq!(
+        e.metric("vpnbot_bot_payments_total", &[("outcome", "failed")]),
+        1.0
+    );
+}
+
+/// Item 6, where answering would be wrong: a repeated `successful_payment` (already credited
+/// and answered) whose handler is cut off (its reply is slow) gets no second answer.
+#[sqlx::test(migrations = false)]
+async fn cut_off_duplicate_payment_is_not_answered_again(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let e = env_with(&opts, |c| c.bot.handler_timeout_seconds = 0.8).await;
+    let u = SimUser::new(12702, "en");
+    e.sim
+        .successful_payment(&u, "v1:month", "XTR", 100, "charge-dup-cut");
+    e.sim
+        .wait_for(u.id, 0, Duration::from_secs(5), |m| m.method == "sendPhoto")
+        .await
+        .expect("credited and the key sent");
+    // Telegram repeats an update later (an unconfirmed offset, a restart): over a second on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let attempts = e.sim.message_attempts(u.id);
+    e.sim.set_message_delay(Some(Duration::from_millis(1500)));
+    e.sim
+        .successful_payment(&u, "v1:month", "XTR", 100, "charge-dup-cut");
+    let cut = common::eventually(Duration::from_secs(3), || {
+        e.metric("vpnbot_bot_errors_total", &[("kind", "handler_timeout")]) >= 1.0
+    })
+    .await;
+    assert!(
+        cut.is_some(),
+        "precondition: the duplicate's handler was cut off"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        e.sim.message_attempts(u.id),
+        attempts + 1,
+        "only the duplicate's own (cut) reply was attempted"
+    );
+    assert_eq!(
+        e.metric("vpnbot_bot_payments_total", &[("outcome", "duplicate")]),
+        1.0
+    );
+}
+
+/// Item 6: a payment handler cut off after the credit was committed (the node is slow to
+/// confirm the key): the user is told the payment is credited and how to get the key.
+#[sqlx::test(migrations = false)]
+async fn cut_off_after_credit_says_credited(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env_with(&opts, |c| {
+        c.bot.handler_timeout_seconds = 0.5;
+        c.bot.key_issue_timeout_seconds = 3.0;
+    })
+    .await;
+    e.node.set_fault(
+        vpnbot::node::Operation::AddUser,
+        vpnbot::sim::node::Fault::Delay(Duration::from_secs(2)),
+    );
+    let u = SimUser::new(12703, "en");
+    e.sim
+        .successful_payment(&u, "v1:month", "XTR", 100, "charge-cut-2");
+    let told = e
+        .sim
+        .wait_for(u.id, 0, Duration::from_secs(4), |_| true)
+        .await;
+    let text = told.map(|m| m.text).unwrap_or_default();
+    assert!(
+        text.contains("payment is credited"),
+        "{text:?} {}",
+        e.metrics()
+            .lines()
+            .filter(|l| l.starts_with("vpnbot_bot_") && !l.contains("bucket"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        e.scalar_i64("SELECT count(*) FROM payments WHERE telegram_charge_id = 'charge-cut-2'")
+            .await,
+        1
+    );
+}

@@ -106,6 +106,10 @@ impl BotMetrics {
                 c
             },
         };
+        for method in ["sendMessage", "sendPhoto"] {
+            m.api_retries
+                .with_label_values(&[method, "not_acknowledged"]);
+        }
         for lane in ["ordinary", "priority"] {
             m.queue_depth.with_label_values(&[lane]);
         }

@@ -417,11 +417,13 @@ impl BotService {
         tracing::info!("bot: long polling stopped");
     }
 
-    /// Handles one update with the per-update bound, counting a timeout or a panic.
+    /// Handles one update with the per-update bound, counting a timeout or a panic. A handler
+    /// cut off or panicking still answers the user honestly (see [`Owed`]).
     async fn handle_guarded(&self, u: Update) {
         let bound = secs(self.settings().handler_timeout_seconds);
         self.metrics().in_flight.inc();
         let started = std::time::Instant::now();
+        let owed = Owed::of(&u);
         let fut = std::panic::AssertUnwindSafe(self.handle_update(u)).catch_unwind();
         let cut = |handler: &str| {
             // The handler's own observation never ran: keep the slowest ones in the histogram.
@@ -430,12 +432,13 @@ impl BotService {
                 .with_label_values(&[handler])
                 .observe(started.elapsed().as_secs_f64());
         };
-        match tokio::time::timeout(bound, fut).await {
-            Ok(Ok(())) => {}
+        let cut_off = match tokio::time::timeout(bound, fut).await {
+            Ok(Ok(())) => false,
             Ok(Err(_)) => {
                 cut("panic");
                 self.metrics().error("panic");
                 tracing::error!("bot: an update handler panicked");
+                true
             }
             Err(_) => {
                 cut("timeout");
@@ -444,9 +447,175 @@ impl BotService {
                     bound_s = bound.as_secs_f64(),
                     "bot: an update handler timed out"
                 );
+                true
             }
+        };
+        if cut_off {
+            self.answer_cut_off(owed, started).await;
         }
         self.metrics().in_flight.dec();
+    }
+
+    /// The honest answer after a handler was cut off or panicked (best effort, each call
+    /// bounded by the request timeout). A payment is looked up first: recorded before this
+    /// update was handled means a duplicate update (answered the first time: silence);
+    /// recorded by this handler means credited (the key follows with `/key`); not recorded
+    /// means Telegram has the money and we do not: logged with its charge id for support,
+    /// counted failed, and the user told not to pay again.
+    async fn answer_cut_off(&self, owed: Owed, started: Instant) {
+        let api = &self.inner.api;
+        let res = match owed {
+            Owed::Nothing => return,
+            Owed::Chat { chat, lang } => api
+                .send_text(chat, i18n::unavailable(lang), None)
+                .await
+                .map(drop),
+            Owed::PreCheckout { id, lang } => {
+                use teloxide::payloads::AnswerPreCheckoutQuerySetters;
+                api.call("answerPreCheckoutQuery", || {
+                    api.bot
+                        .answer_pre_checkout_query(id.clone(), false)
+                        .error_message(i18n::precheckout_unavailable(lang))
+                        .into_future()
+                })
+                .await
+                .map(drop)
+            }
+            Owed::Payment {
+                chat,
+                lang,
+                telegram_charge_id,
+                amount,
+            } => {
+                let recorded = self.payment_recorded(&telegram_charge_id, started).await;
+                let text = match recorded {
+                    Some(PaymentSeen::Before) => {
+                        tracing::info!(
+                            "cut-off handler of a repeated successful_payment: not answered again"
+                        );
+                        return;
+                    }
+                    Some(PaymentSeen::ByThisHandler) => i18n::payment_credited_key_later(lang),
+                    None => {
+                        self.metrics().payments.with_label_values(&["failed"]).inc();
+                        tracing::error!(
+                            user_id = chat,
+                            amount,
+                            telegram_charge_id = %telegram_charge_id,
+                            "payment handler cut off before the payment was recorded: credit it manually"
+                        );
+                        i18n::payment_delayed(lang)
+                    }
+                };
+                api.send_text(chat, text, None).await.map(drop)
+            }
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not answer after a cut-off handler");
+        }
+    }
+
+    /// Whether the charge is recorded, and whether before the handler `started` (compared on
+    /// the database's clock, with a second of margin: a repeated update comes much later).
+    /// `None`: not recorded, or unknown within 2 s.
+    async fn payment_recorded(
+        &self,
+        telegram_charge_id: &str,
+        started: Instant,
+    ) -> Option<PaymentSeen> {
+        let look = async {
+            let mut c = self.inner.pool.acquire("bot_cut_off_payment").await?;
+            let ran = started.elapsed() + Duration::from_secs(1);
+            let r: Result<Option<bool>, sqlx::Error> = sqlx::query_scalar(
+                "SELECT now() - created_at > make_interval(secs => $2) FROM payments \
+                 WHERE telegram_charge_id = $1 ORDER BY created_at LIMIT 1",
+            )
+            .bind(telegram_charge_id)
+            .bind(ran.as_secs_f64())
+            .fetch_optional(&mut *c)
+            .await;
+            c.check(r)
+        };
+        match tokio::time::timeout(Duration::from_secs(2), look).await {
+            Ok(Ok(Some(true))) => Some(PaymentSeen::Before),
+            Ok(Ok(Some(false))) => Some(PaymentSeen::ByThisHandler),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not look up a cut-off payment");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// When a cut-off handler's payment was recorded.
+#[derive(Debug, Clone, Copy)]
+enum PaymentSeen {
+    /// Before this update was handled: a repeated update.
+    Before,
+    /// While this handler ran.
+    ByThisHandler,
+}
+
+/// Who is owed an answer when an update's handler is cut off, taken before it runs.
+#[derive(Debug)]
+enum Owed {
+    /// Nobody (groups, channels, bots, ignored kinds).
+    Nothing,
+    /// A private chat (a message or a button press): "try again in a minute".
+    Chat { chat: i64, lang: i18n::Lang },
+    /// A pre-checkout query: refused with "try again later" (nothing was charged).
+    PreCheckout {
+        id: teloxide::types::PreCheckoutQueryId,
+        lang: i18n::Lang,
+    },
+    /// A successful payment: depends on what was recorded.
+    Payment {
+        chat: i64,
+        lang: i18n::Lang,
+        telegram_charge_id: String,
+        amount: u32,
+    },
+}
+
+impl Owed {
+    fn of(u: &Update) -> Owed {
+        let lang =
+            |user: &teloxide::types::User| i18n::Lang::from_code(user.language_code.as_deref());
+        match &u.kind {
+            UpdateKind::Message(m) => {
+                let Some(from) = m.from.as_ref().filter(|f| !f.is_bot) else {
+                    return Owed::Nothing;
+                };
+                let id = from.id.0 as i64;
+                if let Some(p) = m.successful_payment() {
+                    return Owed::Payment {
+                        chat: id,
+                        lang: lang(from),
+                        telegram_charge_id: p.telegram_payment_charge_id.0.clone(),
+                        amount: p.total_amount,
+                    };
+                }
+                if m.chat.is_private() && m.chat.id.0 == id {
+                    Owed::Chat {
+                        chat: id,
+                        lang: lang(from),
+                    }
+                } else {
+                    Owed::Nothing
+                }
+            }
+            UpdateKind::CallbackQuery(q) if !q.from.is_bot => Owed::Chat {
+                chat: q.from.id.0 as i64,
+                lang: lang(&q.from),
+            },
+            UpdateKind::PreCheckoutQuery(q) => Owed::PreCheckout {
+                id: q.id.clone(),
+                lang: lang(&q.from),
+            },
+            _ => Owed::Nothing,
+        }
     }
 }
 

@@ -166,17 +166,17 @@ impl ExpiryWorker {
     /// A database error; send failures are counted, not returned.
     pub async fn run_once(&self) -> Result<ExpiryPass, DbError> {
         let (mut pass, notices) = self.enforce_once(usize::MAX).await?;
-        let outcomes: Vec<Sent> = futures_util::stream::iter(notices)
+        let outcomes: Vec<Outcome> = futures_util::stream::iter(notices)
             .map(|n| self.notify(n))
             .buffer_unordered(self.settings.notify_concurrency.max(1))
             .collect()
             .await;
         for o in outcomes {
             match o {
-                Sent::Sent => pass.sent += 1,
-                Sent::Failed => pass.failed += 1,
-                Sent::Blocked => pass.blocked += 1,
-                Sent::Skipped => {}
+                Outcome::Delivered => pass.sent += 1,
+                Outcome::Failed => pass.failed += 1,
+                Outcome::Blocked => pass.blocked += 1,
+                Outcome::Skipped => {}
             }
         }
         Ok(pass)
@@ -305,7 +305,7 @@ impl ExpiryWorker {
 
     /// Sends one notice (not to a user who blocked the bot), counting its outcome; a `403`
     /// marks the user blocked.
-    async fn notify(&self, n: Notice) -> Sent {
+    async fn notify(&self, n: Notice) -> Outcome {
         let count = |outcome: &str| {
             self.metrics
                 .reminders
@@ -314,16 +314,16 @@ impl ExpiryWorker {
         };
         let Some(api) = &self.api else {
             count("skipped");
-            return Sent::Skipped;
+            return Outcome::Skipped;
         };
         if n.blocked {
             count("blocked");
-            return Sent::Blocked;
+            return Outcome::Blocked;
         }
         match api.send_text(n.chat, &n.text, None).await {
             Ok(_) => {
                 count("sent");
-                Sent::Sent
+                Outcome::Delivered
             }
             Err(e) if e.is_forbidden() => {
                 count("blocked");
@@ -334,12 +334,12 @@ impl ExpiryWorker {
                 if let Err(e) = self.mark_blocked(n.chat).await {
                     tracing::warn!(error = %e, "could not remember a blocked user");
                 }
-                Sent::Blocked
+                Outcome::Blocked
             }
             Err(e) => {
                 count("failed");
                 tracing::warn!(window = n.window, error = %e, "expiry notice not delivered");
-                Sent::Failed
+                Outcome::Failed
             }
         }
     }
@@ -447,8 +447,8 @@ impl ExpiryWorker {
 
 /// How one notice went.
 #[derive(Debug, Clone, Copy)]
-enum Sent {
-    Sent,
+enum Outcome {
+    Delivered,
     Failed,
     Blocked,
     Skipped,
