@@ -214,8 +214,10 @@ impl BotApi {
     /// `method`; on `429` waits `retry_after` (up to the configured maximum) and sends again,
     /// at most twice. A request that failed before any byte of it was acknowledged (no
     /// connection, or the kernel aborted the connection with the bytes unacknowledged) is sent
-    /// once more (`vpnbot_bot_api_retries_total`). Other errors are not retried (a send might
-    /// have been delivered).
+    /// once more (`vpnbot_bot_api_retries_total`): the failed connection has left the pool, but
+    /// only [`Self::send_text`] and [`Self::send_png`] are sure to get a fresh one (another idle
+    /// pooled connection may serve `make()`). Other errors are not retried (a send might have
+    /// been delivered).
     ///
     /// # Errors
     /// [`BotApiError`].
