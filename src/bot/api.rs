@@ -45,11 +45,65 @@ pub enum BotApiError {
     Other {
         /// The Bot API method.
         method: &'static str,
-        /// The outcome label (`network`, `api_error`, `invalid_json`, `error`).
+        /// The outcome label (`network`, `api_error`, `forbidden`, `invalid_json`, `error`).
         kind: &'static str,
         /// A description without the token or URL.
         detail: String,
     },
+}
+
+impl BotApiError {
+    /// The user blocked the bot, deleted their account or cannot be written to (`403`):
+    /// sending again will not help.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(
+            self,
+            BotApiError::Other {
+                kind: "forbidden",
+                ..
+            }
+        )
+    }
+}
+
+/// `403` answers about the recipient: blocked, deactivated, kicked, never started the bot.
+fn is_forbidden(e: &RequestError) -> bool {
+    matches!(
+        e,
+        RequestError::Api(
+            ApiError::BotBlocked
+                | ApiError::UserDeactivated
+                | ApiError::BotKicked
+                | ApiError::BotKickedFromSupergroup
+                | ApiError::BotKickedFromChannel
+                | ApiError::CantInitiateConversation
+                | ApiError::CantTalkWithBots
+        )
+    )
+}
+
+/// Whether `e` failed before any byte of the request was acknowledged by the peer: no
+/// connection was made, or the kernel aborted the connection because sent bytes stayed
+/// unacknowledged (`ETIMEDOUT` from `TCP_USER_TIMEOUT` or keep-alive). Sending again cannot
+/// deliver twice. A timeout of our own (the request timer) is not this: the request may have
+/// been read.
+fn not_acknowledged(e: &RequestError) -> bool {
+    let RequestError::Network(n) = e else {
+        return false;
+    };
+    if n.is_connect() {
+        return true;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&**n);
+    while let Some(err) = src {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error().is_some() && io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        src = err.source();
+    }
+    false
 }
 
 /// Outcome label and a secret-free description of a teloxide error.
@@ -87,6 +141,7 @@ pub(crate) fn classify(e: &RequestError) -> (&'static str, String) {
 #[derive(Clone)]
 pub struct BotApi {
     pub(crate) bot: Bot,
+    fresh_bot: Bot,
     pub(crate) poll_bot: Bot,
     pub(crate) metrics: BotMetrics,
     pub(crate) settings: BotSettings,
@@ -113,7 +168,7 @@ impl BotApi {
     ) -> Result<BotApi, String> {
         let url = reqwest::Url::parse(&telegram.api_url)
             .map_err(|e| format!("telegram.api_url is not a URL: {e}"))?;
-        let client = |total: Duration| {
+        let client = |total: Duration, max_idle: usize| {
             reqwest::Client::builder()
                 .timeout(total)
                 .connect_timeout(Duration::from_secs(5).min(total))
@@ -121,19 +176,32 @@ impl BotApi {
                 // Never follow a redirect: the token is in the URL path and a message's text
                 // in the body; a 3xx from the Bot API is an error, not an instruction.
                 .redirect(reqwest::redirect::Policy::none())
+                // A path that drops silently (NAT or firewall state gone, no FIN) leaves a
+                // pooled connection dead: recycle idle ones before that, find dead idle ones
+                // with keep-alive probes, and abort one whose request bytes stay
+                // unacknowledged instead of waiting for the whole request timeout.
+                .pool_idle_timeout(secs(settings.pool_idle_timeout_seconds))
+                .pool_max_idle_per_host(max_idle)
+                .tcp_keepalive(Duration::from_secs(15))
+                .tcp_keepalive_interval(Duration::from_secs(5))
+                .tcp_keepalive_retries(3)
+                .tcp_user_timeout(secs(settings.tcp_user_timeout_seconds))
                 .build()
                 .map_err(|e| format!("HTTP client: {e}"))
         };
         let token = telegram.token.expose_secret().to_string();
-        let bot = Bot::with_client(
-            token.clone(),
-            client(secs(settings.request_timeout_seconds))?,
-        )
-        .set_api_url(url.clone());
+        let request = secs(settings.request_timeout_seconds);
+        let bot =
+            Bot::with_client(token.clone(), client(request, usize::MAX)?).set_api_url(url.clone());
+        // Keeps no connection: a retry on it always opens a fresh one.
+        let fresh_bot =
+            Bot::with_client(token.clone(), client(request, 0)?).set_api_url(url.clone());
         let poll_bot =
-            Bot::with_client(token, client(settings.poll_request_timeout())?).set_api_url(url);
+            Bot::with_client(token, client(settings.poll_request_timeout(), usize::MAX)?)
+                .set_api_url(url);
         Ok(BotApi {
             bot,
+            fresh_bot,
             poll_bot,
             metrics,
             settings: settings.clone(),
@@ -147,7 +215,12 @@ impl BotApi {
 
     /// Runs the request `make()` builds, bounded by the request timeout, counted under
     /// `method`; on `429` waits `retry_after` (up to the configured maximum) and sends again,
-    /// at most twice. Other errors are not retried (a send might have been delivered).
+    /// at most twice. A request that failed before any byte of it was acknowledged (no
+    /// connection, or the kernel aborted the connection with the bytes unacknowledged) is sent
+    /// once more (`vpnbot_bot_api_retries_total`): the failed connection has left the pool, but
+    /// only [`Self::send_text`] and [`Self::send_png`] are sure to get a fresh one (another idle
+    /// pooled connection may serve `make()`). Other errors are not retried (a send might have
+    /// been delivered).
     ///
     /// # Errors
     /// [`BotApiError`].
@@ -156,14 +229,25 @@ impl BotApi {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, RequestError>>,
     {
+        self.call_on(method, |_| make()).await
+    }
+
+    /// As [`Self::call`], with the client passed in: the retry of an unacknowledged request
+    /// gets a client that keeps no connection, so it goes out on a fresh one.
+    async fn call_on<T, F, Fut>(&self, method: &'static str, make: F) -> Result<T, BotApiError>
+    where
+        F: Fn(&Bot) -> Fut,
+        Fut: Future<Output = Result<T, RequestError>>,
+    {
         // The client's own timeout bounds the HTTP exchange; this one also bounds teloxide's
         // fixed 10 s pause after a 5xx.
         let bound = secs(self.settings.request_timeout_seconds + 1.0);
         let max_wait = secs(self.settings.retry_after_max_seconds);
         let mut attempt = 0;
+        let mut bot = &self.bot;
         loop {
             attempt += 1;
-            let res = tokio::time::timeout(bound, make()).await;
+            let res = tokio::time::timeout(bound, make(bot)).await;
             let e = match res {
                 Ok(Ok(v)) => {
                     self.count(method, "ok");
@@ -180,6 +264,19 @@ impl BotApi {
             };
             let (outcome, detail) = classify(&e);
             self.count(method, outcome);
+            if std::ptr::eq(bot, &self.bot) && not_acknowledged(&e) {
+                self.metrics
+                    .api_retries
+                    .with_label_values(&[method, "not_acknowledged"])
+                    .inc();
+                tracing::warn!(
+                    method,
+                    error = %detail,
+                    "Bot API request not acknowledged; sending it once more on a fresh connection"
+                );
+                bot = &self.fresh_bot;
+                continue;
+            }
             match e {
                 RequestError::RetryAfter(s) => {
                     self.metrics.error("rate_limited");
@@ -202,6 +299,7 @@ impl BotApi {
                 }
                 _ => {
                     let kind = match outcome {
+                        _ if is_forbidden(&e) => "forbidden",
                         "timeout" => {
                             return Err(BotApiError::Timeout {
                                 method,
@@ -241,8 +339,8 @@ impl BotApi {
         text: &str,
         keyboard: Option<InlineKeyboardMarkup>,
     ) -> Result<Message, BotApiError> {
-        self.call("sendMessage", || {
-            let mut req = self.bot.send_message(ChatId(chat), text);
+        self.call_on("sendMessage", |bot| {
+            let mut req = bot.send_message(ChatId(chat), text);
             if let Some(k) = &keyboard {
                 req = req.reply_markup(k.clone());
             }
@@ -262,9 +360,8 @@ impl BotApi {
         caption: &str,
         keyboard: Option<InlineKeyboardMarkup>,
     ) -> Result<Message, BotApiError> {
-        self.call("sendPhoto", || {
-            let mut req = self
-                .bot
+        self.call_on("sendPhoto", |bot| {
+            let mut req = bot
                 .send_photo(
                     ChatId(chat),
                     InputFile::memory(png.clone()).file_name("key.png"),

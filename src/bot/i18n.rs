@@ -105,6 +105,10 @@ texts! {
     /// A temporary internal problem.
     unavailable => "Something went wrong on our side. Please try again in a minute.",
         "Что-то пошло не так на нашей стороне. Попробуйте через минуту.";
+    /// A payment handler was cut off after the charge was credited (the key or the reply did
+    /// not make it in time).
+    payment_credited_key_later => "Your payment is credited. The confirmation did not make it in time: send /key in a minute to get your key, /status to check your subscription.",
+        "Платёж зачислен. Подтверждение не успело отправиться: через минуту отправьте /key, чтобы получить ключ, /status — чтобы проверить подписку.";
     /// Callback with data the bot does not recognise.
     unknown_action => "This button is no longer valid.",
         "Эта кнопка больше не действует.";

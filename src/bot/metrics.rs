@@ -1,7 +1,9 @@
 //! Metric families of the bot. Every label comes from a fixed set in the code: never a chat id,
 //! user id, payload or token.
 
-use prometheus::{Gauge, HistogramVec, IntCounterVec, IntGauge, Registry};
+use prometheus::{
+    Counter, Gauge, Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 
@@ -15,7 +17,16 @@ pub struct BotMetrics {
     pub(crate) api_requests: IntCounterVec,
     pub(crate) payments: IntCounterVec,
     pub(crate) in_flight: IntGauge,
+    pub(crate) precheckout_answer: Histogram,
+    pub(crate) queue_depth: IntGaugeVec,
+    pub(crate) backpressure: Counter,
+    pub(crate) api_retries: IntCounterVec,
 }
+
+/// Buckets of `vpnbot_bot_precheckout_answer_seconds`: fine below Telegram's 10 s deadline.
+const PRECHECKOUT_BUCKETS_SECONDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0,
+];
 
 /// Error kinds exported at 0 from start-up (the ones alerts use).
 const ERROR_KINDS_ALWAYS_EXPORTED: [&str; 2] = ["conflict", "rate_limited"];
@@ -65,7 +76,43 @@ impl BotMetrics {
                 "vpnbot_bot_updates_in_flight",
                 "Updates being handled now.",
             ),
+            precheckout_answer: metrics::histogram(
+                registry,
+                "vpnbot_bot_precheckout_answer_seconds",
+                "Time from receiving a pre_checkout_query in getUpdates to the end of its answerPreCheckoutQuery (Telegram cancels the payment after 10 s).",
+                PRECHECKOUT_BUCKETS_SECONDS,
+            ),
+            queue_depth: metrics::int_gauge_vec(
+                registry,
+                "vpnbot_bot_update_queue_depth",
+                "Updates fetched and waiting for a handler slot, by lane (ordinary; priority: pre-checkout queries and successful payments).",
+                &["lane"],
+            ),
+            api_retries: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_api_retries_total",
+                "Bot API requests sent once more, by method and reason (not_acknowledged: failed before any byte was acknowledged, retried on a fresh connection).",
+                &["method", "reason"],
+            ),
+            backpressure: {
+                let c = Counter::with_opts(Opts::new(
+                    "vpnbot_bot_receive_backpressure_seconds_total",
+                    "Seconds the receive loop did not fetch updates because a lane's queue (bot.update_queue_capacity) was full.",
+                ))
+                .expect("valid counter opts");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric name");
+                c
+            },
         };
+        for method in ["sendMessage", "sendPhoto"] {
+            m.api_retries
+                .with_label_values(&[method, "not_acknowledged"]);
+        }
+        for lane in ["ordinary", "priority"] {
+            m.queue_depth.with_label_values(&[lane]);
+        }
         // Export the error kinds alerts watch (409 conflict, 429) at 0 from the start, so
         // `increase()` sees the first one and the series exist before anything went wrong.
         for kind in ERROR_KINDS_ALWAYS_EXPORTED {

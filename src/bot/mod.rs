@@ -11,8 +11,13 @@
 //!   a long pause, never a tight loop (T3); other errors back off (capped, jittered);
 //! - every successful poll, empty or not, sets
 //!   `vpnbot_bot_polling_last_success_timestamp_seconds`;
-//! - updates are handled concurrently up to `bot.max_concurrent_updates`; when all slots are
-//!   busy the loop waits before polling again (back-pressure, bounded memory).
+//! - updates are handled concurrently up to `bot.max_concurrent_updates`; while all slots are
+//!   busy the loop keeps polling into a bounded queue (`bot.update_queue_capacity`) and waits
+//!   only when it is full (back-pressure, bounded memory, visible in
+//!   `vpnbot_bot_receive_backpressure_seconds_total`);
+//! - time-critical updates (pre-checkout queries, successful payments) have a queue and
+//!   slots of their own (`bot.priority_concurrent_updates`), so ordinary traffic can neither
+//!   delay their fetching nor take their slots (`vpnbot_bot_precheckout_answer_seconds`).
 
 pub mod api;
 pub mod bench;
@@ -33,7 +38,7 @@ pub use settings::{BotSettings, Plan};
 use std::collections::{BTreeMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
@@ -42,7 +47,7 @@ use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
 use teloxide::types::{AllowedUpdate, BotCommand, Update, UpdateKind};
 use teloxide::{ApiError, RequestError};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -241,8 +246,27 @@ impl BotService {
         if let Err(e) = self.warm().await {
             tracing::warn!(error = %e, "node load not counted at start; the first pick counts");
         }
-        let sem = Arc::new(Semaphore::new(s.max_concurrent_updates));
         let handlers = TaskTracker::new();
+        // Two lanes, each a bounded queue drained onto its own slots: ordinary updates, and
+        // time-critical ones (pre-checkout queries, successful payments) that ordinary traffic
+        // can neither delay nor starve. The loop keeps polling while slots are busy; it pauses
+        // only when a queue is full (back-pressure, bounded memory).
+        let ordinary = Lane::start(
+            &self,
+            "ordinary",
+            s.max_concurrent_updates,
+            s.update_queue_capacity,
+            &handlers,
+            &cancel,
+        );
+        let priority = Lane::start(
+            &self,
+            "priority",
+            s.priority_concurrent_updates,
+            s.update_queue_capacity,
+            &handlers,
+            &cancel,
+        );
         let mut offset: Option<i32> = None;
         let mut failures: u32 = 0;
         let bound = s.poll_request_timeout() + Duration::from_secs(1);
@@ -272,47 +296,41 @@ impl BotService {
             };
             let pause = match res {
                 Ok(Ok(updates)) => {
+                    let received = Instant::now();
                     api.count("getUpdates", "ok");
                     self.metrics().polling_last_success.set(unix_now());
                     failures = 0;
                     // Bot API offsets are i32 in teloxide; a hostile or odd endpoint could
                     // send an id at i32::MAX: saturate instead of overflowing.
                     let id_of = |u: &Update| i32::try_from(u.id.0).unwrap_or(i32::MAX);
-                    let mut unstarted: std::collections::BTreeSet<i32> =
+                    let mut unqueued: std::collections::BTreeSet<i32> =
                         updates.iter().map(id_of).collect();
-                    let batch_next = unstarted.last().map(|id| id.saturating_add(1));
-                    // Telegram cancels a payment whose pre-checkout is not answered within
-                    // 10 s; the answer is light: pre-checkouts go first and take no slot.
+                    let batch_next = unqueued.last().map(|id| id.saturating_add(1));
+                    // Time-critical updates go first in their batch, to their own lane.
                     let mut updates = updates;
-                    updates.sort_by_key(|u| !matches!(u.kind, UpdateKind::PreCheckoutQuery(_)));
+                    updates.sort_by_key(|u| !is_time_critical(u));
                     for u in updates {
                         let id = id_of(&u);
-                        let permit = if matches!(u.kind, UpdateKind::PreCheckoutQuery(_)) {
-                            None
+                        let lane = if is_time_critical(&u) {
+                            &priority
                         } else {
-                            match sem.clone().try_acquire_owned() {
-                                Ok(p) => Some(p),
-                                Err(_) => {
-                                    op.enter(PollPhase::HandlerSlot, slot_bound);
-                                    tokio::select! {
-                                        _ = cancel.cancelled() => break,
-                                        p = sem.clone().acquire_owned() => {
-                                            Some(p.expect("semaphore never closed"))
-                                        }
-                                    }
-                                }
-                            }
+                            &ordinary
                         };
-                        let bot = self.clone();
-                        handlers.spawn(async move {
-                            bot.handle_guarded(u).await;
-                            drop(permit);
-                        });
-                        unstarted.remove(&id);
+                        let queued = Queued {
+                            update: u,
+                            received,
+                        };
+                        if !lane
+                            .push(queued, &cancel, op, slot_bound, self.metrics())
+                            .await
+                        {
+                            break;
+                        }
+                        unqueued.remove(&id);
                     }
-                    // Confirm only what was started: an update left unstarted by shutdown
-                    // stays with Telegram for the next leader.
-                    offset = match (unstarted.first(), batch_next) {
+                    // Confirm only what was queued: an update left out by shutdown stays
+                    // with Telegram for the next leader (queued ones are started at shutdown).
+                    offset = match (unqueued.first(), batch_next) {
                         (Some(&first), _) => Some(first),
                         (None, Some(next)) => Some(offset.unwrap_or(0).max(next)),
                         (None, None) => offset,
@@ -382,6 +400,9 @@ impl BotService {
             }
         }
         drop(watch);
+        // The lanes start what they hold (confirmed to Telegram) without waiting for a slot.
+        ordinary.finish().await;
+        priority.finish().await;
         handlers.close();
         let drain = secs(s.handler_timeout_seconds.min(5.0));
         op.enter(PollPhase::Drain, drain + Duration::from_secs(3));
@@ -396,11 +417,13 @@ impl BotService {
         tracing::info!("bot: long polling stopped");
     }
 
-    /// Handles one update with the per-update bound, counting a timeout or a panic.
+    /// Handles one update with the per-update bound, counting a timeout or a panic. A handler
+    /// cut off or panicking still answers the user honestly (see [`Owed`]).
     async fn handle_guarded(&self, u: Update) {
         let bound = secs(self.settings().handler_timeout_seconds);
         self.metrics().in_flight.inc();
         let started = std::time::Instant::now();
+        let owed = Owed::of(&u);
         let fut = std::panic::AssertUnwindSafe(self.handle_update(u)).catch_unwind();
         let cut = |handler: &str| {
             // The handler's own observation never ran: keep the slowest ones in the histogram.
@@ -409,12 +432,13 @@ impl BotService {
                 .with_label_values(&[handler])
                 .observe(started.elapsed().as_secs_f64());
         };
-        match tokio::time::timeout(bound, fut).await {
-            Ok(Ok(())) => {}
+        let cut_off = match tokio::time::timeout(bound, fut).await {
+            Ok(Ok(())) => false,
             Ok(Err(_)) => {
                 cut("panic");
                 self.metrics().error("panic");
                 tracing::error!("bot: an update handler panicked");
+                true
             }
             Err(_) => {
                 cut("timeout");
@@ -423,9 +447,312 @@ impl BotService {
                     bound_s = bound.as_secs_f64(),
                     "bot: an update handler timed out"
                 );
+                true
             }
+        };
+        if cut_off {
+            self.answer_cut_off(owed, started).await;
         }
         self.metrics().in_flight.dec();
+    }
+
+    /// The honest answer after a handler was cut off or panicked (best effort, each call
+    /// bounded by the request timeout). A payment is looked up first: recorded before this
+    /// update was handled means a duplicate update (answered the first time: silence);
+    /// recorded by this handler means credited (the key follows with `/key`); not recorded
+    /// means Telegram has the money and we do not: logged with its charge id for support,
+    /// counted failed, and the user told not to pay again.
+    async fn answer_cut_off(&self, owed: Owed, started: Instant) {
+        let api = &self.inner.api;
+        let res = match owed {
+            Owed::Nothing => return,
+            Owed::Chat { chat, lang } => api
+                .send_text(chat, i18n::unavailable(lang), None)
+                .await
+                .map(drop),
+            Owed::PreCheckout { id, lang } => {
+                use teloxide::payloads::AnswerPreCheckoutQuerySetters;
+                api.call("answerPreCheckoutQuery", || {
+                    api.bot
+                        .answer_pre_checkout_query(id.clone(), false)
+                        .error_message(i18n::precheckout_unavailable(lang))
+                        .into_future()
+                })
+                .await
+                .map(drop)
+            }
+            Owed::Payment {
+                chat,
+                lang,
+                telegram_charge_id,
+                amount,
+            } => {
+                let recorded = self.payment_recorded(&telegram_charge_id, started).await;
+                let text = match recorded {
+                    Some(PaymentSeen::Before) => {
+                        tracing::info!(
+                            "cut-off handler of a repeated successful_payment: not answered again"
+                        );
+                        return;
+                    }
+                    Some(PaymentSeen::ByThisHandler) => i18n::payment_credited_key_later(lang),
+                    None => {
+                        self.metrics().payments.with_label_values(&["failed"]).inc();
+                        tracing::error!(
+                            user_id = chat,
+                            amount,
+                            telegram_charge_id = %telegram_charge_id,
+                            "payment handler cut off before the payment was recorded: credit it manually"
+                        );
+                        i18n::payment_delayed(lang)
+                    }
+                };
+                api.send_text(chat, text, None).await.map(drop)
+            }
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not answer after a cut-off handler");
+        }
+    }
+
+    /// Whether the charge is recorded, and whether before the handler `started` (compared on
+    /// the database's clock, with a second of margin: a repeated update comes much later).
+    /// `None`: not recorded, or unknown within 2 s.
+    async fn payment_recorded(
+        &self,
+        telegram_charge_id: &str,
+        started: Instant,
+    ) -> Option<PaymentSeen> {
+        let look = async {
+            let mut c = self.inner.pool.acquire("bot_cut_off_payment").await?;
+            let ran = started.elapsed() + Duration::from_secs(1);
+            let r: Result<Option<bool>, sqlx::Error> = sqlx::query_scalar(
+                "SELECT now() - created_at > make_interval(secs => $2) FROM payments \
+                 WHERE telegram_charge_id = $1 ORDER BY created_at LIMIT 1",
+            )
+            .bind(telegram_charge_id)
+            .bind(ran.as_secs_f64())
+            .fetch_optional(&mut *c)
+            .await;
+            c.check(r)
+        };
+        match tokio::time::timeout(Duration::from_secs(2), look).await {
+            Ok(Ok(Some(true))) => Some(PaymentSeen::Before),
+            Ok(Ok(Some(false))) => Some(PaymentSeen::ByThisHandler),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not look up a cut-off payment");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// When a cut-off handler's payment was recorded.
+#[derive(Debug, Clone, Copy)]
+enum PaymentSeen {
+    /// Before this update was handled: a repeated update.
+    Before,
+    /// While this handler ran.
+    ByThisHandler,
+}
+
+/// Who is owed an answer when an update's handler is cut off, taken before it runs.
+#[derive(Debug)]
+enum Owed {
+    /// Nobody (groups, channels, bots, ignored kinds).
+    Nothing,
+    /// A private chat (a message or a button press): "try again in a minute".
+    Chat { chat: i64, lang: i18n::Lang },
+    /// A pre-checkout query: refused with "try again later" (nothing was charged).
+    PreCheckout {
+        id: teloxide::types::PreCheckoutQueryId,
+        lang: i18n::Lang,
+    },
+    /// A successful payment: depends on what was recorded.
+    Payment {
+        chat: i64,
+        lang: i18n::Lang,
+        telegram_charge_id: String,
+        amount: u32,
+    },
+}
+
+impl Owed {
+    fn of(u: &Update) -> Owed {
+        let lang =
+            |user: &teloxide::types::User| i18n::Lang::from_code(user.language_code.as_deref());
+        match &u.kind {
+            UpdateKind::Message(m) => {
+                let Some(from) = m.from.as_ref().filter(|f| !f.is_bot) else {
+                    return Owed::Nothing;
+                };
+                let id = from.id.0 as i64;
+                if let Some(p) = m.successful_payment() {
+                    return Owed::Payment {
+                        chat: id,
+                        lang: lang(from),
+                        telegram_charge_id: p.telegram_payment_charge_id.0.clone(),
+                        amount: p.total_amount,
+                    };
+                }
+                if m.chat.is_private() && m.chat.id.0 == id {
+                    Owed::Chat {
+                        chat: id,
+                        lang: lang(from),
+                    }
+                } else {
+                    Owed::Nothing
+                }
+            }
+            UpdateKind::CallbackQuery(q) if !q.from.is_bot => Owed::Chat {
+                chat: q.from.id.0 as i64,
+                lang: lang(&q.from),
+            },
+            UpdateKind::PreCheckoutQuery(q) => Owed::PreCheckout {
+                id: q.id.clone(),
+                lang: lang(&q.from),
+            },
+            _ => Owed::Nothing,
+        }
+    }
+}
+
+/// Pre-checkout queries (Telegram cancels the payment unless answered within 10 s) and
+/// successful payments: handled on slots of their own.
+fn is_time_critical(u: &Update) -> bool {
+    match &u.kind {
+        UpdateKind::PreCheckoutQuery(_) => true,
+        UpdateKind::Message(m) => m.successful_payment().is_some(),
+        _ => false,
+    }
+}
+
+/// An update fetched and waiting for a slot, with when it was fetched.
+#[derive(Debug)]
+struct Queued {
+    update: Update,
+    received: Instant,
+}
+
+/// One lane of the receive loop: a bounded queue drained by a dispatcher task onto the lane's
+/// own handler slots.
+struct Lane {
+    name: &'static str,
+    tx: mpsc::Sender<Queued>,
+    depth: prometheus::IntGauge,
+    dispatcher: tokio::task::JoinHandle<()>,
+}
+
+impl Lane {
+    fn start(
+        bot: &BotService,
+        name: &'static str,
+        slots: usize,
+        capacity: usize,
+        handlers: &TaskTracker,
+        cancel: &CancellationToken,
+    ) -> Lane {
+        let (tx, mut rx) = mpsc::channel::<Queued>(capacity);
+        let depth = bot.metrics().queue_depth.with_label_values(&[name]);
+        depth.set(0);
+        let sem = Arc::new(Semaphore::new(slots));
+        let (bot, handlers, cancel, d) =
+            (bot.clone(), handlers.clone(), cancel.clone(), depth.clone());
+        let dispatcher = tokio::spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+                };
+                let q = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => break,
+                    q = rx.recv() => match q {
+                        Some(q) => q,
+                        None => break,
+                    },
+                };
+                d.dec();
+                bot.spawn_handler(&handlers, q, Some(permit));
+            }
+            // Shutdown: what is queued was confirmed to Telegram; start it now, slot or not,
+            // under the loop's bounded drain.
+            rx.close();
+            while let Ok(q) = rx.try_recv() {
+                d.dec();
+                bot.spawn_handler(&handlers, q, None);
+            }
+        });
+        Lane {
+            name,
+            tx,
+            depth,
+            dispatcher,
+        }
+    }
+
+    /// Queues `q`, waiting for room when the queue is full (the loop then does not poll: the
+    /// wait is the `handler_slot` phase and counts in the back-pressure metric). `false` when
+    /// cancelled first (`q` is dropped, not confirmed).
+    async fn push(
+        &self,
+        q: Queued,
+        cancel: &CancellationToken,
+        op: &PollingOperation,
+        bound: Duration,
+        metrics: &BotMetrics,
+    ) -> bool {
+        self.depth.inc();
+        let q = match self.tx.try_send(q) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.depth.dec();
+                return false;
+            }
+            Err(mpsc::error::TrySendError::Full(q)) => q,
+        };
+        op.enter(PollPhase::HandlerSlot, bound);
+        tracing::debug!(lane = self.name, "bot: update queue full; polling paused");
+        let waited = Instant::now();
+        let sent = tokio::select! {
+            _ = cancel.cancelled() => false,
+            r = self.tx.send(q) => r.is_ok(),
+        };
+        metrics.backpressure.inc_by(waited.elapsed().as_secs_f64());
+        if !sent {
+            self.depth.dec();
+        }
+        sent
+    }
+
+    /// Waits for the dispatcher, which starts what is still queued once cancelled.
+    async fn finish(self) {
+        drop(self.tx);
+        let _ = self.dispatcher.await;
+    }
+}
+
+impl BotService {
+    fn spawn_handler(
+        &self,
+        handlers: &TaskTracker,
+        q: Queued,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let bot = self.clone();
+        handlers.spawn(async move {
+            let pre_checkout = matches!(q.update.kind, UpdateKind::PreCheckoutQuery(_));
+            bot.handle_guarded(q.update).await;
+            if pre_checkout {
+                bot.metrics()
+                    .precheckout_answer
+                    .observe(q.received.elapsed().as_secs_f64());
+            }
+            drop(permit);
+        });
     }
 }
 

@@ -15,7 +15,8 @@ pub enum PollPhase {
     Startup,
     /// A `getUpdates` long poll is in flight.
     LongPoll,
-    /// Every handler slot (`bot.max_concurrent_updates`) is busy; the loop waits for one.
+    /// Every handler slot of a lane is busy and its queue (`bot.update_queue_capacity`) is
+    /// full; the loop waits for room before it polls again.
     HandlerSlot,
     /// Pausing after a failed poll (backoff, `retry_after`, 409 Conflict).
     Backoff,

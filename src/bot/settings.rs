@@ -31,6 +31,19 @@ pub const DEFAULT_MAX_CONCURRENT_UPDATES: usize = 8;
 /// the outbox, seconds: a hung node then holds a handler slot for this long, not for the node
 /// client's whole deadline with retries (10 s).
 pub const DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS: f64 = 3.0;
+/// Default ordinary updates fetched and waiting for a handler slot; when this queue is full the
+/// receive loop stops fetching until there is room (back-pressure).
+pub const DEFAULT_UPDATE_QUEUE_CAPACITY: usize = 100;
+/// Default time-critical updates (pre-checkout queries, successful payments) handled at once, on
+/// slots of their own that ordinary traffic never takes.
+pub const DEFAULT_PRIORITY_CONCURRENT_UPDATES: usize = 4;
+/// Default longest a pooled Bot API connection stays idle before it is closed, seconds: well
+/// under the idle timeouts of NATs and firewalls that forget a flow without a FIN.
+pub const DEFAULT_POOL_IDLE_TIMEOUT_SECONDS: f64 = 10.0;
+/// Default `TCP_USER_TIMEOUT` of Bot API connections (Linux), seconds: a request whose bytes
+/// stay unacknowledged this long aborts its connection (then it is retried once on a fresh
+/// one) instead of waiting for the whole request timeout.
+pub const DEFAULT_TCP_USER_TIMEOUT_SECONDS: f64 = 5.0;
 /// Default bound on handling one update, seconds.
 pub const DEFAULT_HANDLER_TIMEOUT_SECONDS: f64 = 30.0;
 /// Default trial length, days.
@@ -43,6 +56,8 @@ pub const DEFAULT_LINK_PARAMS: &str = "encryption=none&security=tls&type=tcp";
 pub const DEFAULT_LINK_LABEL: &str = "vpnbot";
 /// Default interval of the expiry and reminder worker, seconds.
 pub const DEFAULT_EXPIRY_INTERVAL_SECONDS: f64 = 60.0;
+/// Default expiry reminders and notices sent at once (by the notifier, apart from enforcement).
+pub const DEFAULT_NOTIFY_CONCURRENCY: usize = 4;
 /// Default most subscriptions expired or reminded per pass.
 pub const DEFAULT_EXPIRY_BATCH: u32 = 500;
 
@@ -102,6 +117,19 @@ pub struct BotSettings {
     /// Updates handled at once; polling waits when all slots are busy
     /// (default [`DEFAULT_MAX_CONCURRENT_UPDATES`]).
     pub max_concurrent_updates: usize,
+    /// Ordinary updates fetched and waiting for a slot; polling pauses while this queue is
+    /// full (default [`DEFAULT_UPDATE_QUEUE_CAPACITY`]). Time-critical updates have a queue of
+    /// the same size of their own.
+    pub update_queue_capacity: usize,
+    /// Time-critical updates (pre-checkout queries, successful payments) handled at once, on
+    /// slots ordinary updates never take (default [`DEFAULT_PRIORITY_CONCURRENT_UPDATES`]).
+    pub priority_concurrent_updates: usize,
+    /// Longest a pooled Bot API connection stays idle before it is closed, seconds (default
+    /// [`DEFAULT_POOL_IDLE_TIMEOUT_SECONDS`]).
+    pub pool_idle_timeout_seconds: f64,
+    /// Unacknowledged request bytes abort a Bot API connection after this long (Linux
+    /// `TCP_USER_TIMEOUT`), seconds (default [`DEFAULT_TCP_USER_TIMEOUT_SECONDS`]).
+    pub tcp_user_timeout_seconds: f64,
     /// Bound on handling one update, seconds (default [`DEFAULT_HANDLER_TIMEOUT_SECONDS`]).
     pub handler_timeout_seconds: f64,
     /// Wait for the node to confirm a new key before answering "not confirmed yet" and
@@ -121,6 +149,9 @@ pub struct BotSettings {
     pub expiry_interval_seconds: f64,
     /// Most subscriptions expired or reminded per pass (default [`DEFAULT_EXPIRY_BATCH`]).
     pub expiry_batch: u32,
+    /// Expiry reminders and notices sent at once; sending never holds up enforcement
+    /// (default [`DEFAULT_NOTIFY_CONCURRENCY`]).
+    pub notify_concurrency: usize,
     /// Plans for sale, priced in Telegram Stars.
     pub plans: Vec<Plan>,
 }
@@ -136,7 +167,11 @@ impl Default for BotSettings {
             conflict_backoff_seconds: DEFAULT_CONFLICT_BACKOFF_SECONDS,
             retry_after_max_seconds: DEFAULT_RETRY_AFTER_MAX_SECONDS,
             max_concurrent_updates: DEFAULT_MAX_CONCURRENT_UPDATES,
+            update_queue_capacity: DEFAULT_UPDATE_QUEUE_CAPACITY,
+            priority_concurrent_updates: DEFAULT_PRIORITY_CONCURRENT_UPDATES,
             handler_timeout_seconds: DEFAULT_HANDLER_TIMEOUT_SECONDS,
+            pool_idle_timeout_seconds: DEFAULT_POOL_IDLE_TIMEOUT_SECONDS,
+            tcp_user_timeout_seconds: DEFAULT_TCP_USER_TIMEOUT_SECONDS,
             key_issue_timeout_seconds: DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS,
             trial_days: DEFAULT_TRIAL_DAYS,
             node_policy: DEFAULT_NODE_POLICY.into(),
@@ -144,6 +179,7 @@ impl Default for BotSettings {
             link_label: DEFAULT_LINK_LABEL.into(),
             expiry_interval_seconds: DEFAULT_EXPIRY_INTERVAL_SECONDS,
             expiry_batch: DEFAULT_EXPIRY_BATCH,
+            notify_concurrency: DEFAULT_NOTIFY_CONCURRENCY,
             plans: default_plans(),
         }
     }
@@ -161,6 +197,8 @@ impl BotSettings {
             ("conflict_backoff_seconds", self.conflict_backoff_seconds),
             ("retry_after_max_seconds", self.retry_after_max_seconds),
             ("handler_timeout_seconds", self.handler_timeout_seconds),
+            ("pool_idle_timeout_seconds", self.pool_idle_timeout_seconds),
+            ("tcp_user_timeout_seconds", self.tcp_user_timeout_seconds),
             ("key_issue_timeout_seconds", self.key_issue_timeout_seconds),
             ("expiry_interval_seconds", self.expiry_interval_seconds),
         ] {
@@ -175,6 +213,15 @@ impl BotSettings {
         }
         if self.max_concurrent_updates == 0 {
             e.push("bot.max_concurrent_updates must be at least 1".into());
+        }
+        if self.notify_concurrency == 0 {
+            e.push("bot.notify_concurrency must be at least 1".into());
+        }
+        if self.update_queue_capacity == 0 {
+            e.push("bot.update_queue_capacity must be at least 1".into());
+        }
+        if self.priority_concurrent_updates == 0 {
+            e.push("bot.priority_concurrent_updates must be at least 1".into());
         }
         if self.expiry_batch == 0 {
             e.push("bot.expiry_batch must be at least 1".into());

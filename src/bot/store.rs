@@ -52,7 +52,9 @@ async fn upsert_user_on(c: &mut PgConnection, id: i64, lang: &str) -> Result<(),
     sqlx::query(
         "INSERT INTO bot_users (telegram_id, language_code) VALUES ($1, $2) \
          ON CONFLICT (telegram_id) DO UPDATE SET language_code = EXCLUDED.language_code, \
-         updated_at = now() WHERE bot_users.language_code IS DISTINCT FROM EXCLUDED.language_code",
+         blocked_at = NULL, updated_at = now() \
+         WHERE bot_users.language_code IS DISTINCT FROM EXCLUDED.language_code \
+         OR bot_users.blocked_at IS NOT NULL",
     )
     .bind(id)
     .bind(lang)

@@ -3,3 +3,4 @@
 
 pub mod botapi;
 pub mod node;
+pub mod proxy;

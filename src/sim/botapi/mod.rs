@@ -16,6 +16,10 @@
 //! - Faults of FAULTS.md: T1 `getUpdates` never returns ([`UpdatesFault::Hang`]), T2 `429`
 //!   with `retry_after` on receive ([`UpdatesFault::RateLimited`]) and on send
 //!   ([`BotApiSimHandle::set_send_rate_limit`]), T3 `409 Conflict` ([`UpdatesFault::Conflict`]).
+//! - Message faults (`sendMessage`, `sendPhoto`, `sendInvoice` only; answers to queries are
+//!   not affected): slow sends ([`BotApiSimHandle::set_message_delay`]), `429 retry_after`
+//!   ([`BotApiSimHandle::set_message_rate_limit`]), `403` from a user who blocked the bot
+//!   ([`BotApiSimHandle::block_chat`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -184,6 +188,12 @@ struct SimState {
     commands: Option<Value>,
     updates_fault: UpdatesFault,
     send_rate_limit: Option<(u32, u32)>,
+    message_delay: Option<Duration>,
+    message_rate_limit: Option<(u32, u32)>,
+    blocked_chats: std::collections::BTreeSet<i64>,
+    message_attempts: BTreeMap<i64, u64>,
+    messages_in_flight: u32,
+    max_messages_in_flight: u32,
     requests: BTreeMap<String, u64>,
     last_offset: Option<i64>,
     poll_generation: u64,
@@ -504,6 +514,40 @@ impl BotApiSimHandle {
         self.shared.state().send_rate_limit = Some((retry_after, times));
     }
 
+    /// Every later `sendMessage`, `sendPhoto` and `sendInvoice` is answered only after
+    /// `delay` (`None`: at once). Answers to queries are not delayed.
+    pub fn set_message_delay(&self, delay: Option<Duration>) {
+        self.shared.state().message_delay = delay;
+    }
+
+    /// The next `times` `sendMessage`, `sendPhoto` and `sendInvoice` requests get `429` with
+    /// `retry_after` (answers to queries are not limited).
+    pub fn set_message_rate_limit(&self, retry_after: u32, times: u32) {
+        self.shared.state().message_rate_limit = Some((retry_after, times));
+    }
+
+    /// The user of private chat `chat_id` blocked the bot: messages to it get `403 Forbidden`.
+    pub fn block_chat(&self, chat_id: i64) {
+        self.shared.state().blocked_chats.insert(chat_id);
+    }
+
+    /// Message requests (`sendMessage`, `sendPhoto`, `sendInvoice`) received for `chat_id`,
+    /// whatever their outcome (faults included).
+    pub fn message_attempts(&self, chat_id: i64) -> u64 {
+        self.shared
+            .state()
+            .message_attempts
+            .get(&chat_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Most delayed message requests that were in flight at once (see
+    /// [`Self::set_message_delay`]).
+    pub fn max_concurrent_messages(&self) -> u32 {
+        self.shared.state().max_messages_in_flight
+    }
+
     /// Requests received for `method` (any outcome).
     pub fn requests(&self, method: &str) -> u64 {
         self.shared
@@ -690,6 +734,11 @@ async fn api(
             if let Some(r) = send_rate_limited(sh) {
                 return r;
             }
+            if matches!(method.as_str(), "sendMessage" | "sendPhoto" | "sendInvoice") {
+                if let Some(r) = message_fault(sh, &params).await {
+                    return r;
+                }
+            }
             record(sh, &method, params)
         }
         _ => err(404, "Not Found: method not found", None),
@@ -720,6 +769,49 @@ fn send_rate_limited(sh: &Shared) -> Option<Response> {
     let mut st = sh.state();
     let (retry, times) = st.send_rate_limit?;
     st.send_rate_limit = if times > 1 {
+        Some((retry, times - 1))
+    } else {
+        None
+    };
+    Some(err(
+        429,
+        &format!("Too Many Requests: retry after {retry}"),
+        Some(json!({ "retry_after": retry })),
+    ))
+}
+
+/// Message faults: the delay first (the request is in flight meanwhile), then `403` for a
+/// blocked chat, then `429`.
+async fn message_fault(sh: &Shared, p: &Params) -> Option<Response> {
+    let chat = p.i64("chat_id").unwrap_or(0);
+    let delay = {
+        let mut st = sh.state();
+        *st.message_attempts.entry(chat).or_default() += 1;
+        st.message_delay
+    };
+    if let Some(d) = delay {
+        {
+            let mut st = sh.state();
+            st.messages_in_flight += 1;
+            st.max_messages_in_flight = st.max_messages_in_flight.max(st.messages_in_flight);
+        }
+        // Counted down however the request ends (the client may give up first).
+        struct Done<'a>(&'a Shared);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                let mut st = self.0.state();
+                st.messages_in_flight = st.messages_in_flight.saturating_sub(1);
+            }
+        }
+        let _done = Done(sh);
+        tokio::time::sleep(d).await;
+    }
+    let mut st = sh.state();
+    if st.blocked_chats.contains(&chat) {
+        return Some(err(403, "Forbidden: bot was blocked by the user", None));
+    }
+    let (retry, times) = st.message_rate_limit?;
+    st.message_rate_limit = if times > 1 {
         Some((retry, times - 1))
     } else {
         None
