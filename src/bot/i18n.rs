@@ -258,3 +258,32 @@ mod tests {
         assert_ne!(welcome(Lang::En), welcome(Lang::Ru));
     }
 }
+
+/// A refund of `stars` Stars was recorded: what is left of the subscription (`until` while it
+/// runs on, `None` when the refund ended it).
+pub fn refund_recorded(lang: Lang, stars: i64, until: Option<DateTime<Utc>>) -> String {
+    match (lang, until) {
+        (Lang::En, Some(t)) => format!(
+            "Your payment of {stars} ⭐ was refunded and its days were taken back. Your subscription is active until {}.",
+            when(t)
+        ),
+        (Lang::En, None) => format!(
+            "Your payment of {stars} ⭐ was refunded and its days were taken back. Your subscription has ended; choose a plan with /buy to continue."
+        ),
+        (Lang::Ru, Some(t)) => format!(
+            "Платёж на {stars} ⭐ возвращён, оплаченные им дни сняты. Подписка активна до {}.",
+            when(t)
+        ),
+        (Lang::Ru, None) => format!(
+            "Платёж на {stars} ⭐ возвращён, оплаченные им дни сняты. Подписка закончилась; продлить: /buy."
+        ),
+    }
+}
+
+/// A refund of `stars` Stars for a payment that added no time (nothing to take back).
+pub fn refund_noted(lang: Lang, stars: i64) -> String {
+    match lang {
+        Lang::En => format!("Your payment of {stars} ⭐ was refunded."),
+        Lang::Ru => format!("Платёж на {stars} ⭐ возвращён."),
+    }
+}

@@ -14,11 +14,25 @@ pub struct BotMetrics {
     pub(crate) polling_last_success: Gauge,
     pub(crate) api_requests: IntCounterVec,
     pub(crate) payments: IntCounterVec,
+    pub(crate) refunds: IntCounterVec,
     pub(crate) in_flight: IntGauge,
 }
 
 /// Error kinds exported at 0 from start-up (the ones alerts use).
-const ERROR_KINDS_ALWAYS_EXPORTED: [&str; 2] = ["conflict", "rate_limited"];
+const ERROR_KINDS_ALWAYS_EXPORTED: [&str; 3] = ["conflict", "rate_limited", "unauthorized"];
+
+/// Refund sources (`source` label of `vpnbot_bot_refunds_total`).
+pub const REFUND_SOURCES: [&str; 2] = ["telegram", "admin"];
+/// Refund outcomes (`outcome` label of `vpnbot_bot_refunds_total`).
+pub const REFUND_OUTCOMES: [&str; 7] = [
+    "shortened",
+    "ended",
+    "not_credited",
+    "unknown_charge",
+    "duplicate",
+    "failed",
+    "rejected",
+];
 
 impl BotMetrics {
     /// Registers the bot's families.
@@ -40,7 +54,7 @@ impl BotMetrics {
             errors: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_errors_total",
-                "Bot errors by kind (conflict, rate_limited, poll_timeout, network, api, invalid_json, handler_timeout, db, node_pending, send_failed, panic).",
+                "Bot errors by kind (conflict, rate_limited, unauthorized (401: the token is revoked or wrong), poll_timeout, network, api, invalid_json, handler_timeout, db, node_pending, send_failed, panic).",
                 &["kind"],
             ),
             polling_last_success: metrics::gauge(
@@ -60,6 +74,12 @@ impl BotMetrics {
                 "Payments by outcome: credited (first successful_payment of a charge), duplicate (a repeated one, not credited again), rejected (pre-checkout refused), failed (not recorded; retried by Telegram's redelivery or support).",
                 &["outcome"],
             ),
+            refunds: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_refunds_total",
+                "Refunds of Telegram Stars payments by source (telegram: a refunded_payment message; admin: /refund confirmed by refundStarPayment) and outcome: shortened (the charge's days taken back, subscription still live), ended (nothing left: expired, key removal queued), not_credited (the payment never extended a live subscription), unknown_charge (no such payment recorded), duplicate (refund already recorded), failed (database error, not recorded), rejected (refundStarPayment refused by Telegram).",
+                &["source", "outcome"],
+            ),
             in_flight: metrics::int_gauge(
                 registry,
                 "vpnbot_bot_updates_in_flight",
@@ -70,6 +90,11 @@ impl BotMetrics {
         // `increase()` sees the first one and the series exist before anything went wrong.
         for kind in ERROR_KINDS_ALWAYS_EXPORTED {
             m.errors.with_label_values(&[kind]);
+        }
+        for source in REFUND_SOURCES {
+            for outcome in REFUND_OUTCOMES {
+                m.refunds.with_label_values(&[source, outcome]);
+            }
         }
         m
     }
