@@ -933,8 +933,8 @@ impl BotService {
             Err(e) => return self.sorry(ctx, e).await,
         };
         let text = format!(
-            "Stats\nusers: {}\nactive subscriptions: {} (trials: {})\npayments: {}\nrevenue: {} ⭐ (last 30 days: {} ⭐)",
-            st.users, st.active, st.active_trials, st.payments, st.revenue_stars, st.revenue_stars_30d
+            "Stats\nusers: {}\nactive subscriptions: {} (trials: {})\npayments: {}\nrefunds: {}\nrevenue: {} ⭐ (last 30 days: {} ⭐)",
+            st.users, st.active, st.active_trials, st.payments, st.refunds, st.revenue_stars, st.revenue_stars_30d
         );
         self.reply(ctx, &text, None).await
     }
