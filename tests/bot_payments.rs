@@ -79,8 +79,10 @@ async fn refunded_payment_takes_back_the_charge_once(_p: PgPoolOptions, opts: Pg
     assert_eq!(days_left(&e, u.id).await, 90);
     assert_eq!(refunds(&e, "telegram", "shortened"), 1.0);
     assert_eq!(
-        e.scalar_i64("SELECT count(*) FROM pending_node_ops WHERE op = 'remove' AND done_at IS NULL")
-            .await,
+        e.scalar_i64(
+            "SELECT count(*) FROM pending_node_ops WHERE op = 'remove' AND done_at IS NULL"
+        )
+        .await,
         0,
         "a live subscription's key is not removed"
     );
@@ -151,8 +153,10 @@ async fn refunded_payment_takes_back_the_charge_once(_p: PgPoolOptions, opts: Pg
         1.0
     );
     assert_eq!(
-        e.scalar_i64("SELECT count(*) FROM subscriptions WHERE owner_id = 5001 AND status = 'active'")
-            .await,
+        e.scalar_i64(
+            "SELECT count(*) FROM subscriptions WHERE owner_id = 5001 AND status = 'active'"
+        )
+        .await,
         0,
         "a refunded charge credits nothing"
     );
@@ -173,7 +177,9 @@ async fn refunded_payment_takes_back_the_charge_once(_p: PgPoolOptions, opts: Pg
         assert!(!m.text.contains("only understand commands"), "{m:?}");
     }
     // /stats leaves refunded payments out of revenue.
-    let s = e.say(&SimUser::new(ADMIN, "en"), "/stats", has("Stats")).await;
+    let s = e
+        .say(&SimUser::new(ADMIN, "en"), "/stats", has("Stats"))
+        .await;
     assert!(s.text.contains("revenue: 0 ⭐"), "{}", s.text);
     assert!(s.text.contains("refunds: 3"), "{}", s.text);
 }
@@ -190,8 +196,10 @@ async fn refund_keeps_what_other_payments_paid_for(_p: PgPoolOptions, opts: PgCo
         "UPDATE payments SET created_at = now() - interval '20 days' WHERE telegram_charge_id = 'old-1'",
     )
     .await;
-    e.exec("UPDATE subscriptions SET expires_at = now() + interval '10 days' WHERE owner_id = 5101")
-        .await;
+    e.exec(
+        "UPDATE subscriptions SET expires_at = now() + interval '10 days' WHERE owner_id = 5101",
+    )
+    .await;
     pay(&e, &u, "month", 100, "new-2").await;
     assert_eq!(days_left(&e, u.id).await, 40);
     // Refunding the old month: 40 - 30 = 10 days would rob the new month of 20 days it paid
@@ -217,7 +225,11 @@ async fn refund_keeps_what_other_payments_paid_for(_p: PgPoolOptions, opts: PgCo
         .await
         .unwrap()
     };
-    assert_eq!((before, after), (40, 30), "the refund row records what it did");
+    assert_eq!(
+        (before, after),
+        (40, 30),
+        "the refund row records what it did"
+    );
 }
 
 /// Item 2, admin side: `/refund <charge id>` (admins only) calls `refundStarPayment` once and
@@ -261,8 +273,10 @@ async fn admin_refund_calls_refund_star_payment(_p: PgPoolOptions, opts: PgConne
         .collect();
     assert_eq!(told.len(), 1, "{told:#?}");
     assert_eq!(
-        e.scalar_i64("SELECT count(*) FROM pending_node_ops WHERE op = 'remove' AND done_at IS NULL")
-            .await,
+        e.scalar_i64(
+            "SELECT count(*) FROM pending_node_ops WHERE op = 'remove' AND done_at IS NULL"
+        )
+        .await,
         1
     );
 
@@ -316,8 +330,7 @@ async fn credit_is_keyed_on_telegram_charge_id(_p: PgPoolOptions, opts: PgConnec
         2
     );
     // Telegram Stars: the empty provider id is stored as NULL.
-    e.sim
-        .successful_payment(&u, "v1:month", "XTR", 100, "tg-3");
+    e.sim.successful_payment(&u, "v1:month", "XTR", 100, "tg-3");
     tokio::time::timeout(WAIT, async {
         while e.scalar_i64("SELECT count(*) FROM payments").await < 3 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -455,7 +468,9 @@ async fn unparsed_update_is_logged_with_id_and_type_only(
         .finish();
     let _g = tracing::subscriber::set_default(subscriber);
     let e = env(&opts).await;
-    let id = e.sim.inject(json!({"message": {"message_id": "NaN", "chat": 5,
+    let id = e
+        .sim
+        .inject(json!({"message": {"message_id": "NaN", "chat": 5,
         "text": "SECRET-CONTENT-1234"}}));
     let u = SimUser::new(5601, "en");
     e.say(&u, "/help", has("/status")).await;

@@ -222,7 +222,10 @@ async fn failing_intent_carries_the_node_error_type(_p: PgPoolOptions, opts: PgC
         .unwrap()
     };
     assert_eq!(ty, "uuid_conflict");
-    assert!(err.contains("409") && err.contains("another email"), "{err}");
+    assert!(
+        err.contains("409") && err.contains("another email"),
+        "{err}"
+    );
 
     // Once replaced by an intent that succeeds, the series is gone.
     intent(&e.pool, NodeOp::Remove, uuid).await;

@@ -547,8 +547,10 @@ impl BotService {
     /// per Telegram charge id.
     async fn credit_with_retry(&self, input: &PaymentIn) -> Result<CreditOutcome, DbError> {
         let grace = self.add_grace();
-        self.db_retry(|| store::credit_payment(&self.inner.pool, input, &self.inner.node_picker, grace))
-            .await
+        self.db_retry(|| {
+            store::credit_payment(&self.inner.pool, input, &self.inner.node_picker, grace)
+        })
+        .await
     }
 
     /// Runs `op`, retrying database errors that can pass (pool exhausted, server restarting,

@@ -71,7 +71,7 @@ impl BotMetrics {
             payments: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_payments_total",
-                "Payments by outcome: credited (first successful_payment of a charge), duplicate (a repeated one, not credited again), rejected (pre-checkout refused), failed (not recorded; retried by Telegram's redelivery or support).",
+                "Payments by outcome: credited (first successful_payment of a charge), duplicate (a repeated one, not credited again), rejected (pre-checkout refused), failed (not recorded; retried by Telegram's redelivery or support), refunded_before_credit (the charge's refund was recorded first: recorded, not credited).",
                 &["outcome"],
             ),
             refunds: metrics::counter_vec(

@@ -251,7 +251,8 @@ impl BotService {
         let watch = WorkerWatch::start(self.inner.diagnostics.get(), "bot_polling", bound);
         loop {
             op.enter(PollPhase::LongPoll, bound);
-            let req = typed_updates::get_updates(&api.poll_bot, offset, 100, s.poll_timeout_seconds);
+            let req =
+                typed_updates::get_updates(&api.poll_bot, offset, 100, s.poll_timeout_seconds);
             let res = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = tokio::time::timeout(bound, req.into_future()) => r,

@@ -491,7 +491,10 @@ impl BotApiSimHandle {
         if let Some(c) = self.shared.state().charges.get_mut(charge_id) {
             c.refunded = true;
         }
-        let msg = self.user_message(user, refunded_payment_json(payload, currency, amount, charge_id));
+        let msg = self.user_message(
+            user,
+            refunded_payment_json(payload, currency, amount, charge_id),
+        );
         self.inject(json!({ "message": msg }))
     }
 
@@ -942,7 +945,11 @@ fn record(sh: &Shared, method: &str, p: Params) -> Response {
 fn refund_star_payment(sh: &Shared, p: &Params) -> Response {
     let (Some(user_id), Some(charge)) = (p.i64("user_id"), p.str("telegram_payment_charge_id"))
     else {
-        return err(400, "Bad Request: user_id and telegram_payment_charge_id are required", None);
+        return err(
+            400,
+            "Bad Request: user_id and telegram_payment_charge_id are required",
+            None,
+        );
     };
     let echo = {
         let mut st = sh.state();
