@@ -242,23 +242,6 @@ pub fn reminder(lang: Lang, days: u32, until: DateTime<Utc>) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn language_follows_the_code() {
-        assert_eq!(Lang::from_code(Some("ru")), Lang::Ru);
-        assert_eq!(Lang::from_code(Some("ru-RU")), Lang::Ru);
-        assert_eq!(Lang::from_code(Some("uk")), Lang::Ru);
-        assert_eq!(Lang::from_code(Some("en-GB")), Lang::En);
-        assert_eq!(Lang::from_code(Some("de")), Lang::En);
-        assert_eq!(Lang::from_code(Some("")), Lang::En);
-        assert_eq!(Lang::from_code(None), Lang::En);
-        assert_ne!(welcome(Lang::En), welcome(Lang::Ru));
-    }
-}
-
 /// A refund of `stars` Stars was recorded: what is left of the subscription (`until` while it
 /// runs on, `None` when the refund ended it).
 pub fn refund_recorded(lang: Lang, stars: i64, until: Option<DateTime<Utc>>) -> String {
@@ -285,5 +268,22 @@ pub fn refund_noted(lang: Lang, stars: i64) -> String {
     match lang {
         Lang::En => format!("Your payment of {stars} ⭐ was refunded."),
         Lang::Ru => format!("Платёж на {stars} ⭐ возвращён."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn language_follows_the_code() {
+        assert_eq!(Lang::from_code(Some("ru")), Lang::Ru);
+        assert_eq!(Lang::from_code(Some("ru-RU")), Lang::Ru);
+        assert_eq!(Lang::from_code(Some("uk")), Lang::Ru);
+        assert_eq!(Lang::from_code(Some("en-GB")), Lang::En);
+        assert_eq!(Lang::from_code(Some("de")), Lang::En);
+        assert_eq!(Lang::from_code(Some("")), Lang::En);
+        assert_eq!(Lang::from_code(None), Lang::En);
+        assert_ne!(welcome(Lang::En), welcome(Lang::Ru));
     }
 }

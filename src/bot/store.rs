@@ -420,6 +420,9 @@ pub enum RefundOutcome {
     Duplicate,
 }
 
+/// Another payment of a subscription: credit time, plan, stored days.
+type OtherPayment = (DateTime<Utc>, String, Option<i32>);
+
 #[derive(Debug, sqlx::FromRow)]
 struct PaymentRow {
     id: i64,
@@ -534,7 +537,7 @@ pub async fn refund_payment(
         .or_else(|| plan_days(&payment.plan))
         .unwrap_or(0);
     // What the other unrefunded payments of this subscription paid for.
-    let q: Result<Vec<(DateTime<Utc>, String, Option<i32>)>, _> = sqlx::query_as(
+    let q: Result<Vec<OtherPayment>, _> = sqlx::query_as(
         "SELECT p.created_at, p.plan, p.days FROM payments p WHERE p.subscription_id = $1 \
          AND p.id <> $2 AND NOT EXISTS (SELECT 1 FROM payment_refunds r \
          WHERE r.telegram_charge_id = p.telegram_charge_id)",

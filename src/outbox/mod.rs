@@ -257,6 +257,9 @@ pub struct OutboxPass {
     pub failed: usize,
 }
 
+/// A failed attempt: its bounded error label and a secret-free text.
+type Failure = (&'static str, String);
+
 #[derive(Debug, sqlx::FromRow)]
 struct Intent {
     id: i64,
@@ -347,7 +350,7 @@ impl Outbox {
             conn.check(res)?.into_iter().collect()
         };
 
-        let outcomes: Vec<(Intent, Result<(), (&'static str, String)>, bool)> = stream::iter(due)
+        let outcomes: Vec<(Intent, Result<(), Failure>, bool)> = stream::iter(due)
             .map(|intent| async {
                 if intent.op == "remove" && live.contains(&intent.vless_uuid) {
                     return (intent, Ok(()), true);
@@ -421,7 +424,7 @@ impl Outbox {
     }
 
     /// Applies one intent; on failure the bounded error label and a secret-free text.
-    async fn apply(&self, intent: &Intent) -> Result<(), (&'static str, String)> {
+    async fn apply(&self, intent: &Intent) -> Result<(), Failure> {
         let Some(client) = self.fleet.get(&intent.node) else {
             return Err((
                 "node_not_configured",
