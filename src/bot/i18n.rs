@@ -265,9 +265,11 @@ pub fn refund_recorded(lang: Lang, stars: i64, until: Option<DateTime<Utc>>) -> 
 
 /// A refund of `stars` Stars for a payment that added no time (nothing to take back).
 pub fn refund_noted(lang: Lang, stars: i64) -> String {
-    match lang {
-        Lang::En => format!("Your payment of {stars} ⭐ was refunded."),
-        Lang::Ru => format!("Платёж на {stars} ⭐ возвращён."),
+    match (lang, stars > 0) {
+        (Lang::En, true) => format!("Your payment of {stars} ⭐ was refunded."),
+        (Lang::En, false) => "Your payment was refunded.".to_string(),
+        (Lang::Ru, true) => format!("Платёж на {stars} ⭐ возвращён."),
+        (Lang::Ru, false) => "Платёж возвращён.".to_string(),
     }
 }
 

@@ -41,13 +41,13 @@ impl BotMetrics {
             updates: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_updates_total",
-                "Telegram updates received, by kind (message, edited_message, callback_query, pre_checkout_query, successful_payment, channel_post, group_message, other).",
+                "Telegram updates received, by kind (message, edited_message, callback_query, pre_checkout_query, successful_payment, refunded_payment, channel_post, group_message, my_chat_member, unparsed (logged with its update id and type), other).",
                 &["kind"],
             ),
             handler_duration: metrics::histogram_vec(
                 registry,
                 "vpnbot_bot_handler_duration_seconds",
-                "Time to handle one update, by handler (start, help, trial, buy, plan, pre_checkout, payment, status, key, stats, diag, reconcile, unknown, ignored, ...; `timeout` and `panic` for handlers cut by the bound or a panic).",
+                "Time to handle one update, by handler (start, help, trial, buy, plan, pre_checkout, payment, refund, status, key, stats, diag, reconcile, refund_admin, unknown, ignored, ...; `timeout` and `panic` for handlers cut by the bound or a panic).",
                 &["handler"],
                 DURATION_BUCKETS_SECONDS,
             ),
