@@ -779,7 +779,17 @@ impl BotService {
             RefundOutcome::UnknownCharge => {
                 "Refunded at Telegram; no payment was recorded here (refund recorded).".to_string()
             }
-            RefundOutcome::Duplicate => "Refunded; the refund was already recorded.".to_string(),
+            // Telegram's refunded_payment message for this refund was handled first.
+            RefundOutcome::Duplicate => {
+                match store::current_subscription(&self.inner.pool, user_id).await {
+                    Ok(Some(sub)) if sub.is_live(Utc::now()) => format!(
+                        "Refunded (recorded from Telegram's refund message). The subscription now ends {}.",
+                        sub.expires_at.format("%Y-%m-%d %H:%M UTC")
+                    ),
+                    Ok(Some(_)) => "Refunded (recorded from Telegram's refund message). The subscription has ended.".to_string(),
+                    _ => "Refunded (recorded from Telegram's refund message).".to_string(),
+                }
+            }
         };
         self.reply(ctx, &summary, None).await
     }
