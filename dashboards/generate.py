@@ -361,6 +361,13 @@ def reconcile():
     b.panel("timeseries", "Time since last success", [
         (f"time() - vpnbot_reconcile_last_success_timestamp_seconds{{{NODE}}}", "{{node}} {{instance}}"),
     ], unit="s", thresholds=[(None, "green"), (1200, "yellow"), (1800, "red")])
+    b.panel("timeseries", "Outbox: oldest waiting operation by last error", [
+        (f"max by (node, op, error) (vpnbot_outbox_pending_age_seconds{{{NODE}}})", "{{node}} {{op}} {{error}}"),
+    ], unit="s", thresholds=[(None, "green"), (300, "yellow"), (900, "red")],
+        description="Series only while operations wait; error `none` = not attempted yet (VpnbotOutboxIntentStuck at 15 min).")
+    b.panel("timeseries", "Outbox failures by error (per hour)", [
+        (f"sum by (node, op, error) (increase(vpnbot_outbox_failures_total{{{NODE}}}[1h]))", "{{node}} {{op}} {{error}}"),
+    ], description="The node client's error type; 4xx by the node API contract: uuid_conflict, not_found, bad_request.")
     return b
 
 
@@ -386,6 +393,12 @@ def bot():
     b.panel("timeseries", "Payments (per hour)", [
         (f"sum by (outcome) (increase(vpnbot_bot_payments_total{{{SEL}}}[1h]))", "{{outcome}}"),
     ])
+    b.panel("timeseries", "Refunds (per hour)", [
+        (f"sum by (source, outcome) (increase(vpnbot_bot_refunds_total{{{SEL}}}[1h]))", "{{source}} {{outcome}}"),
+    ], description="telegram: refunded_payment messages; admin: /refund. shortened/ended: days taken back; duplicate, unknown_charge, not_credited: nothing to take; failed/rejected: act.")
+    b.panel("timeseries", "Unauthorized polls (401)", [
+        (f'sum by (instance) (increase(vpnbot_bot_errors_total{{{SEL}, kind="unauthorized"}}[5m]))', "{{instance}}"),
+    ], description="Any value: the bot token is revoked or wrong (VpnbotTelegramUnauthorized).")
     b.panel("timeseries", "Bot API requests by method and outcome", [
         (f"sum by (method, outcome) (rate(vpnbot_bot_api_requests_total{{{SEL}}}[{RI}]))", "{{method}} {{outcome}}"),
     ], unit="ops", w=24)

@@ -69,7 +69,7 @@ async fn payment_during_pool_starvation_is_eventually_credited(
     assert!(text.contains("Payment received"), "{text}");
     assert!(!text.contains("try again"), "{text}");
     let payments = e
-        .scalar_i64("SELECT count(*) FROM payments WHERE provider_charge_id = 'charge-outage-1'")
+        .scalar_i64("SELECT count(*) FROM payments WHERE telegram_charge_id = 'charge-outage-1'")
         .await;
     let subs = e
         .scalar_i64("SELECT count(*) FROM subscriptions WHERE owner_id = 7001")
@@ -154,7 +154,7 @@ async fn shutdown_while_waiting_for_a_slot_loses_no_update(
     while t.elapsed() < Duration::from_secs(5) {
         credited = e
             .scalar_i64(
-                "SELECT count(*) FROM payments WHERE provider_charge_id = 'charge-shutdown-1'",
+                "SELECT count(*) FROM payments WHERE telegram_charge_id = 'charge-shutdown-1'",
             )
             .await;
         if credited == 1 {
@@ -300,7 +300,7 @@ async fn payment_in_a_group_is_at_least_recorded(_p: PgPoolOptions, opts: PgConn
     e.say(&u, "/help", has("/status")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        e.scalar_i64("SELECT count(*) FROM payments WHERE provider_charge_id = 'charge-group-1'")
+        e.scalar_i64("SELECT count(*) FROM payments WHERE telegram_charge_id = 'charge-group-1'")
             .await,
         1,
         "a charge Telegram reports is never silently dropped"

@@ -177,3 +177,67 @@ async fn newer_intent_replaces_older(_p: PgPoolOptions, opts: PgConnectOptions) 
     assert_eq!(pass.applied, 1);
     assert!(e.sim.users().iter().any(|u| u.uuid == uuid && u.is_owned()));
 }
+
+/// Issue 12 item 7: an add that keeps failing because the node has the UUID under another
+/// email is labelled with what the node said (`uuid_conflict`, not just `http_4xx`), in the
+/// failure counter, in the stored intent and in the age gauge the stuck-intent alert reads.
+#[sqlx::test(migrations = false)]
+async fn failing_intent_carries_the_node_error_type(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env(&opts).await;
+    let uuid = Uuid::new_v4();
+    e.sim.insert_user(NodeUser {
+        uuid,
+        email: "someone-else@example".into(),
+    });
+    intent(&e.pool, NodeOp::Add, uuid).await;
+    for _ in 0..2 {
+        let pass = e.outbox.process_once().await.unwrap();
+        assert_eq!(pass.failed, 1, "{pass:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = vpnbot::metrics::render(&e.registry);
+    assert_eq!(
+        common::metric(
+            &text,
+            "vpnbot_outbox_failures_total",
+            &[("node", "a"), ("op", "add"), ("error", "uuid_conflict")]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    let age = common::metric(
+        &text,
+        "vpnbot_outbox_pending_age_seconds",
+        &[("node", "a"), ("op", "add"), ("error", "uuid_conflict")],
+    )
+    .expect("age series of the failing intent");
+    assert!(age > 0.1, "{age}");
+    let (ty, err): (String, String) = {
+        let mut c = e.pool.acquire("test").await.unwrap();
+        sqlx::query_as(
+            "SELECT last_error_type, last_error FROM pending_node_ops WHERE done_at IS NULL",
+        )
+        .fetch_one(&mut *c)
+        .await
+        .unwrap()
+    };
+    assert_eq!(ty, "uuid_conflict");
+    assert!(
+        err.contains("409") && err.contains("another email"),
+        "{err}"
+    );
+
+    // Once replaced by an intent that succeeds, the series is gone.
+    intent(&e.pool, NodeOp::Remove, uuid).await;
+    let pass = e.outbox.process_once().await.unwrap();
+    assert_eq!(pass.applied, 1, "{pass:?}");
+    let text = vpnbot::metrics::render(&e.registry);
+    assert_eq!(
+        common::metric(
+            &text,
+            "vpnbot_outbox_pending_age_seconds",
+            &[("error", "uuid_conflict")]
+        ),
+        None
+    );
+}

@@ -10,13 +10,16 @@ use teloxide::payloads::{AnswerCallbackQuerySetters, AnswerPreCheckoutQuerySette
 use teloxide::prelude::Requester;
 use teloxide::types::{
     CallbackQuery, ChatId, InlineKeyboardButton, InlineKeyboardMarkup, LabeledPrice, Message,
-    PreCheckoutQuery, SuccessfulPayment, Update, UpdateKind, User,
+    MessageKind, PreCheckoutQuery, RefundedPayment, SuccessfulPayment, TelegramTransactionId,
+    Update, UpdateKind, User, UserId,
 };
 use tracing::Instrument;
 
 use super::i18n::{self, Lang};
 use super::keys;
-use super::store::{self, CreditOutcome, PaymentIn, Subscription, TrialOutcome};
+use super::store::{
+    self, CreditOutcome, PaymentIn, RefundIn, RefundOutcome, Subscription, TrialOutcome,
+};
 use super::BotService;
 use crate::db::DbError;
 use crate::node::{owned_email, NodeUser};
@@ -61,6 +64,7 @@ impl Ctx {
 fn update_kind(u: &Update) -> &'static str {
     match &u.kind {
         UpdateKind::Message(m) if m.successful_payment().is_some() => "successful_payment",
+        UpdateKind::Message(m) if refunded_payment(m).is_some() => "refunded_payment",
         UpdateKind::Message(m) if !m.chat.is_private() => "group_message",
         UpdateKind::Message(_) => "message",
         UpdateKind::EditedMessage(_) => "edited_message",
@@ -70,6 +74,14 @@ fn update_kind(u: &Update) -> &'static str {
         UpdateKind::MyChatMember(_) => "my_chat_member",
         UpdateKind::Error(_) => "unparsed",
         _ => "other",
+    }
+}
+
+/// The `refunded_payment` of a service message, if it is one.
+fn refunded_payment(m: &Message) -> Option<&RefundedPayment> {
+    match &m.kind {
+        MessageKind::RefundedPayment(r) => Some(&r.refunded_payment),
+        _ => None,
     }
 }
 
@@ -140,6 +152,18 @@ impl BotService {
         ) {
             return ("payment", self.on_payment(Ctx::of(from), p).await);
         }
+        if let Some(r) = refunded_payment(&m) {
+            // A service message from Telegram: the payer is the sender in their private chat.
+            let ctx = match m.from.as_ref().filter(|f| !f.is_bot) {
+                Some(from) => Ctx::of(from),
+                None => Ctx {
+                    user: m.chat.id.0,
+                    chat: m.chat.id.0,
+                    lang: Lang::En,
+                },
+            };
+            return ("refund", self.on_refunded(ctx, r).await);
+        }
         if !m.chat.is_private() {
             return ("ignored", Ok(()));
         }
@@ -171,6 +195,7 @@ impl BotService {
             "stats" if admin => ("stats", self.on_stats(ctx).await),
             "diag" if admin => ("diag", self.on_diag(ctx).await),
             "reconcile" if admin => ("reconcile", self.on_reconcile(ctx, &args).await),
+            "refund" if admin => ("refund_admin", self.on_refund_command(ctx, &args).await),
             // Admin commands from anyone else land here too: no sign they exist.
             _ => (
                 "unknown_command",
@@ -404,11 +429,6 @@ impl BotService {
     }
 
     async fn on_payment(&self, ctx: Ctx, p: &SuccessfulPayment) -> HResult {
-        let charge_key = if p.provider_payment_charge_id.is_empty() {
-            p.telegram_payment_charge_id.0.clone()
-        } else {
-            p.provider_payment_charge_id.clone()
-        };
         let plan = p
             .invoice_payload
             .strip_prefix(PAYLOAD_PREFIX)
@@ -417,8 +437,9 @@ impl BotService {
         let mut input = PaymentIn {
             user_id: ctx.user,
             lang: ctx.lang.code().into(),
-            charge_key,
             telegram_charge_id: p.telegram_payment_charge_id.0.clone(),
+            provider_charge_id: Some(p.provider_payment_charge_id.clone())
+                .filter(|s| !s.is_empty()),
             plan: String::new(),
             days: 0,
             currency: p.currency.chars().take(8).collect(),
@@ -485,6 +506,18 @@ impl BotService {
                 self.reply(ctx, i18n::payment_duplicate(ctx.lang), None)
                     .await
             }
+            Ok(CreditOutcome::AlreadyRefunded) => {
+                self.metrics()
+                    .payments
+                    .with_label_values(&["refunded_before_credit"])
+                    .inc();
+                tracing::warn!(
+                    telegram_charge_id = %input.telegram_charge_id,
+                    "payment arrived after its refund: recorded, not credited"
+                );
+                self.reply(ctx, &i18n::refund_noted(ctx.lang, input.amount), None)
+                    .await
+            }
             Ok(CreditOutcome::NoNode) => {
                 self.metrics().payments.with_label_values(&["failed"]).inc();
                 self.metrics().error("no_node");
@@ -500,7 +533,7 @@ impl BotService {
                     user_id = input.user_id,
                     plan = %input.plan,
                     amount = input.amount,
-                    provider_charge_id = %input.charge_key,
+                    provider_charge_id = input.provider_charge_id.as_deref().unwrap_or(""),
                     telegram_charge_id = %input.telegram_charge_id,
                     "payment NOT credited after retries: credit it manually"
                 );
@@ -510,11 +543,24 @@ impl BotService {
         }
     }
 
-    /// Credits a payment, retrying database errors that can pass (pool exhausted, server
-    /// restarting, failover) with capped exponential backoff while the handler bound leaves
-    /// room for one more attempt and the reply (an acquire timeout plus 2 s). Safe to repeat:
-    /// the payment row is unique per provider charge id.
+    /// Credits a payment with [`Self::db_retry`]. Safe to repeat: the payment row is unique
+    /// per Telegram charge id.
     async fn credit_with_retry(&self, input: &PaymentIn) -> Result<CreditOutcome, DbError> {
+        let grace = self.add_grace();
+        self.db_retry(|| {
+            store::credit_payment(&self.inner.pool, input, &self.inner.node_picker, grace)
+        })
+        .await
+    }
+
+    /// Runs `op`, retrying database errors that can pass (pool exhausted, server restarting,
+    /// failover) with capped exponential backoff while the handler bound leaves room for one
+    /// more attempt and the reply (an acquire timeout plus 2 s). `op` must be safe to repeat.
+    async fn db_retry<T, F, Fut>(&self, op: F) -> Result<T, DbError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, DbError>>,
+    {
         use backon::{ExponentialBuilder, Retryable};
         let bound = crate::config::secs(self.settings().handler_timeout_seconds);
         let reserve = self.inner.pool.acquire_timeout() + std::time::Duration::from_secs(2);
@@ -526,18 +572,226 @@ impl BotService {
             .with_jitter()
             .without_max_times()
             .with_total_delay(Some(budget));
-        let grace = self.add_grace();
-        (|| store::credit_payment(&self.inner.pool, input, &self.inner.node_picker, grace))
-            .retry(backoff)
+        op.retry(backoff)
             .sleep(tokio::time::sleep)
             .when(|e: &DbError| {
                 !matches!(e, DbError::Query(_) | DbError::Migrate(_)) && started.elapsed() < budget
             })
             .notify(|e, wait| {
                 self.metrics().error("payment_retry");
-                tracing::warn!(error = %e, wait_s = wait.as_secs_f64(), "payment credit failed; retrying");
+                tracing::warn!(error = %e, wait_s = wait.as_secs_f64(), "payment database write failed; retrying");
             })
             .await
+    }
+
+    /// A `refunded_payment` message: Telegram returned the Stars of a charge.
+    async fn on_refunded(&self, ctx: Ctx, r: &RefundedPayment) -> HResult {
+        let input = RefundIn {
+            telegram_charge_id: r.telegram_payment_charge_id.0.clone(),
+            user_id: ctx.user,
+            currency: r.currency.chars().take(8).collect(),
+            amount: i64::from(r.total_amount),
+            source: "telegram",
+        };
+        self.apply_refund(&input, ctx.lang).await.map(|_| ())
+    }
+
+    /// Records a refund (once per charge id) and takes back what the charge gave, with the same
+    /// database retries as a credit; counts the outcome, logs it with the charge id (not a
+    /// secret) and tells the payer once. Returns the outcome for `/refund`.
+    async fn apply_refund(
+        &self,
+        input: &RefundIn,
+        lang: Lang,
+    ) -> Result<RefundOutcome, HandlerError> {
+        let plans = self.settings().plans.clone();
+        let plan_days = move |id: &str| plans.iter().find(|p| p.id == id).map(|p| p.days);
+        let out = self
+            .db_retry(|| store::refund_payment(&self.inner.pool, input, &plan_days))
+            .await;
+        let count = |outcome: &str| {
+            self.metrics()
+                .refunds
+                .with_label_values(&[input.source, outcome])
+                .inc();
+        };
+        let charge = input.telegram_charge_id.as_str();
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                count("failed");
+                tracing::error!(
+                    error = %e,
+                    telegram_charge_id = charge,
+                    user_id = input.user_id,
+                    amount = input.amount,
+                    "refund NOT recorded after retries: take the days back by hand"
+                );
+                let ctx = Ctx {
+                    user: input.user_id,
+                    chat: input.user_id,
+                    lang,
+                };
+                let _ = self.reply(ctx, i18n::unavailable(lang), None).await;
+                return Err(HandlerError::Db(e));
+            }
+        };
+        let (payer, text) = match &out {
+            RefundOutcome::Shortened { user_id, sub } => {
+                count("shortened");
+                tracing::info!(telegram_charge_id = charge, source = input.source, expires_at = %sub.expires_at, "refund recorded; the charge's days taken back");
+                (
+                    *user_id,
+                    i18n::refund_recorded(lang, input.amount, Some(sub.expires_at)),
+                )
+            }
+            RefundOutcome::Ended { user_id, sub } => {
+                count("ended");
+                tracing::info!(telegram_charge_id = charge, source = input.source, node = %sub.node, "refund recorded; subscription ended, key removal queued");
+                (*user_id, i18n::refund_recorded(lang, input.amount, None))
+            }
+            RefundOutcome::NotCredited { user_id } => {
+                count("not_credited");
+                tracing::info!(
+                    telegram_charge_id = charge,
+                    source = input.source,
+                    "refund recorded; the payment had added no running time"
+                );
+                (*user_id, i18n::refund_noted(lang, input.amount))
+            }
+            RefundOutcome::UnknownCharge => {
+                count("unknown_charge");
+                tracing::warn!(
+                    telegram_charge_id = charge,
+                    source = input.source,
+                    user_id = input.user_id,
+                    "refund of a charge never recorded here: recorded; nothing to take back"
+                );
+                (input.user_id, i18n::refund_noted(lang, input.amount))
+            }
+            RefundOutcome::Duplicate => {
+                count("duplicate");
+                tracing::info!(
+                    telegram_charge_id = charge,
+                    source = input.source,
+                    "refund already recorded: nothing changed"
+                );
+                return Ok(RefundOutcome::Duplicate);
+            }
+        };
+        let ctx = Ctx {
+            user: payer,
+            chat: payer,
+            lang,
+        };
+        self.reply(ctx, &text, None).await?;
+        Ok(out)
+    }
+
+    /// `/refund <telegram charge id> [user id]` (admins): refunds the charge through
+    /// `refundStarPayment` and, once Telegram confirms (or says it was already refunded), does
+    /// the same bookkeeping as a `refunded_payment` message. The user id is needed only for a
+    /// charge not recorded here.
+    async fn on_refund_command(&self, ctx: Ctx, args: &[&str]) -> HResult {
+        let Some(charge) = args.first().map(|c| c.to_string()) else {
+            return self
+                .reply(ctx, "Usage: /refund <telegram charge id> [user id]", None)
+                .await;
+        };
+        let count = |outcome: &str| {
+            self.metrics()
+                .refunds
+                .with_label_values(&["admin", outcome])
+                .inc();
+        };
+        let payment = match store::find_payment(&self.inner.pool, &charge).await {
+            Ok(p) => p,
+            Err(e) => return self.sorry(ctx, e).await,
+        };
+        let (user_id, currency, amount, lang) = match (&payment, args.get(1)) {
+            (Some(p), _) if p.refunded => {
+                count("duplicate");
+                return self
+                    .reply(ctx, "This charge is already refunded.", None)
+                    .await;
+            }
+            (Some(p), _) => (
+                p.user_id,
+                p.currency.clone(),
+                p.amount,
+                Lang::from_code(Some(&p.language_code)),
+            ),
+            (None, Some(u)) => match u.parse::<i64>() {
+                Ok(u) if u > 0 => (u, "XTR".to_string(), 0, Lang::En),
+                _ => return self.reply(ctx, "The user id must be a number.", None).await,
+            },
+            (None, None) => {
+                count("unknown_charge");
+                return self
+                    .reply(
+                        ctx,
+                        "No payment with this charge id is recorded. To refund it anyway: /refund <charge id> <user id>",
+                        None,
+                    )
+                    .await;
+            }
+        };
+        let api = &self.inner.api;
+        let res = api
+            .call("refundStarPayment", || {
+                api.bot
+                    .refund_star_payment(
+                        UserId(user_id as u64),
+                        TelegramTransactionId(charge.clone()),
+                    )
+                    .into_future()
+            })
+            .await;
+        if let Err(e) = res {
+            if !e.to_string().contains("CHARGE_ALREADY_REFUNDED") {
+                count("rejected");
+                tracing::warn!(error = %e, telegram_charge_id = %charge, "refundStarPayment refused");
+                return self
+                    .reply(ctx, &format!("Telegram refused the refund: {e}"), None)
+                    .await;
+            }
+            tracing::info!(telegram_charge_id = %charge, "refundStarPayment: already refunded at Telegram; recording it");
+        }
+        let input = RefundIn {
+            telegram_charge_id: charge,
+            user_id,
+            currency,
+            amount,
+            source: "admin",
+        };
+        let summary = match self.apply_refund(&input, lang).await? {
+            RefundOutcome::Shortened { sub, .. } => format!(
+                "Refunded. The subscription now ends {}.",
+                sub.expires_at.format("%Y-%m-%d %H:%M UTC")
+            ),
+            RefundOutcome::Ended { .. } => {
+                "Refunded. Nothing is left of the subscription: it ended, its key's removal is queued."
+                    .to_string()
+            }
+            RefundOutcome::NotCredited { .. } => {
+                "Refunded. The payment had added no running time.".to_string()
+            }
+            RefundOutcome::UnknownCharge => {
+                "Refunded at Telegram; no payment was recorded here (refund recorded).".to_string()
+            }
+            // Telegram's refunded_payment message for this refund was handled first.
+            RefundOutcome::Duplicate => {
+                match store::current_subscription(&self.inner.pool, user_id).await {
+                    Ok(Some(sub)) if sub.is_live(Utc::now()) => format!(
+                        "Refunded (recorded from Telegram's refund message). The subscription now ends {}.",
+                        sub.expires_at.format("%Y-%m-%d %H:%M UTC")
+                    ),
+                    Ok(Some(_)) => "Refunded (recorded from Telegram's refund message). The subscription has ended.".to_string(),
+                    _ => "Refunded (recorded from Telegram's refund message).".to_string(),
+                }
+            }
+        };
+        self.reply(ctx, &summary, None).await
     }
 
     /// How long the outbox leaves a new key's add to the handler: the node bound plus a margin.
@@ -691,8 +945,8 @@ impl BotService {
             Err(e) => return self.sorry(ctx, e).await,
         };
         let text = format!(
-            "Stats\nusers: {}\nactive subscriptions: {} (trials: {})\npayments: {}\nrevenue: {} ⭐ (last 30 days: {} ⭐)",
-            st.users, st.active, st.active_trials, st.payments, st.revenue_stars, st.revenue_stars_30d
+            "Stats\nusers: {}\nactive subscriptions: {} (trials: {})\npayments: {}\nrefunds: {}\nrevenue: {} ⭐ (last 30 days: {} ⭐)",
+            st.users, st.active, st.active_trials, st.payments, st.refunds, st.revenue_stars, st.revenue_stars_30d
         );
         self.reply(ctx, &text, None).await
     }

@@ -246,6 +246,37 @@ pub fn reminder(lang: Lang, days: u32, until: DateTime<Utc>) -> String {
     }
 }
 
+/// A refund of `stars` Stars was recorded: what is left of the subscription (`until` while it
+/// runs on, `None` when the refund ended it).
+pub fn refund_recorded(lang: Lang, stars: i64, until: Option<DateTime<Utc>>) -> String {
+    match (lang, until) {
+        (Lang::En, Some(t)) => format!(
+            "Your payment of {stars} ⭐ was refunded and its days were taken back. Your subscription is active until {}.",
+            when(t)
+        ),
+        (Lang::En, None) => format!(
+            "Your payment of {stars} ⭐ was refunded and its days were taken back. Your subscription has ended; choose a plan with /buy to continue."
+        ),
+        (Lang::Ru, Some(t)) => format!(
+            "Платёж на {stars} ⭐ возвращён, оплаченные им дни сняты. Подписка активна до {}.",
+            when(t)
+        ),
+        (Lang::Ru, None) => format!(
+            "Платёж на {stars} ⭐ возвращён, оплаченные им дни сняты. Подписка закончилась; продлить: /buy."
+        ),
+    }
+}
+
+/// A refund of `stars` Stars for a payment that added no time (nothing to take back).
+pub fn refund_noted(lang: Lang, stars: i64) -> String {
+    match (lang, stars > 0) {
+        (Lang::En, true) => format!("Your payment of {stars} ⭐ was refunded."),
+        (Lang::En, false) => "Your payment was refunded.".to_string(),
+        (Lang::Ru, true) => format!("Платёж на {stars} ⭐ возвращён."),
+        (Lang::Ru, false) => "Платёж возвращён.".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

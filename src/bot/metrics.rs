@@ -16,6 +16,7 @@ pub struct BotMetrics {
     pub(crate) polling_last_success: Gauge,
     pub(crate) api_requests: IntCounterVec,
     pub(crate) payments: IntCounterVec,
+    pub(crate) refunds: IntCounterVec,
     pub(crate) in_flight: IntGauge,
     pub(crate) precheckout_answer: Histogram,
     pub(crate) queue_depth: IntGaugeVec,
@@ -29,7 +30,20 @@ const PRECHECKOUT_BUCKETS_SECONDS: &[f64] = &[
 ];
 
 /// Error kinds exported at 0 from start-up (the ones alerts use).
-const ERROR_KINDS_ALWAYS_EXPORTED: [&str; 2] = ["conflict", "rate_limited"];
+const ERROR_KINDS_ALWAYS_EXPORTED: [&str; 3] = ["conflict", "rate_limited", "unauthorized"];
+
+/// Refund sources (`source` label of `vpnbot_bot_refunds_total`).
+pub const REFUND_SOURCES: [&str; 2] = ["telegram", "admin"];
+/// Refund outcomes (`outcome` label of `vpnbot_bot_refunds_total`).
+pub const REFUND_OUTCOMES: [&str; 7] = [
+    "shortened",
+    "ended",
+    "not_credited",
+    "unknown_charge",
+    "duplicate",
+    "failed",
+    "rejected",
+];
 
 impl BotMetrics {
     /// Registers the bot's families.
@@ -38,20 +52,20 @@ impl BotMetrics {
             updates: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_updates_total",
-                "Telegram updates received, by kind (message, edited_message, callback_query, pre_checkout_query, successful_payment, channel_post, group_message, other).",
+                "Telegram updates received, by kind (message, edited_message, callback_query, pre_checkout_query, successful_payment, refunded_payment, channel_post, group_message, my_chat_member, unparsed (logged with its update id and type), other).",
                 &["kind"],
             ),
             handler_duration: metrics::histogram_vec(
                 registry,
                 "vpnbot_bot_handler_duration_seconds",
-                "Time to handle one update, by handler (start, help, trial, buy, plan, pre_checkout, payment, status, key, stats, diag, reconcile, unknown, ignored, ...; `timeout` and `panic` for handlers cut by the bound or a panic).",
+                "Time to handle one update, by handler (start, help, trial, buy, plan, pre_checkout, payment, refund, status, key, stats, diag, reconcile, refund_admin, unknown, ignored, ...; `timeout` and `panic` for handlers cut by the bound or a panic).",
                 &["handler"],
                 DURATION_BUCKETS_SECONDS,
             ),
             errors: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_errors_total",
-                "Bot errors by kind (conflict, rate_limited, poll_timeout, network, api, invalid_json, handler_timeout, db, node_pending, send_failed, panic).",
+                "Bot errors by kind (conflict, rate_limited, unauthorized (401: the token is revoked or wrong), poll_timeout, network, api, invalid_json, handler_timeout, db, node_pending, send_failed, panic).",
                 &["kind"],
             ),
             polling_last_success: metrics::gauge(
@@ -68,8 +82,14 @@ impl BotMetrics {
             payments: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_payments_total",
-                "Payments by outcome: credited (first successful_payment of a charge), duplicate (a repeated one, not credited again), rejected (pre-checkout refused), failed (not recorded; retried by Telegram's redelivery or support).",
+                "Payments by outcome: credited (first successful_payment of a charge), duplicate (a repeated one, not credited again), rejected (pre-checkout refused), failed (not recorded; retried by Telegram's redelivery or support), refunded_before_credit (the charge's refund was recorded first: recorded, not credited).",
                 &["outcome"],
+            ),
+            refunds: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_refunds_total",
+                "Refunds of Telegram Stars payments by source (telegram: a refunded_payment message; admin: /refund confirmed by refundStarPayment) and outcome: shortened (the charge's days taken back, subscription still live), ended (nothing left: expired, key removal queued), not_credited (the payment never extended a live subscription), unknown_charge (no such payment recorded), duplicate (refund already recorded), failed (database error, not recorded), rejected (refundStarPayment refused by Telegram).",
+                &["source", "outcome"],
             ),
             in_flight: metrics::int_gauge(
                 registry,
@@ -117,6 +137,11 @@ impl BotMetrics {
         // `increase()` sees the first one and the series exist before anything went wrong.
         for kind in ERROR_KINDS_ALWAYS_EXPORTED {
             m.errors.with_label_values(&[kind]);
+        }
+        for source in REFUND_SOURCES {
+            for outcome in REFUND_OUTCOMES {
+                m.refunds.with_label_values(&[source, outcome]);
+            }
         }
         m
     }

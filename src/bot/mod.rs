@@ -29,6 +29,7 @@ pub mod node_picker;
 pub mod polling_op;
 pub mod settings;
 pub mod store;
+mod typed_updates;
 
 pub use api::{BotApi, BotApiError};
 pub use metrics::BotMetrics;
@@ -45,7 +46,7 @@ use futures_util::FutureExt;
 use prometheus::Registry;
 use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
-use teloxide::types::{AllowedUpdate, BotCommand, Update, UpdateKind};
+use teloxide::types::{BotCommand, Update, UpdateKind};
 use teloxide::{ApiError, RequestError};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -274,22 +275,8 @@ impl BotService {
         let watch = WorkerWatch::start(self.inner.diagnostics.get(), "bot_polling", bound);
         loop {
             op.enter(PollPhase::LongPoll, bound);
-            let mut req = api
-                .poll_bot
-                .get_updates()
-                .timeout(s.poll_timeout_seconds)
-                .limit(100)
-                .allowed_updates([
-                    AllowedUpdate::Message,
-                    AllowedUpdate::EditedMessage,
-                    AllowedUpdate::CallbackQuery,
-                    AllowedUpdate::PreCheckoutQuery,
-                    AllowedUpdate::ChannelPost,
-                    AllowedUpdate::MyChatMember,
-                ]);
-            if let Some(o) = offset {
-                req = req.offset(o);
-            }
+            let req =
+                typed_updates::get_updates(&api.poll_bot, offset, 100, s.poll_timeout_seconds);
             let res = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = tokio::time::timeout(bound, req.into_future()) => r,
@@ -297,6 +284,7 @@ impl BotService {
             let pause = match res {
                 Ok(Ok(updates)) => {
                     let received = Instant::now();
+                    let updates = typed_updates::log_unparsed(updates);
                     api.count("getUpdates", "ok");
                     self.metrics().polling_last_success.set(unix_now());
                     failures = 0;
@@ -362,6 +350,20 @@ impl BotService {
                                 pause_s = wait.as_secs_f64(),
                                 "getUpdates: 409 Conflict: another process is polling this bot \
                                  token (a second deployment, or a webhook); pausing"
+                            );
+                            Some(wait)
+                        }
+                        RequestError::Api(ApiError::InvalidToken) => {
+                            // 401 on every poll: the token was revoked (or replaced). The bot
+                            // is dead until someone acts; polling goes on (capped backoff) so
+                            // a restored token is picked up.
+                            self.metrics().error("unauthorized");
+                            let wait = s.backoff(failures);
+                            tracing::error!(
+                                failures,
+                                pause_s = wait.as_secs_f64(),
+                                "getUpdates: 401 Unauthorized: the bot token is revoked or wrong; \
+                                 no update is received until telegram.token is replaced"
                             );
                             Some(wait)
                         }

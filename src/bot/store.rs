@@ -189,11 +189,11 @@ pub struct PaymentIn {
     pub user_id: i64,
     /// Payer's language code.
     pub lang: String,
-    /// The unique charge key: the provider charge id, or Telegram's when the provider's is
-    /// empty (Telegram Stars).
-    pub charge_key: String,
-    /// Telegram's charge id.
+    /// Telegram's charge id (`telegram_payment_charge_id`): the key of the exactly-once
+    /// credit, unique per charge as Telegram guarantees.
     pub telegram_charge_id: String,
+    /// The provider's charge id, kept as data (`None` when empty, as for Telegram Stars).
+    pub provider_charge_id: Option<String>,
     /// Plan id from the payload.
     pub plan: String,
     /// Days the plan adds.
@@ -217,13 +217,15 @@ pub enum CreditOutcome {
     },
     /// This charge was credited before; nothing changed.
     Duplicate,
+    /// The charge was refunded before its payment arrived: recorded, not credited.
+    AlreadyRefunded,
     /// No node is configured for a new subscription; nothing was written.
     NoNode,
 }
 
-/// Credits `p` exactly once per charge key: the payment row (`ON CONFLICT DO NOTHING` on the
-/// unique charge id) and the subscription change commit together, so a repeated update
-/// finds the row and changes nothing.
+/// Credits `p` exactly once per Telegram charge id: the payment row (`ON CONFLICT DO NOTHING`
+/// on the unique charge id) and the subscription change commit together, so a repeated update
+/// finds the row and changes nothing. A charge already refunded is recorded and not credited.
 ///
 /// # Errors
 /// The database error (nothing committed).
@@ -237,11 +239,25 @@ pub async fn credit_payment(
     let mut tx = c.begin().await?;
     let r = upsert_user_on(&mut tx, p.user_id, &p.lang).await;
     tx.check(r)?;
+    let r = lock_charge(&mut tx, &p.telegram_charge_id).await;
+    tx.check(r)?;
     let r = insert_payment(&mut tx, p).await;
     let Some(payment_id) = tx.check(r)? else {
         tx.rollback().await?;
         return Ok(CreditOutcome::Duplicate);
     };
+    let r = sqlx::query(
+        "UPDATE payment_refunds SET payment_id = $2 WHERE telegram_charge_id = $1 \
+         AND payment_id IS NULL",
+    )
+    .bind(&p.telegram_charge_id)
+    .bind(payment_id)
+    .execute(&mut *tx)
+    .await;
+    if tx.check(r)?.rows_affected() > 0 {
+        tx.commit().await?;
+        return Ok(CreditOutcome::AlreadyRefunded);
+    }
     let r: Result<Option<Subscription>, _> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {SUB_COLUMNS} FROM subscriptions WHERE owner_id = $1 ORDER BY id DESC LIMIT 1 \
          FOR UPDATE"
@@ -332,21 +348,264 @@ pub async fn record_orphan_payment(pool: &DbPool, p: &PaymentIn) -> Result<bool,
     Ok(c.check(r)?.is_some())
 }
 
-/// Inserts the payment row once per provider charge id; `None` when it already exists.
+/// Inserts the payment row once per Telegram charge id; `None` when it already exists.
 async fn insert_payment(c: &mut PgConnection, p: &PaymentIn) -> Result<Option<i64>, sqlx::Error> {
     sqlx::query_scalar(
-        "INSERT INTO payments (provider_charge_id, telegram_charge_id, user_id, plan, currency, \
-         amount) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (provider_charge_id) DO NOTHING \
-         RETURNING id",
+        "INSERT INTO payments (telegram_charge_id, provider_charge_id, user_id, plan, currency, \
+         amount, days) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (telegram_charge_id) DO NOTHING RETURNING id",
     )
-    .bind(&p.charge_key)
     .bind(&p.telegram_charge_id)
+    .bind(p.provider_charge_id.as_deref().filter(|s| !s.is_empty()))
     .bind(p.user_id)
     .bind(&p.plan)
     .bind(&p.currency)
     .bind(p.amount)
+    .bind((p.days > 0).then_some(p.days as i32))
     .fetch_optional(c)
     .await
+}
+
+/// Serialises every credit and refund of one charge id for the rest of the transaction, so a
+/// refund racing its own payment cannot have both miss each other.
+async fn lock_charge(c: &mut PgConnection, charge: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('vpnbot-charge:' || $1, 0))")
+        .bind(charge)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+/// A refund as Telegram reported it (`refunded_payment`) or confirmed it (`refundStarPayment`).
+#[derive(Debug, Clone)]
+pub struct RefundIn {
+    /// Telegram's charge id of the refunded payment.
+    pub telegram_charge_id: String,
+    /// The user the refund message came from (or the payment's payer for `/refund`).
+    pub user_id: i64,
+    /// Currency (`XTR`).
+    pub currency: String,
+    /// Amount refunded, smallest units.
+    pub amount: i64,
+    /// `telegram` (a `refunded_payment` message) or `admin` (`/refund`).
+    pub source: &'static str,
+}
+
+/// What recording a refund did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RefundOutcome {
+    /// The charge's days were taken back from `sub`; still live afterwards.
+    Shortened {
+        /// The payer (whom to tell).
+        user_id: i64,
+        /// The subscription after the refund.
+        sub: Subscription,
+    },
+    /// The charge's days were taken back and nothing is left: the subscription is `expired`
+    /// and its key's removal is queued in the outbox.
+    Ended {
+        /// The payer.
+        user_id: i64,
+        /// The subscription after the refund.
+        sub: Subscription,
+    },
+    /// The payment is recorded but never extended a subscription (unknown plan, or its
+    /// subscription had already ended): the refund is recorded, nothing to take back.
+    NotCredited {
+        /// The payer.
+        user_id: i64,
+    },
+    /// No payment with this charge id: the refund is recorded so a late payment update for it
+    /// is not credited.
+    UnknownCharge,
+    /// This charge's refund was recorded before; nothing changed.
+    Duplicate,
+}
+
+/// Another payment of a subscription: credit time, plan, stored days.
+type OtherPayment = (DateTime<Utc>, String, Option<i32>);
+
+#[derive(Debug, sqlx::FromRow)]
+struct PaymentRow {
+    id: i64,
+    user_id: i64,
+    subscription_id: Option<i64>,
+    plan: String,
+    days: Option<i32>,
+}
+
+/// A recorded payment, for `/refund`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct PaymentInfo {
+    /// Payer.
+    pub user_id: i64,
+    /// Currency.
+    pub currency: String,
+    /// Amount, smallest units.
+    pub amount: i64,
+    /// Whether a refund of it is recorded.
+    pub refunded: bool,
+    /// The payer's language code.
+    pub language_code: String,
+}
+
+/// The payment with Telegram charge id `charge`, if recorded.
+///
+/// # Errors
+/// The database error.
+pub async fn find_payment(pool: &DbPool, charge: &str) -> Result<Option<PaymentInfo>, DbError> {
+    let mut c = pool.acquire("bot_find_payment").await?;
+    let r = sqlx::query_as(
+        "SELECT p.user_id, p.currency, p.amount, EXISTS (SELECT 1 FROM payment_refunds r \
+         WHERE r.telegram_charge_id = p.telegram_charge_id) AS refunded, \
+         coalesce(u.language_code, 'en') AS language_code \
+         FROM payments p LEFT JOIN bot_users u ON u.telegram_id = p.user_id \
+         WHERE p.telegram_charge_id = $1",
+    )
+    .bind(charge)
+    .fetch_optional(&mut *c)
+    .await;
+    c.check(r)
+}
+
+/// Records the refund of `r` once per charge id and takes back what the charge gave: its days
+/// come off the subscription it extended, never below what the other unrefunded payments of
+/// that subscription paid for (each one's credit time plus its days). A result in the past
+/// marks the subscription `expired` and queues its key's removal through the outbox in the
+/// same transaction (the outbox re-checks liveness before removing). `plan_days` gives the
+/// days of a plan for payments recorded before the days were stored.
+///
+/// # Errors
+/// The database error (nothing committed).
+pub async fn refund_payment(
+    pool: &DbPool,
+    r: &RefundIn,
+    plan_days: &(dyn Fn(&str) -> Option<u32> + Sync),
+) -> Result<RefundOutcome, DbError> {
+    let mut c = pool.acquire("bot_refund").await?;
+    let mut tx = c.begin().await?;
+    let q = lock_charge(&mut tx, &r.telegram_charge_id).await;
+    tx.check(q)?;
+    let q: Result<Option<PaymentRow>, _> = sqlx::query_as(
+        "SELECT id, user_id, subscription_id, plan, days FROM payments \
+         WHERE telegram_charge_id = $1 FOR UPDATE",
+    )
+    .bind(&r.telegram_charge_id)
+    .fetch_optional(&mut *tx)
+    .await;
+    let payment = tx.check(q)?;
+    let q: Result<Option<i64>, _> = sqlx::query_scalar(
+        "INSERT INTO payment_refunds (telegram_charge_id, payment_id, user_id, currency, amount, \
+         source) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (telegram_charge_id) DO NOTHING RETURNING id",
+    )
+    .bind(&r.telegram_charge_id)
+    .bind(payment.as_ref().map(|p| p.id))
+    .bind(payment.as_ref().map_or(r.user_id, |p| p.user_id))
+    .bind(&r.currency)
+    .bind(r.amount)
+    .bind(r.source)
+    .fetch_optional(&mut *tx)
+    .await;
+    let Some(refund_id) = tx.check(q)? else {
+        tx.rollback().await?;
+        return Ok(RefundOutcome::Duplicate);
+    };
+    let Some(payment) = payment else {
+        tx.commit().await?;
+        return Ok(RefundOutcome::UnknownCharge);
+    };
+    let user_id = payment.user_id;
+    let Some(sub_id) = payment.subscription_id else {
+        tx.commit().await?;
+        return Ok(RefundOutcome::NotCredited { user_id });
+    };
+    let q: Result<Subscription, _> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {SUB_COLUMNS} FROM subscriptions WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(sub_id)
+    .fetch_one(&mut *tx)
+    .await;
+    let sub = tx.check(q)?;
+    let now = Utc::now();
+    if !sub.is_live(now) {
+        // Already ended (expired, or cancelled): nothing left to take back.
+        tx.commit().await?;
+        return Ok(RefundOutcome::NotCredited { user_id });
+    }
+    let days = payment
+        .days
+        .map(|d| d.max(0) as u32)
+        .or_else(|| plan_days(&payment.plan))
+        .unwrap_or(0);
+    // What the other unrefunded payments of this subscription paid for.
+    let q: Result<Vec<OtherPayment>, _> = sqlx::query_as(
+        "SELECT p.created_at, p.plan, p.days FROM payments p WHERE p.subscription_id = $1 \
+         AND p.id <> $2 AND NOT EXISTS (SELECT 1 FROM payment_refunds r \
+         WHERE r.telegram_charge_id = p.telegram_charge_id)",
+    )
+    .bind(sub_id)
+    .bind(payment.id)
+    .fetch_all(&mut *tx)
+    .await;
+    let floor = tx
+        .check(q)?
+        .into_iter()
+        .map(|(at, plan, d)| {
+            let d = d.map(|d| d.max(0) as u32).or_else(|| plan_days(&plan));
+            at + chrono::Duration::days(i64::from(d.unwrap_or(0)))
+        })
+        .max();
+    let taken = sub.expires_at - chrono::Duration::days(i64::from(days));
+    let new_expiry = floor.map_or(taken, |f| taken.max(f)).min(sub.expires_at);
+    let ended = new_expiry <= now;
+    let q: Result<Subscription, _> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE subscriptions SET expires_at = $2, \
+         status = CASE WHEN $3 THEN 'expired' ELSE status END, \
+         reminded_3d = reminded_3d OR $2 <= now() + interval '3 days', \
+         reminded_1d = reminded_1d OR $2 <= now() + interval '1 day', updated_at = now() \
+         WHERE id = $1 RETURNING {SUB_COLUMNS}"
+    )))
+    .bind(sub_id)
+    .bind(new_expiry)
+    .bind(ended)
+    .fetch_one(&mut *tx)
+    .await;
+    let after = tx.check(q)?;
+    let q = sqlx::query(
+        "UPDATE payment_refunds SET subscription_id = $2, expires_before = $3, \
+         expires_after = $4 WHERE id = $1",
+    )
+    .bind(refund_id)
+    .bind(sub_id)
+    .bind(sub.expires_at)
+    .bind(after.expires_at)
+    .execute(&mut *tx)
+    .await;
+    tx.check(q)?;
+    if ended {
+        let q = crate::outbox::enqueue(
+            &mut tx,
+            &after.node,
+            NodeOp::Remove,
+            after.vless_uuid,
+            &owned_email(after.vless_uuid),
+        )
+        .await;
+        tx.check(q)?;
+    }
+    tx.commit().await?;
+    Ok(if ended {
+        RefundOutcome::Ended {
+            user_id,
+            sub: after,
+        }
+    } else {
+        RefundOutcome::Shortened {
+            user_id,
+            sub: after,
+        }
+    })
 }
 
 /// Figures for `/stats`.
@@ -360,9 +619,11 @@ pub struct Stats {
     pub active_trials: i64,
     /// Payments recorded.
     pub payments: i64,
-    /// Stars received in all.
+    /// Refunds recorded.
+    pub refunds: i64,
+    /// Stars received in all, refunded payments left out.
     pub revenue_stars: i64,
-    /// Stars received in the last 30 days.
+    /// Stars received in the last 30 days, refunded payments left out.
     pub revenue_stars_30d: i64,
 }
 
@@ -378,9 +639,14 @@ pub async fn stats(pool: &DbPool) -> Result<Stats, DbError> {
          (SELECT count(*) FROM subscriptions WHERE status = 'active' AND expires_at > now() \
             AND plan = 'trial') AS active_trials, \
          (SELECT count(*) FROM payments) AS payments, \
-         (SELECT coalesce(sum(amount), 0)::bigint FROM payments WHERE currency = 'XTR') AS revenue_stars, \
-         (SELECT coalesce(sum(amount), 0)::bigint FROM payments WHERE currency = 'XTR' \
-            AND created_at > now() - interval '30 days') AS revenue_stars_30d",
+         (SELECT count(*) FROM payment_refunds) AS refunds, \
+         (SELECT coalesce(sum(amount), 0)::bigint FROM payments p WHERE currency = 'XTR' \
+            AND NOT EXISTS (SELECT 1 FROM payment_refunds r \
+              WHERE r.telegram_charge_id = p.telegram_charge_id)) AS revenue_stars, \
+         (SELECT coalesce(sum(amount), 0)::bigint FROM payments p WHERE currency = 'XTR' \
+            AND created_at > now() - interval '30 days' AND NOT EXISTS (SELECT 1 \
+              FROM payment_refunds r WHERE r.telegram_charge_id = p.telegram_charge_id)) \
+            AS revenue_stars_30d",
     )
     .fetch_one(&mut *c)
     .await;

@@ -22,7 +22,7 @@ use crate::db::{DbError, DbPool};
 use crate::diagnostics::run_every;
 use crate::fleet::Fleet;
 use crate::metrics;
-use crate::node::NodeUser;
+use crate::node::{NodeError, NodeUser};
 
 /// Default interval between outbox passes, seconds.
 pub const DEFAULT_INTERVAL_SECONDS: f64 = 1.0;
@@ -161,7 +161,8 @@ pub async fn enqueue_after(
          VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5)) \
          ON CONFLICT (node, vless_uuid) WHERE done_at IS NULL DO UPDATE \
          SET op = EXCLUDED.op, email = EXCLUDED.email, attempts = 0, \
-             next_attempt_at = EXCLUDED.next_attempt_at, last_error = NULL",
+             next_attempt_at = EXCLUDED.next_attempt_at, last_error = NULL, \
+             last_error_type = NULL",
     )
     .bind(node)
     .bind(op.as_str())
@@ -201,8 +202,10 @@ pub async fn complete(
 #[derive(Debug, Clone)]
 pub struct OutboxMetrics {
     ops: IntCounterVec,
+    failures: IntCounterVec,
     pending: IntGauge,
     oldest_age: prometheus::Gauge,
+    pending_age: prometheus::GaugeVec,
 }
 
 impl OutboxMetrics {
@@ -215,6 +218,12 @@ impl OutboxMetrics {
                 "Node operations the outbox attempted, by node, op (add, remove, update) and outcome (applied, skipped_live, failed).",
                 &["node", "op", "outcome"],
             ),
+            failures: metrics::counter_vec(
+                registry,
+                "vpnbot_outbox_failures_total",
+                "Failed outbox attempts by node, op and error: the node client's error type (connect, headers_timeout, http_5xx, auth_rejected, circuit_open, ...), a 4xx refined by what the node API contract says it means for the op (uuid_conflict: add-user answered 409, the UUID exists under another email; not_found: update-user answered 404; bad_request: 400; else http_4xx), node_not_configured, or unknown_op.",
+                &["node", "op", "error"],
+            ),
             pending: metrics::int_gauge(
                 registry,
                 "vpnbot_outbox_pending_ops",
@@ -224,6 +233,12 @@ impl OutboxMetrics {
                 registry,
                 "vpnbot_outbox_oldest_pending_age_seconds",
                 "Age of the oldest unconfirmed node operation, 0 when none.",
+            ),
+            pending_age: metrics::gauge_vec(
+                registry,
+                "vpnbot_outbox_pending_age_seconds",
+                "Age of the oldest unconfirmed node operation by node, op and the error type of its last attempt (`none`: not attempted yet); series only while such operations wait.",
+                &["node", "op", "error"],
             ),
         }
     }
@@ -241,6 +256,9 @@ pub struct OutboxPass {
     /// Failed; rescheduled with backoff.
     pub failed: usize,
 }
+
+/// A failed attempt: its bounded error label and a secret-free text.
+type Failure = (&'static str, String);
 
 #[derive(Debug, sqlx::FromRow)]
 struct Intent {
@@ -332,7 +350,7 @@ impl Outbox {
             conn.check(res)?.into_iter().collect()
         };
 
-        let outcomes: Vec<(Intent, Result<(), String>, bool)> = stream::iter(due)
+        let outcomes: Vec<(Intent, Result<(), Failure>, bool)> = stream::iter(due)
             .map(|intent| async {
                 if intent.op == "remove" && live.contains(&intent.vless_uuid) {
                     return (intent, Ok(()), true);
@@ -355,6 +373,20 @@ impl Outbox {
                 .ops
                 .with_label_values(&[intent.node.as_str(), op_label(&intent.op), outcome])
                 .inc();
+            if let Err((error, reason)) = &res {
+                self.metrics
+                    .failures
+                    .with_label_values(&[intent.node.as_str(), op_label(&intent.op), error])
+                    .inc();
+                tracing::warn!(
+                    node = %intent.node,
+                    op = op_label(&intent.op),
+                    error = *error,
+                    attempts = intent.attempts + 1,
+                    reason = %reason,
+                    "outbox: node operation failed; retrying with backoff"
+                );
+            }
             let q = match res {
                 Ok(()) => sqlx::query(
                     "UPDATE pending_node_ops SET done_at = now(), attempts = attempts + 1, \
@@ -363,17 +395,19 @@ impl Outbox {
                 .bind(intent.id)
                 .bind(&intent.op)
                 .bind(skipped.then_some("skipped: subscription is live")),
-                Err(reason) => {
+                Err((error, reason)) => {
                     let delay = self.settings.backoff(intent.attempts);
                     sqlx::query(
                         "UPDATE pending_node_ops SET attempts = attempts + 1, last_error = $3, \
-                         next_attempt_at = now() + make_interval(secs => $4) \
+                         next_attempt_at = now() + make_interval(secs => $4), \
+                         last_error_type = $5 \
                          WHERE id = $1 AND op = $2 AND done_at IS NULL",
                     )
                     .bind(intent.id)
                     .bind(&intent.op)
                     .bind(reason)
                     .bind(delay.as_secs_f64())
+                    .bind(error)
                 }
             };
             let r = q.execute(&mut *conn).await;
@@ -389,23 +423,35 @@ impl Outbox {
         Ok(pass)
     }
 
-    async fn apply(&self, intent: &Intent) -> Result<(), String> {
+    /// Applies one intent; on failure the bounded error label and a secret-free text.
+    async fn apply(&self, intent: &Intent) -> Result<(), Failure> {
         let Some(client) = self.fleet.get(&intent.node) else {
-            return Err(format!("node {:?} is not configured", intent.node));
+            return Err((
+                "node_not_configured",
+                format!("node {:?} is not configured", intent.node),
+            ));
         };
         let user = NodeUser {
             uuid: intent.vless_uuid,
             email: intent.email.clone(),
         };
-        let res = match NodeOp::parse(&intent.op) {
+        let op = NodeOp::parse(&intent.op);
+        let res = match op {
             Some(NodeOp::Add) => client.add_user(&user).await,
             Some(NodeOp::Update) => client.update_user(&user).await,
             Some(NodeOp::Remove) => client.remove_user(user.uuid).await,
-            None => return Err(format!("unknown op {:?}", intent.op)),
+            None => return Err(("unknown_op", format!("unknown op {:?}", intent.op))),
         };
         // The node error's Display holds no secret (the client guarantees it).
-        res.map(|_| ())
-            .map_err(|e| format!("{}: {e}", e.error_type()))
+        res.map(|_| ()).map_err(|e| {
+            let label = op.map_or(e.error_type(), |op| error_label(op, &e));
+            let meaning = match label {
+                "uuid_conflict" => " (the node has this UUID under another email)",
+                "not_found" => " (the node does not have this user)",
+                _ => "",
+            };
+            (label, format!("{label}: {e}{meaning}"))
+        })
     }
 
     async fn refresh_gauges(&self) -> Result<(), DbError> {
@@ -419,6 +465,23 @@ impl Outbox {
         let (n, age) = conn.check(res)?;
         self.metrics.pending.set(n);
         self.metrics.oldest_age.set(age.unwrap_or(0.0));
+        let res: Result<Vec<(String, String, String, f64)>, _> = sqlx::query_as(
+            "SELECT node, op, coalesce(last_error_type, 'none'), \
+             EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
+             FROM pending_node_ops WHERE done_at IS NULL GROUP BY 1, 2, 3",
+        )
+        .fetch_all(&mut *conn)
+        .await;
+        let groups = conn.check(res)?;
+        // Series only while such operations wait; labels are bounded (configured node names,
+        // three ops, the fixed error labels; anything else stored is shown as `other`).
+        self.metrics.pending_age.reset();
+        for (node, op, error, age) in groups {
+            self.metrics
+                .pending_age
+                .with_label_values(&[node.as_str(), op_label(&op), stored_error_label(&error)])
+                .set(age);
+        }
         Ok(())
     }
 
@@ -442,6 +505,53 @@ impl Outbox {
             Err(e) => tracing::warn!(error = %e, "outbox pass failed"),
         }
     }
+}
+
+/// The outbox's error label of a failed node call: the client's error type, with a 4xx
+/// refined by what the node API contract says that status means for `op`
+/// (`openapi/node-api.json`).
+pub fn error_label(op: NodeOp, e: &NodeError) -> &'static str {
+    match (op, e) {
+        (NodeOp::Add, NodeError::Status { status: 409 }) => "uuid_conflict",
+        (NodeOp::Update, NodeError::Status { status: 404 }) => "not_found",
+        (_, NodeError::Status { status: 400 }) => "bad_request",
+        _ => e.error_type(),
+    }
+}
+
+/// Every label the outbox stores in `last_error_type`: its own, then the node client's error
+/// types ([`NodeError::error_type`]); a stored value outside this list is shown as `other`.
+const ERROR_LABELS: [&str; 21] = [
+    "uuid_conflict",
+    "not_found",
+    "bad_request",
+    "node_not_configured",
+    "unknown_op",
+    "none",
+    "connect",
+    "headers_timeout",
+    "body_timeout",
+    "deadline_exceeded",
+    "body_too_large",
+    "body_incomplete",
+    "connection_lost",
+    "stale_connection",
+    "http_5xx",
+    "http_4xx",
+    "rate_limited",
+    "auth_rejected",
+    "decode",
+    "circuit_open",
+    "config",
+];
+
+/// `last_error_type` as a bounded label: a known label, else `other`.
+fn stored_error_label(s: &str) -> &'static str {
+    ERROR_LABELS
+        .iter()
+        .find(|l| **l == s)
+        .copied()
+        .unwrap_or("other")
 }
 
 fn op_label(op: &str) -> &'static str {

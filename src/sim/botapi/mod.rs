@@ -13,6 +13,12 @@
 //!   `POST /_sim/updates` (an update object without `update_id`), `GET /_sim/sent`,
 //!   `PUT /_sim/faults/getUpdates` (`none`, `hang`, `rate_limited:SECS:TIMES`,
 //!   `conflict:TIMES`).
+//! - Telegram Stars: `successful_payment` messages register their charge; `refundStarPayment`
+//!   refunds a registered charge once (`CHARGE_NOT_FOUND`, `CHARGE_ALREADY_REFUNDED` otherwise)
+//!   and, like Telegram, posts the `refunded_payment` service message into the payer's chat
+//!   ([`BotApiSimHandle::set_refund_echo`] turns that off); [`BotApiSimHandle::refunded_payment`]
+//!   injects a refund made elsewhere (the user through Telegram support).
+//! - A revoked token: [`BotApiSimHandle::revoke_token`] answers every request `401`.
 //! - Faults of FAULTS.md: T1 `getUpdates` never returns ([`UpdatesFault::Hang`]), T2 `429`
 //!   with `retry_after` on receive ([`UpdatesFault::RateLimited`]) and on send
 //!   ([`BotApiSimHandle::set_send_rate_limit`]), T3 `409 Conflict` ([`UpdatesFault::Conflict`]).
@@ -201,6 +207,20 @@ struct SimState {
     max_polls_in_flight: u32,
     conflicts: u64,
     next_query_id: u64,
+    charges: BTreeMap<String, StarCharge>,
+    star_refunds: Vec<(i64, String)>,
+    no_refund_echo: bool,
+    token_revoked: bool,
+}
+
+/// A Telegram Stars charge the stand-in reported as paid.
+#[derive(Debug, Clone)]
+struct StarCharge {
+    user: SimUser,
+    payload: String,
+    currency: String,
+    amount: u32,
+    refunded: bool,
 }
 
 #[derive(Debug)]
@@ -422,7 +442,8 @@ impl BotApiSimHandle {
         qid
     }
 
-    /// Telegram reports a completed payment: a message with `successful_payment`.
+    /// Telegram reports a completed payment: a message with `successful_payment` (Telegram
+    /// Stars: the provider's charge id is empty).
     pub fn successful_payment(
         &self,
         user: &SimUser,
@@ -431,14 +452,76 @@ impl BotApiSimHandle {
         amount: u32,
         charge_id: &str,
     ) -> i64 {
+        self.successful_payment_ids(user, payload, currency, amount, charge_id, "")
+    }
+
+    /// [`Self::successful_payment`] with both charge ids: Telegram's (`charge_id`) and the
+    /// provider's. The charge becomes refundable with `refundStarPayment`.
+    pub fn successful_payment_ids(
+        &self,
+        user: &SimUser,
+        payload: &str,
+        currency: &str,
+        amount: u32,
+        charge_id: &str,
+        provider_charge_id: &str,
+    ) -> i64 {
+        self.shared
+            .state()
+            .charges
+            .entry(charge_id.to_string())
+            .or_insert_with(|| StarCharge {
+                user: user.clone(),
+                payload: payload.to_string(),
+                currency: currency.to_string(),
+                amount,
+                refunded: false,
+            });
         let msg = self.user_message(
             user,
             json!({"successful_payment": {
                 "currency": currency, "total_amount": amount, "invoice_payload": payload,
-                "telegram_payment_charge_id": charge_id, "provider_payment_charge_id": "",
+                "telegram_payment_charge_id": charge_id,
+                "provider_payment_charge_id": provider_charge_id,
             }}),
         );
         self.inject(json!({ "message": msg }))
+    }
+
+    /// Telegram reports a refund (a `refunded_payment` service message in the payer's chat),
+    /// e.g. one the user obtained through Telegram support.
+    pub fn refunded_payment(
+        &self,
+        user: &SimUser,
+        payload: &str,
+        currency: &str,
+        amount: u32,
+        charge_id: &str,
+    ) -> i64 {
+        if let Some(c) = self.shared.state().charges.get_mut(charge_id) {
+            c.refunded = true;
+        }
+        let msg = self.user_message(
+            user,
+            refunded_payment_json(payload, currency, amount, charge_id),
+        );
+        self.inject(json!({ "message": msg }))
+    }
+
+    /// Whether a `refundStarPayment` also posts the `refunded_payment` message (default on).
+    pub fn set_refund_echo(&self, on: bool) {
+        self.shared.state().no_refund_echo = !on;
+    }
+
+    /// `(user id, charge id)` of every `refundStarPayment` that succeeded, in order.
+    pub fn star_refunds(&self) -> Vec<(i64, String)> {
+        self.shared.state().star_refunds.clone()
+    }
+
+    /// Revokes the token: every request, `getUpdates` included, gets `401 Unauthorized`.
+    pub fn revoke_token(&self) {
+        self.shared.state().token_revoked = true;
+        self.shared.updates_notify.notify_waiters();
     }
 
     /// Everything sent so far, in order.
@@ -584,6 +667,13 @@ impl BotApiSimHandle {
     }
 }
 
+fn refunded_payment_json(payload: &str, currency: &str, amount: u32, charge_id: &str) -> Value {
+    json!({"refunded_payment": {
+        "currency": currency, "total_amount": amount, "invoice_payload": payload,
+        "telegram_payment_charge_id": charge_id,
+    }})
+}
+
 fn bot_user() -> Value {
     json!({"id": 123456, "is_bot": true, "first_name": "VPN bot", "username": "vpnsim_bot"})
 }
@@ -694,7 +784,7 @@ async fn api(
     req: Request,
 ) -> Response {
     let sh = &app.shared;
-    if bot.strip_prefix("bot") != Some(sh.token.as_str()) {
+    if bot.strip_prefix("bot") != Some(sh.token.as_str()) || sh.state().token_revoked {
         return err(401, "Unauthorized", None);
     }
     // Telegram matches method names case-insensitively (teloxide sends `SendMessage`).
@@ -721,6 +811,12 @@ async fn api(
             ok(me)
         }
         "getUpdates" => get_updates(&app, params).await,
+        "refundStarPayment" => {
+            if let Some(r) = send_rate_limited(sh) {
+                return r;
+            }
+            refund_star_payment(sh, &params)
+        }
         "deleteWebhook"
         | "setMyCommands"
         | "answerCallbackQuery"
@@ -759,6 +855,7 @@ const METHODS: &[&str] = &[
     "editMessageText",
     "deleteMessage",
     "sendChatAction",
+    "refundStarPayment",
 ];
 
 fn canonical_method(m: &str) -> Option<&'static str> {
@@ -933,6 +1030,55 @@ fn record(sh: &Shared, method: &str, p: Params) -> Response {
             ok(msg)
         }
     }
+}
+
+/// `refundStarPayment`: refunds a paid charge of that user once; like Telegram, posts the
+/// `refunded_payment` service message into the payer's chat (unless turned off).
+fn refund_star_payment(sh: &Shared, p: &Params) -> Response {
+    let (Some(user_id), Some(charge)) = (p.i64("user_id"), p.str("telegram_payment_charge_id"))
+    else {
+        return err(
+            400,
+            "Bad Request: user_id and telegram_payment_charge_id are required",
+            None,
+        );
+    };
+    let echo = {
+        let mut st = sh.state();
+        let echo = !st.no_refund_echo;
+        let Some(c) = st.charges.get_mut(&charge).filter(|c| c.user.id == user_id) else {
+            return err(400, "Bad Request: CHARGE_NOT_FOUND", None);
+        };
+        if c.refunded {
+            return err(400, "Bad Request: CHARGE_ALREADY_REFUNDED", None);
+        }
+        c.refunded = true;
+        let c = c.clone();
+        st.star_refunds.push((user_id, charge.clone()));
+        echo.then_some(c)
+    };
+    if let Some(c) = echo {
+        let message_id = {
+            let mut st = sh.state();
+            let id = st.next_message_id;
+            st.next_message_id += 1;
+            id
+        };
+        let mut msg = json!({
+            "message_id": message_id,
+            "date": chrono::Utc::now().timestamp(),
+            "chat": c.user.chat_json(),
+            "from": c.user.user_json(),
+        });
+        if let (Some(m), Value::Object(e)) = (
+            msg.as_object_mut(),
+            refunded_payment_json(&c.payload, &c.currency, c.amount, &charge),
+        ) {
+            m.extend(e);
+        }
+        sh.inject(json!({ "message": msg }));
+    }
+    ok(json!(true))
 }
 
 /// Ends the poll's registration on every exit path, including a dropped connection.
