@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use prometheus::Registry;
 use secrecy::ExposeSecret;
-use sqlx::{ConnectOptions, Connection};
 
 use crate::bot::{BotApi, BotMetrics, BotService};
 use crate::config::{secs, Config};
@@ -60,7 +59,8 @@ impl StartError {
     /// Process exit code: `EX_UNAVAILABLE` (69) for an unreachable database, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Db(DbError::Unavailable(_) | DbError::AcquireTimeout { .. }) => 69,
+            StartError::Db(DbError::AcquireTimeout { .. }) => db::connect::EXIT_DB_UNAVAILABLE,
+            StartError::Db(e) => e.exit_code(),
             _ => 1,
         }
     }
@@ -357,21 +357,12 @@ impl App {
 }
 
 /// One direct connection with the connect timeout, so "server down" and "wrong password" are
-/// reported as themselves before the pool starts retrying.
+/// reported as themselves before the pool starts retrying (see [`db::connect::preflight`]).
 ///
 /// # Errors
 /// [`DbError::Unavailable`].
 pub async fn preflight(config: &Config) -> Result<(), DbError> {
-    let opts = db::pool::connect_options(&config.db)?.disable_statement_logging();
-    let bound = secs(config.db.connect_timeout_seconds);
-    match tokio::time::timeout(bound, sqlx::PgConnection::connect_with(&opts)).await {
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-            Ok(())
-        }
-        Ok(Err(e)) => Err(DbError::Unavailable(e)),
-        Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolTimedOut)),
-    }
+    db::connect::preflight(&config.db).await
 }
 
 impl DiagnosticsView for Diagnostics {

@@ -1,6 +1,7 @@
 //! The data layer: an instrumented PostgreSQL pool, embedded migrations, the leadership lock
 //! and the writability probe behind `/readyz`.
 
+pub mod connect;
 pub mod error;
 pub mod inflight;
 pub mod leader;
