@@ -200,6 +200,7 @@ impl App {
         db::migrate(&pool).await?;
         tracing::info!("database migrations applied");
 
+        let _ = health.db_connect.set(pool.connect_health().clone());
         let tasks = Tasks::new();
         diagnostics.add_source(Arc::new(PoolSource::new(
             pool.inflight().clone(),
@@ -221,7 +222,13 @@ impl App {
                 tasks.root().clone(),
             ),
         );
-        let leader = spawn_leadership(&config.leader, &config.db, &registry, &tasks);
+        let leader = spawn_leadership(
+            &config.leader,
+            &config.db,
+            &registry,
+            &tasks,
+            pool.connect_health().clone(),
+        );
         let _ = health.leader.set(leader.clone());
         let drain = secs(config.runtime.shutdown_drain_seconds);
         let outbox = Outbox::new(

@@ -19,6 +19,15 @@ pub enum DbError {
         /// Call-site label given to `acquire`.
         label: &'static str,
     },
+    /// The server refuses new connections (see [`super::refusal`]) and no existing pooled
+    /// connection became free in time.
+    #[error("database refuses new connections and no pooled connection is free (acquire at `{label}`): {cause}")]
+    Refused {
+        /// Call-site label given to `acquire`.
+        label: &'static str,
+        /// The server's last refusal (message and SQLSTATE) or socket error.
+        cause: String,
+    },
     /// The server could not be reached or the connection broke.
     #[error("database unreachable: {}", super::connect::describe(.0))]
     Unavailable(#[source] sqlx::Error),
@@ -56,6 +65,7 @@ impl DbError {
         match self {
             DbError::AcquireTimeout { .. } => "acquire_timeout",
             DbError::PoolClosed { .. } => "pool_closed",
+            DbError::Refused { .. } => "connect_refused",
             DbError::Unavailable(_) => "unavailable",
             DbError::StatementTimeout(_) => "statement_timeout",
             DbError::ReadOnly(_) => "read_only",
@@ -72,7 +82,7 @@ impl DbError {
     /// [`EXIT_DB_UNAVAILABLE`]: super::connect::EXIT_DB_UNAVAILABLE
     pub fn exit_code(&self) -> i32 {
         match self {
-            DbError::Unavailable(_) | DbError::ServerShutdown(_) => {
+            DbError::Unavailable(_) | DbError::ServerShutdown(_) | DbError::Refused { .. } => {
                 super::connect::EXIT_DB_UNAVAILABLE
             }
             _ => 1,

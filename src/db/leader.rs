@@ -14,7 +14,10 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use super::pool::connect_options;
+use super::refusal::ConnectHealth;
 use crate::config::{secs, DbConfig, LeaderConfig};
 use crate::metrics;
 use crate::tasks::Tasks;
@@ -88,11 +91,15 @@ impl LeaderHandle {
 }
 
 /// Starts the leadership task; returns the read side.
+///
+/// Failed connection attempts are counted and logged through `connect_health` (with their
+/// SQLSTATE), like the pool's.
 pub fn spawn_leadership(
     leader: &LeaderConfig,
     db: &DbConfig,
     registry: &Registry,
     tasks: &Tasks,
+    connect_health: Arc<ConnectHealth>,
 ) -> LeaderHandle {
     let (tx, rx) = watch::channel(false);
     let gauge = metrics::int_gauge(
@@ -112,6 +119,7 @@ pub fn spawn_leadership(
         gauge,
         transitions,
         cancel: tasks.root().clone(),
+        connect_health,
     };
     tasks.spawn_named("leadership", state.run());
     LeaderHandle { rx }
@@ -124,6 +132,7 @@ struct LeaderLoop {
     gauge: IntGauge,
     transitions: IntCounter,
     cancel: CancellationToken,
+    connect_health: Arc<ConnectHealth>,
 }
 
 impl LeaderLoop {
@@ -148,9 +157,13 @@ impl LeaderLoop {
         let attempt = async {
             let mut opts = connect_options(&self.db).map_err(|e| e.to_string())?;
             opts = opts.application_name(&format!("{}-leader", self.db.application_name));
-            let mut conn = PgConnection::connect_with(&opts)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut conn = match PgConnection::connect_with(&opts).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.connect_health.record("leader", &e);
+                    return Err(super::connect::describe(&e));
+                }
+            };
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(self.cfg.lock_key)
                 .fetch_one(&mut conn)

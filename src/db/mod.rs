@@ -7,6 +7,7 @@ pub mod inflight;
 pub mod leader;
 pub mod pool;
 pub mod readiness;
+pub mod refusal;
 
 pub use error::DbError;
 pub use pool::{DbConn, DbPool, Tx};
