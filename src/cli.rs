@@ -116,10 +116,15 @@ pub fn main() -> ExitCode {
                     Ok(p) => p,
                     Err(e) => return fail(&e, 1),
                 };
-                if let Err(e) = crate::app::preflight(&cfg).await {
+                if let Err(e) = crate::app::check_database(&cfg).await {
                     return fail(&e, e.exit_code());
                 }
-                match crate::db::migrate(&pool).await {
+                let res = if secrecy::ExposeSecret::expose_secret(&cfg.db.direct_url).is_empty() {
+                    crate::db::migrate(&pool).await
+                } else {
+                    crate::db::pooler::migrate_direct(&cfg.db).await
+                };
+                match res {
                     Ok(()) => {
                         println!("migrations applied");
                         ExitCode::SUCCESS

@@ -14,7 +14,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::pool::connect_options;
 use super::refusal::ConnectHealth;
@@ -26,9 +26,20 @@ use crate::tasks::Tasks;
 #[derive(Debug, Clone)]
 pub struct LeaderHandle {
     rx: watch::Receiver<bool>,
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 impl LeaderHandle {
+    /// Why the last attempt to take or check the lock failed (an error, not "held by another
+    /// instance"); `None` while leadership works. `/readyz` is not ready while this is set:
+    /// an instance that cannot even compete for leadership cannot do its job.
+    pub fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Whether this instance holds the lock and may run singleton workers right now.
     pub fn is_leader(&self) -> bool {
         *self.rx.borrow()
@@ -42,7 +53,10 @@ impl LeaderHandle {
     /// A handle that never leads (for commands that only need the read side).
     pub fn never() -> Self {
         let (_tx, rx) = watch::channel(false);
-        Self { rx }
+        Self {
+            rx,
+            failing: Arc::default(),
+        }
     }
 
     /// Runs `worker` only while this instance leads: started (as a named task) on gaining
@@ -102,6 +116,7 @@ pub fn spawn_leadership(
     connect_health: Arc<ConnectHealth>,
 ) -> LeaderHandle {
     let (tx, rx) = watch::channel(false);
+    let failing: Arc<Mutex<Option<String>>> = Arc::default();
     let gauge = metrics::int_gauge(
         registry,
         "vpnbot_leader",
@@ -120,9 +135,10 @@ pub fn spawn_leadership(
         transitions,
         cancel: tasks.root().clone(),
         connect_health,
+        failing: failing.clone(),
     };
     tasks.spawn_named("leadership", state.run());
-    LeaderHandle { rx }
+    LeaderHandle { rx, failing }
 }
 
 struct LeaderLoop {
@@ -133,6 +149,7 @@ struct LeaderLoop {
     transitions: IntCounter,
     cancel: CancellationToken,
     connect_health: Arc<ConnectHealth>,
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 impl LeaderLoop {
@@ -140,9 +157,15 @@ impl LeaderLoop {
         let retry = secs(self.cfg.retry_interval_seconds);
         while !self.cancel.is_cancelled() {
             match self.try_acquire().await {
-                Ok(Some(conn)) => self.lead(conn).await,
-                Ok(None) => tracing::debug!("leadership lock held elsewhere; following"),
-                Err(e) => tracing::warn!(error = %e, "leadership: cannot reach the database"),
+                Ok(Some(conn)) => {
+                    self.set_failing(None);
+                    self.lead(conn).await
+                }
+                Ok(None) => {
+                    self.set_failing(None);
+                    tracing::debug!("leadership lock held elsewhere; following")
+                }
+                Err(e) => self.set_failing(Some(e)),
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -168,7 +191,7 @@ impl LeaderLoop {
                 .bind(self.cfg.lock_key)
                 .fetch_one(&mut conn)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("lock query failed: {}", super::connect::describe(&e)))?;
             Ok(got.then_some(conn))
         };
         tokio::time::timeout(bound, attempt)
@@ -208,6 +231,21 @@ impl LeaderLoop {
                 _ = tokio::time::sleep(interval) => {}
             }
         }
+    }
+
+    /// Records the outcome of one attempt; logs a failure when it is new or changed (repeats
+    /// every retry interval would drown the log), and the recovery.
+    fn set_failing(&self, err: Option<String>) {
+        let mut cur = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        match (&*cur, &err) {
+            (None, Some(e)) => tracing::warn!(error = %e, "leadership: cannot take the lock"),
+            (Some(old), Some(e)) if old != e => {
+                tracing::warn!(error = %e, "leadership: cannot take the lock")
+            }
+            (Some(_), None) => tracing::info!("leadership: lock attempts work again"),
+            _ => {}
+        }
+        *cur = err;
     }
 
     fn set(&self, leader: bool) {

@@ -6,6 +6,7 @@ pub mod error;
 pub mod inflight;
 pub mod leader;
 pub mod pool;
+pub mod pooler;
 pub mod readiness;
 pub mod refusal;
 
