@@ -136,3 +136,96 @@ async fn burst_against_a_role_connection_limit_is_served_counted_and_unready(
     );
     app.shutdown().await;
 }
+
+/// With no connection to wait for, an acquire against a refusing server fails at once with the
+/// cause instead of after the acquire timeout; once the server accepts again, the pool recovers
+/// by itself.
+#[sqlx::test(migrations = false)]
+async fn refusing_server_fails_acquire_fast_and_the_pool_recovers(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    // Nothing listens: sqlx alone would retry the refused connect for the whole 10 s.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = common::test_config(&opts).db;
+    cfg.url = secrecy::SecretString::from(format!("postgres://bot:pw@127.0.0.1:{port}/x"));
+    cfg.acquire_timeout_seconds = 10.0;
+    let registry = vpnbot::metrics::new_registry();
+    let pool = vpnbot::db::DbPool::connect(&cfg, &registry).unwrap();
+    let t = Instant::now();
+    let err = pool.acquire("test_closed_port").await.unwrap_err();
+    let took = t.elapsed();
+    eprintln!("closed port: acquire failed after {took:?}: {err}");
+    assert!(
+        matches!(err, vpnbot::db::DbError::Refused { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("refused"), "{err}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let text = vpnbot::metrics::render(&registry);
+    assert!(
+        common::metric(
+            &text,
+            "vpnbot_db_connect_errors_total",
+            &[("kind", "refused")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+
+    // A role that may not log in (28000), then may again.
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.clone())
+        .await
+        .unwrap();
+    let role = format!("vpnbot_nologin_pool_{}", std::process::id());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} NOLOGIN"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let mut u = url::Url::parse(&common::url_for(&opts)).unwrap();
+    u.set_username(&role).unwrap();
+    let mut cfg = common::test_config(&opts).db;
+    cfg.url = secrecy::SecretString::from(u.to_string());
+    cfg.acquire_timeout_seconds = 10.0;
+    let registry = vpnbot::metrics::new_registry();
+    let pool = vpnbot::db::DbPool::connect(&cfg, &registry).unwrap();
+    let t = Instant::now();
+    let err = pool.acquire("test_nologin").await.unwrap_err();
+    eprintln!("28000: acquire failed after {:?}: {err}", t.elapsed());
+    assert!(err.to_string().contains("SQLSTATE 28000"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(pool
+        .connect_health()
+        .status(Duration::from_secs(5))
+        .is_err());
+
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("ALTER ROLE {role} LOGIN")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut recovered = None;
+    while t.elapsed() < Duration::from_secs(10) {
+        if pool.acquire("test_nologin").await.is_ok() {
+            recovered = Some(t.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("recovered after {recovered:?}");
+    assert!(recovered.is_some(), "pool recovers once the server accepts");
+    assert!(!pool.connect_health().refusing());
+    pool.close().await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
+        .execute(&admin)
+        .await;
+}

@@ -200,15 +200,15 @@ impl DbPool {
             slot: Some(slot),
         };
         self.metrics.pending.inc();
-        let res = tokio::time::timeout(self.acquire_timeout, self.acquire_conn(label)).await;
+        let deadline = tokio::time::Instant::now() + self.acquire_timeout;
+        let res = self.acquire_conn(label, deadline).await;
         let waited = started.elapsed();
         self.metrics
             .acquire_wait
             .with_label_values(&[label])
             .observe(waited.as_secs_f64());
-        let timed_out = res.is_err();
         let err = match res {
-            Ok(Ok(conn)) => {
+            Ok(conn) => {
                 let slot = waiter.slot.take().expect("slot set above");
                 self.metrics.pending.dec();
                 self.inflight.acquired(slot);
@@ -223,32 +223,41 @@ impl DbPool {
                     pool: self.clone(),
                 });
             }
-            Err(_) if self.health.refusing() => self.refused(label),
-            Err(_) | Ok(Err(DbError::AcquireTimeout { .. })) => {
+            Err(DbError::AcquireTimeout { .. }) if self.health.refusing() => {
+                self.metrics
+                    .acquire_timeouts
+                    .with_label_values(&[label])
+                    .inc();
+                self.refused(label)
+            }
+            Err(DbError::AcquireTimeout { .. }) => {
+                self.metrics
+                    .acquire_timeouts
+                    .with_label_values(&[label])
+                    .inc();
                 DbError::AcquireTimeout { label, waited }
             }
-            Ok(Err(DbError::PoolClosed { .. })) => DbError::PoolClosed { label },
-            Ok(Err(e)) => e,
+            Err(DbError::PoolClosed { .. }) => DbError::PoolClosed { label },
+            Err(e) => e,
         };
         drop(waiter);
-        if timed_out || matches!(err, DbError::AcquireTimeout { .. }) {
-            self.metrics
-                .acquire_timeouts
-                .with_label_values(&[label])
-                .inc();
-        }
         self.metrics.count_error(&err);
         Err(err)
     }
 
-    /// Gets a connection: the normal sqlx path while the server accepts connections, only
-    /// existing connections while it refuses; switches when the state changes.
-    async fn acquire_conn(&self, label: &'static str) -> Result<PoolConnection<Postgres>, DbError> {
+    /// Gets a connection by `deadline`: the normal sqlx path while the server accepts
+    /// connections, only existing connections while it refuses; switches when the state
+    /// changes.
+    async fn acquire_conn(
+        &self,
+        label: &'static str,
+        deadline: tokio::time::Instant,
+    ) -> Result<PoolConnection<Postgres>, DbError> {
         loop {
             let step = if self.health.refusing() {
-                self.acquire_existing(label).await
+                self.acquire_existing(label, deadline).await
             } else {
-                self.acquire_watching().await
+                self.acquire_watching(deadline).await
             };
             if let Some(res) = step {
                 return res;
@@ -256,29 +265,30 @@ impl DbPool {
         }
     }
 
-    /// The sqlx acquire, watched: if it is still waiting after [`PROBE_AFTER`] while the pool
-    /// is opening connections, a probe asks the server directly. `None` when the server turns
-    /// out to refuse (the caller switches to existing connections).
-    async fn acquire_watching(&self) -> Option<Result<PoolConnection<Postgres>, DbError>> {
+    /// The sqlx acquire, watched by one timer (the same cost as a plain timeout): if it is
+    /// still waiting after [`PROBE_AFTER`] while the pool is opening connections, a probe asks
+    /// the server directly. `None` when the server turns out to refuse (the caller switches to
+    /// existing connections).
+    async fn acquire_watching(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Option<Result<PoolConnection<Postgres>, DbError>> {
+        let timeout = || DbError::AcquireTimeout {
+            label: "unknown",
+            waited: Duration::ZERO,
+        };
         let fut = self.pool.acquire();
         tokio::pin!(fut);
-        let first = tokio::time::Instant::now() + PROBE_AFTER;
-        let mut check = tokio::time::interval_at(first, PROBE_AFTER);
+        let next = |now: tokio::time::Instant| (now + PROBE_AFTER).min(deadline);
+        let sleep = tokio::time::sleep_until(next(tokio::time::Instant::now()));
+        tokio::pin!(sleep);
         loop {
-            let changed = self.health.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            if self.health.refusing() {
-                return None;
-            }
             tokio::select! {
+                biased;
                 r = &mut fut => {
                     return match r {
                         Ok(c) => Some(Ok(c)),
-                        Err(sqlx::Error::PoolTimedOut) => Some(Err(DbError::AcquireTimeout {
-                            label: "unknown",
-                            waited: Duration::ZERO,
-                        })),
+                        Err(sqlx::Error::PoolTimedOut) => Some(Err(timeout())),
                         Err(sqlx::Error::PoolClosed) => {
                             Some(Err(DbError::PoolClosed { label: "unknown" }))
                         }
@@ -293,11 +303,18 @@ impl DbPool {
                         }
                     };
                 }
-                _ = &mut changed => {}
-                _ = check.tick() => {
+                _ = &mut sleep => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Some(Err(timeout()));
+                    }
+                    if self.health.refusing() {
+                        return None;
+                    }
                     if self.opening() > 0 {
                         self.spawn_probe(PROBE_EVERY);
                     }
+                    sleep.as_mut().reset(next(now));
                 }
             }
         }
@@ -310,6 +327,7 @@ impl DbPool {
     async fn acquire_existing(
         &self,
         label: &'static str,
+        deadline: tokio::time::Instant,
     ) -> Option<Result<PoolConnection<Postgres>, DbError>> {
         loop {
             let changed = self.health.changed.notified();
@@ -325,9 +343,15 @@ impl DbPool {
             if self.pool.size() == 0 {
                 return Some(Err(self.refused(label)));
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Some(Err(DbError::AcquireTimeout {
+                    label,
+                    waited: Duration::ZERO,
+                }));
+            }
             tokio::select! {
                 _ = &mut changed => {}
-                _ = tokio::time::sleep(RETURN_POLL) => {}
+                _ = tokio::time::sleep(RETURN_POLL.min(deadline - tokio::time::Instant::now())) => {}
             }
         }
     }
