@@ -220,6 +220,19 @@ async fn session_pooling_is_supported_and_leads(_p: PgPoolOptions, opts: PgConne
     let bouncer = PgBouncer::start("session");
     let mut cfg = common::test_config(&opts);
     cfg.db.url = SecretString::from(bouncer.url(&common::url_for(&opts)));
+    // PgBouncer drops the `options` startup parameter (statement_timeout): detected.
+    {
+        let mut c = vpnbot::db::connect::connect_direct(&cfg.db, "test")
+            .await
+            .unwrap();
+        assert!(!vpnbot::db::pooler::warn_if_session_settings_lost(&cfg.db, &mut c).await);
+        let mut direct_cfg = cfg.db.clone();
+        direct_cfg.url = SecretString::from(common::url_for(&opts));
+        let mut d = vpnbot::db::connect::connect_direct(&direct_cfg, "test")
+            .await
+            .unwrap();
+        assert!(vpnbot::db::pooler::warn_if_session_settings_lost(&direct_cfg, &mut d).await);
+    }
     let app = App::start(cfg).await.unwrap();
     let leader = app.leader.clone();
     assert!(

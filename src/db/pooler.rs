@@ -90,6 +90,7 @@ pub async fn detect(cfg: &DbConfig) -> Result<Pooling, DbError> {
         }
     };
     let res = detect_on(&mut a, &mut b).await;
+    warn_if_session_settings_lost(cfg, &mut a).await;
     // Unlock from both sides: behind transaction pooling either may hold the shared session.
     for c in [&mut a, &mut b] {
         let _ = sqlx::raw_sql("SELECT pg_advisory_unlock_all()")
@@ -99,6 +100,33 @@ pub async fn detect(cfg: &DbConfig) -> Result<Pooling, DbError> {
     let _ = a.close().await;
     let _ = b.close().await;
     res
+}
+
+/// PgBouncer (1.18) does not forward the `options` startup parameter that carries
+/// `statement_timeout`: say so at start instead of running without the bound. Returns whether
+/// the server session has the configured value.
+pub async fn warn_if_session_settings_lost(cfg: &DbConfig, conn: &mut PgConnection) -> bool {
+    let want_ms = (cfg.statement_timeout_seconds * 1000.0).round() as i64;
+    let got: Option<String> =
+        match sqlx::raw_sql("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")
+            .fetch_optional(&mut *conn)
+            .await
+        {
+            Ok(Some(row)) => row.try_get(0).ok(),
+            _ => None,
+        };
+    let got_ms = got.as_deref().and_then(|s| s.parse::<i64>().ok());
+    if got_ms == Some(want_ms) {
+        return true;
+    }
+    tracing::warn!(
+        configured_ms = want_ms,
+        server_ms = got_ms.unwrap_or(-1),
+        "db.url: the server session does not have the configured statement_timeout; a pooler \
+         in front is not forwarding the `options` startup parameter. Set statement_timeout and \
+         idle_in_transaction_session_timeout on the role (ALTER ROLE ... SET) (README: Connection poolers)"
+    );
+    false
 }
 
 async fn detect_on(a: &mut PgConnection, b: &mut PgConnection) -> Result<Pooling, DbError> {
