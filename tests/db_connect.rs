@@ -26,7 +26,12 @@ fn vpnbot(url: &str) -> tokio::process::Command {
     c
 }
 
-const COMMANDS: [&[&str]; 3] = [&["migrate"], &["reconcile", "--once", "--json"], &["run"]];
+const COMMANDS: [&[&str]; 4] = [
+    &["migrate"],
+    &["reconcile", "--once", "--json"],
+    &["run"],
+    &["demo"],
+];
 
 /// Runs each command; returns (args, exit code, stderr, seconds).
 async fn run_all(url: &str) -> Vec<(String, Option<i32>, String, f64)> {
