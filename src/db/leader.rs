@@ -5,16 +5,20 @@
 //! `check_timeout` bound; the `false` is published before anything else happens so singleton
 //! workers are cancelled at once. A new leader waits `takeover_delay` (longer than the old
 //! leader's detection bound) before starting its workers, so two never overlap.
+//!
+//! The connection goes to `db.direct_url` when set (a pooler in transaction mode cannot carry a
+//! session lock; see [`super::pooler`]). An attempt that fails with an error (not "held by
+//! another instance") is published through [`LeaderHandle::failing`], which keeps `/readyz`
+//! unready, and its connection refusal is counted like the pool's.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge, Registry};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-use std::sync::{Arc, Mutex};
 
 use super::pool::connect_options;
 use super::refusal::ConnectHealth;

@@ -203,3 +203,31 @@ impl ConnectHealth {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_backs_off_probes_once_per_period_and_ends_on_success() {
+        let h = ConnectHealth::register(&crate::metrics::new_registry());
+        assert!(h.status(Duration::from_secs(5)).is_ok());
+        let refused = sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert_eq!(h.record("pool", &refused), ConnectErrorKind::Refused);
+        assert!(h.refusing());
+        let why = h.status(Duration::from_secs(5)).unwrap_err();
+        assert!(why.contains("refused"), "{why}");
+        // Within the back-off no probe may start; a stale refusal no longer makes it unready.
+        assert!(!h.claim_probe(Duration::ZERO));
+        assert!(h.status(Duration::ZERO).is_ok());
+        std::thread::sleep(BACKOFF_MIN + Duration::from_millis(20));
+        assert!(h.claim_probe(Duration::ZERO));
+        assert!(!h.claim_probe(Duration::ZERO), "one probe at a time");
+        h.probe_done();
+        // The leader's refusals are counted but do not make the pool back off.
+        h.record_ok();
+        assert!(!h.refusing());
+        h.record("leader", &refused);
+        assert!(!h.refusing());
+    }
+}
