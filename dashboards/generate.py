@@ -334,7 +334,12 @@ def db_pool():
     ], unit="ops")
     b.panel("timeseries", "Database errors by kind", [
         (f"sum by (kind) (increase(vpnbot_db_errors_total{{{SEL}}}[{RI}]))", "{{kind}}"),
-    ], w=24)
+    ])
+    b.panel("timeseries", "Connections refused by the server, by kind", [
+        (f"sum by (kind) (increase(vpnbot_db_connect_errors_total{{{SEL}}}[{RI}]))", "{{kind}}"),
+    ], description="SQLSTATE 53300 too_many_connections, 28P01/28000 auth_failed, 57P03 starting_up, "
+                   "refused, timeout. While these rise the pool backs off to its existing connections; "
+                   "/readyz shows the last one.")
     return b
 
 

@@ -4,6 +4,7 @@
 #   libdw-dev            native stacks of blocked workers (rstack-self's libdw backend; build)
 #   postgresql(-client)  the database (tests, demo's throwaway cluster)
 #   prometheus, prometheus-alertmanager   promtool/amtool and the pager test (tests only)
+#   pgbouncer            connection-pooler tests (tests/db_pooler.rs; tests only)
 # Usage: scripts/install-deps.sh [--demo]   (--demo: only what the demo needs)
 set -euo pipefail
 need=()
@@ -13,6 +14,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ "${1:-}" != "--demo" ]; then
   command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
   command -v amtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
@@ -24,7 +26,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # Debian may start services from these packages on systemd hosts; tests start their own.
 if command -v systemctl >/dev/null 2>&1; then
-  for s in prometheus prometheus-alertmanager postgresql; do
+  for s in prometheus prometheus-alertmanager postgresql pgbouncer; do
     systemctl is-active --quiet "$s" 2>/dev/null && systemctl stop "$s" || true
   done
 fi

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use prometheus::Registry;
 use secrecy::ExposeSecret;
-use sqlx::{ConnectOptions, Connection};
 
 use crate::bot::{BotApi, BotMetrics, BotService};
 use crate::config::{secs, Config};
@@ -42,6 +41,10 @@ pub enum StartError {
     /// The database is unreachable, read-only, or its migrations failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A connection pooler in front of the database is in a mode this configuration cannot
+    /// work with (see [`db::pooler`]).
+    #[error(transparent)]
+    Pooler(#[from] db::pooler::PoolerError),
     /// The Bot API client could not be built (bad `telegram.api_url`).
     #[error("telegram bot: {0}")]
     Bot(String),
@@ -57,10 +60,13 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// Process exit code: `EX_UNAVAILABLE` (69) for an unreachable database, 1 otherwise.
+    /// Process exit code: `EX_UNAVAILABLE` (69) for an unreachable database, 64 for a pooler
+    /// mode the configuration cannot work with, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StartError::Db(DbError::Unavailable(_) | DbError::AcquireTimeout { .. }) => 69,
+            StartError::Db(DbError::AcquireTimeout { .. }) => db::connect::EXIT_DB_UNAVAILABLE,
+            StartError::Db(e) => e.exit_code(),
+            StartError::Pooler(_) => crate::config::EXIT_CONFIG,
             _ => 1,
         }
     }
@@ -194,12 +200,19 @@ impl App {
             .map_err(|(node, source)| StartError::Node { node, source })?;
         let _ = health.breakers.set(Arc::new(fleet.clone()));
         let pool = DbPool::connect(&config.db, &registry)?;
-        preflight(&config)
-            .await
-            .inspect_err(|e| pool.metrics().count_error(e))?;
-        db::migrate(&pool).await?;
+        check_database(&config).await.inspect_err(|e| {
+            if let StartError::Db(e) = e {
+                pool.metrics().count_error(e)
+            }
+        })?;
+        if config.db.direct_url.expose_secret().is_empty() {
+            db::migrate(&pool).await?;
+        } else {
+            db::pooler::migrate_direct(&config.db).await?;
+        }
         tracing::info!("database migrations applied");
 
+        let _ = health.db_connect.set(pool.connect_health().clone());
         let tasks = Tasks::new();
         diagnostics.add_source(Arc::new(PoolSource::new(
             pool.inflight().clone(),
@@ -221,7 +234,13 @@ impl App {
                 tasks.root().clone(),
             ),
         );
-        let leader = spawn_leadership(&config.leader, &config.db, &registry, &tasks);
+        let leader = spawn_leadership(
+            &config.leader,
+            &db::pooler::direct_config(&config.db),
+            &registry,
+            &tasks,
+            pool.connect_health().clone(),
+        );
         let _ = health.leader.set(leader.clone());
         let drain = secs(config.runtime.shutdown_drain_seconds);
         let outbox = Outbox::new(
@@ -357,21 +376,27 @@ impl App {
 }
 
 /// One direct connection with the connect timeout, so "server down" and "wrong password" are
-/// reported as themselves before the pool starts retrying.
+/// reported as themselves before the pool starts retrying (see [`db::connect::preflight`]).
 ///
 /// # Errors
 /// [`DbError::Unavailable`].
 pub async fn preflight(config: &Config) -> Result<(), DbError> {
-    let opts = db::pool::connect_options(&config.db)?.disable_statement_logging();
-    let bound = secs(config.db.connect_timeout_seconds);
-    match tokio::time::timeout(bound, sqlx::PgConnection::connect_with(&opts)).await {
-        Ok(Ok(conn)) => {
-            let _ = conn.close().await;
-            Ok(())
-        }
-        Ok(Err(e)) => Err(DbError::Unavailable(e)),
-        Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolTimedOut)),
+    db::connect::preflight(&config.db).await
+}
+
+/// What `run` (and `migrate`) check before touching the pool: one direct connection to
+/// `db.url` and to `db.direct_url` when set (exit 69 with the cause), then what any connection
+/// pooler in front of them allows (exit 64 naming the pool mode; see [`db::pooler`]).
+///
+/// # Errors
+/// [`StartError::Db`] or [`StartError::Pooler`].
+pub async fn check_database(config: &Config) -> Result<(), StartError> {
+    preflight(config).await?;
+    if !config.db.direct_url.expose_secret().is_empty() {
+        db::connect::preflight(&db::pooler::direct_config(&config.db)).await?;
     }
+    db::pooler::check(&config.db).await??;
+    Ok(())
 }
 
 impl DiagnosticsView for Diagnostics {

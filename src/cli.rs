@@ -45,7 +45,8 @@ pub enum Command {
     /// Reconcile nodes against the database once and print what was found and done.
     ///
     /// Exit codes: 0 ok or dry run, 3 the guard tripped (nothing removed), 1 a node failed or
-    /// timed out, or an unknown node, 64 bad config.
+    /// timed out, an unknown node, or an unmigrated schema, 64 bad config, 69 database
+    /// unreachable or refusing connections.
     Reconcile(crate::reconcile::cli::ReconcileArgs),
     /// Serve the Bot API stand-in (tests and demo only): inject updates with
     /// `POST /_sim/updates`, read what the bot sent at `GET /_sim/sent`.
@@ -118,15 +119,20 @@ pub fn main() -> ExitCode {
                     Ok(p) => p,
                     Err(e) => return fail(&e, 1),
                 };
-                if let Err(e) = crate::app::preflight(&cfg).await {
-                    return fail(&e, 69);
+                if let Err(e) = crate::app::check_database(&cfg).await {
+                    return fail(&e, e.exit_code());
                 }
-                match crate::db::migrate(&pool).await {
+                let res = if secrecy::ExposeSecret::expose_secret(&cfg.db.direct_url).is_empty() {
+                    crate::db::migrate(&pool).await
+                } else {
+                    crate::db::pooler::migrate_direct(&cfg.db).await
+                };
+                match res {
                     Ok(()) => {
                         println!("migrations applied");
                         ExitCode::SUCCESS
                     }
-                    Err(e) => fail(&e, 1),
+                    Err(e) => fail(&e, e.exit_code()),
                 }
             })
         }
@@ -234,7 +240,8 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
     })
 }
 
-fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
+/// Prints `error: ...` with each cause once, logs it, and returns `code`.
+pub(crate) fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
     let mut msg = format!("error: {e}");
     let mut last = e.to_string();
     let mut src = e.source();

@@ -94,6 +94,15 @@ pub struct DbConfig {
         deserialize_with = "secret::deserialize_lenient"
     )]
     pub url: SecretString,
+    /// `postgres://` URL of PostgreSQL itself, bypassing any connection pooler, for the
+    /// leadership lock and migrations (session advisory locks do not survive transaction
+    /// pooling). Empty (the default): `url` is used for everything. Required when `url` points
+    /// at a pooler in transaction pooling mode (checked at start). Secret like `url`.
+    #[serde(
+        serialize_with = "secret::serialize_redacted_url",
+        deserialize_with = "secret::deserialize_lenient"
+    )]
+    pub direct_url: SecretString,
     /// Connections kept open when idle (default [`d::DB_MIN_CONNECTIONS`]).
     pub min_connections: u32,
     /// Pool size (default [`d::DB_MAX_CONNECTIONS`]); the leadership connection is extra.
@@ -118,6 +127,7 @@ impl Default for DbConfig {
     fn default() -> Self {
         Self {
             url: SecretString::default(),
+            direct_url: SecretString::default(),
             min_connections: d::DB_MIN_CONNECTIONS,
             max_connections: d::DB_MAX_CONNECTIONS,
             acquire_timeout_seconds: d::DB_ACQUIRE_TIMEOUT_SECONDS,
@@ -289,6 +299,13 @@ impl Config {
             e.push("db.url is empty: set it, VPNBOT_DB__URL or DATABASE_URL".to_string());
         } else if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             e.push("db.url must start with postgres:// or postgresql://".to_string());
+        }
+        let direct = db.direct_url.expose_secret();
+        let direct_ok = direct.is_empty()
+            || direct.starts_with("postgres://")
+            || direct.starts_with("postgresql://");
+        if !direct_ok {
+            e.push("db.direct_url must start with postgres:// or postgresql://".to_string());
         }
         if db.max_connections == 0 {
             e.push("db.max_connections must be at least 1".to_string());

@@ -19,8 +19,17 @@ pub enum DbError {
         /// Call-site label given to `acquire`.
         label: &'static str,
     },
+    /// The server refuses new connections (see [`super::refusal`]) and no existing pooled
+    /// connection became free in time.
+    #[error("database refuses new connections and no pooled connection is free (acquire at `{label}`): {cause}")]
+    Refused {
+        /// Call-site label given to `acquire`.
+        label: &'static str,
+        /// The server's last refusal (message and SQLSTATE) or socket error.
+        cause: String,
+    },
     /// The server could not be reached or the connection broke.
-    #[error("database unreachable: {0}")]
+    #[error("database unreachable: {}", super::connect::describe(.0))]
     Unavailable(#[source] sqlx::Error),
     /// The server cancelled the statement at `statement_timeout` (SQLSTATE 57014).
     #[error("statement cancelled by the server's statement_timeout")]
@@ -34,6 +43,17 @@ pub enum DbError {
     /// A migration is missing, modified or failed to apply.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Migrations embedded in this binary are not all applied (a command that does not migrate
+    /// by itself, e.g. `reconcile`, found an older or empty schema).
+    #[error(
+        "database schema is not migrated ({pending} of {total} migrations pending): run `vpnbot migrate` first"
+    )]
+    SchemaNotMigrated {
+        /// Migrations not applied yet.
+        pending: usize,
+        /// Migrations this binary knows.
+        total: usize,
+    },
     /// Any other query error (constraint, syntax, decode ...).
     #[error("database query failed: {0}")]
     Query(#[source] sqlx::Error),
@@ -45,12 +65,27 @@ impl DbError {
         match self {
             DbError::AcquireTimeout { .. } => "acquire_timeout",
             DbError::PoolClosed { .. } => "pool_closed",
+            DbError::Refused { .. } => "connect_refused",
             DbError::Unavailable(_) => "unavailable",
             DbError::StatementTimeout(_) => "statement_timeout",
             DbError::ReadOnly(_) => "read_only",
             DbError::ServerShutdown(_) => "server_shutdown",
             DbError::Migrate(_) => "migrate",
+            DbError::SchemaNotMigrated { .. } => "schema_not_migrated",
             DbError::Query(_) => "query",
+        }
+    }
+
+    /// Process exit code of a command that stops on this error: [`EXIT_DB_UNAVAILABLE`] (69)
+    /// when the server cannot be reached, refuses connections or is shutting down, 1 otherwise.
+    ///
+    /// [`EXIT_DB_UNAVAILABLE`]: super::connect::EXIT_DB_UNAVAILABLE
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            DbError::Unavailable(_) | DbError::ServerShutdown(_) | DbError::Refused { .. } => {
+                super::connect::EXIT_DB_UNAVAILABLE
+            }
+            _ => 1,
         }
     }
 
@@ -90,8 +125,11 @@ impl From<sqlx::Error> for DbError {
             Some("25006") => return DbError::ReadOnly(e),
             // admin_shutdown, crash_shutdown, cannot_connect_now, database_dropped
             Some(c) if c.starts_with("57P") => return DbError::ServerShutdown(e),
-            // connection_exception class
-            Some(c) if c.starts_with("08") => return DbError::Unavailable(e),
+            // connection_exception class; refusals at connect: too_many_connections,
+            // invalid_authorization_specification / invalid_password
+            Some(c) if c.starts_with("08") || c.starts_with("28") || c == "53300" => {
+                return DbError::Unavailable(e)
+            }
             _ => {}
         }
         match e {

@@ -5,8 +5,14 @@
 //! `check_timeout` bound; the `false` is published before anything else happens so singleton
 //! workers are cancelled at once. A new leader waits `takeover_delay` (longer than the old
 //! leader's detection bound) before starting its workers, so two never overlap.
+//!
+//! The connection goes to `db.direct_url` when set (a pooler in transaction mode cannot carry a
+//! session lock; see [`super::pooler`]). An attempt that fails with an error (not "held by
+//! another instance") is published through [`LeaderHandle::failing`], which keeps `/readyz`
+//! unready, and its connection refusal is counted like the pool's.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge, Registry};
@@ -15,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::pool::connect_options;
+use super::refusal::ConnectHealth;
 use crate::config::{secs, DbConfig, LeaderConfig};
 use crate::metrics;
 use crate::tasks::Tasks;
@@ -23,9 +30,20 @@ use crate::tasks::Tasks;
 #[derive(Debug, Clone)]
 pub struct LeaderHandle {
     rx: watch::Receiver<bool>,
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 impl LeaderHandle {
+    /// Why the last attempt to take or check the lock failed (an error, not "held by another
+    /// instance"); `None` while leadership works. `/readyz` is not ready while this is set:
+    /// an instance that cannot even compete for leadership cannot do its job.
+    pub fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Whether this instance holds the lock and may run singleton workers right now.
     pub fn is_leader(&self) -> bool {
         *self.rx.borrow()
@@ -39,7 +57,10 @@ impl LeaderHandle {
     /// A handle that never leads (for commands that only need the read side).
     pub fn never() -> Self {
         let (_tx, rx) = watch::channel(false);
-        Self { rx }
+        Self {
+            rx,
+            failing: Arc::default(),
+        }
     }
 
     /// Runs `worker` only while this instance leads: started (as a named task) on gaining
@@ -88,13 +109,18 @@ impl LeaderHandle {
 }
 
 /// Starts the leadership task; returns the read side.
+///
+/// Failed connection attempts are counted and logged through `connect_health` (with their
+/// SQLSTATE), like the pool's.
 pub fn spawn_leadership(
     leader: &LeaderConfig,
     db: &DbConfig,
     registry: &Registry,
     tasks: &Tasks,
+    connect_health: Arc<ConnectHealth>,
 ) -> LeaderHandle {
     let (tx, rx) = watch::channel(false);
+    let failing: Arc<Mutex<Option<String>>> = Arc::default();
     let gauge = metrics::int_gauge(
         registry,
         "vpnbot_leader",
@@ -112,9 +138,11 @@ pub fn spawn_leadership(
         gauge,
         transitions,
         cancel: tasks.root().clone(),
+        connect_health,
+        failing: failing.clone(),
     };
     tasks.spawn_named("leadership", state.run());
-    LeaderHandle { rx }
+    LeaderHandle { rx, failing }
 }
 
 struct LeaderLoop {
@@ -124,6 +152,8 @@ struct LeaderLoop {
     gauge: IntGauge,
     transitions: IntCounter,
     cancel: CancellationToken,
+    connect_health: Arc<ConnectHealth>,
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 impl LeaderLoop {
@@ -131,9 +161,15 @@ impl LeaderLoop {
         let retry = secs(self.cfg.retry_interval_seconds);
         while !self.cancel.is_cancelled() {
             match self.try_acquire().await {
-                Ok(Some(conn)) => self.lead(conn).await,
-                Ok(None) => tracing::debug!("leadership lock held elsewhere; following"),
-                Err(e) => tracing::warn!(error = %e, "leadership: cannot reach the database"),
+                Ok(Some(conn)) => {
+                    self.set_failing(None);
+                    self.lead(conn).await
+                }
+                Ok(None) => {
+                    self.set_failing(None);
+                    tracing::debug!("leadership lock held elsewhere; following")
+                }
+                Err(e) => self.set_failing(Some(e)),
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -148,14 +184,18 @@ impl LeaderLoop {
         let attempt = async {
             let mut opts = connect_options(&self.db).map_err(|e| e.to_string())?;
             opts = opts.application_name(&format!("{}-leader", self.db.application_name));
-            let mut conn = PgConnection::connect_with(&opts)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut conn = match PgConnection::connect_with(&opts).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.connect_health.record("leader", &e);
+                    return Err(super::connect::describe(&e));
+                }
+            };
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(self.cfg.lock_key)
                 .fetch_one(&mut conn)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("lock query failed: {}", super::connect::describe(&e)))?;
             Ok(got.then_some(conn))
         };
         tokio::time::timeout(bound, attempt)
@@ -195,6 +235,21 @@ impl LeaderLoop {
                 _ = tokio::time::sleep(interval) => {}
             }
         }
+    }
+
+    /// Records the outcome of one attempt; logs a failure when it is new or changed (repeats
+    /// every retry interval would drown the log), and the recovery.
+    fn set_failing(&self, err: Option<String>) {
+        let mut cur = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+        match (&*cur, &err) {
+            (None, Some(e)) => tracing::warn!(error = %e, "leadership: cannot take the lock"),
+            (Some(old), Some(e)) if old != e => {
+                tracing::warn!(error = %e, "leadership: cannot take the lock")
+            }
+            (Some(_), None) => tracing::info!("leadership: lock attempts work again"),
+            _ => {}
+        }
+        *cur = err;
     }
 
     fn set(&self, leader: bool) {

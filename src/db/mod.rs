@@ -1,11 +1,14 @@
 //! The data layer: an instrumented PostgreSQL pool, embedded migrations, the leadership lock
 //! and the writability probe behind `/readyz`.
 
+pub mod connect;
 pub mod error;
 pub mod inflight;
 pub mod leader;
 pub mod pool;
+pub mod pooler;
 pub mod readiness;
+pub mod refusal;
 
 pub use error::DbError;
 pub use pool::{DbConn, DbPool, Tx};

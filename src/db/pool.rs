@@ -4,6 +4,8 @@
 
 use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus::core::{Collector, Desc};
@@ -16,6 +18,7 @@ use sqlx::{Executor, PgConnection, PgPool, Postgres};
 
 use super::error::DbError;
 use super::inflight::PoolInflight;
+use super::refusal::ConnectHealth;
 use crate::config::{secs, DbConfig};
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 
@@ -103,13 +106,33 @@ impl Collector for PoolStateCollector {
     }
 }
 
+/// How long an acquire waits, while the pool is opening a connection, before a direct probe
+/// connection asks the server whether it refuses (sqlx retries refused connects silently until
+/// the acquire timeout).
+pub const PROBE_AFTER: Duration = Duration::from_millis(250);
+/// At most one probe per this period while the server is not known to refuse.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// While backing off, how often a waiter looks for a returned connection (returns reach the
+/// idle queue through a task sqlx spawns, so a release notification may come slightly early).
+const RETURN_POLL: Duration = Duration::from_millis(10);
+
 /// A PostgreSQL pool whose every acquire is labelled, timed and visible to the watchdog.
+///
+/// When the server refuses new connections (too many connections, auth, starting up, refused
+/// port), the pool stops opening connections: waiters take only connections that already
+/// exist, one probe per back-off period asks the server again, and a waiter with nothing to
+/// wait for fails at once with [`DbError::Refused`] (see [`super::refusal`]). A healthy server
+/// never sees this path: an acquire that finds or opens a connection within [`PROBE_AFTER`]
+/// does exactly what it did before.
 #[derive(Debug, Clone)]
 pub struct DbPool {
     pool: PgPool,
     metrics: DbMetrics,
     inflight: PoolInflight,
     acquire_timeout: Duration,
+    health: Arc<ConnectHealth>,
+    held: Arc<AtomicUsize>,
+    cfg: Arc<DbConfig>,
 }
 
 impl DbPool {
@@ -155,6 +178,9 @@ impl DbPool {
             metrics: DbMetrics::register(registry),
             inflight: PoolInflight::default(),
             acquire_timeout: secs(cfg.acquire_timeout_seconds),
+            health: Arc::new(ConnectHealth::register(registry)),
+            held: Arc::new(AtomicUsize::new(0)),
+            cfg: Arc::new(cfg.clone()),
         })
     }
 
@@ -174,17 +200,19 @@ impl DbPool {
             slot: Some(slot),
         };
         self.metrics.pending.inc();
-        let res = tokio::time::timeout(self.acquire_timeout, self.pool.acquire()).await;
+        let deadline = tokio::time::Instant::now() + self.acquire_timeout;
+        let res = self.acquire_conn(label, deadline).await;
         let waited = started.elapsed();
         self.metrics
             .acquire_wait
             .with_label_values(&[label])
             .observe(waited.as_secs_f64());
         let err = match res {
-            Ok(Ok(conn)) => {
+            Ok(conn) => {
                 let slot = waiter.slot.take().expect("slot set above");
                 self.metrics.pending.dec();
                 self.inflight.acquired(slot);
+                self.held.fetch_add(1, Ordering::AcqRel);
                 return Ok(DbConn {
                     conn: Some(conn),
                     label,
@@ -195,21 +223,183 @@ impl DbPool {
                     pool: self.clone(),
                 });
             }
-            Err(_) | Ok(Err(sqlx::Error::PoolTimedOut)) => {
+            Err(DbError::AcquireTimeout { .. }) if self.health.refusing() => {
+                self.metrics
+                    .acquire_timeouts
+                    .with_label_values(&[label])
+                    .inc();
+                self.refused(label)
+            }
+            Err(DbError::AcquireTimeout { .. }) => {
+                self.metrics
+                    .acquire_timeouts
+                    .with_label_values(&[label])
+                    .inc();
                 DbError::AcquireTimeout { label, waited }
             }
-            Ok(Err(sqlx::Error::PoolClosed)) => DbError::PoolClosed { label },
-            Ok(Err(e)) => DbError::from(e),
+            Err(DbError::PoolClosed { .. }) => DbError::PoolClosed { label },
+            Err(e) => e,
         };
         drop(waiter);
-        if let DbError::AcquireTimeout { .. } = err {
-            self.metrics
-                .acquire_timeouts
-                .with_label_values(&[label])
-                .inc();
-        }
         self.metrics.count_error(&err);
         Err(err)
+    }
+
+    /// Gets a connection by `deadline`: the normal sqlx path while the server accepts
+    /// connections, only existing connections while it refuses; switches when the state
+    /// changes.
+    async fn acquire_conn(
+        &self,
+        label: &'static str,
+        deadline: tokio::time::Instant,
+    ) -> Result<PoolConnection<Postgres>, DbError> {
+        loop {
+            let step = if self.health.refusing() {
+                self.acquire_existing(label, deadline).await
+            } else {
+                self.acquire_watching(deadline).await
+            };
+            if let Some(res) = step {
+                return res;
+            }
+        }
+    }
+
+    /// The sqlx acquire, watched by one timer (the same cost as a plain timeout): if it is
+    /// still waiting after [`PROBE_AFTER`] while the pool is opening connections, a probe asks
+    /// the server directly. `None` when the server turns out to refuse (the caller switches to
+    /// existing connections).
+    async fn acquire_watching(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Option<Result<PoolConnection<Postgres>, DbError>> {
+        let timeout = || DbError::AcquireTimeout {
+            label: "unknown",
+            waited: Duration::ZERO,
+        };
+        let fut = self.pool.acquire();
+        tokio::pin!(fut);
+        let next = |now: tokio::time::Instant| (now + PROBE_AFTER).min(deadline);
+        let sleep = tokio::time::sleep_until(next(tokio::time::Instant::now()));
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut fut => {
+                    return match r {
+                        Ok(c) => Some(Ok(c)),
+                        Err(sqlx::Error::PoolTimedOut) => Some(Err(timeout())),
+                        Err(sqlx::Error::PoolClosed) => {
+                            Some(Err(DbError::PoolClosed { label: "unknown" }))
+                        }
+                        // Anything else comes from opening a connection (sqlx returns
+                        // errors it does not retry, e.g. 28P01, at once).
+                        Err(e) => {
+                            if self.health.record("pool", &e).is_refusal() {
+                                None
+                            } else {
+                                Some(Err(DbError::from(e)))
+                            }
+                        }
+                    };
+                }
+                _ = &mut sleep => {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
+                        return Some(Err(timeout()));
+                    }
+                    if self.health.refusing() {
+                        return None;
+                    }
+                    if self.opening() > 0 {
+                        self.spawn_probe(PROBE_EVERY);
+                    }
+                    sleep.as_mut().reset(next(now));
+                }
+            }
+        }
+    }
+
+    /// While the server refuses: take an idle connection as soon as one is returned, never
+    /// open one; fail at once when the pool has no connection to wait for. One probe per
+    /// back-off period (only while connections are wanted) ends the back-off when it succeeds.
+    /// `None` when the back-off has ended.
+    async fn acquire_existing(
+        &self,
+        label: &'static str,
+        deadline: tokio::time::Instant,
+    ) -> Option<Result<PoolConnection<Postgres>, DbError>> {
+        loop {
+            let changed = self.health.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.health.refusing() {
+                return None;
+            }
+            if let Some(c) = self.pool.try_acquire() {
+                return Some(Ok(c));
+            }
+            self.spawn_probe(Duration::ZERO);
+            if self.pool.size() == 0 {
+                return Some(Err(self.refused(label)));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Some(Err(DbError::AcquireTimeout {
+                    label,
+                    waited: Duration::ZERO,
+                }));
+            }
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep(RETURN_POLL.min(deadline - tokio::time::Instant::now())) => {}
+            }
+        }
+    }
+
+    /// Connections the pool is opening right now (its size counts them before they exist).
+    fn opening(&self) -> usize {
+        let size = self.pool.size() as usize;
+        size.saturating_sub(self.pool.num_idle() + self.held.load(Ordering::Acquire))
+    }
+
+    /// Starts the one probe (a direct connection, bounded by the connect timeout) unless one
+    /// runs, one ran within `min_interval`, or the back-off has not expired.
+    fn spawn_probe(&self, min_interval: Duration) {
+        if !self.health.claim_probe(min_interval) {
+            return;
+        }
+        let health = self.health.clone();
+        let cfg = self.cfg.clone();
+        tokio::spawn(async move {
+            match super::connect::connect_direct(&cfg, "probe").await {
+                Ok(conn) => {
+                    health.record_ok();
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), sqlx::Connection::close(conn))
+                            .await;
+                }
+                Err(DbError::Unavailable(e)) => {
+                    health.record("probe", &e);
+                }
+                Err(_) => {}
+            }
+            health.probe_done();
+        });
+    }
+
+    fn refused(&self, label: &'static str) -> DbError {
+        let cause = self
+            .health
+            .last()
+            .map(|r| format!("{} ({})", r.cause, r.kind.as_str()))
+            .unwrap_or_else(|| "the server refused a new connection".into());
+        DbError::Refused { label, cause }
+    }
+
+    /// Connection failures seen while running and the back-off state (for `/readyz` and the
+    /// leadership connection).
+    pub fn connect_health(&self) -> &Arc<ConnectHealth> {
+        &self.health
     }
 
     /// Current holders and waiters, for the watchdog and `/debug/dump`.
@@ -355,6 +545,11 @@ impl Drop for DbConn {
             if self.tx_open || self.discard {
                 conn.close_on_drop();
             }
+        }
+        self.pool.held.fetch_sub(1, Ordering::AcqRel);
+        // Waiters that may only take existing connections (while the server refuses) look now.
+        if self.pool.health.refusing() {
+            self.pool.health.changed.notify_waiters();
         }
     }
 }

@@ -118,6 +118,12 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     demo_settings(&mut cfg);
     let instruments = crate::app::Instruments::install(&cfg);
     let rt = crate::cli::build_main_runtime(&cfg, &instruments);
+    // Like every command: an unreachable or refusing database is exit 69 with its cause.
+    if let Err(e) = rt.block_on(crate::db::connect::preflight(&cfg.db)) {
+        rt.shutdown_timeout(Duration::from_secs(1));
+        instruments.shutdown();
+        return crate::cli::fail(&e, e.exit_code());
+    }
     // Two simulated nodes, seeded with users (80 % carry vpnbot's ownership marker).
     let sims = rt.block_on(async {
         let start = |seed| async move {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::db::leader::LeaderHandle;
 use crate::db::readiness::DbReadiness;
+use crate::db::refusal::ConnectHealth;
 
 /// The diagnostics' view as the observability server needs it. Implemented by the
 /// diagnostics subsystem; every method must be callable from any thread without the main
@@ -32,6 +33,8 @@ pub struct HealthState {
     pub db: Arc<DbReadiness>,
     /// Bound on the age of the last database check for `/readyz` to trust it.
     pub db_max_age: OnceLock<Duration>,
+    /// Connection refusals seen while running (pool back-off).
+    pub db_connect: OnceLock<Arc<ConnectHealth>>,
     /// Leadership read side.
     pub leader: OnceLock<LeaderHandle>,
     /// Diagnostics (stall state and dumps).

@@ -145,8 +145,15 @@ async fn readyz(State(s): State<ObsState>) -> Response {
         .copied()
         .unwrap_or(Duration::from_secs(10));
     let db = s.health.db.status(max_age);
+    let db_connect = s
+        .health
+        .db_connect
+        .get()
+        .map(|h| h.status(max_age))
+        .unwrap_or(Ok(()));
     let stall = s.health.stall();
     let leader = s.health.leader.get().map(|l| l.is_leader());
+    let leadership = s.health.leader.get().and_then(|l| l.failing());
     let breakers: serde_json::Map<String, serde_json::Value> = s
         .health
         .breakers
@@ -158,12 +165,14 @@ async fn readyz(State(s): State<ObsState>) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    let ready = db.is_ok() && stall.is_none();
+    let ready = db.is_ok() && db_connect.is_ok() && leadership.is_none() && stall.is_none();
     let body = serde_json::json!({
         "ready": ready,
         "db": match &db { Ok(()) => "writable".to_string(), Err(e) => e.clone() },
+        "db_connect": match &db_connect { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
         "stall": stall,
         "leader": leader,
+        "leadership": match &leadership { None => "ok".to_string(), Some(e) => e.clone() },
         "node_breakers": breakers,
     });
     let code = if ready {

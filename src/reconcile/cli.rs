@@ -3,7 +3,8 @@
 //!
 //! It writes outbox intents like the worker does; the running service's outbox worker applies
 //! them. Exit codes: 0 when every node ended `ok` or `dry_run`, 3 when a guard tripped, 1 when
-//! a node failed or timed out (or the run could not start), 64 for a bad configuration.
+//! a node failed or timed out (or the run could not start, e.g. an unmigrated schema), 64 for a
+//! bad configuration, 69 when the database is unreachable or refuses connections.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -38,11 +39,13 @@ pub fn main(cfg: Config, args: ReconcileArgs) -> ExitCode {
         let registry = crate::metrics::new_registry();
         let pool = match DbPool::connect(&cfg.db, &registry) {
             Ok(p) => p,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(1);
-            }
+            Err(e) => return crate::cli::fail(&e, e.exit_code()),
         };
+        // Like `run` and `migrate`: an unreachable or refusing server is exit 69 with its cause
+        // within the connect timeout, not a pool acquire timeout; an old schema says what to do.
+        if let Err(e) = check_database(&cfg).await {
+            return crate::cli::fail(&e, e.exit_code());
+        }
         let fleet = match Fleet::from_config(&cfg, &registry) {
             Ok(f) => f,
             Err((node, e)) => {
@@ -73,6 +76,18 @@ pub fn main(cfg: Config, args: ReconcileArgs) -> ExitCode {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), pool.close()).await;
         exit_code(&rep)
     })
+}
+
+/// The direct-connection check every command runs, then the schema check.
+async fn check_database(cfg: &Config) -> Result<(), crate::db::DbError> {
+    let mut conn = crate::db::connect::connect_direct(&cfg.db, "").await?;
+    let res = crate::db::connect::check_schema(&mut conn).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        sqlx::Connection::close(conn),
+    )
+    .await;
+    res
 }
 
 /// 0 when every node ended `ok`/`dry_run`, 3 when a guard tripped, 1 otherwise.
