@@ -15,7 +15,8 @@ pub const THREAD_NAME_PREFIX: &str = "vpnbot-rt";
 /// all drivers enabled, named threads, the poll-time histogram when
 /// `diagnostics.poll_time_histogram` (log buckets 16 µs .. ~4 s), the
 /// LIFO slot disabled (a task in a blocked worker's LIFO slot cannot be stolen, so one blocked
-/// worker would strand it), and `diag`'s poll/spawn/terminate hooks installed.
+/// worker would strand it), eager driver hand-off (a blocked worker must not strand the I/O and
+/// time drivers either), and `diag`'s poll/spawn/terminate hooks installed.
 ///
 /// # Errors
 /// When the OS refuses to create the runtime's threads or drivers.
@@ -36,6 +37,12 @@ pub fn build_main_runtime(
         )
     });
     b.disable_lifo_slot();
+    // A worker that was parked on the I/O and time drivers and wakes to run a task hands the
+    // drivers to a parked worker first. Without it, a task woken by a timer that then blocks
+    // its worker keeps the drivers unattended (the other worker sleeps on its condvar, nobody
+    // tells it): every timer and socket of the runtime stops for the whole block, and one
+    // blocked worker reads as `runtime_stalled` (issue 17; tests/diagnostics_stalls.rs).
+    b.enable_eager_driver_handoff();
     if diag.settings().poll_time_histogram {
         b.enable_metrics_poll_time_histogram();
         b.metrics_poll_time_histogram_configuration(HistogramConfiguration::log(

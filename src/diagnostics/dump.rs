@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -511,7 +511,7 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
             let _ = tx.send(d);
         })
     });
-    match rx.recv_timeout(timeout) {
+    match recv_nudging(&rx, &handle, &inner.task_dump_in_flight_arc(), timeout) {
         Ok(d) => {
             let mut tasks = Vec::new();
             let total = d.tasks().iter().count();
@@ -550,6 +550,47 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
             ),
             tasks: vec![],
         },
+    }
+}
+
+/// Waits up to `timeout` for the task dump, nudging the runtime every 50 ms meanwhile.
+///
+/// `Handle::dump` parks every worker in a barrier until all of them have joined it. A worker
+/// asleep on the I/O driver with no timer due has been seen (tokio 1.54, one worker blocked
+/// while the dump started) to miss the request and sleep on, leaving the others in the barrier
+/// for good: a dump that turned one blocked worker into a frozen runtime. An empty task spawned
+/// from this thread goes through the injection queue and unparks an idle worker, which then
+/// sees the request and joins. When the wait times out, a short-lived thread keeps nudging
+/// until the dump finishes (at most 30 s), so a late dump still releases the workers.
+fn recv_nudging(
+    rx: &mpsc::Receiver<tokio::runtime::Dump>,
+    handle: &tokio::runtime::Handle,
+    in_flight: &Arc<AtomicBool>,
+    timeout: Duration,
+) -> Result<tokio::runtime::Dump, mpsc::RecvTimeoutError> {
+    const NUDGE: Duration = Duration::from_millis(50);
+    let end = Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(NUDGE)) {
+            Err(mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {
+                with_spawn_name("diag-nudge", || drop(handle.spawn(async {})));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let (handle, in_flight) = (handle.clone(), in_flight.clone());
+                let _ = std::thread::Builder::new()
+                    .name("vpnbot-dump-nudge".into())
+                    .spawn(move || {
+                        let until = Instant::now() + Duration::from_secs(30);
+                        while in_flight.load(Ordering::Acquire) && Instant::now() < until {
+                            with_spawn_name("diag-nudge", || drop(handle.spawn(async {})));
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    });
+                return Err(mpsc::RecvTimeoutError::Timeout);
+            }
+            other => return other,
+        }
     }
 }
 
