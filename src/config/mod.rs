@@ -282,6 +282,23 @@ impl Config {
         )
     }
 
+    /// Like [`Config::load`], but an empty `db.url` (no file key, no `VPNBOT_DB__URL`, no
+    /// `DATABASE_URL`) is filled with `fallback_db_url` instead of being an error: for `demo`,
+    /// which brings its own database and must not drop the rest of the user's configuration.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_with_fallback_db_url(
+        path: Option<&Path>,
+        fallback_db_url: &str,
+    ) -> Result<Config, ConfigErrors> {
+        let url = std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| fallback_db_url.to_owned());
+        load::load(path, std::env::vars_os(), Some(url))
+    }
+
     /// Loads from TOML text only (no environment); for tests and tools.
     ///
     /// # Errors

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::app::App;
 use crate::config::Config;
@@ -83,21 +83,24 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
         eprintln!("demo: unknown step {bad:?}; steps: {}", STEPS.join(", "));
         return ExitCode::from(crate::config::EXIT_CONFIG as u8);
     }
-    // The demo builds its own config: the file and VPNBOT_* still apply, missing values are
-    // filled with demo settings.
-    let mut cfg = Config::load(config_path).unwrap_or_else(|e| {
-        if !e.0.iter().all(|m| m.starts_with("db.url")) {
-            eprint!("demo: ignoring the configuration: {e}");
+    // The user's configuration (file and VPNBOT_<SECTION>__<KEY>) applies; the demo only
+    // brings the database when none is configured, and fills values left at their defaults
+    // with demo settings (see `demo_settings`). A bad configuration stops it, as it would `run`.
+    const NO_DB_YET: &str = "postgres://demo-brings-its-own-database/";
+    let mut cfg = match Config::load_with_fallback_db_url(config_path, NO_DB_YET) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("demo: {e}");
+            return ExitCode::from(crate::config::EXIT_CONFIG as u8);
         }
-        Config::default()
-    });
-    let _pg = match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => {
-            println!("demo: using PostgreSQL from DATABASE_URL");
-            cfg.db.url = SecretString::from(url);
+    };
+    let configured_db = cfg.db.url.expose_secret() != NO_DB_YET;
+    let _pg = match configured_db {
+        true => {
+            println!("demo: using the configured PostgreSQL (db.url or DATABASE_URL)");
             None
         }
-        _ => match postgres::EmbeddedPostgres::start() {
+        false => match postgres::EmbeddedPostgres::start() {
             Ok(pg) => {
                 println!(
                     "demo: started a throwaway PostgreSQL cluster at {}",
@@ -113,9 +116,16 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
         },
     };
     if !args.keep_running {
+        // A one-shot run must not collide with a running instance's port.
         cfg.observability.listen = "127.0.0.1:0".into();
     }
-    demo_settings(&mut cfg);
+    let filled = demo_settings(&mut cfg);
+    if !filled.is_empty() {
+        println!(
+            "demo: settings left at their defaults set for the demo's timings: {}",
+            filled.join(", ")
+        );
+    }
     let instruments = crate::app::Instruments::install(&cfg);
     let rt = crate::cli::build_main_runtime(&cfg, &instruments);
     // Like every command: an unreachable or refusing database is exit 69 with its cause.
@@ -265,12 +275,17 @@ async fn scenario(
         all &= r.ok();
         r.print();
     }
-    println!(
-        "dumps: {} (latest also at {base}/debug/dump)",
-        std::fs::canonicalize(&app.config.diagnostics.dump_dir)
-            .unwrap_or_else(|_| app.config.diagnostics.dump_dir.clone())
-            .display()
-    );
+    let dump_dir = std::fs::canonicalize(&app.config.diagnostics.dump_dir)
+        .unwrap_or_else(|_| app.config.diagnostics.dump_dir.clone());
+    if args.keep_running {
+        println!(
+            "dumps: {} (latest also at {base}/debug/dump)",
+            dump_dir.display()
+        );
+    } else {
+        // The observability server stops with the demo: point only at what stays.
+        println!("dumps: {}", dump_dir.display());
+    }
     println!(
         "demo: {} in {:.1} s",
         if all {
@@ -291,23 +306,34 @@ async fn scenario(
 }
 
 /// Short timings so the whole timeline takes well under two minutes.
-fn demo_settings(cfg: &mut Config) {
+/// Sets the demo's timings on every value the user left at its default, and returns the keys
+/// it set (`key=value`), so the report can say what it chose. Explicit settings are kept.
+fn demo_settings(cfg: &mut Config) -> Vec<String> {
+    let d = Config::default();
+    let mut filled = Vec::new();
+    macro_rules! fill {
+        ($($path:ident).+ = $value:expr) => {
+            if cfg.$($path).+ == d.$($path).+ {
+                cfg.$($path).+ = $value;
+                filled.push(format!("{}={:?}", stringify!($($path).+), cfg.$($path).+));
+            }
+        };
+    }
     // The report is the demo's output: logs show warnings and errors only (RUST_LOG overrides),
     // without the full dump JSON (its verdict is in the report, the files in ./dumps).
-    if cfg.observability.log_filter == crate::config::defaults::LOG_FILTER {
-        cfg.observability.log_filter = "warn,sqlx=error,vpnbot::diagnostics::watchdog=off".into();
-    }
-    cfg.db.max_connections = 5;
-    cfg.db.min_connections = 1;
-    cfg.db.acquire_timeout_seconds = 2.0;
-    cfg.node_client.connect_timeout_seconds = 1.0;
-    cfg.node_client.headers_timeout_seconds = 2.0;
-    cfg.node_client.body_idle_timeout_seconds = 2.0;
-    cfg.node_client.total_deadline_seconds = 4.0;
-    cfg.diagnostics.pool_starved_seconds = 1.0;
-    cfg.diagnostics.dump_min_interval_seconds = 1.0;
-    cfg.diagnostics.console_enabled = true;
-    cfg.leader.takeover_delay_seconds = 2.5;
+    fill!(observability.log_filter = "warn,sqlx=error,vpnbot::diagnostics::watchdog=off".into());
+    fill!(db.max_connections = 5);
+    fill!(db.min_connections = 1);
+    fill!(db.acquire_timeout_seconds = 2.0);
+    fill!(node_client.connect_timeout_seconds = 1.0);
+    fill!(node_client.headers_timeout_seconds = 2.0);
+    fill!(node_client.body_idle_timeout_seconds = 2.0);
+    fill!(node_client.total_deadline_seconds = 4.0);
+    fill!(diagnostics.pool_starved_seconds = 1.0);
+    fill!(diagnostics.dump_min_interval_seconds = 1.0);
+    fill!(diagnostics.console_enabled = true);
+    fill!(leader.takeover_delay_seconds = 2.5);
+    filled
 }
 
 async fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {

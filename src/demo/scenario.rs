@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::app::App;
-use crate::diagnostics::{EpisodeRecord, StallKind};
+use crate::diagnostics::{Dump, EpisodeRecord, StallKind};
 use crate::node::Operation;
 use crate::reconcile::{Outcome, RunOptions};
 use crate::sim::botapi::{BotApiSimHandle, SimUser};
@@ -153,17 +153,36 @@ impl Stage<'_> {
         None
     }
 
-    /// Waits for the watchdog's dump of an episode detected at `detected_unix`.
-    async fn wait_dump_verdict(&self, detected_unix: f64) -> String {
+    /// Waits for the watchdog's dump of an episode of `kind` detected at `detected_unix`: a
+    /// dump of another kind (one taken for a different episode meanwhile) does not count.
+    async fn wait_dump(&self, kind: StallKind, detected_unix: f64) -> Option<Arc<Dump>> {
         for _ in 0..200 {
             if let Some(d) = self.app.diagnostics.latest_dump() {
-                if d.unix_seconds + 0.5 >= detected_unix {
-                    return d.verdict.clone();
+                if d.kind == Some(kind) && d.unix_seconds + 0.5 >= detected_unix {
+                    return Some(d);
                 }
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        String::from("(no dump written)")
+        None
+    }
+
+    /// The verdict of [`Stage::wait_dump`], or a sentence saying there was no such dump.
+    async fn wait_dump_verdict(&self, kind: StallKind, detected_unix: f64) -> String {
+        match self.wait_dump(kind, detected_unix).await {
+            Some(d) => d.verdict.clone(),
+            None => format!("(no {kind} dump written)"),
+        }
+    }
+
+    /// Status of `GET /healthz` now, or the transport error in words.
+    async fn healthz(&self) -> Result<u16, String> {
+        self.http
+            .get(format!("{}/healthz", self.obs))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -242,8 +261,13 @@ pub async fn normal(stage: &Stage<'_>, users: &[SimUser]) -> StepReport {
             for n in &rep.nodes {
                 r.check(
                     format!(
-                        "reconcile node {}: {:?} (live {}, on node {}, orphans {}, missing {})",
-                        n.node, n.outcome, n.db_live, n.node_users, n.orphans, n.missing
+                        "reconcile node {}: {} (live {}, on node {}, orphans {}, missing {})",
+                        n.node,
+                        n.outcome.as_str(),
+                        n.db_live,
+                        n.node_users,
+                        n.orphans,
+                        n.missing
                     ),
                     matches!(n.outcome, Outcome::Ok | Outcome::Guarded),
                 );
@@ -318,10 +342,10 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
             let b = rep.node("b");
             r.check(
                 format!(
-                    "reconcile of node a failed within the node deadline ({:.1} s, bound {:.0} s): {:?}: {}",
+                    "reconcile of node a failed within the node deadline ({:.1} s, bound {:.0} s): {}: {}",
                     took.as_secs_f64(),
                     bound.as_secs_f64(),
-                    a.map(|n| n.outcome),
+                    a.map(|n| n.outcome.as_str()).unwrap_or("no report"),
                     a.and_then(|n| n.error.clone()).unwrap_or_default()
                 ),
                 a.is_some_and(|n| matches!(n.outcome, Outcome::Failed))
@@ -329,8 +353,8 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
             );
             r.check(
                 format!(
-                    "reconcile of node b completed meanwhile: {:?}",
-                    b.map(|n| n.outcome)
+                    "reconcile of node b completed meanwhile: {}",
+                    b.map(|n| n.outcome.as_str()).unwrap_or("no report")
                 ),
                 b.is_some_and(|n| matches!(n.outcome, Outcome::Ok)),
             );
@@ -356,13 +380,21 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
     r
 }
 
-/// Step 3: a worker blocked by synchronous code for 3 s.
+/// Step 3: a worker blocked by synchronous code for 3 s. Each expectation checks the evidence
+/// it names: the episode's kind, the detection latency against the configured bound, the
+/// blocked worker in the dump polling the named task with `std::thread::sleep` in its native
+/// stack (not words in the verdict), and `/healthz` over HTTP during the stall (503) and after
+/// it (200).
 pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
     let mut r = StepReport::new(
         "blocked_worker",
         "a task calls std::thread::sleep(3 s) on a runtime worker",
-        "kind=blocked_worker task=expiry, its spawn location and a sleep in the stack",
+        "kind=blocked_worker task=expiry, its spawn location and std::thread::sleep in the native stack",
     );
+    let d = &stage.app.config.diagnostics;
+    // Detection: the threshold, then up to two watchdog periods to see it, plus scheduling slack.
+    let bound =
+        Duration::from_secs_f64(d.stall_threshold_seconds + 2.0 * d.watchdog_period_seconds + 0.5);
     let since = unix_now();
     let t0 = Instant::now();
     // The fault: sync code inside a named task, as a careless handler or worker would do.
@@ -372,28 +404,100 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
     let ep = stage
         .wait_episode(StallKind::BlockedWorker, since, Duration::from_secs(6))
         .await;
-    r.detected = ep.is_some();
-    r.detection_latency = ep.as_ref().map(|_| t0.elapsed());
-    if let Some(ep) = &ep {
-        r.verdict = stage.wait_dump_verdict(ep.detected_unix_seconds).await;
-        r.culprit_named = ep.labels[0] == "expiry"
-            && r.verdict.contains("\"expiry\"")
-            && r.verdict.contains("src/demo/scenario.rs")
-            && r.verdict.contains("sleep");
-    }
-    let _ = h.await;
-    let health = stage
-        .http
-        .get(format!("{}/healthz", stage.obs))
-        .send()
-        .await
-        .map(|r| r.status().as_u16());
+    let latency = ep.as_ref().map(|_| t0.elapsed());
+    // Asked while the worker is still blocked (the block lasts 3 s, detection about 1 s).
+    let during = stage.healthz().await;
+    r.detected = latency.is_some_and(|l| l <= bound);
+    r.detection_latency = latency;
+    let dump = match &ep {
+        Some(ep) => {
+            stage
+                .wait_dump(StallKind::BlockedWorker, ep.detected_unix_seconds)
+                .await
+        }
+        None => None,
+    };
+    r.verdict = dump
+        .as_ref()
+        .map(|d| d.verdict.clone())
+        .unwrap_or_else(|| "(no blocked_worker dump written)".into());
+    let worker = dump.as_ref().and_then(|d| {
+        d.workers
+            .iter()
+            .find(|w| {
+                w.blocked
+                    && w.polling
+                        .as_ref()
+                        .is_some_and(|p| p.name.as_deref() == Some("expiry"))
+            })
+            .cloned()
+    });
+    let spawned_here = worker
+        .as_ref()
+        .and_then(|w| w.polling.as_ref())
+        .is_some_and(|p| p.spawned_at.starts_with("src/demo/scenario.rs"));
+    let sleep_frame = worker
+        .as_ref()
+        .and_then(|w| w.native_stack.as_ref())
+        .and_then(|frames| {
+            frames
+                .iter()
+                .find(|f| {
+                    f.contains("std::thread::sleep") || f.contains("std::thread::functions::sleep")
+                })
+                .cloned()
+        });
+    r.culprit_named = ep.as_ref().is_some_and(|e| e.labels[0] == "expiry")
+        && spawned_here
+        && sleep_frame.is_some();
     r.check(
-        format!("/healthz answered during and after the stall ({health:?})"),
-        health.is_ok(),
+        format!(
+            "episode kind blocked_worker detected within {:.2} s (threshold + 2 watchdog periods + 0.5 s): {}",
+            bound.as_secs_f64(),
+            match latency {
+                Some(l) => format!("after {:.2} s", l.as_secs_f64()),
+                None => "not detected".into(),
+            }
+        ),
+        r.detected,
+    );
+    r.check(
+        match (&worker, &sleep_frame) {
+            (Some(w), Some(f)) => format!("native stack of {} shows {f}", w.thread_name),
+            (Some(w), None) => format!(
+                "native stack of {} has no std::thread::sleep frame ({})",
+                w.thread_name,
+                w.stack_unavailable.as_deref().unwrap_or("frames captured")
+            ),
+            (None, _) => "no blocked worker polling \"expiry\" in the dump".into(),
+        },
+        sleep_frame.is_some(),
+    );
+    r.check(
+        format!("/healthz during the stall: {}", show_status(&during)),
+        during == Ok(503),
+    );
+    let _ = h.await;
+    let mut after = stage.healthz().await;
+    let t = Instant::now();
+    while after != Ok(200) && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = stage.healthz().await;
+    }
+    r.check(
+        format!("/healthz after the stall: {}", show_status(&after)),
+        after == Ok(200),
     );
     r.users = stage.users.summary(t0, Instant::now());
     r
+}
+
+/// `503` or the error, for a report line.
+fn show_status(s: &Result<u16, String>) -> String {
+    match s {
+        Ok(code) => code.to_string(),
+        Err(e) => format!("no answer ({e})"),
+    }
 }
 
 /// Step 4: pool pressure: every connection held; a request waits and times out.
@@ -424,7 +528,9 @@ pub async fn pool_pressure(stage: &Stage<'_>) -> StepReport {
     r.detected = ep.is_some();
     r.detection_latency = ep.as_ref().map(|_| t0.elapsed());
     if let Some(ep) = &ep {
-        r.verdict = stage.wait_dump_verdict(ep.detected_unix_seconds).await;
+        r.verdict = stage
+            .wait_dump_verdict(StallKind::PoolStarved, ep.detected_unix_seconds)
+            .await;
     }
     // Let the waiting requests run into their acquire timeout.
     let timeout = stage.app.pool.acquire_timeout();
@@ -488,7 +594,7 @@ pub async fn recovery(stage: &Stage<'_>) -> StepReport {
         .map(|r| {
             r.nodes
                 .iter()
-                .map(|n| format!("{} {:?}", n.node, n.outcome))
+                .map(|n| format!("{} {}", n.node, n.outcome.as_str()))
                 .collect()
         })
         .unwrap_or_default();
