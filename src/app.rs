@@ -24,6 +24,7 @@ use crate::outbox::{Outbox, OutboxMetrics};
 use crate::reconcile::{ReconcileStatus, Reconciler};
 use crate::signals::ShutdownSignal;
 use crate::sources::{NodeCallSource, PoolSource};
+use crate::supervisor::Supervisor;
 use crate::tasks::Tasks;
 
 /// Why an instance could not start.
@@ -81,6 +82,9 @@ pub struct Instruments {
     pub registry: Registry,
     /// Runtime diagnostics and the watchdog.
     pub diagnostics: Diagnostics,
+    /// The service manager (systemd `Type=notify`), pinged by the watchdog thread; disabled
+    /// without `NOTIFY_SOCKET`.
+    pub supervisor: Supervisor,
     open_spans: Option<crate::diagnostics::OpenSpans>,
     otel: Option<crate::otel::OtelGuard>,
 }
@@ -90,9 +94,12 @@ impl Instruments {
     pub fn bare(config: &Config) -> Instruments {
         let registry = crate::metrics::new_registry();
         let diagnostics = Diagnostics::new(config.diagnostics.clone(), &registry);
+        let supervisor = Supervisor::from_env();
+        diagnostics.set_supervisor(supervisor.clone());
         Instruments {
             registry,
             diagnostics,
+            supervisor,
             open_spans: None,
             otel: None,
         }
@@ -153,6 +160,7 @@ pub struct App {
     pub bot: Option<BotService>,
     /// The reconcile worker's step, for the CLI, `/reconcile` and the demo.
     pub reconciler: Reconciler,
+    supervisor: Supervisor,
     obs: Option<ObsServer>,
 }
 
@@ -303,6 +311,20 @@ impl App {
             });
         }
 
+        let supervisor = instruments.supervisor.clone();
+        if supervisor.is_enabled() {
+            spawn_service_status(&tasks, &supervisor, &leader, &reconcile);
+            check_watchdog_timeout(&supervisor, &config);
+        }
+        supervisor.ready(&format!(
+            "started; observability on {}; {}",
+            obs.addr(),
+            crate::supervisor::status_line(
+                leader.is_leader(),
+                leader.failing().is_some(),
+                reconcile.last_completed()
+            )
+        ));
         tracing::info!(observability = %obs.addr(), "vpnbot started");
         Ok(App {
             config,
@@ -316,6 +338,7 @@ impl App {
             reconcile,
             bot,
             reconciler,
+            supervisor,
             obs: Some(obs),
         })
     }
@@ -353,6 +376,8 @@ impl App {
     /// observability server.
     pub async fn shutdown(mut self) {
         let drain = secs(self.config.runtime.shutdown_drain_seconds);
+        self.supervisor
+            .stopping(&format!("draining (at most {} s)", drain.as_secs_f64()));
         if !self.tasks.shutdown(drain).await {
             tracing::error!(?drain, "some tasks did not finish within the drain bound");
         }
@@ -372,6 +397,69 @@ impl App {
             let _ = tokio::task::spawn_blocking(move || obs.stop()).await;
         }
         tracing::info!("shutdown complete");
+    }
+}
+
+/// How often the `STATUS=` line is refreshed when it changed.
+const SERVICE_STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the service manager's `STATUS=` line current: on every leadership change and every
+/// [`SERVICE_STATUS_INTERVAL`], sent only when it changed.
+fn spawn_service_status(
+    tasks: &Tasks,
+    supervisor: &Supervisor,
+    leader: &LeaderHandle,
+    reconcile: &ReconcileStatus,
+) {
+    let (supervisor, leader, reconcile) = (supervisor.clone(), leader.clone(), reconcile.clone());
+    let root = tasks.root().clone();
+    tasks.spawn_named("service_status", async move {
+        let mut changes = leader.subscribe();
+        let mut last = String::new();
+        let mut watching = true;
+        loop {
+            let line = crate::supervisor::status_line(
+                leader.is_leader(),
+                leader.failing().is_some(),
+                reconcile.last_completed(),
+            );
+            // The reconcile age changes every second; resend only when the role changed or
+            // the last run did.
+            let key = format!(
+                "{} {:?}",
+                line.split(';').next().unwrap_or(""),
+                reconcile.last_completed()
+            );
+            if key != last {
+                supervisor.status(&line);
+                last = key;
+            }
+            tokio::select! {
+                _ = root.cancelled() => return,
+                // A closed channel (leadership task gone) falls back to the interval.
+                r = changes.changed(), if watching => watching = r.is_ok(),
+                _ = tokio::time::sleep(SERVICE_STATUS_INTERVAL) => {}
+            }
+        }
+    });
+}
+
+/// Warns when the service manager's watchdog timeout is too short for a stall to be detected
+/// and dumped before the kill: stall threshold + task dump deadline + 1 s of native stacks.
+fn check_watchdog_timeout(supervisor: &Supervisor, config: &Config) {
+    let Some(timeout) = supervisor.watchdog_timeout() else {
+        return;
+    };
+    let d = &config.diagnostics;
+    let needed =
+        d.stall_threshold_seconds + d.watchdog_period_seconds + d.task_dump_timeout_seconds + 1.0;
+    if timeout.as_secs_f64() < needed {
+        tracing::warn!(
+            watchdog_seconds = timeout.as_secs_f64(),
+            needed_seconds = needed,
+            "WatchdogSec is shorter than stall detection plus the dump: a stalled process may \
+             be killed before its dump is written"
+        );
     }
 }
 
