@@ -19,7 +19,9 @@ use crate::expiry::{ExpiryMetrics, ExpiryWorker};
 use crate::fleet::Fleet;
 use crate::obs::health::DiagnosticsView;
 use crate::obs::health::HealthState;
-use crate::obs::server::{ObsServer, ObsState};
+use crate::obs::server::{
+    debug_router, scrape_router, DebugAccess, DebugPlacement, ObsServer, ObsState,
+};
 use crate::outbox::{Outbox, OutboxMetrics};
 use crate::reconcile::{ReconcileStatus, Reconciler};
 use crate::signals::ShutdownSignal;
@@ -162,6 +164,7 @@ pub struct App {
     pub reconciler: Reconciler,
     supervisor: Supervisor,
     obs: Option<ObsServer>,
+    obs_debug: Option<ObsServer>,
 }
 
 impl App {
@@ -192,17 +195,46 @@ impl App {
             .listen
             .parse()
             .expect("validated by Config::validate");
-        let obs = ObsServer::start(
+        let state = ObsState {
+            registry: registry.clone(),
+            health: health.clone(),
+        };
+        let o = &config.observability;
+        let placement = DebugPlacement::decide(
             listen,
-            ObsState {
-                registry: registry.clone(),
-                health: health.clone(),
-            },
+            (!o.debug_listen.is_empty()).then(|| {
+                o.debug_listen
+                    .parse()
+                    .expect("validated by Config::validate")
+            }),
+            (!o.debug_token.expose_secret().is_empty()).then(|| o.debug_token.clone()),
+        );
+        if matches!(placement.on_scrape_listener, DebugAccess::Off)
+            && placement.own_listener.is_none()
+        {
+            tracing::warn!(
+                %listen,
+                "debug endpoints (/debug/*) are off: observability.listen is not loopback; set \
+                 observability.debug_listen (loopback) or observability.debug_token"
+            );
+        }
+        let obs = ObsServer::serve(
+            listen,
+            "vpnbot-obs",
+            scrape_router(state.clone())
+                .merge(debug_router(state.clone(), placement.on_scrape_listener)),
         )
         .map_err(|source| StartError::ObsBind {
             addr: listen,
             source,
         })?;
+        let obs_debug = match placement.own_listener {
+            Some((addr, access)) => Some(
+                ObsServer::serve(addr, "vpnbot-obs-debug", debug_router(state, access))
+                    .map_err(|source| StartError::ObsBind { addr, source })?,
+            ),
+            None => None,
+        };
 
         let fleet = Fleet::from_config(&config, &registry)
             .map_err(|(node, source)| StartError::Node { node, source })?;
@@ -340,12 +372,18 @@ impl App {
             reconciler,
             supervisor,
             obs: Some(obs),
+            obs_debug,
         })
     }
 
     /// Address of the observability server.
     pub fn obs_addr(&self) -> SocketAddr {
         self.obs.as_ref().expect("running").addr()
+    }
+
+    /// Address of the debug endpoints' own listener, when `observability.debug_listen` is set.
+    pub fn debug_addr(&self) -> Option<SocketAddr> {
+        self.obs_debug.as_ref().map(|o| o.addr())
     }
 
     /// Waits for SIGINT/SIGTERM or for the root token to be cancelled, then shuts down.
@@ -392,10 +430,17 @@ impl App {
         while self.diagnostics.task_dump_in_flight() && tokio::time::Instant::now() < quiet_by {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if let Some(obs) = self.obs.take() {
-            // Joining the server thread is blocking; keep it off the runtime workers.
-            let _ = tokio::task::spawn_blocking(move || obs.stop()).await;
-        }
+        let servers = (self.obs.take(), self.obs_debug.take());
+        // Joining the server threads is blocking; keep it off the runtime workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(o) = servers.0 {
+                o.stop();
+            }
+            if let Some(o) = servers.1 {
+                o.stop();
+            }
+        })
+        .await;
         tracing::info!("shutdown complete");
     }
 }
