@@ -5,6 +5,7 @@
 #   postgresql(-client)  the database (tests, demo's throwaway cluster)
 #   prometheus, prometheus-alertmanager   promtool/amtool and the pager test (tests only)
 #   pgbouncer            connection-pooler tests (tests/db_pooler.rs; tests only)
+#   systemd              systemd-analyze verify of deploy/systemd (tests/ops_deploy.rs; tests only)
 # Usage: scripts/install-deps.sh [--demo]   (--demo: only what the demo needs)
 set -euo pipefail
 need=()
@@ -15,6 +16,7 @@ if [ "${1:-}" != "--demo" ]; then
   command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
   command -v amtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 || need+=(prometheus-alertmanager)
   command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need+=(pgbouncer)
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then

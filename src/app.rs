@@ -19,11 +19,14 @@ use crate::expiry::{ExpiryMetrics, ExpiryWorker};
 use crate::fleet::Fleet;
 use crate::obs::health::DiagnosticsView;
 use crate::obs::health::HealthState;
-use crate::obs::server::{ObsServer, ObsState};
+use crate::obs::server::{
+    debug_router, scrape_router, DebugAccess, DebugPlacement, ObsServer, ObsState,
+};
 use crate::outbox::{Outbox, OutboxMetrics};
 use crate::reconcile::{ReconcileStatus, Reconciler};
 use crate::signals::ShutdownSignal;
 use crate::sources::{NodeCallSource, PoolSource};
+use crate::supervisor::Supervisor;
 use crate::tasks::Tasks;
 
 /// Why an instance could not start.
@@ -81,6 +84,9 @@ pub struct Instruments {
     pub registry: Registry,
     /// Runtime diagnostics and the watchdog.
     pub diagnostics: Diagnostics,
+    /// The service manager (systemd `Type=notify`), pinged by the watchdog thread; disabled
+    /// without `NOTIFY_SOCKET`.
+    pub supervisor: Supervisor,
     open_spans: Option<crate::diagnostics::OpenSpans>,
     otel: Option<crate::otel::OtelGuard>,
 }
@@ -90,9 +96,12 @@ impl Instruments {
     pub fn bare(config: &Config) -> Instruments {
         let registry = crate::metrics::new_registry();
         let diagnostics = Diagnostics::new(config.diagnostics.clone(), &registry);
+        let supervisor = Supervisor::from_env();
+        diagnostics.set_supervisor(supervisor.clone());
         Instruments {
             registry,
             diagnostics,
+            supervisor,
             open_spans: None,
             otel: None,
         }
@@ -153,7 +162,9 @@ pub struct App {
     pub bot: Option<BotService>,
     /// The reconcile worker's step, for the CLI, `/reconcile` and the demo.
     pub reconciler: Reconciler,
+    supervisor: Supervisor,
     obs: Option<ObsServer>,
+    obs_debug: Option<ObsServer>,
 }
 
 impl App {
@@ -184,17 +195,46 @@ impl App {
             .listen
             .parse()
             .expect("validated by Config::validate");
-        let obs = ObsServer::start(
+        let state = ObsState {
+            registry: registry.clone(),
+            health: health.clone(),
+        };
+        let o = &config.observability;
+        let placement = DebugPlacement::decide(
             listen,
-            ObsState {
-                registry: registry.clone(),
-                health: health.clone(),
-            },
+            (!o.debug_listen.is_empty()).then(|| {
+                o.debug_listen
+                    .parse()
+                    .expect("validated by Config::validate")
+            }),
+            (!o.debug_token.expose_secret().is_empty()).then(|| o.debug_token.clone()),
+        );
+        if matches!(placement.on_scrape_listener, DebugAccess::Off)
+            && placement.own_listener.is_none()
+        {
+            tracing::warn!(
+                %listen,
+                "debug endpoints (/debug/*) are off: observability.listen is not loopback; set \
+                 observability.debug_listen (loopback) or observability.debug_token"
+            );
+        }
+        let obs = ObsServer::serve(
+            listen,
+            "vpnbot-obs",
+            scrape_router(state.clone())
+                .merge(debug_router(state.clone(), placement.on_scrape_listener)),
         )
         .map_err(|source| StartError::ObsBind {
             addr: listen,
             source,
         })?;
+        let obs_debug = match placement.own_listener {
+            Some((addr, access)) => Some(
+                ObsServer::serve(addr, "vpnbot-obs-debug", debug_router(state, access))
+                    .map_err(|source| StartError::ObsBind { addr, source })?,
+            ),
+            None => None,
+        };
 
         let fleet = Fleet::from_config(&config, &registry)
             .map_err(|(node, source)| StartError::Node { node, source })?;
@@ -303,6 +343,20 @@ impl App {
             });
         }
 
+        let supervisor = instruments.supervisor.clone();
+        if supervisor.is_enabled() {
+            spawn_service_status(&tasks, &supervisor, &leader, &reconcile);
+            check_watchdog_timeout(&supervisor, &config);
+        }
+        supervisor.ready(&format!(
+            "started; observability on {}; {}",
+            obs.addr(),
+            crate::supervisor::status_line(
+                leader.is_leader(),
+                leader.failing().is_some(),
+                reconcile.last_completed()
+            )
+        ));
         tracing::info!(observability = %obs.addr(), "vpnbot started");
         Ok(App {
             config,
@@ -316,13 +370,20 @@ impl App {
             reconcile,
             bot,
             reconciler,
+            supervisor,
             obs: Some(obs),
+            obs_debug,
         })
     }
 
     /// Address of the observability server.
     pub fn obs_addr(&self) -> SocketAddr {
         self.obs.as_ref().expect("running").addr()
+    }
+
+    /// Address of the debug endpoints' own listener, when `observability.debug_listen` is set.
+    pub fn debug_addr(&self) -> Option<SocketAddr> {
+        self.obs_debug.as_ref().map(|o| o.addr())
     }
 
     /// Waits for SIGINT/SIGTERM or for the root token to be cancelled, then shuts down.
@@ -353,6 +414,8 @@ impl App {
     /// observability server.
     pub async fn shutdown(mut self) {
         let drain = secs(self.config.runtime.shutdown_drain_seconds);
+        self.supervisor
+            .stopping(&format!("draining (at most {} s)", drain.as_secs_f64()));
         if !self.tasks.shutdown(drain).await {
             tracing::error!(?drain, "some tasks did not finish within the drain bound");
         }
@@ -367,11 +430,81 @@ impl App {
         while self.diagnostics.task_dump_in_flight() && tokio::time::Instant::now() < quiet_by {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if let Some(obs) = self.obs.take() {
-            // Joining the server thread is blocking; keep it off the runtime workers.
-            let _ = tokio::task::spawn_blocking(move || obs.stop()).await;
-        }
+        let servers = (self.obs.take(), self.obs_debug.take());
+        // Joining the server threads is blocking; keep it off the runtime workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(o) = servers.0 {
+                o.stop();
+            }
+            if let Some(o) = servers.1 {
+                o.stop();
+            }
+        })
+        .await;
         tracing::info!("shutdown complete");
+    }
+}
+
+/// How often the `STATUS=` line is refreshed when it changed.
+const SERVICE_STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the service manager's `STATUS=` line current: on every leadership change and every
+/// [`SERVICE_STATUS_INTERVAL`], sent only when it changed.
+fn spawn_service_status(
+    tasks: &Tasks,
+    supervisor: &Supervisor,
+    leader: &LeaderHandle,
+    reconcile: &ReconcileStatus,
+) {
+    let (supervisor, leader, reconcile) = (supervisor.clone(), leader.clone(), reconcile.clone());
+    let root = tasks.root().clone();
+    tasks.spawn_named("service_status", async move {
+        let mut changes = leader.subscribe();
+        let mut last = String::new();
+        let mut watching = true;
+        loop {
+            let line = crate::supervisor::status_line(
+                leader.is_leader(),
+                leader.failing().is_some(),
+                reconcile.last_completed(),
+            );
+            // The reconcile age changes every second; resend only when the role changed or
+            // the last run did.
+            let key = format!(
+                "{} {:?}",
+                line.split(';').next().unwrap_or(""),
+                reconcile.last_completed()
+            );
+            if key != last {
+                supervisor.status(&line);
+                last = key;
+            }
+            tokio::select! {
+                _ = root.cancelled() => return,
+                // A closed channel (leadership task gone) falls back to the interval.
+                r = changes.changed(), if watching => watching = r.is_ok(),
+                _ = tokio::time::sleep(SERVICE_STATUS_INTERVAL) => {}
+            }
+        }
+    });
+}
+
+/// Warns when the service manager's watchdog timeout is too short for a stall to be detected
+/// and dumped before the kill: stall threshold + task dump deadline + 1 s of native stacks.
+fn check_watchdog_timeout(supervisor: &Supervisor, config: &Config) {
+    let Some(timeout) = supervisor.watchdog_timeout() else {
+        return;
+    };
+    let d = &config.diagnostics;
+    let needed =
+        d.stall_threshold_seconds + d.watchdog_period_seconds + d.task_dump_timeout_seconds + 1.0;
+    if timeout.as_secs_f64() < needed {
+        tracing::warn!(
+            watchdog_seconds = timeout.as_secs_f64(),
+            needed_seconds = needed,
+            "WatchdogSec is shorter than stall detection plus the dump: a stalled process may \
+             be killed before its dump is written"
+        );
     }
 }
 

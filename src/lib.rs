@@ -33,5 +33,6 @@ pub mod runtime;
 pub mod signals;
 pub mod sim;
 pub mod sources;
+pub mod supervisor;
 pub mod tasks;
 pub mod telemetry;

@@ -103,7 +103,7 @@ pub fn otel_layer_with(
     registry: &Registry,
     settings: OtelSettings,
 ) -> Option<(BoxedLayer, OtelGuard)> {
-    let endpoint = cfg.otlp_endpoint.trim();
+    let endpoint = secrecy::ExposeSecret::expose_secret(&cfg.otlp_endpoint).trim();
     if endpoint.is_empty() {
         return None;
     }

@@ -36,7 +36,7 @@ async fn running_instance_exports_every_family_dashboards_and_alerts_use(
         .local_addr()
         .unwrap()
         .port();
-    cfg.observability.otlp_endpoint = format!("http://127.0.0.1:{port}/v1/traces");
+    cfg.observability.otlp_endpoint = format!("http://127.0.0.1:{port}/v1/traces").into();
     let app = App::start(cfg.clone()).await.unwrap();
     // OTLP export families (collector down: drops and failures are counted).
     let (_layer, otel) = vpnbot::otel::otel_layer(&cfg.observability, &app.registry).unwrap();

@@ -22,7 +22,7 @@ fn exposition() -> String {
         .unwrap()
         .port();
     let cfg = ObservabilityConfig {
-        otlp_endpoint: format!("http://127.0.0.1:{port}/v1/traces"),
+        otlp_endpoint: format!("http://127.0.0.1:{port}/v1/traces").into(),
         ..Default::default()
     };
     let (_layer, guard) = otel_layer_with(&cfg, &registry, OtelSettings::default()).unwrap();

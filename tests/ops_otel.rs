@@ -124,7 +124,7 @@ impl Drop for BlackHole {
 
 fn cfg(endpoint: String) -> ObservabilityConfig {
     ObservabilityConfig {
-        otlp_endpoint: endpoint,
+        otlp_endpoint: endpoint.into(),
         ..Default::default()
     }
 }

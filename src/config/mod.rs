@@ -181,10 +181,26 @@ pub struct ObservabilityConfig {
     pub log_format: String,
     /// `tracing` filter directives for logs (default [`d::LOG_FILTER`]); `RUST_LOG` overrides it.
     pub log_filter: String,
+    /// Listener for the debug endpoints (`/debug/*`: task names, spawn locations, native
+    /// frames, span fields). Empty (the default): they are served on `listen` only while that is
+    /// a loopback address or `debug_token` is set, and not at all otherwise. An address: they
+    /// are served there only, never on `listen`; a non-loopback one needs `debug_token`.
+    pub debug_listen: String,
+    /// Bearer token `/debug/*` requires (`Authorization: Bearer <token>`) wherever it is
+    /// served; empty (the default) = none. Secret: never printed; give it through
+    /// `VPNBOT_OBSERVABILITY__DEBUG_TOKEN` from a secret store.
+    #[serde(
+        serialize_with = "secret::serialize_redacted",
+        deserialize_with = "secret::deserialize_lenient"
+    )]
+    pub debug_token: SecretString,
     /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; empty disables export.
-    /// Credentials in it are printed redacted.
-    #[serde(serialize_with = "secret::serialize_redacted_url_str")]
-    pub otlp_endpoint: String,
+    /// Secret: it may carry credentials (userinfo, a token in the query), printed redacted.
+    #[serde(
+        serialize_with = "secret::serialize_redacted_url",
+        deserialize_with = "secret::deserialize_lenient"
+    )]
+    pub otlp_endpoint: SecretString,
 }
 
 impl Default for ObservabilityConfig {
@@ -193,7 +209,9 @@ impl Default for ObservabilityConfig {
             listen: d::OBS_LISTEN.to_string(),
             log_format: d::LOG_FORMAT.to_string(),
             log_filter: d::LOG_FILTER.to_string(),
-            otlp_endpoint: String::new(),
+            debug_listen: String::new(),
+            debug_token: SecretString::default(),
+            otlp_endpoint: SecretString::default(),
         }
     }
 }
@@ -398,7 +416,23 @@ impl Config {
         if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&o.log_filter) {
             e.push(format!("observability.log_filter: {err}"));
         }
-        if !o.otlp_endpoint.is_empty() && url::Url::parse(&o.otlp_endpoint).is_err() {
+        if !o.debug_listen.is_empty() {
+            match o.debug_listen.parse::<std::net::SocketAddr>() {
+                Err(_) => e.push(format!(
+                    "observability.debug_listen `{}` is not an IP:port address",
+                    o.debug_listen
+                )),
+                Ok(a) if !a.ip().is_loopback() && o.debug_token.expose_secret().is_empty() => e
+                    .push(format!(
+                        "observability.debug_listen `{a}` is not loopback: set \
+                         observability.debug_token, or the debug endpoints would be open to \
+                         anyone who reaches that address"
+                    )),
+                Ok(_) => {}
+            }
+        }
+        let otlp = o.otlp_endpoint.expose_secret();
+        if !otlp.is_empty() && url::Url::parse(otlp).is_err() {
             e.push("observability.otlp_endpoint is not a URL".to_string());
         }
         positive(

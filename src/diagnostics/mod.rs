@@ -168,6 +168,8 @@ struct Inner {
     stop: AtomicBool,
     watchdog_ticks: AtomicU64,
     watchdog_cpu_ns: AtomicU64,
+    /// The service manager, pinged from the watchdog thread while the runtime makes progress.
+    supervisor: OnceLock<crate::supervisor::Supervisor>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -279,6 +281,7 @@ impl Diagnostics {
                 stop: AtomicBool::new(false),
                 watchdog_ticks: AtomicU64::new(0),
                 watchdog_cpu_ns: AtomicU64::new(0),
+                supervisor: OnceLock::new(),
             }),
         }
     }
@@ -358,6 +361,12 @@ impl Diagnostics {
             .name("vpnbot-watchdog".into())
             .spawn(move || watchdog_thread(weak, dump_tx))
             .expect("spawning the watchdog thread");
+    }
+
+    /// Gives the watchdog thread the service manager to ping (`WATCHDOG=1`) on every tick on
+    /// which the main runtime makes progress (see [`crate::supervisor`]). First call wins.
+    pub fn set_supervisor(&self, supervisor: crate::supervisor::Supervisor) {
+        let _ = self.inner.supervisor.set(supervisor);
     }
 
     /// Stops the watchdog thread (it also stops by itself when every clone is dropped or the
@@ -901,6 +910,12 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                 last_dump = Some((Instant::now(), k));
                 let _ = dump_tx.send("episode");
             }
+        }
+
+        // Service manager watchdog: no ping once the runtime is stalled, on the same tick that
+        // asked for the episode's dump, so the supervisor's kill comes after the dump.
+        if let Some(s) = inner.supervisor.get() {
+            s.watchdog_tick(!runtime_stalled);
         }
 
         // Exit-after-stall policy.

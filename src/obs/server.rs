@@ -2,6 +2,10 @@
 //! runtime, never on the main runtime, so `/metrics`, `/healthz` and `/debug/dump` keep
 //! answering while the main runtime is stalled (the pattern of console-subscriber's server
 //! thread and linkerd2-proxy's admin server).
+//!
+//! The debug endpoints (`/debug/*`) can be split onto a listener of their own or put behind a
+//! bearer token ([`DebugPlacement`]); `/metrics`, `/healthz` and `/readyz` stay on the scrape
+//! listener.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use prometheus::Registry;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use subtle::ConstantTimeEq;
 
 use super::health::HealthState;
 
@@ -26,6 +32,68 @@ pub struct ObsState {
     pub health: Arc<HealthState>,
 }
 
+/// Who may read the debug endpoints (`/debug/*`) on one listener.
+#[derive(Clone)]
+pub enum DebugAccess {
+    /// Not routed: `/debug/*` answers 404.
+    Off,
+    /// Anyone who reaches the listener (use on loopback only).
+    Open,
+    /// Requests carrying `Authorization: Bearer <token>`; others get 401.
+    Bearer(Arc<SecretString>),
+}
+
+impl std::fmt::Debug for DebugAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DebugAccess::Off => "Off",
+            DebugAccess::Open => "Open",
+            DebugAccess::Bearer(_) => "Bearer([REDACTED])",
+        })
+    }
+}
+
+/// Where the debug endpoints are served: on the scrape listener, on a listener of their own, or
+/// nowhere. `/metrics`, `/healthz` and `/readyz` are always on the scrape listener only.
+#[derive(Debug, Clone)]
+pub struct DebugPlacement {
+    /// Access to `/debug/*` on the scrape listener (`observability.listen`).
+    pub on_scrape_listener: DebugAccess,
+    /// A listener of their own (`observability.debug_listen`) and its access.
+    pub own_listener: Option<(SocketAddr, DebugAccess)>,
+}
+
+impl DebugPlacement {
+    /// The policy of `observability.debug_listen` and `observability.debug_token`:
+    /// - `debug_listen` set: `/debug/*` there only (with the token when one is set);
+    /// - otherwise on the scrape listener, with the token when one is set, open when that
+    ///   listener is loopback, and off when it is not (a remote Prometheus must not be able
+    ///   to read task names, source paths and span fields without authentication).
+    pub fn decide(
+        listen: SocketAddr,
+        debug_listen: Option<SocketAddr>,
+        token: Option<SecretString>,
+    ) -> DebugPlacement {
+        let guarded = match token {
+            Some(t) => DebugAccess::Bearer(Arc::new(t)),
+            None => DebugAccess::Open,
+        };
+        match debug_listen {
+            Some(addr) => DebugPlacement {
+                on_scrape_listener: DebugAccess::Off,
+                own_listener: Some((addr, guarded)),
+            },
+            None => DebugPlacement {
+                on_scrape_listener: match guarded {
+                    DebugAccess::Open if !listen.ip().is_loopback() => DebugAccess::Off,
+                    a => a,
+                },
+                own_listener: None,
+            },
+        }
+    }
+}
+
 /// A running observability server.
 #[derive(Debug)]
 pub struct ObsServer {
@@ -35,21 +103,32 @@ pub struct ObsServer {
 }
 
 impl ObsServer {
-    /// Binds `listen` (port 0 picks a free port) and serves on a new thread named `vpnbot-obs`.
+    /// Binds `listen` (port 0 picks a free port) and serves every route ([`router`]) on a new
+    /// thread named `vpnbot-obs`.
     ///
     /// # Errors
     /// The bind error (address in use, not permitted).
     pub fn start(listen: SocketAddr, state: ObsState) -> std::io::Result<ObsServer> {
+        Self::serve(listen, "vpnbot-obs", router(state))
+    }
+
+    /// Binds `listen` (port 0 picks a free port) and serves `app` from a new OS thread named
+    /// `thread_name` with its own current-thread runtime.
+    ///
+    /// # Errors
+    /// The bind error (address in use, not permitted).
+    pub fn serve(listen: SocketAddr, thread_name: &str, app: Router) -> std::io::Result<ObsServer> {
         let std_listener = std::net::TcpListener::bind(listen)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let name = thread_name.to_string();
         let thread = std::thread::Builder::new()
-            .name("vpnbot-obs".into())
+            .name(name.clone())
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .thread_name("vpnbot-obs")
+                    .thread_name(name)
                     .build()
                     .expect("observability runtime builds");
                 rt.block_on(async move {
@@ -60,7 +139,6 @@ impl ObsServer {
                             return;
                         }
                     };
-                    let app = router(state);
                     let serve = axum::serve(listener, app).with_graceful_shutdown(async {
                         let _ = rx.await;
                     });
@@ -69,7 +147,7 @@ impl ObsServer {
                     }
                 });
             })?;
-        tracing::info!(%addr, "observability server listening");
+        tracing::info!(%addr, thread = thread_name, "observability server listening");
         Ok(ObsServer {
             addr,
             shutdown: Some(tx),
@@ -103,14 +181,59 @@ impl Drop for ObsServer {
     }
 }
 
-/// The routes, exposed for in-process tests.
+/// Every route with the debug endpoints open: for in-process tests and a loopback listener.
 pub fn router(state: ObsState) -> Router {
+    scrape_router(state.clone()).merge(debug_router(state, DebugAccess::Open))
+}
+
+/// `/metrics`, `/healthz`, `/readyz`: what a scraper and a probe need.
+pub fn scrape_router(state: ObsState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// `/debug/*` under `access` (an empty router for [`DebugAccess::Off`]).
+pub fn debug_router(state: ObsState, access: DebugAccess) -> Router {
+    let token = match access {
+        DebugAccess::Off => return Router::new(),
+        DebugAccess::Open => None,
+        DebugAccess::Bearer(t) => Some(t),
+    };
+    Router::new()
         .route("/debug/dump", get(dump))
         .with_state(state)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            require_bearer(token.clone(), req, next)
+        }))
+}
+
+/// Lets a request through when no token is required or it carries `Bearer <token>` (compared
+/// in constant time); 401 otherwise, without saying which part was wrong.
+async fn require_bearer(
+    token: Option<Arc<SecretString>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        let ok: bool = given.ct_eq(token.expose_secret().as_bytes()).into();
+        if !ok {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "debug endpoints need Authorization: Bearer <observability.debug_token>\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn metrics(State(s): State<ObsState>) -> Response {
@@ -204,5 +327,32 @@ async fn dump(State(s): State<ObsState>, Query(q): Query<DumpQuery>) -> Response
             "no stall episode yet; /debug/dump?now=1 takes a dump now\n",
         )
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn debug_endpoints_leave_a_non_loopback_scrape_listener_without_a_token() {
+        let p = DebugPlacement::decide(addr("0.0.0.0:9187"), None, None);
+        assert!(matches!(p.on_scrape_listener, DebugAccess::Off));
+        assert!(p.own_listener.is_none());
+        let p = DebugPlacement::decide(addr("127.0.0.1:9187"), None, None);
+        assert!(matches!(p.on_scrape_listener, DebugAccess::Open));
+        let p = DebugPlacement::decide(addr("0.0.0.0:9187"), None, Some("t".into()));
+        assert!(matches!(p.on_scrape_listener, DebugAccess::Bearer(_)));
+        let p = DebugPlacement::decide(addr("0.0.0.0:9187"), Some(addr("127.0.0.1:9188")), None);
+        assert!(matches!(p.on_scrape_listener, DebugAccess::Off));
+        assert!(matches!(p.own_listener, Some((_, DebugAccess::Open))));
+        assert_eq!(
+            format!("{:?}", DebugAccess::Bearer(Arc::new("s3cret".into()))),
+            "Bearer([REDACTED])"
+        );
     }
 }
