@@ -11,6 +11,9 @@ pub const DB_MAX_CONNECTIONS: u32 = 15;
 pub const DB_ACQUIRE_TIMEOUT_SECONDS: f64 = 10.0;
 /// Server-side statement timeout, seconds (the predecessor's `command_timeout`).
 pub const DB_STATEMENT_TIMEOUT_SECONDS: f64 = 30.0;
+/// Server-side lock timeout, seconds: a wait for a lock ends as a lock error (SQLSTATE 55P03)
+/// long before the statement timeout.
+pub const DB_LOCK_TIMEOUT_SECONDS: f64 = 5.0;
 /// Server-side idle-in-transaction timeout, seconds: a backstop for a leaked transaction.
 pub const DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS: f64 = 60.0;
 /// Timeout for opening one connection, seconds.

@@ -111,6 +111,10 @@ pub struct DbConfig {
     pub acquire_timeout_seconds: f64,
     /// Server-side `statement_timeout`, seconds (default [`d::DB_STATEMENT_TIMEOUT_SECONDS`]).
     pub statement_timeout_seconds: f64,
+    /// Server-side `lock_timeout`, seconds (default [`d::DB_LOCK_TIMEOUT_SECONDS`]): a statement
+    /// waiting this long for a lock fails with SQLSTATE 55P03 ([`crate::db::DbError::LockTimeout`]).
+    /// Must be below `statement_timeout_seconds`; 0 disables it.
+    pub lock_timeout_seconds: f64,
     /// Server-side `idle_in_transaction_session_timeout`, seconds
     /// (default [`d::DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS`]).
     pub idle_in_transaction_timeout_seconds: f64,
@@ -132,6 +136,7 @@ impl Default for DbConfig {
             max_connections: d::DB_MAX_CONNECTIONS,
             acquire_timeout_seconds: d::DB_ACQUIRE_TIMEOUT_SECONDS,
             statement_timeout_seconds: d::DB_STATEMENT_TIMEOUT_SECONDS,
+            lock_timeout_seconds: d::DB_LOCK_TIMEOUT_SECONDS,
             idle_in_transaction_timeout_seconds: d::DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
             connect_timeout_seconds: d::DB_CONNECT_TIMEOUT_SECONDS,
             application_name: d::DB_APPLICATION_NAME.to_string(),
@@ -326,6 +331,14 @@ impl Config {
             "db.statement_timeout_seconds",
             db.statement_timeout_seconds,
         );
+        if !(db.lock_timeout_seconds.is_finite() && db.lock_timeout_seconds >= 0.0) {
+            e.push("db.lock_timeout_seconds must be 0 (disabled) or positive".to_string());
+        } else if db.lock_timeout_seconds >= db.statement_timeout_seconds {
+            e.push(format!(
+                "db.lock_timeout_seconds ({}) must be below db.statement_timeout_seconds ({})",
+                db.lock_timeout_seconds, db.statement_timeout_seconds
+            ));
+        }
         positive(
             &mut e,
             "db.idle_in_transaction_timeout_seconds",

@@ -30,6 +30,7 @@ pub struct DbMetrics {
     acquire_timeouts: IntCounterVec,
     pending: IntGauge,
     errors: IntCounterVec,
+    cancelled: IntCounterVec,
 }
 
 impl DbMetrics {
@@ -68,12 +69,28 @@ impl DbMetrics {
                 "Database errors by kind (acquire_timeout, unavailable, statement_timeout, read_only, server_shutdown, query, ...).",
                 &["kind"],
             ),
+            cancelled: metrics::counter_vec(
+                registry,
+                "vpnbot_db_statements_cancelled_total",
+                "Statements the server cancelled, by call-site label and reason (statement_timeout, \
+                 lock_timeout, cancel_request: vpnbot cancelled a statement whose caller gave up).",
+                &["label", "reason"],
+            ),
         }
     }
 
     /// Counts one error under its kind.
     pub fn count_error(&self, e: &DbError) {
         self.errors.with_label_values(&[e.kind()]).inc();
+    }
+
+    /// Counts one error seen on a connection held for `label`: under its kind, and when the
+    /// server cancelled the statement (SQLSTATE 57014, 55P03) under the label and reason too.
+    pub fn count_statement_error(&self, label: &str, e: &DbError) {
+        self.count_error(e);
+        if let Some(reason) = e.cancel_reason() {
+            self.cancelled.with_label_values(&[label, reason]).inc();
+        }
     }
 }
 
@@ -137,7 +154,7 @@ pub struct DbPool {
 
 impl DbPool {
     /// Builds the pool (connections open lazily, `min_connections` in the background) and
-    /// registers its metrics. Each connection sets `statement_timeout`,
+    /// registers its metrics. Each connection sets `statement_timeout`, `lock_timeout`,
     /// `idle_in_transaction_session_timeout` and `application_name` at startup, at no extra
     /// round trip.
     ///
@@ -442,6 +459,7 @@ pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, DbError> {
     let ms = |s: f64| ((s * 1000.0).round() as u64).to_string();
     Ok(opts.application_name(&cfg.application_name).options([
         ("statement_timeout", ms(cfg.statement_timeout_seconds)),
+        ("lock_timeout", ms(cfg.lock_timeout_seconds)),
         (
             "idle_in_transaction_session_timeout",
             ms(cfg.idle_in_transaction_timeout_seconds),
@@ -490,7 +508,7 @@ impl DbConn {
             if e.discards_connection() {
                 self.discard = true;
             }
-            self.pool.metrics.count_error(&e);
+            self.pool.metrics.count_statement_error(self.label, &e);
             e
         })
     }
