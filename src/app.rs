@@ -220,6 +220,9 @@ impl App {
             secs(config.db.statement_timeout_seconds),
         )));
         diagnostics.add_source(Arc::new(NodeCallSource::new(fleet.inflight().clone())));
+        let db_monitor = db::monitor::DbMonitor::new(&pool, &registry);
+        diagnostics.add_source(Arc::new(db_monitor.clone()));
+        tasks.spawn_named("db_monitor", db_monitor.run(tasks.root().clone()));
         if let Some(spans) = &instruments.open_spans {
             diagnostics.add_source(Arc::new(spans.clone()));
         }

@@ -22,6 +22,13 @@ pub const DB_CONNECT_TIMEOUT_SECONDS: f64 = 5.0;
 pub const DB_APPLICATION_NAME: &str = "vpnbot";
 /// Interval of the database writability probe behind `/readyz`, seconds.
 pub const DB_READINESS_INTERVAL_SECONDS: f64 = 2.0;
+/// Interval of the database monitor's ping (and readings when needed), seconds.
+pub const DB_MONITOR_INTERVAL_SECONDS: f64 = 1.0;
+/// Hold age that makes the database monitor read `pg_stat_activity`, and lock-wait age that
+/// opens a `db_lock_wait` episode, seconds.
+pub const DB_MONITOR_THRESHOLD_SECONDS: f64 = 1.0;
+/// `statement_timeout` of the monitoring connection, seconds.
+pub const DB_MONITOR_STATEMENT_TIMEOUT_SECONDS: f64 = 2.0;
 /// Advisory lock key for leadership (ASCII "vpnbot" packed into an i64).
 pub const LEADER_LOCK_KEY: i64 = 0x0000_7670_6e62_6f74;
 /// Leader's lock-connection check interval, seconds.

@@ -125,6 +125,17 @@ pub struct DbConfig {
     /// How often the readiness probe checks that the database is writable, seconds
     /// (default [`d::DB_READINESS_INTERVAL_SECONDS`]).
     pub readiness_interval_seconds: f64,
+    /// How often the database monitor (a connection outside the pool) pings the server and,
+    /// when needed, reads what vpnbot's backends are doing, seconds
+    /// (default [`d::DB_MONITOR_INTERVAL_SECONDS`]).
+    pub monitor_interval_seconds: f64,
+    /// A connection held this long makes the monitor read `pg_stat_activity`; own backends
+    /// waiting on a lock this long open a `db_lock_wait` episode, seconds
+    /// (default [`d::DB_MONITOR_THRESHOLD_SECONDS`]).
+    pub monitor_threshold_seconds: f64,
+    /// `statement_timeout` of the monitoring connection and bound of each of its readings,
+    /// seconds (default [`d::DB_MONITOR_STATEMENT_TIMEOUT_SECONDS`]).
+    pub monitor_statement_timeout_seconds: f64,
 }
 
 impl Default for DbConfig {
@@ -141,6 +152,9 @@ impl Default for DbConfig {
             connect_timeout_seconds: d::DB_CONNECT_TIMEOUT_SECONDS,
             application_name: d::DB_APPLICATION_NAME.to_string(),
             readiness_interval_seconds: d::DB_READINESS_INTERVAL_SECONDS,
+            monitor_interval_seconds: d::DB_MONITOR_INTERVAL_SECONDS,
+            monitor_threshold_seconds: d::DB_MONITOR_THRESHOLD_SECONDS,
+            monitor_statement_timeout_seconds: d::DB_MONITOR_STATEMENT_TIMEOUT_SECONDS,
         }
     }
 }
@@ -353,6 +367,21 @@ impl Config {
             &mut e,
             "db.readiness_interval_seconds",
             db.readiness_interval_seconds,
+        );
+        positive(
+            &mut e,
+            "db.monitor_interval_seconds",
+            db.monitor_interval_seconds,
+        );
+        positive(
+            &mut e,
+            "db.monitor_threshold_seconds",
+            db.monitor_threshold_seconds,
+        );
+        positive(
+            &mut e,
+            "db.monitor_statement_timeout_seconds",
+            db.monitor_statement_timeout_seconds,
         );
         let l = &self.leader;
         positive(

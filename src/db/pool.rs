@@ -150,6 +150,7 @@ pub struct DbPool {
     health: Arc<ConnectHealth>,
     held: Arc<AtomicUsize>,
     cfg: Arc<DbConfig>,
+    pids: super::monitor::BackendPids,
 }
 
 impl DbPool {
@@ -162,7 +163,9 @@ impl DbPool {
     /// [`DbError::Query`] when the URL cannot be parsed (the message never includes it).
     pub fn connect(cfg: &DbConfig, registry: &Registry) -> Result<DbPool, DbError> {
         let opts = connect_options(cfg)?;
+        let pids = super::monitor::BackendPids::default();
         let pool = PgPoolOptions::new()
+            .after_connect(pids.recorder())
             .min_connections(cfg.min_connections)
             .max_connections(cfg.max_connections)
             .acquire_timeout(secs(cfg.acquire_timeout_seconds))
@@ -198,6 +201,7 @@ impl DbPool {
             health: Arc::new(ConnectHealth::register(registry)),
             held: Arc::new(AtomicUsize::new(0)),
             cfg: Arc::new(cfg.clone()),
+            pids,
         })
     }
 
@@ -228,10 +232,12 @@ impl DbPool {
             Ok(conn) => {
                 let slot = waiter.slot.take().expect("slot set above");
                 self.metrics.pending.dec();
-                self.inflight.acquired(slot);
+                let pid = self.pids.pid_of(&conn);
+                self.inflight.acquired(slot, pid);
                 self.held.fetch_add(1, Ordering::AcqRel);
                 return Ok(DbConn {
                     conn: Some(conn),
+                    pid,
                     label,
                     slot,
                     acquired_at: Instant::now(),
@@ -435,6 +441,16 @@ impl DbPool {
         &self.pool
     }
 
+    /// Backend pids of the pool's connections, recorded at connect.
+    pub fn backend_pids(&self) -> &super::monitor::BackendPids {
+        &self.pids
+    }
+
+    /// The configuration the pool was built with.
+    pub fn config(&self) -> &DbConfig {
+        &self.cfg
+    }
+
     /// Configured acquire timeout.
     pub fn acquire_timeout(&self) -> Duration {
         self.acquire_timeout
@@ -488,6 +504,7 @@ impl Drop for WaitGuard<'_> {
 #[derive(Debug)]
 pub struct DbConn {
     conn: Option<PoolConnection<Postgres>>,
+    pid: Option<i32>,
     label: &'static str,
     slot: usize,
     acquired_at: Instant,
@@ -530,6 +547,12 @@ impl DbConn {
     /// The call-site label this connection was acquired for.
     pub fn label(&self) -> &'static str {
         self.label
+    }
+
+    /// The server backend's pid, recorded when the connection was opened (`None` if that
+    /// failed).
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.pid
     }
 
     fn conn_mut(&mut self) -> &mut PgConnection {

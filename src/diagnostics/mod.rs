@@ -44,7 +44,9 @@ use tokio::runtime::Handle;
 pub use dump::{
     Dump, PollingTask, RuntimeSnapshot, TaskCensus, TaskDumpSection, TaskTrace, WorkerDump,
 };
-pub use inflight::{InflightEntry, InflightKind, InflightSource, MAX_DETAIL_LEN, MAX_FIELD_LEN};
+pub use inflight::{
+    InflightEntry, InflightKind, InflightSource, SourceEpisode, MAX_DETAIL_LEN, MAX_FIELD_LEN,
+};
 pub use open_spans::{OpenSpans, OpenSpansLayer, MAX_OPEN_SPANS};
 pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
@@ -64,6 +66,9 @@ pub enum StallKind {
     RuntimeStalled,
     /// One poll has run longer than the threshold.
     BlockedWorker,
+    /// vpnbot's own database backends wait on a lock held by another session (reported by
+    /// the database monitor, [`crate::db::monitor`]).
+    DbLockWait,
     /// A tracked operation outlived its deadline while the runtime is fine.
     OperationOverdue,
     /// Pool acquires are waiting and none succeeded for longer than the threshold.
@@ -74,9 +79,10 @@ pub enum StallKind {
 
 impl StallKind {
     /// Every kind, most severe first.
-    pub const ALL: [StallKind; 5] = [
+    pub const ALL: [StallKind; 6] = [
         StallKind::RuntimeStalled,
         StallKind::BlockedWorker,
+        StallKind::DbLockWait,
         StallKind::OperationOverdue,
         StallKind::PoolStarved,
         StallKind::WorkerOverdue,
@@ -87,6 +93,7 @@ impl StallKind {
         match self {
             StallKind::RuntimeStalled => "runtime_stalled",
             StallKind::BlockedWorker => "blocked_worker",
+            StallKind::DbLockWait => "db_lock_wait",
             StallKind::OperationOverdue => "operation_overdue",
             StallKind::PoolStarved => "pool_starved",
             StallKind::WorkerOverdue => "worker_overdue",
@@ -516,7 +523,7 @@ impl Inner {
         let grace = Duration::from_secs_f64(s.operation_grace_seconds.max(0.0));
         match (e.kind, e.deadline) {
             (_, Some(_)) => e.past_deadline(grace),
-            (InflightKind::Span, None) => false,
+            (InflightKind::Span | InflightKind::DbBackend, None) => false,
             (_, None) => e.age.as_secs_f64() > s.operation_max_age_seconds,
         }
     }
@@ -826,6 +833,13 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                         ],
                     },
                 );
+            }
+            for src in &sources {
+                if let Some(ep) = src.episode() {
+                    found
+                        .entry(ep.kind)
+                        .or_insert(Culprit { labels: ep.labels });
+                }
             }
             if !inner.pool_starved(&sources).is_empty() {
                 found.insert(
