@@ -414,6 +414,10 @@ impl DiagnosticsView for Diagnostics {
     fn dump_now_json(&self) -> String {
         self.dump_now().to_json()
     }
+
+    fn degraded(&self) -> Option<String> {
+        Diagnostics::degraded(self)
+    }
 }
 
 impl crate::bot::ReconcileTrigger for Reconciler {

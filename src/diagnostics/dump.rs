@@ -324,6 +324,9 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
 
     let workers_ref = &workers;
     let verdict = match kind.and_then(|k| source_verdicts.iter().find(|(sk, _)| *sk == k)) {
+        Some((StallKind::ServiceStarved, v)) => {
+            format!("service_starved: {v}; {}", super::service_cause(&sources).1)
+        }
         Some((k, v)) => format!("{k}: {v}"),
         None => verdict(
             kind,
@@ -470,6 +473,9 @@ fn verdict(
                 .map(String::as_str)
                 .unwrap_or("(cleared)")
         ),
+        Some(StallKind::ServiceStarved) => {
+            "service_starved: handlers have just started completing again".into()
+        }
         Some(StallKind::DbLockWait) => {
             "db_lock_wait: own backends waited on a lock and have just stopped".into()
         }
