@@ -118,6 +118,17 @@ fn bot_load(
     })
 }
 
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.text().await.unwrap())
+}
+
 async fn own_lock_waiters(a: &mut PgConnection) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity \
@@ -142,6 +153,7 @@ async fn lock_on_subscriptions_is_named_within_seconds_and_recovers(
     let mut cfg = bot_common::bot_config(&opts, &telegram, &node);
     cfg.diagnostics.dump_dir =
         std::env::temp_dir().join(format!("vpnbot-dbstall-{}", std::process::id()));
+    cfg.bot.starved_after_seconds = 2.0;
     let app = vpnbot::app::App::start(cfg).await.unwrap();
     let telegram = std::sync::Arc::new(telegram);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -208,6 +220,28 @@ async fn lock_on_subscriptions_is_named_within_seconds_and_recovers(
             .is_some_and(|s| s >= 1.0)
     );
 
+    // Service level: updates wait for a slot; the episode and /readyz name the lock.
+    let starved = common::eventually(Duration::from_secs(10), || {
+        app.diagnostics
+            .open_kinds()
+            .contains(&vpnbot::diagnostics::StallKind::ServiceStarved)
+    })
+    .await;
+    assert!(starved.is_some(), "no service_starved episode within 10 s");
+    let (code, body) = get(app.obs_addr(), "/readyz").await;
+    eprintln!("/readyz {code}: {body}");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("service_starved: "), "{body}");
+    assert!(body.contains("relation subscriptions"), "{body}");
+    let (code, _) = get(app.obs_addr(), "/healthz").await;
+    assert_eq!(code, 200, "/healthz stays about the runtime");
+    let metrics = vpnbot::metrics::render(&app.registry);
+    assert!(
+        metrics.contains("vpnbot_watchdog_episode_info{kind=\"service_starved\",label=\"bot_subscription\",node=\"\",operation=\"Lock\",phase=\"subscriptions\",task=\"bot_handler\"} 1"),
+        "{}",
+        metrics.lines().filter(|l| l.contains("episode_info")).collect::<Vec<_>>().join("\n")
+    );
+
     holder.close().await.unwrap();
     let mut a = admin(&opts).await;
     let closed = common::eventually(Duration::from_secs(10), || {
@@ -217,6 +251,11 @@ async fn lock_on_subscriptions_is_named_within_seconds_and_recovers(
     })
     .await;
     assert!(closed.is_some(), "the episode ends after the release");
+    let ready = common::eventually(Duration::from_secs(10), || {
+        app.diagnostics.degraded().is_none()
+    })
+    .await;
+    assert!(ready.is_some(), "service_starved ends after the release");
     assert_eq!(own_lock_waiters(&mut a).await, 0, "no backend left waiting");
     let answered = telegram.sent().len();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -227,4 +266,86 @@ async fn lock_on_subscriptions_is_named_within_seconds_and_recovers(
     stop.cancel();
     load.await.unwrap();
     app.shutdown().await;
+}
+
+/// Issue 15 proof (3): a caller cut off mid-statement on a locked table (as a handler bound
+/// does). The statement is cancelled on the server through the monitoring connection: its
+/// backend no longer waits within 1 s, the cancel is counted under the label, and the pool
+/// works on.
+#[sqlx::test(migrations = false)]
+async fn statement_of_a_cut_off_caller_stops_on_the_server_within_1s(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    create_table(&opts).await;
+    let mut cfg = common::test_config(&opts).db;
+    cfg.max_connections = 2;
+    cfg.statement_timeout_seconds = 30.0;
+    cfg.lock_timeout_seconds = 20.0;
+    let registry = vpnbot::metrics::new_registry();
+    let pool = DbPool::connect(&cfg, &registry).unwrap();
+    let monitor = vpnbot::db::monitor::DbMonitor::new(&pool, &registry);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mon = tokio::spawn(monitor.clone().run(stop.clone()));
+    let (holder, _blocker) = lock_holder(&opts).await;
+    let mut a = admin(&opts).await;
+
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+    let cut = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut conn = pool.acquire("test_cut_off").await.unwrap();
+        let _ = pid_tx.send(conn.backend_pid());
+        let res = sqlx::query("SELECT count(*) FROM subscriptions")
+            .execute(&mut *conn)
+            .await;
+        conn.check(res).map(|_| ())
+    })
+    .await;
+    assert!(cut.is_err(), "the caller was cut off mid-statement");
+    let pid = pid_rx
+        .await
+        .unwrap()
+        .expect("backend pid recorded at connect");
+    let t = Instant::now();
+    let mut last;
+    loop {
+        let state: Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT state, wait_event_type FROM pg_stat_activity WHERE pid = $1")
+                .bind(pid)
+                .fetch_optional(&mut a)
+                .await
+                .unwrap();
+        match state {
+            None => break,
+            Some((_, w)) if w.as_deref() != Some("Lock") => break,
+            Some(s) => last = format!("{s:?}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "backend {pid} still waits 1 s after its caller was cut off: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stopped = t.elapsed();
+    eprintln!("backend {pid} stopped waiting {stopped:?} after the cut-off");
+    let counted = common::eventually(Duration::from_secs(2), || {
+        common::metric(
+            &vpnbot::metrics::render(&registry),
+            "vpnbot_db_statements_cancelled_total",
+            &[("label", "test_cut_off"), ("reason", "cancel_request")],
+        ) == Some(1.0)
+    })
+    .await;
+    assert!(counted.is_some(), "the cancel is counted under the label");
+
+    holder.close().await.unwrap();
+    for _ in 0..3 {
+        let mut c = pool.acquire("after").await.unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+    }
+    stop.cancel();
+    mon.await.unwrap();
 }

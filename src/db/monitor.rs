@@ -122,6 +122,61 @@ impl BackendPids {
     }
 }
 
+/// A request to cancel the statement still running on backend `pid`.
+#[derive(Debug)]
+struct CancelRequest {
+    pid: i32,
+    done: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// Cancels statements whose caller gave up, through the monitoring connection
+/// (`pg_cancel_backend`), then waits for the connection to become idle before it goes back to
+/// the pool (closed instead when that takes longer than the monitor's statement timeout, or
+/// when it was inside a transaction). Installed into the pool by [`DbMonitor::new`].
+#[derive(Debug, Clone)]
+pub struct Canceller {
+    tx: tokio::sync::mpsc::UnboundedSender<CancelRequest>,
+    bound: Duration,
+}
+
+impl Canceller {
+    pub(crate) fn cancel_abandoned(
+        &self,
+        mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        pid: i32,
+        label: &'static str,
+        close: bool,
+        metrics: super::pool::DbMetrics,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (done, answered) = tokio::sync::oneshot::channel();
+            let sent = me.tx.send(CancelRequest { pid, done }).is_ok();
+            let cancelled =
+                sent && matches!(tokio::time::timeout(me.bound, answered).await, Ok(Ok(true)));
+            let raw: &mut PgConnection = &mut conn;
+            let idle = matches!(
+                tokio::time::timeout(me.bound, sqlx::Connection::flush(raw)).await,
+                Ok(Ok(()))
+            );
+            if cancelled {
+                metrics.count_abandoned_cancel(label);
+            }
+            tracing::debug!(
+                pid,
+                label,
+                cancelled,
+                idle,
+                "db: abandoned statement cancelled"
+            );
+            if close || !idle {
+                conn.close_on_drop();
+            }
+            drop(conn);
+        });
+    }
+}
+
 /// A session that blocks one of vpnbot's backends.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Blocker {
@@ -261,6 +316,7 @@ struct Shared {
     requested: AtomicBool,
     lock_seen: Mutex<Option<LockSeen>>,
     metrics: MonitorMetrics,
+    cancels: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<CancelRequest>>,
 }
 
 /// The monitoring connection and its latest reading. Cheap to clone; a diagnostics source.
@@ -276,7 +332,8 @@ impl std::fmt::Debug for DbMonitor {
 }
 
 impl DbMonitor {
-    /// Registers the monitor's metrics for `pool` (its holders and recorded pids).
+    /// Registers the monitor's metrics for `pool` (its holders and recorded pids) and installs
+    /// its [`Canceller`] into the pool.
     ///
     /// # Panics
     /// If the metric names are already registered.
@@ -305,8 +362,14 @@ impl DbMonitor {
                 DURATION_BUCKETS_SECONDS,
             ),
         };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        pool.set_canceller(Canceller {
+            tx,
+            bound: secs(pool.config().monitor_statement_timeout_seconds),
+        });
         DbMonitor {
             shared: Arc::new(Shared {
+                cancels: tokio::sync::Mutex::new(rx),
                 cfg: pool.config().clone(),
                 inflight: pool.inflight().clone(),
                 pids: pool.backend_pids().clone(),
@@ -358,6 +421,7 @@ impl DbMonitor {
         let mut conn: Option<PgConnection> = None;
         let mut tick: u64 = 0;
         let mut last_error_log: Option<Instant> = None;
+        let mut cancels = s.cancels.lock().await;
         loop {
             if conn.is_none() {
                 match self.connect(bound).await {
@@ -389,10 +453,29 @@ impl DbMonitor {
                 }
             }
             tick += 1;
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-                _ = s.wake.notified() => {}
+            let until = tokio::time::Instant::now() + interval;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = s.wake.notified() => break,
+                    Some(req) = cancels.recv() => {
+                        let ok = match conn.as_mut() {
+                            Some(c) => matches!(
+                                tokio::time::timeout(
+                                    bound,
+                                    sqlx::query_scalar::<_, bool>("SELECT pg_cancel_backend($1)")
+                                        .bind(req.pid)
+                                        .fetch_one(&mut *c),
+                                )
+                                .await,
+                                Ok(Ok(true))
+                            ),
+                            None => false,
+                        };
+                        let _ = req.done.send(ok);
+                    }
+                }
             }
         }
     }

@@ -84,6 +84,13 @@ impl DbMetrics {
         self.errors.with_label_values(&[e.kind()]).inc();
     }
 
+    /// Counts a statement vpnbot cancelled on the server after its caller gave up.
+    pub(crate) fn count_abandoned_cancel(&self, label: &str) {
+        self.cancelled
+            .with_label_values(&[label, "cancel_request"])
+            .inc();
+    }
+
     /// Counts one error seen on a connection held for `label`: under its kind, and when the
     /// server cancelled the statement (SQLSTATE 57014, 55P03) under the label and reason too.
     pub fn count_statement_error(&self, label: &str, e: &DbError) {
@@ -151,6 +158,7 @@ pub struct DbPool {
     held: Arc<AtomicUsize>,
     cfg: Arc<DbConfig>,
     pids: super::monitor::BackendPids,
+    canceller: Arc<std::sync::OnceLock<super::monitor::Canceller>>,
 }
 
 impl DbPool {
@@ -202,6 +210,7 @@ impl DbPool {
             held: Arc::new(AtomicUsize::new(0)),
             cfg: Arc::new(cfg.clone()),
             pids,
+            canceller: Arc::default(),
         })
     }
 
@@ -446,6 +455,13 @@ impl DbPool {
         &self.pids
     }
 
+    /// Installs who cancels statements abandoned by their caller (the database monitor does;
+    /// once, later calls are ignored). Without one, such a connection goes back to the pool
+    /// and sqlx waits for the statement before reusing it.
+    pub fn set_canceller(&self, c: super::monitor::Canceller) {
+        let _ = self.canceller.set(c);
+    }
+
     /// The configuration the pool was built with.
     pub fn config(&self) -> &DbConfig {
         &self.cfg
@@ -583,8 +599,19 @@ impl Drop for DbConn {
             .observe(held.as_secs_f64());
         self.pool.inflight.end(self.slot);
         if let Some(mut conn) = self.conn.take() {
-            if self.tx_open || self.discard {
-                conn.close_on_drop();
+            let close = self.tx_open || self.discard;
+            match (self.pool.canceller.get(), self.pid) {
+                (Some(c), Some(pid)) if statement_running(&mut conn) => {
+                    // The caller gave up mid-statement (cancelled, timed out): stop the
+                    // statement on the server and keep the connection out of the pool until
+                    // it is idle again.
+                    c.cancel_abandoned(conn, pid, self.label, close, self.pool.metrics.clone());
+                }
+                _ => {
+                    if close {
+                        conn.close_on_drop();
+                    }
+                }
             }
         }
         self.pool.held.fetch_sub(1, Ordering::AcqRel);
@@ -593,6 +620,21 @@ impl Drop for DbConn {
             self.pool.health.changed.notify_waiters();
         }
     }
+}
+
+/// Whether a statement is still running on `conn`: its caller's future was dropped before the
+/// server's answer was read. One poll of sqlx's `flush` (which waits for pending answers)
+/// with a no-op waker: ready at once, without I/O, when nothing is pending.
+fn statement_running(conn: &mut PoolConnection<Postgres>) -> bool {
+    use std::future::Future;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return false;
+    }
+    let raw: &mut PgConnection = conn;
+    let fut = sqlx::Connection::flush(raw);
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    fut.as_mut().poll(&mut cx).is_pending()
 }
 
 /// An open transaction on a [`DbConn`]. Dereferences to [`PgConnection`].
