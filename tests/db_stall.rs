@@ -97,6 +97,17 @@ async fn lock_wait_ends_at_lock_timeout_counted_by_label(
         common::metric(&text, "vpnbot_db_errors_total", &[("kind", "lock_timeout")]),
         Some(1.0)
     );
+    // Per-label statement durations (not only pool holds).
+    let stmt = |suffix: &str, label: &str| {
+        common::metric(
+            &text,
+            &format!("vpnbot_db_statement_duration_seconds_{suffix}"),
+            &[("label", label)],
+        )
+    };
+    assert_eq!(stmt("count", "test_locked_read"), Some(1.0), "{text}");
+    assert!(stmt("sum", "test_locked_read").is_some_and(|s| s >= 0.25));
+    assert!(stmt("sum", "test_slow").is_some_and(|s| s >= 0.09));
 }
 
 /// Steady `/status` traffic through the Bot API stand-in until `stop`: `users` users, one
@@ -233,6 +244,13 @@ async fn lock_on_subscriptions_is_named_within_seconds_and_recovers(
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("service_starved: "), "{body}");
     assert!(body.contains("relation subscriptions"), "{body}");
+    // The readiness check runs on the monitoring connection: it never waits for the pool.
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["db"], "writable", "{body}");
+    assert!(
+        v["db_check_seconds"].as_f64().is_some_and(|s| s < 1.0),
+        "{body}"
+    );
     let (code, _) = get(app.obs_addr(), "/healthz").await;
     assert_eq!(code, 200, "/healthz stays about the runtime");
     let metrics = vpnbot::metrics::render(&app.registry);

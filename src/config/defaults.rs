@@ -29,6 +29,8 @@ pub const DB_MONITOR_INTERVAL_SECONDS: f64 = 1.0;
 pub const DB_MONITOR_THRESHOLD_SECONDS: f64 = 1.0;
 /// `statement_timeout` of the monitoring connection, seconds.
 pub const DB_MONITOR_STATEMENT_TIMEOUT_SECONDS: f64 = 2.0;
+/// Statement duration above which a (rate-limited) WARN names the call-site label, seconds.
+pub const DB_SLOW_STATEMENT_SECONDS: f64 = 1.0;
 /// Advisory lock key for leadership (ASCII "vpnbot" packed into an i64).
 pub const LEADER_LOCK_KEY: i64 = 0x0000_7670_6e62_6f74;
 /// Leader's lock-connection check interval, seconds.

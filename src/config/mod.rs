@@ -122,7 +122,8 @@ pub struct DbConfig {
     pub connect_timeout_seconds: f64,
     /// `application_name` shown in `pg_stat_activity` (default [`d::DB_APPLICATION_NAME`]).
     pub application_name: String,
-    /// How often the readiness probe checks that the database is writable, seconds
+    /// How often the readiness check (on the database monitor's connection, outside the pool)
+    /// checks that the database is writable, at most, seconds
     /// (default [`d::DB_READINESS_INTERVAL_SECONDS`]).
     pub readiness_interval_seconds: f64,
     /// How often the database monitor (a connection outside the pool) pings the server and,
@@ -136,6 +137,9 @@ pub struct DbConfig {
     /// `statement_timeout` of the monitoring connection and bound of each of its readings,
     /// seconds (default [`d::DB_MONITOR_STATEMENT_TIMEOUT_SECONDS`]).
     pub monitor_statement_timeout_seconds: f64,
+    /// A statement slower than this logs a WARN naming its call-site label (at most one line
+    /// per 10 s), seconds (default [`d::DB_SLOW_STATEMENT_SECONDS`]).
+    pub slow_statement_seconds: f64,
 }
 
 impl Default for DbConfig {
@@ -155,6 +159,7 @@ impl Default for DbConfig {
             monitor_interval_seconds: d::DB_MONITOR_INTERVAL_SECONDS,
             monitor_threshold_seconds: d::DB_MONITOR_THRESHOLD_SECONDS,
             monitor_statement_timeout_seconds: d::DB_MONITOR_STATEMENT_TIMEOUT_SECONDS,
+            slow_statement_seconds: d::DB_SLOW_STATEMENT_SECONDS,
         }
     }
 }
@@ -372,6 +377,11 @@ impl Config {
             &mut e,
             "db.monitor_interval_seconds",
             db.monitor_interval_seconds,
+        );
+        positive(
+            &mut e,
+            "db.slow_statement_seconds",
+            db.slow_statement_seconds,
         );
         positive(
             &mut e,

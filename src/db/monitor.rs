@@ -317,6 +317,7 @@ struct Shared {
     lock_seen: Mutex<Option<LockSeen>>,
     metrics: MonitorMetrics,
     cancels: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<CancelRequest>>,
+    readiness: std::sync::OnceLock<Arc<super::readiness::DbReadiness>>,
 }
 
 /// The monitoring connection and its latest reading. Cheap to clone; a diagnostics source.
@@ -370,6 +371,7 @@ impl DbMonitor {
         DbMonitor {
             shared: Arc::new(Shared {
                 cancels: tokio::sync::Mutex::new(rx),
+                readiness: std::sync::OnceLock::new(),
                 cfg: pool.config().clone(),
                 inflight: pool.inflight().clone(),
                 pids: pool.backend_pids().clone(),
@@ -381,6 +383,12 @@ impl DbMonitor {
                 metrics,
             }),
         }
+    }
+
+    /// Publishes the writability check behind `/readyz` from this connection (its ping is that
+    /// check), so readiness never waits for the pool. Once; later calls are ignored.
+    pub fn set_readiness(&self, r: Arc<super::readiness::DbReadiness>) {
+        let _ = self.shared.readiness.set(r);
     }
 
     /// The latest reading and its age.
@@ -415,7 +423,12 @@ impl DbMonitor {
     /// held past the threshold, when asked, and every tenth interval.
     pub async fn run(self, cancel: CancellationToken) {
         let s = &self.shared;
-        let interval = secs(s.cfg.monitor_interval_seconds);
+        // Also the readiness check's period: at least every db.readiness_interval_seconds.
+        let interval = secs(
+            s.cfg
+                .monitor_interval_seconds
+                .min(s.cfg.readiness_interval_seconds),
+        );
         let threshold = secs(s.cfg.monitor_threshold_seconds);
         let bound = secs(s.cfg.monitor_statement_timeout_seconds);
         let mut conn: Option<PgConnection> = None;
@@ -497,6 +510,9 @@ impl DbMonitor {
     }
 
     fn failed(&self, e: String, last_log: &mut Option<Instant>) {
+        if let Some(r) = self.shared.readiness.get() {
+            r.record_timed(Err(format!("database check failed: {e}")), Duration::ZERO);
+        }
         if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             *last_log = Some(Instant::now());
             tracing::warn!(error = %e, "database monitor: no reading from the monitoring connection");
@@ -511,11 +527,31 @@ impl DbMonitor {
     async fn read(&self, c: &mut PgConnection, full: bool) -> Result<(), String> {
         let s = &self.shared;
         let t0 = Instant::now();
-        sqlx::query("SELECT 1")
-            .execute(&mut *c)
-            .await
-            .map_err(|e| super::connect::describe(&e))?;
+        // The ping is the readiness check: reachable and writable (not a standby, and neither
+        // this session nor a new pool session would be read-only: this long-lived session
+        // does not see `ALTER DATABASE/ROLE ... SET default_transaction_read_only = on`).
+        let writable = sqlx::query_scalar::<_, bool>(
+            "SELECT NOT pg_is_in_recovery() \
+               AND current_setting('transaction_read_only') = 'off' \
+               AND NOT EXISTS (SELECT 1 FROM pg_db_role_setting s \
+                 WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database \
+                                             WHERE datname = current_database())) \
+                   AND s.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = current_user)) \
+                   AND s.setconfig @> ARRAY['default_transaction_read_only=on'])",
+        )
+        .fetch_one(&mut *c)
+        .await
+        .map_err(|e| super::connect::describe(&e));
         let rtt = t0.elapsed();
+        if let Some(r) = s.readiness.get() {
+            let res = match &writable {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("database is read-only (standby or transaction_read_only)".into()),
+                Err(e) => Err(format!("database check failed: {e}")),
+            };
+            r.record_timed(res, rtt);
+        }
+        writable?;
         s.metrics.roundtrip.observe(rtt.as_secs_f64());
         if !full {
             let mut g = s.snap.lock().unwrap_or_else(|p| p.into_inner());

@@ -31,6 +31,9 @@ pub struct DbMetrics {
     pending: IntGauge,
     errors: IntCounterVec,
     cancelled: IntCounterVec,
+    statement: HistogramVec,
+    slow_after: Duration,
+    slow_warned: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl DbMetrics {
@@ -69,6 +72,16 @@ impl DbMetrics {
                 "Database errors by kind (acquire_timeout, unavailable, statement_timeout, read_only, server_shutdown, query, ...).",
                 &["kind"],
             ),
+            statement: metrics::histogram_vec(
+                registry,
+                "vpnbot_db_statement_duration_seconds",
+                "Statement round trips on pooled connections (from taking the connection for a \
+                 query to checking its result), by call-site label.",
+                &["label"],
+                DURATION_BUCKETS_SECONDS,
+            ),
+            slow_after: Duration::from_secs(1),
+            slow_warned: Arc::default(),
             cancelled: metrics::counter_vec(
                 registry,
                 "vpnbot_db_statements_cancelled_total",
@@ -82,6 +95,30 @@ impl DbMetrics {
     /// Counts one error under its kind.
     pub fn count_error(&self, e: &DbError) {
         self.errors.with_label_values(&[e.kind()]).inc();
+    }
+
+    /// Observes one statement of `label` that took `took`; past the slow-statement threshold
+    /// logs a WARN naming the label (at most one per 10 s for the whole pool).
+    fn observe_statement(&self, label: &'static str, took: Duration) {
+        self.statement
+            .with_label_values(&[label])
+            .observe(took.as_secs_f64());
+        if took < self.slow_after {
+            return;
+        }
+        let mut last = self.slow_warned.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        drop(last);
+        tracing::warn!(
+            label,
+            seconds = took.as_secs_f64(),
+            threshold_seconds = self.slow_after.as_secs_f64(),
+            "slow database statement (at most one such line per 10 s; \
+             see vpnbot_db_statement_duration_seconds by label)"
+        );
     }
 
     /// Counts a statement vpnbot cancelled on the server after its caller gave up.
@@ -201,9 +238,11 @@ impl DbPool {
                 max,
             }))
             .expect("unique metric names");
+        let mut metrics = DbMetrics::register(registry);
+        metrics.slow_after = secs(cfg.slow_statement_seconds);
         Ok(DbPool {
             pool,
-            metrics: DbMetrics::register(registry),
+            metrics,
             inflight: PoolInflight::default(),
             acquire_timeout: secs(cfg.acquire_timeout_seconds),
             health: Arc::new(ConnectHealth::register(registry)),
@@ -252,6 +291,7 @@ impl DbPool {
                     acquired_at: Instant::now(),
                     tx_open: false,
                     discard: false,
+                    statement_started: None,
                     pool: self.clone(),
                 });
             }
@@ -526,6 +566,7 @@ pub struct DbConn {
     acquired_at: Instant,
     tx_open: bool,
     discard: bool,
+    statement_started: Option<Instant>,
     pool: DbPool,
 }
 
@@ -536,6 +577,9 @@ impl DbConn {
     /// # Errors
     /// The mapped error.
     pub fn check<T>(&mut self, res: Result<T, sqlx::Error>) -> Result<T, DbError> {
+        if let Some(t) = self.statement_started.take() {
+            self.pool.metrics.observe_statement(self.label, t.elapsed());
+        }
         res.map_err(|e| {
             let e = DbError::from(e);
             if e.discards_connection() {
@@ -572,6 +616,8 @@ impl DbConn {
     }
 
     fn conn_mut(&mut self) -> &mut PgConnection {
+        // Every query takes the connection mutably right before it runs; `check` reads this.
+        self.statement_started = Some(Instant::now());
         self.conn.as_mut().expect("connection present until drop")
     }
 }

@@ -174,6 +174,7 @@ async fn readyz(State(s): State<ObsState>) -> Response {
     let body = serde_json::json!({
         "ready": ready,
         "db": match &db { Ok(()) => "writable".to_string(), Err(e) => e.clone() },
+        "db_check_seconds": s.health.db.last_check_seconds(),
         "db_connect": match &db_connect { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
         "stall": stall,
         "degraded": degraded,
