@@ -363,6 +363,18 @@ async fn statement_of_a_cut_off_caller_stops_on_the_server_within_1s(
             .await
             .unwrap();
         assert_eq!(one, 1);
+        // Every used connection is accounted for.
+        let text = vpnbot::metrics::render(&registry);
+        let st = |state: &str| {
+            common::metric(&text, "vpnbot_db_pool_connections", &[("state", state)]).unwrap()
+        };
+        assert_eq!(st("held"), 1.0, "{text}");
+        assert_eq!(st("abandoned"), 0.0, "{text}");
+        assert_eq!(
+            st("used"),
+            st("held") + st("abandoned") + st("in_transit"),
+            "{text}"
+        );
     }
     stop.cancel();
     mon.await.unwrap();

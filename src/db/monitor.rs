@@ -147,9 +147,11 @@ impl Canceller {
         label: &'static str,
         close: bool,
         metrics: super::pool::DbMetrics,
+        counted: super::pool::AbandonedGuard,
     ) {
         let me = self.clone();
         tokio::spawn(async move {
+            let _counted = counted;
             let (done, answered) = tokio::sync::oneshot::channel();
             let sent = me.tx.send(CancelRequest { pid, done }).is_ok();
             let cancelled =

@@ -145,6 +145,8 @@ struct PoolStateCollector {
     pool: PgPool,
     connections: IntGaugeVec,
     max: IntGauge,
+    held: Arc<AtomicUsize>,
+    abandoned: Arc<AtomicUsize>,
 }
 
 impl Collector for PoolStateCollector {
@@ -158,9 +160,20 @@ impl Collector for PoolStateCollector {
         let size = self.pool.size() as i64;
         let idle = self.pool.num_idle() as i64;
         self.connections.with_label_values(&["idle"]).set(idle);
+        let used = (size - idle).max(0);
+        self.connections.with_label_values(&["used"]).set(used);
+        // `used` broken down so that it adds up: held by a caller (labelled in
+        // vpnbot_db_pool_hold_seconds and the dump), still running a statement its caller
+        // abandoned (being cancelled), and the rest (being opened, checked or returned).
+        let held = self.held.load(Ordering::Acquire) as i64;
+        let abandoned = self.abandoned.load(Ordering::Acquire) as i64;
+        self.connections.with_label_values(&["held"]).set(held);
         self.connections
-            .with_label_values(&["used"])
-            .set((size - idle).max(0));
+            .with_label_values(&["abandoned"])
+            .set(abandoned);
+        self.connections
+            .with_label_values(&["in_transit"])
+            .set((used - held - abandoned).max(0));
         let mut out = self.connections.collect();
         out.extend(self.max.collect());
         out
@@ -193,6 +206,7 @@ pub struct DbPool {
     acquire_timeout: Duration,
     health: Arc<ConnectHealth>,
     held: Arc<AtomicUsize>,
+    abandoned: Arc<AtomicUsize>,
     cfg: Arc<DbConfig>,
     pids: super::monitor::BackendPids,
     canceller: Arc<std::sync::OnceLock<super::monitor::Canceller>>,
@@ -218,7 +232,9 @@ impl DbPool {
         let connections = metrics::int_gauge_vec(
             registry,
             "vpnbot_db_pool_connections",
-            "Open pool connections by state (idle, used).",
+            "Open pool connections by state: idle, used; used broken down into held (by a \
+             caller), abandoned (a statement its caller gave up on, being cancelled) and \
+             in_transit (being opened, checked or returned).",
             &["state"],
         );
         // Registered through the collector below, not directly.
@@ -231,11 +247,15 @@ impl DbPool {
         )
         .expect("valid gauge");
         max.set(cfg.max_connections as i64);
+        let held = Arc::new(AtomicUsize::new(0));
+        let abandoned = Arc::new(AtomicUsize::new(0));
         registry
             .register(Box::new(PoolStateCollector {
                 pool: pool.clone(),
                 connections,
                 max,
+                held: held.clone(),
+                abandoned: abandoned.clone(),
             }))
             .expect("unique metric names");
         let mut metrics = DbMetrics::register(registry);
@@ -246,7 +266,8 @@ impl DbPool {
             inflight: PoolInflight::default(),
             acquire_timeout: secs(cfg.acquire_timeout_seconds),
             health: Arc::new(ConnectHealth::register(registry)),
-            held: Arc::new(AtomicUsize::new(0)),
+            held,
+            abandoned,
             cfg: Arc::new(cfg.clone()),
             pids,
             canceller: Arc::default(),
@@ -651,7 +672,14 @@ impl Drop for DbConn {
                     // The caller gave up mid-statement (cancelled, timed out): stop the
                     // statement on the server and keep the connection out of the pool until
                     // it is idle again.
-                    c.cancel_abandoned(conn, pid, self.label, close, self.pool.metrics.clone());
+                    c.cancel_abandoned(
+                        conn,
+                        pid,
+                        self.label,
+                        close,
+                        self.pool.metrics.clone(),
+                        AbandonedGuard::new(self.pool.abandoned.clone()),
+                    );
                 }
                 _ => {
                     if close {
@@ -665,6 +693,23 @@ impl Drop for DbConn {
         if self.pool.health.refusing() {
             self.pool.health.changed.notify_waiters();
         }
+    }
+}
+
+/// Counts a connection in `vpnbot_db_pool_connections{state="abandoned"}` while it lives.
+#[derive(Debug)]
+pub(crate) struct AbandonedGuard(Arc<AtomicUsize>);
+
+impl AbandonedGuard {
+    fn new(n: Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for AbandonedGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
