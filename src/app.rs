@@ -12,7 +12,6 @@ use secrecy::ExposeSecret;
 use crate::bot::{BotApi, BotMetrics, BotService};
 use crate::config::{secs, Config};
 use crate::db::leader::{spawn_leadership, LeaderHandle};
-use crate::db::readiness::run_probe;
 use crate::db::{self, DbError, DbPool};
 use crate::diagnostics::Diagnostics;
 use crate::expiry::{ExpiryMetrics, ExpiryWorker};
@@ -260,20 +259,17 @@ impl App {
             secs(config.db.statement_timeout_seconds),
         )));
         diagnostics.add_source(Arc::new(NodeCallSource::new(fleet.inflight().clone())));
+        let db_monitor = db::monitor::DbMonitor::new(&pool, &registry);
+        diagnostics.add_source(Arc::new(db_monitor.clone()));
+        tasks.spawn_named("db_monitor", db_monitor.clone().run(tasks.root().clone()));
         if let Some(spans) = &instruments.open_spans {
             diagnostics.add_source(Arc::new(spans.clone()));
         }
         diagnostics.start(&tokio::runtime::Handle::current(), &tasks);
         let _ = health.diagnostics.set(Arc::new(diagnostics.clone()));
-        tasks.spawn_named(
-            "readiness_probe",
-            run_probe(
-                pool.clone(),
-                health.db.clone(),
-                secs(config.db.readiness_interval_seconds),
-                tasks.root().clone(),
-            ),
-        );
+        // /readyz's writability check runs on the monitoring connection (never waits for the
+        // pool); see db::monitor.
+        db_monitor.set_readiness(health.db.clone());
         let leader = spawn_leadership(
             &config.leader,
             &db::pooler::direct_config(&config.db),
@@ -543,6 +539,10 @@ impl DiagnosticsView for Diagnostics {
 
     fn dump_now_json(&self) -> String {
         self.dump_now().to_json()
+    }
+
+    fn degraded(&self) -> Option<String> {
+        Diagnostics::degraded(self)
     }
 }
 

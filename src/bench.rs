@@ -157,7 +157,7 @@ pub async fn bench_pool(iterations: u32) -> bool {
     for _ in 0..k {
         let slot = inflight.begin_wait("bench");
         m.bookkeeping_for_bench(Duration::from_micros(3));
-        inflight.acquired(slot);
+        inflight.acquired(slot, None);
         inflight.end(slot);
     }
     let book_ns = t.elapsed().as_secs_f64() * 1e9 / k as f64;

@@ -2,8 +2,8 @@
 //! observability server (the real one, real registry) is scraped every second with the real
 //! rule files (`for:` shortened to test size), Alertmanager routes with the real
 //! alerts/alertmanager.yml (group timings shortened; webhook and Telegram API pointed at local
-//! receivers). The old freeze (a node call silent in its body phase past its deadline) and
-//! then a blocked worker must page within a bound, carry their culprit and runbook link, reach
+//! receivers). The old freeze (a node call silent in its body phase past its deadline), then a
+//! blocked worker, then a database lock (db_lock_wait, service_starved) must page within a bound, carry their culprit and runbook link, reach
 //! Telegram, and resolve after recovery.
 //!
 //! The metrics are set the way the watchdog sets them (vpnbot_watchdog_episode_info with the
@@ -448,6 +448,46 @@ async fn scenario(prometheus: &Path, alertmanager: &Path) {
     eprintln!("blocked worker resolved in {took:?}");
     let (_, took) = expect_page(&stack, &webhook, "VpnbotNodeCallStuck", "resolved", t).await;
     eprintln!("freeze resolved in {took:?}");
+
+    // 4. A lock held on subscriptions by another session (issue 15): the database monitor's
+    //    db_lock_wait and the service-level service_starved episodes page, then resolve.
+    let lock = [
+        "db_lock_wait",
+        "",
+        "",
+        "Lock",
+        "subscriptions",
+        "bot_subscription",
+    ];
+    let starved = [
+        "service_starved",
+        "bot_handler",
+        "",
+        "Lock",
+        "subscriptions",
+        "bot_subscription",
+    ];
+    let t = Instant::now();
+    episode.with_label_values(&lock).set(1);
+    episode.with_label_values(&starved).set(1);
+    let (page, took) = expect_page(&stack, &webhook, "VpnbotDbLockWait", "firing", t).await;
+    eprintln!("lock wait paged in {took:?}");
+    assert_eq!(page["labels"]["phase"], "subscriptions");
+    assert_eq!(
+        page["annotations"]["runbook_url"],
+        "docs/runbooks.md#vpnbotdblockwait"
+    );
+    let (page, took) = expect_page(&stack, &webhook, "VpnbotServiceStarved", "firing", t).await;
+    eprintln!("service starved paged in {took:?}");
+    assert!(page["annotations"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("handlers wait on Lock subscriptions"));
+    let t = Instant::now();
+    episode.remove_label_values(&lock).unwrap();
+    episode.remove_label_values(&starved).unwrap();
+    expect_page(&stack, &webhook, "VpnbotDbLockWait", "resolved", t).await;
+    expect_page(&stack, &webhook, "VpnbotServiceStarved", "resolved", t).await;
 
     drop(stack);
     tokio::task::spawn_blocking(move || obs.stop())

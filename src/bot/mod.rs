@@ -27,6 +27,7 @@ pub mod keys;
 pub mod metrics;
 pub mod node_picker;
 pub mod polling_op;
+pub mod service_watch;
 pub mod settings;
 pub mod store;
 mod typed_updates;
@@ -92,6 +93,7 @@ pub(crate) struct Inner {
     pub(crate) reconcile: OnceLock<Arc<dyn ReconcileTrigger>>,
     pub(crate) diagnostics: OnceLock<Diagnostics>,
     pub(crate) polling: PollingOperation,
+    pub(crate) progress: service_watch::ServiceProgress,
 }
 
 /// The bot (cheap clone).
@@ -144,6 +146,9 @@ impl BotService {
                 reconcile: OnceLock::new(),
                 diagnostics: OnceLock::new(),
                 polling: PollingOperation::default(),
+                progress: service_watch::ServiceProgress::new(secs(
+                    config.bot.starved_after_seconds,
+                )),
             }),
         }
     }
@@ -160,6 +165,7 @@ impl BotService {
     pub fn set_diagnostics(&self, diagnostics: &Diagnostics) {
         if self.inner.diagnostics.set(diagnostics.clone()).is_ok() {
             diagnostics.add_source(Arc::new(self.inner.polling.clone()));
+            diagnostics.add_source(Arc::new(self.inner.progress.clone()));
         }
     }
 
@@ -309,7 +315,14 @@ impl BotService {
                             received,
                         };
                         if !lane
-                            .push(queued, &cancel, op, slot_bound, self.metrics())
+                            .push(
+                                queued,
+                                &cancel,
+                                op,
+                                slot_bound,
+                                self.metrics(),
+                                &self.inner.progress,
+                            )
                             .await
                         {
                             break;
@@ -424,6 +437,7 @@ impl BotService {
     async fn handle_guarded(&self, u: Update) {
         let bound = secs(self.settings().handler_timeout_seconds);
         self.metrics().in_flight.inc();
+        self.inner.progress.started();
         let started = std::time::Instant::now();
         let owed = Owed::of(&u);
         let fut = std::panic::AssertUnwindSafe(self.handle_update(u)).catch_unwind();
@@ -452,6 +466,7 @@ impl BotService {
                 true
             }
         };
+        self.inner.progress.ended(!cut_off);
         if cut_off {
             self.answer_cut_off(owed, started).await;
         }
@@ -678,6 +693,7 @@ impl Lane {
                     },
                 };
                 d.dec();
+                bot.inner.progress.dequeued(q.received);
                 bot.spawn_handler(&handlers, q, Some(permit));
             }
             // Shutdown: what is queued was confirmed to Telegram; start it now, slot or not,
@@ -685,6 +701,7 @@ impl Lane {
             rx.close();
             while let Ok(q) = rx.try_recv() {
                 d.dec();
+                bot.inner.progress.dequeued(q.received);
                 bot.spawn_handler(&handlers, q, None);
             }
         });
@@ -706,12 +723,16 @@ impl Lane {
         op: &PollingOperation,
         bound: Duration,
         metrics: &BotMetrics,
+        progress: &service_watch::ServiceProgress,
     ) -> bool {
         self.depth.inc();
+        let received = q.received;
+        progress.queued(received);
         let q = match self.tx.try_send(q) {
             Ok(()) => return true,
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.depth.dec();
+                progress.dequeued(received);
                 return false;
             }
             Err(mpsc::error::TrySendError::Full(q)) => q,
@@ -726,6 +747,7 @@ impl Lane {
         metrics.backpressure.inc_by(waited.elapsed().as_secs_f64());
         if !sent {
             self.depth.dec();
+            progress.dequeued(received);
         }
         sent
     }

@@ -46,6 +46,9 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT_SECONDS: f64 = 10.0;
 pub const DEFAULT_TCP_USER_TIMEOUT_SECONDS: f64 = 5.0;
 /// Default bound on handling one update, seconds.
 pub const DEFAULT_HANDLER_TIMEOUT_SECONDS: f64 = 30.0;
+/// Default time an update may wait for a handler slot, or busy handlers may complete nothing,
+/// before the watchdog reports `service_starved`, seconds.
+pub const DEFAULT_STARVED_AFTER_SECONDS: f64 = 5.0;
 /// Default trial length, days.
 pub const DEFAULT_TRIAL_DAYS: u32 = 3;
 /// Default node choice policy.
@@ -132,6 +135,10 @@ pub struct BotSettings {
     pub tcp_user_timeout_seconds: f64,
     /// Bound on handling one update, seconds (default [`DEFAULT_HANDLER_TIMEOUT_SECONDS`]).
     pub handler_timeout_seconds: f64,
+    /// An update waiting this long for a handler slot, or busy handlers completing nothing for
+    /// this long, opens a `service_starved` episode, seconds
+    /// (default [`DEFAULT_STARVED_AFTER_SECONDS`]).
+    pub starved_after_seconds: f64,
     /// Wait for the node to confirm a new key before answering "not confirmed yet" and
     /// leaving the add to the outbox, seconds (default [`DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS`]).
     pub key_issue_timeout_seconds: f64,
@@ -170,6 +177,7 @@ impl Default for BotSettings {
             update_queue_capacity: DEFAULT_UPDATE_QUEUE_CAPACITY,
             priority_concurrent_updates: DEFAULT_PRIORITY_CONCURRENT_UPDATES,
             handler_timeout_seconds: DEFAULT_HANDLER_TIMEOUT_SECONDS,
+            starved_after_seconds: DEFAULT_STARVED_AFTER_SECONDS,
             pool_idle_timeout_seconds: DEFAULT_POOL_IDLE_TIMEOUT_SECONDS,
             tcp_user_timeout_seconds: DEFAULT_TCP_USER_TIMEOUT_SECONDS,
             key_issue_timeout_seconds: DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS,
@@ -197,6 +205,7 @@ impl BotSettings {
             ("conflict_backoff_seconds", self.conflict_backoff_seconds),
             ("retry_after_max_seconds", self.retry_after_max_seconds),
             ("handler_timeout_seconds", self.handler_timeout_seconds),
+            ("starved_after_seconds", self.starved_after_seconds),
             ("pool_idle_timeout_seconds", self.pool_idle_timeout_seconds),
             ("tcp_user_timeout_seconds", self.tcp_user_timeout_seconds),
             ("key_issue_timeout_seconds", self.key_issue_timeout_seconds),

@@ -11,6 +11,9 @@ pub const DB_MAX_CONNECTIONS: u32 = 15;
 pub const DB_ACQUIRE_TIMEOUT_SECONDS: f64 = 10.0;
 /// Server-side statement timeout, seconds (the predecessor's `command_timeout`).
 pub const DB_STATEMENT_TIMEOUT_SECONDS: f64 = 30.0;
+/// Server-side lock timeout, seconds: a wait for a lock ends as a lock error (SQLSTATE 55P03)
+/// long before the statement timeout.
+pub const DB_LOCK_TIMEOUT_SECONDS: f64 = 5.0;
 /// Server-side idle-in-transaction timeout, seconds: a backstop for a leaked transaction.
 pub const DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS: f64 = 60.0;
 /// Timeout for opening one connection, seconds.
@@ -19,6 +22,15 @@ pub const DB_CONNECT_TIMEOUT_SECONDS: f64 = 5.0;
 pub const DB_APPLICATION_NAME: &str = "vpnbot";
 /// Interval of the database writability probe behind `/readyz`, seconds.
 pub const DB_READINESS_INTERVAL_SECONDS: f64 = 2.0;
+/// Interval of the database monitor's ping (and readings when needed), seconds.
+pub const DB_MONITOR_INTERVAL_SECONDS: f64 = 1.0;
+/// Hold age that makes the database monitor read `pg_stat_activity`, and lock-wait age that
+/// opens a `db_lock_wait` episode, seconds.
+pub const DB_MONITOR_THRESHOLD_SECONDS: f64 = 1.0;
+/// `statement_timeout` of the monitoring connection, seconds.
+pub const DB_MONITOR_STATEMENT_TIMEOUT_SECONDS: f64 = 2.0;
+/// Statement duration above which a (rate-limited) WARN names the call-site label, seconds.
+pub const DB_SLOW_STATEMENT_SECONDS: f64 = 1.0;
 /// Advisory lock key for leadership (ASCII "vpnbot" packed into an i64).
 pub const LEADER_LOCK_KEY: i64 = 0x0000_7670_6e62_6f74;
 /// Leader's lock-connection check interval, seconds.

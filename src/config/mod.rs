@@ -111,6 +111,10 @@ pub struct DbConfig {
     pub acquire_timeout_seconds: f64,
     /// Server-side `statement_timeout`, seconds (default [`d::DB_STATEMENT_TIMEOUT_SECONDS`]).
     pub statement_timeout_seconds: f64,
+    /// Server-side `lock_timeout`, seconds (default [`d::DB_LOCK_TIMEOUT_SECONDS`]): a statement
+    /// waiting this long for a lock fails with SQLSTATE 55P03 ([`crate::db::DbError::LockTimeout`]).
+    /// Must be below `statement_timeout_seconds`; 0 disables it.
+    pub lock_timeout_seconds: f64,
     /// Server-side `idle_in_transaction_session_timeout`, seconds
     /// (default [`d::DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS`]).
     pub idle_in_transaction_timeout_seconds: f64,
@@ -118,9 +122,24 @@ pub struct DbConfig {
     pub connect_timeout_seconds: f64,
     /// `application_name` shown in `pg_stat_activity` (default [`d::DB_APPLICATION_NAME`]).
     pub application_name: String,
-    /// How often the readiness probe checks that the database is writable, seconds
+    /// How often the readiness check (on the database monitor's connection, outside the pool)
+    /// checks that the database is writable, at most, seconds
     /// (default [`d::DB_READINESS_INTERVAL_SECONDS`]).
     pub readiness_interval_seconds: f64,
+    /// How often the database monitor (a connection outside the pool) pings the server and,
+    /// when needed, reads what vpnbot's backends are doing, seconds
+    /// (default [`d::DB_MONITOR_INTERVAL_SECONDS`]).
+    pub monitor_interval_seconds: f64,
+    /// A connection held this long makes the monitor read `pg_stat_activity`; own backends
+    /// waiting on a lock this long open a `db_lock_wait` episode, seconds
+    /// (default [`d::DB_MONITOR_THRESHOLD_SECONDS`]).
+    pub monitor_threshold_seconds: f64,
+    /// `statement_timeout` of the monitoring connection and bound of each of its readings,
+    /// seconds (default [`d::DB_MONITOR_STATEMENT_TIMEOUT_SECONDS`]).
+    pub monitor_statement_timeout_seconds: f64,
+    /// A statement slower than this logs a WARN naming its call-site label (at most one line
+    /// per 10 s), seconds (default [`d::DB_SLOW_STATEMENT_SECONDS`]).
+    pub slow_statement_seconds: f64,
 }
 
 impl Default for DbConfig {
@@ -132,10 +151,15 @@ impl Default for DbConfig {
             max_connections: d::DB_MAX_CONNECTIONS,
             acquire_timeout_seconds: d::DB_ACQUIRE_TIMEOUT_SECONDS,
             statement_timeout_seconds: d::DB_STATEMENT_TIMEOUT_SECONDS,
+            lock_timeout_seconds: d::DB_LOCK_TIMEOUT_SECONDS,
             idle_in_transaction_timeout_seconds: d::DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
             connect_timeout_seconds: d::DB_CONNECT_TIMEOUT_SECONDS,
             application_name: d::DB_APPLICATION_NAME.to_string(),
             readiness_interval_seconds: d::DB_READINESS_INTERVAL_SECONDS,
+            monitor_interval_seconds: d::DB_MONITOR_INTERVAL_SECONDS,
+            monitor_threshold_seconds: d::DB_MONITOR_THRESHOLD_SECONDS,
+            monitor_statement_timeout_seconds: d::DB_MONITOR_STATEMENT_TIMEOUT_SECONDS,
+            slow_statement_seconds: d::DB_SLOW_STATEMENT_SECONDS,
         }
     }
 }
@@ -361,6 +385,14 @@ impl Config {
             "db.statement_timeout_seconds",
             db.statement_timeout_seconds,
         );
+        if !(db.lock_timeout_seconds.is_finite() && db.lock_timeout_seconds >= 0.0) {
+            e.push("db.lock_timeout_seconds must be 0 (disabled) or positive".to_string());
+        } else if db.lock_timeout_seconds >= db.statement_timeout_seconds {
+            e.push(format!(
+                "db.lock_timeout_seconds ({}) must be below db.statement_timeout_seconds ({})",
+                db.lock_timeout_seconds, db.statement_timeout_seconds
+            ));
+        }
         positive(
             &mut e,
             "db.idle_in_transaction_timeout_seconds",
@@ -375,6 +407,26 @@ impl Config {
             &mut e,
             "db.readiness_interval_seconds",
             db.readiness_interval_seconds,
+        );
+        positive(
+            &mut e,
+            "db.monitor_interval_seconds",
+            db.monitor_interval_seconds,
+        );
+        positive(
+            &mut e,
+            "db.slow_statement_seconds",
+            db.slow_statement_seconds,
+        );
+        positive(
+            &mut e,
+            "db.monitor_threshold_seconds",
+            db.monitor_threshold_seconds,
+        );
+        positive(
+            &mut e,
+            "db.monitor_statement_timeout_seconds",
+            db.monitor_statement_timeout_seconds,
         );
         let l = &self.leader;
         positive(

@@ -34,6 +34,9 @@ pub enum DbError {
     /// The server cancelled the statement at `statement_timeout` (SQLSTATE 57014).
     #[error("statement cancelled by the server's statement_timeout")]
     StatementTimeout(#[source] sqlx::Error),
+    /// The statement waited `lock_timeout` for a lock (SQLSTATE 55P03, `lock_not_available`).
+    #[error("lock wait ended by the server's lock_timeout{}", lock_relation(.0).map(|r| format!(" (relation {r})")).unwrap_or_default())]
+    LockTimeout(#[source] sqlx::Error),
     /// The server is read-only (SQLSTATE 25006, e.g. a standby after failover).
     #[error("database is read-only")]
     ReadOnly(#[source] sqlx::Error),
@@ -68,6 +71,7 @@ impl DbError {
             DbError::Refused { .. } => "connect_refused",
             DbError::Unavailable(_) => "unavailable",
             DbError::StatementTimeout(_) => "statement_timeout",
+            DbError::LockTimeout(_) => "lock_timeout",
             DbError::ReadOnly(_) => "read_only",
             DbError::ServerShutdown(_) => "server_shutdown",
             DbError::Migrate(_) => "migrate",
@@ -98,10 +102,37 @@ impl DbError {
         )
     }
 
+    /// When the server cancelled the statement, why, as a bounded label value:
+    /// `statement_timeout`, `lock_timeout`, or `cancel_request` (a cancel request or
+    /// `pg_cancel_backend`, e.g. vpnbot stopping a statement whose caller gave up).
+    pub fn cancel_reason(&self) -> Option<&'static str> {
+        match self {
+            DbError::LockTimeout(_) => Some("lock_timeout"),
+            DbError::StatementTimeout(e) => {
+                let msg = e.as_database_error().map(|d| d.message()).unwrap_or("");
+                Some(if msg.contains("user request") {
+                    "cancel_request"
+                } else {
+                    "statement_timeout"
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The relation a lock error names, when the server says (`... in relation "x"`).
+    pub fn relation(&self) -> Option<String> {
+        match self {
+            DbError::LockTimeout(e) => lock_relation(e),
+            _ => None,
+        }
+    }
+
     /// The SQLSTATE code of a server error, if any.
     pub fn sqlstate(&self) -> Option<String> {
         match self {
             DbError::StatementTimeout(e)
+            | DbError::LockTimeout(e)
             | DbError::ReadOnly(e)
             | DbError::ServerShutdown(e)
             | DbError::Query(e)
@@ -122,6 +153,7 @@ impl From<sqlx::Error> for DbError {
             .map(|c| c.into_owned());
         match code.as_deref() {
             Some("57014") => return DbError::StatementTimeout(e),
+            Some("55P03") => return DbError::LockTimeout(e),
             Some("25006") => return DbError::ReadOnly(e),
             // admin_shutdown, crash_shutdown, cannot_connect_now, database_dropped
             Some(c) if c.starts_with("57P") => return DbError::ServerShutdown(e),
@@ -145,4 +177,22 @@ impl From<sqlx::Error> for DbError {
             other => DbError::Query(other),
         }
     }
+}
+
+/// The relation named in a lock error's message or context (`... in relation "subscriptions"`),
+/// when the server gives one (row-lock waits do; a table-lock wait names it only in the dump's
+/// `db_backends`).
+fn lock_relation(e: &sqlx::Error) -> Option<String> {
+    let d = e.as_database_error()?;
+    let pg = d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    let texts = [
+        Some(d.message()),
+        pg.and_then(|p| p.r#where()),
+        pg.and_then(|p| p.detail()),
+    ];
+    texts.into_iter().flatten().find_map(|t| {
+        let i = t.find("relation \"")? + "relation \"".len();
+        let rest = &t[i..];
+        Some(rest[..rest.find('"')?].to_string())
+    })
 }

@@ -27,6 +27,8 @@ pub struct PoolEntry {
     pub age: Duration,
     /// Name of the tokio task that made the call, when it has one.
     pub task: Option<String>,
+    /// Backend pid of the held connection (recorded when the connection was opened).
+    pub pid: Option<i32>,
 }
 
 fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -39,6 +41,7 @@ struct Slot {
     state: PoolUse,
     since: Instant,
     task: Option<String>,
+    pid: Option<i32>,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +66,7 @@ impl PoolInflight {
             state: PoolUse::Waiting,
             since: Instant::now(),
             task,
+            pid: None,
         };
         let mut g = self.lock();
         match g.free.pop() {
@@ -77,14 +81,15 @@ impl PoolInflight {
         }
     }
 
-    /// Turns a waiter into a holder.
-    pub(crate) fn acquired(&self, idx: usize) {
+    /// Turns a waiter into a holder of the connection to backend `pid`.
+    pub(crate) fn acquired(&self, idx: usize, pid: Option<i32>) {
         let now = Instant::now();
         let mut g = self.lock();
         g.last_acquired = Some(now);
         if let Some(Some(s)) = g.slots.get_mut(idx) {
             s.state = PoolUse::Holding;
             s.since = now;
+            s.pid = pid;
         }
     }
 
@@ -110,6 +115,7 @@ impl PoolInflight {
                 state: s.state,
                 age: now.saturating_duration_since(s.since),
                 task: s.task.clone(),
+                pid: s.pid,
             })
             .collect();
         out.sort_by_key(|e| std::cmp::Reverse(e.age));

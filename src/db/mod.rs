@@ -5,6 +5,7 @@ pub mod connect;
 pub mod error;
 pub mod inflight;
 pub mod leader;
+pub mod monitor;
 pub mod pool;
 pub mod pooler;
 pub mod readiness;

@@ -30,6 +30,10 @@ pub struct DbMetrics {
     acquire_timeouts: IntCounterVec,
     pending: IntGauge,
     errors: IntCounterVec,
+    cancelled: IntCounterVec,
+    statement: HistogramVec,
+    slow_after: Duration,
+    slow_warned: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl DbMetrics {
@@ -68,12 +72,69 @@ impl DbMetrics {
                 "Database errors by kind (acquire_timeout, unavailable, statement_timeout, read_only, server_shutdown, query, ...).",
                 &["kind"],
             ),
+            statement: metrics::histogram_vec(
+                registry,
+                "vpnbot_db_statement_duration_seconds",
+                "Statement round trips on pooled connections (from taking the connection for a \
+                 query to checking its result), by call-site label.",
+                &["label"],
+                DURATION_BUCKETS_SECONDS,
+            ),
+            slow_after: Duration::from_secs(1),
+            slow_warned: Arc::default(),
+            cancelled: metrics::counter_vec(
+                registry,
+                "vpnbot_db_statements_cancelled_total",
+                "Statements the server cancelled, by call-site label and reason (statement_timeout, \
+                 lock_timeout, cancel_request: vpnbot cancelled a statement whose caller gave up).",
+                &["label", "reason"],
+            ),
         }
     }
 
     /// Counts one error under its kind.
     pub fn count_error(&self, e: &DbError) {
         self.errors.with_label_values(&[e.kind()]).inc();
+    }
+
+    /// Observes one statement of `label` that took `took`; past the slow-statement threshold
+    /// logs a WARN naming the label (at most one per 10 s for the whole pool).
+    fn observe_statement(&self, label: &'static str, took: Duration) {
+        self.statement
+            .with_label_values(&[label])
+            .observe(took.as_secs_f64());
+        if took < self.slow_after {
+            return;
+        }
+        let mut last = self.slow_warned.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        *last = Some(Instant::now());
+        drop(last);
+        tracing::warn!(
+            label,
+            seconds = took.as_secs_f64(),
+            threshold_seconds = self.slow_after.as_secs_f64(),
+            "slow database statement (at most one such line per 10 s; \
+             see vpnbot_db_statement_duration_seconds by label)"
+        );
+    }
+
+    /// Counts a statement vpnbot cancelled on the server after its caller gave up.
+    pub(crate) fn count_abandoned_cancel(&self, label: &str) {
+        self.cancelled
+            .with_label_values(&[label, "cancel_request"])
+            .inc();
+    }
+
+    /// Counts one error seen on a connection held for `label`: under its kind, and when the
+    /// server cancelled the statement (SQLSTATE 57014, 55P03) under the label and reason too.
+    pub fn count_statement_error(&self, label: &str, e: &DbError) {
+        self.count_error(e);
+        if let Some(reason) = e.cancel_reason() {
+            self.cancelled.with_label_values(&[label, reason]).inc();
+        }
     }
 }
 
@@ -84,6 +145,8 @@ struct PoolStateCollector {
     pool: PgPool,
     connections: IntGaugeVec,
     max: IntGauge,
+    held: Arc<AtomicUsize>,
+    abandoned: Arc<AtomicUsize>,
 }
 
 impl Collector for PoolStateCollector {
@@ -97,9 +160,20 @@ impl Collector for PoolStateCollector {
         let size = self.pool.size() as i64;
         let idle = self.pool.num_idle() as i64;
         self.connections.with_label_values(&["idle"]).set(idle);
+        let used = (size - idle).max(0);
+        self.connections.with_label_values(&["used"]).set(used);
+        // `used` broken down so that it adds up: held by a caller (labelled in
+        // vpnbot_db_pool_hold_seconds and the dump), still running a statement its caller
+        // abandoned (being cancelled), and the rest (being opened, checked or returned).
+        let held = self.held.load(Ordering::Acquire) as i64;
+        let abandoned = self.abandoned.load(Ordering::Acquire) as i64;
+        self.connections.with_label_values(&["held"]).set(held);
         self.connections
-            .with_label_values(&["used"])
-            .set((size - idle).max(0));
+            .with_label_values(&["abandoned"])
+            .set(abandoned);
+        self.connections
+            .with_label_values(&["in_transit"])
+            .set((used - held - abandoned).max(0));
         let mut out = self.connections.collect();
         out.extend(self.max.collect());
         out
@@ -132,12 +206,15 @@ pub struct DbPool {
     acquire_timeout: Duration,
     health: Arc<ConnectHealth>,
     held: Arc<AtomicUsize>,
+    abandoned: Arc<AtomicUsize>,
     cfg: Arc<DbConfig>,
+    pids: super::monitor::BackendPids,
+    canceller: Arc<std::sync::OnceLock<super::monitor::Canceller>>,
 }
 
 impl DbPool {
     /// Builds the pool (connections open lazily, `min_connections` in the background) and
-    /// registers its metrics. Each connection sets `statement_timeout`,
+    /// registers its metrics. Each connection sets `statement_timeout`, `lock_timeout`,
     /// `idle_in_transaction_session_timeout` and `application_name` at startup, at no extra
     /// round trip.
     ///
@@ -145,7 +222,9 @@ impl DbPool {
     /// [`DbError::Query`] when the URL cannot be parsed (the message never includes it).
     pub fn connect(cfg: &DbConfig, registry: &Registry) -> Result<DbPool, DbError> {
         let opts = connect_options(cfg)?;
+        let pids = super::monitor::BackendPids::default();
         let pool = PgPoolOptions::new()
+            .after_connect(pids.recorder())
             .min_connections(cfg.min_connections)
             .max_connections(cfg.max_connections)
             .acquire_timeout(secs(cfg.acquire_timeout_seconds))
@@ -153,7 +232,9 @@ impl DbPool {
         let connections = metrics::int_gauge_vec(
             registry,
             "vpnbot_db_pool_connections",
-            "Open pool connections by state (idle, used).",
+            "Open pool connections by state: idle, used; used broken down into held (by a \
+             caller), abandoned (a statement its caller gave up on, being cancelled) and \
+             in_transit (being opened, checked or returned).",
             &["state"],
         );
         // Registered through the collector below, not directly.
@@ -166,21 +247,30 @@ impl DbPool {
         )
         .expect("valid gauge");
         max.set(cfg.max_connections as i64);
+        let held = Arc::new(AtomicUsize::new(0));
+        let abandoned = Arc::new(AtomicUsize::new(0));
         registry
             .register(Box::new(PoolStateCollector {
                 pool: pool.clone(),
                 connections,
                 max,
+                held: held.clone(),
+                abandoned: abandoned.clone(),
             }))
             .expect("unique metric names");
+        let mut metrics = DbMetrics::register(registry);
+        metrics.slow_after = secs(cfg.slow_statement_seconds);
         Ok(DbPool {
             pool,
-            metrics: DbMetrics::register(registry),
+            metrics,
             inflight: PoolInflight::default(),
             acquire_timeout: secs(cfg.acquire_timeout_seconds),
             health: Arc::new(ConnectHealth::register(registry)),
-            held: Arc::new(AtomicUsize::new(0)),
+            held,
+            abandoned,
             cfg: Arc::new(cfg.clone()),
+            pids,
+            canceller: Arc::default(),
         })
     }
 
@@ -211,15 +301,18 @@ impl DbPool {
             Ok(conn) => {
                 let slot = waiter.slot.take().expect("slot set above");
                 self.metrics.pending.dec();
-                self.inflight.acquired(slot);
+                let pid = self.pids.pid_of(&conn);
+                self.inflight.acquired(slot, pid);
                 self.held.fetch_add(1, Ordering::AcqRel);
                 return Ok(DbConn {
                     conn: Some(conn),
+                    pid,
                     label,
                     slot,
                     acquired_at: Instant::now(),
                     tx_open: false,
                     discard: false,
+                    statement_started: None,
                     pool: self.clone(),
                 });
             }
@@ -418,6 +511,23 @@ impl DbPool {
         &self.pool
     }
 
+    /// Backend pids of the pool's connections, recorded at connect.
+    pub fn backend_pids(&self) -> &super::monitor::BackendPids {
+        &self.pids
+    }
+
+    /// Installs who cancels statements abandoned by their caller (the database monitor does;
+    /// once, later calls are ignored). Without one, such a connection goes back to the pool
+    /// and sqlx waits for the statement before reusing it.
+    pub fn set_canceller(&self, c: super::monitor::Canceller) {
+        let _ = self.canceller.set(c);
+    }
+
+    /// The configuration the pool was built with.
+    pub fn config(&self) -> &DbConfig {
+        &self.cfg
+    }
+
     /// Configured acquire timeout.
     pub fn acquire_timeout(&self) -> Duration {
         self.acquire_timeout
@@ -442,6 +552,7 @@ pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, DbError> {
     let ms = |s: f64| ((s * 1000.0).round() as u64).to_string();
     Ok(opts.application_name(&cfg.application_name).options([
         ("statement_timeout", ms(cfg.statement_timeout_seconds)),
+        ("lock_timeout", ms(cfg.lock_timeout_seconds)),
         (
             "idle_in_transaction_session_timeout",
             ms(cfg.idle_in_transaction_timeout_seconds),
@@ -470,11 +581,13 @@ impl Drop for WaitGuard<'_> {
 #[derive(Debug)]
 pub struct DbConn {
     conn: Option<PoolConnection<Postgres>>,
+    pid: Option<i32>,
     label: &'static str,
     slot: usize,
     acquired_at: Instant,
     tx_open: bool,
     discard: bool,
+    statement_started: Option<Instant>,
     pool: DbPool,
 }
 
@@ -485,12 +598,15 @@ impl DbConn {
     /// # Errors
     /// The mapped error.
     pub fn check<T>(&mut self, res: Result<T, sqlx::Error>) -> Result<T, DbError> {
+        if let Some(t) = self.statement_started.take() {
+            self.pool.metrics.observe_statement(self.label, t.elapsed());
+        }
         res.map_err(|e| {
             let e = DbError::from(e);
             if e.discards_connection() {
                 self.discard = true;
             }
-            self.pool.metrics.count_error(&e);
+            self.pool.metrics.count_statement_error(self.label, &e);
             e
         })
     }
@@ -514,7 +630,15 @@ impl DbConn {
         self.label
     }
 
+    /// The server backend's pid, recorded when the connection was opened (`None` if that
+    /// failed).
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.pid
+    }
+
     fn conn_mut(&mut self) -> &mut PgConnection {
+        // Every query takes the connection mutably right before it runs; `check` reads this.
+        self.statement_started = Some(Instant::now());
         self.conn.as_mut().expect("connection present until drop")
     }
 }
@@ -542,8 +666,26 @@ impl Drop for DbConn {
             .observe(held.as_secs_f64());
         self.pool.inflight.end(self.slot);
         if let Some(mut conn) = self.conn.take() {
-            if self.tx_open || self.discard {
-                conn.close_on_drop();
+            let close = self.tx_open || self.discard;
+            match (self.pool.canceller.get(), self.pid) {
+                (Some(c), Some(pid)) if statement_running(&mut conn) => {
+                    // The caller gave up mid-statement (cancelled, timed out): stop the
+                    // statement on the server and keep the connection out of the pool until
+                    // it is idle again.
+                    c.cancel_abandoned(
+                        conn,
+                        pid,
+                        self.label,
+                        close,
+                        self.pool.metrics.clone(),
+                        AbandonedGuard::new(self.pool.abandoned.clone()),
+                    );
+                }
+                _ => {
+                    if close {
+                        conn.close_on_drop();
+                    }
+                }
             }
         }
         self.pool.held.fetch_sub(1, Ordering::AcqRel);
@@ -552,6 +694,38 @@ impl Drop for DbConn {
             self.pool.health.changed.notify_waiters();
         }
     }
+}
+
+/// Counts a connection in `vpnbot_db_pool_connections{state="abandoned"}` while it lives.
+#[derive(Debug)]
+pub(crate) struct AbandonedGuard(Arc<AtomicUsize>);
+
+impl AbandonedGuard {
+    fn new(n: Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for AbandonedGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether a statement is still running on `conn`: its caller's future was dropped before the
+/// server's answer was read. One poll of sqlx's `flush` (which waits for pending answers)
+/// with a no-op waker: ready at once, without I/O, when nothing is pending.
+fn statement_running(conn: &mut PoolConnection<Postgres>) -> bool {
+    use std::future::Future;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return false;
+    }
+    let raw: &mut PgConnection = conn;
+    let fut = sqlx::Connection::flush(raw);
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    fut.as_mut().poll(&mut cx).is_pending()
 }
 
 /// An open transaction on a [`DbConn`]. Dereferences to [`PgConnection`].

@@ -15,6 +15,7 @@ use super::DbPool;
 pub struct DbReadiness {
     writable: AtomicBool,
     checked_at_ms: AtomicU64,
+    took_us: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -43,6 +44,19 @@ impl DbReadiness {
                 .clone()
                 .unwrap_or_else(|| "database not writable".into()))
         }
+    }
+
+    /// How long the last check took, seconds (`None` before the first).
+    pub fn last_check_seconds(&self) -> Option<f64> {
+        (self.checked_at_ms.load(Ordering::Acquire) != 0)
+            .then(|| self.took_us.load(Ordering::Acquire) as f64 / 1e6)
+    }
+
+    /// Records one check's outcome and how long it took.
+    pub(crate) fn record_timed(&self, res: Result<(), String>, took: Duration) {
+        self.took_us
+            .store(took.as_micros() as u64, Ordering::Release);
+        self.record(res);
     }
 
     fn record(&self, res: Result<(), String>) {

@@ -197,6 +197,13 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    for src in &sources {
+        src.refresh(Duration::from_millis(500));
+    }
+    let source_verdicts: Vec<(StallKind, String)> = sources
+        .iter()
+        .filter_map(|s| s.episode().map(|e| (e.kind, e.verdict)))
+        .collect();
     let mut inflight: BTreeMap<String, Vec<InflightEntry>> = BTreeMap::new();
     for src in &sources {
         inflight
@@ -316,17 +323,23 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     };
 
     let workers_ref = &workers;
-    let verdict = verdict(
-        kind,
-        elapsed,
-        workers_ref,
-        &overdue,
-        &pool_starved,
-        &worker_overdue,
-        heartbeat_age,
-        probe_pending,
-        &runtime,
-    );
+    let verdict = match kind.and_then(|k| source_verdicts.iter().find(|(sk, _)| *sk == k)) {
+        Some((StallKind::ServiceStarved, v)) => {
+            format!("service_starved: {v}; {}", super::service_cause(&sources).1)
+        }
+        Some((k, v)) => format!("{k}: {v}"),
+        None => verdict(
+            kind,
+            elapsed,
+            workers_ref,
+            &overdue,
+            &pool_starved,
+            &worker_overdue,
+            heartbeat_age,
+            probe_pending,
+            &runtime,
+        ),
+    };
     let now = SystemTime::now();
     Dump {
         verdict,
@@ -460,6 +473,12 @@ fn verdict(
                 .map(String::as_str)
                 .unwrap_or("(cleared)")
         ),
+        Some(StallKind::ServiceStarved) => {
+            "service_starved: handlers have just started completing again".into()
+        }
+        Some(StallKind::DbLockWait) => {
+            "db_lock_wait: own backends waited on a lock and have just stopped".into()
+        }
         Some(StallKind::WorkerOverdue) => format!(
             "worker_overdue: {}",
             worker_overdue

@@ -25,6 +25,20 @@ pub enum InflightKind {
     Operation,
     /// An open tracing span (from [`super::OpenSpansLayer`]); overdue only with a deadline.
     Span,
+    /// One of vpnbot's database backends as the server sees it (evidence, never overdue).
+    DbBackend,
+}
+
+/// An episode a source detects by itself (e.g. own database backends waiting on a lock),
+/// opened and closed by the watchdog like its own kinds.
+#[derive(Debug, Clone)]
+pub struct SourceEpisode {
+    /// Kind.
+    pub kind: super::StallKind,
+    /// Culprit labels `[task, node, operation, phase, label]` (bounded values only).
+    pub labels: [String; 5],
+    /// The verdict after `<kind>: `.
+    pub verdict: String,
 }
 
 /// One piece of in-flight work. Label-like fields must come from bounded sets (node names
@@ -157,4 +171,14 @@ pub trait InflightSource: Send + Sync {
     fn last_success(&self) -> Option<Instant> {
         None
     }
+
+    /// An episode this source detects by itself, if one is open now. Called by the watchdog
+    /// every tick: must be as cheap as [`Self::entries`].
+    fn episode(&self) -> Option<SourceEpisode> {
+        None
+    }
+
+    /// Called before a dump reads [`Self::entries`]: a source that reads its evidence
+    /// asynchronously may refresh it, blocking the calling (dump) thread up to `wait`.
+    fn refresh(&self, _wait: Duration) {}
 }

@@ -44,7 +44,9 @@ use tokio::runtime::Handle;
 pub use dump::{
     Dump, PollingTask, RuntimeSnapshot, TaskCensus, TaskDumpSection, TaskTrace, WorkerDump,
 };
-pub use inflight::{InflightEntry, InflightKind, InflightSource, MAX_DETAIL_LEN, MAX_FIELD_LEN};
+pub use inflight::{
+    InflightEntry, InflightKind, InflightSource, SourceEpisode, MAX_DETAIL_LEN, MAX_FIELD_LEN,
+};
 pub use open_spans::{OpenSpans, OpenSpansLayer, MAX_OPEN_SPANS};
 pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
@@ -64,6 +66,13 @@ pub enum StallKind {
     RuntimeStalled,
     /// One poll has run longer than the threshold.
     BlockedWorker,
+    /// vpnbot's own database backends wait on a lock held by another session (reported by
+    /// the database monitor, [`crate::db::monitor`]).
+    DbLockWait,
+    /// The service makes no progress: updates wait for a handler slot, or busy handlers
+    /// complete nothing, past `bot.starved_after_seconds`; the culprit is what the busy
+    /// handlers wait on.
+    ServiceStarved,
     /// A tracked operation outlived its deadline while the runtime is fine.
     OperationOverdue,
     /// Pool acquires are waiting and none succeeded for longer than the threshold.
@@ -74,9 +83,11 @@ pub enum StallKind {
 
 impl StallKind {
     /// Every kind, most severe first.
-    pub const ALL: [StallKind; 5] = [
+    pub const ALL: [StallKind; 7] = [
         StallKind::RuntimeStalled,
         StallKind::BlockedWorker,
+        StallKind::DbLockWait,
+        StallKind::ServiceStarved,
         StallKind::OperationOverdue,
         StallKind::PoolStarved,
         StallKind::WorkerOverdue,
@@ -87,6 +98,8 @@ impl StallKind {
         match self {
             StallKind::RuntimeStalled => "runtime_stalled",
             StallKind::BlockedWorker => "blocked_worker",
+            StallKind::DbLockWait => "db_lock_wait",
+            StallKind::ServiceStarved => "service_starved",
             StallKind::OperationOverdue => "operation_overdue",
             StallKind::PoolStarved => "pool_starved",
             StallKind::WorkerOverdue => "worker_overdue",
@@ -425,6 +438,28 @@ impl Diagnostics {
             .find(|k| k.is_runtime_level())
     }
 
+    /// Why the service is degraded though the runtime is fine (`service_starved` open): the
+    /// starvation and what the busy handlers wait on. For `/readyz`; any thread.
+    pub fn degraded(&self) -> Option<String> {
+        if !self.inner.open_kinds().contains(&StallKind::ServiceStarved) {
+            return None;
+        }
+        let sources = self
+            .inner
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let starved = sources
+            .iter()
+            .filter_map(|s| s.episode())
+            .find(|e| e.kind == StallKind::ServiceStarved)
+            .map(|e| e.verdict)
+            .unwrap_or_else(|| "handlers made no progress (just recovering)".into());
+        let (_, cause) = service_cause(&sources);
+        Some(format!("service_starved: {starved}; {cause}"))
+    }
+
     /// Every open episode kind, most severe first.
     pub fn open_kinds(&self) -> Vec<StallKind> {
         self.inner.open_kinds()
@@ -525,7 +560,7 @@ impl Inner {
         let grace = Duration::from_secs_f64(s.operation_grace_seconds.max(0.0));
         match (e.kind, e.deadline) {
             (_, Some(_)) => e.past_deadline(grace),
-            (InflightKind::Span, None) => false,
+            (InflightKind::Span | InflightKind::DbBackend, None) => false,
             (_, None) => e.age.as_secs_f64() > s.operation_max_age_seconds,
         }
     }
@@ -836,6 +871,19 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                     },
                 );
             }
+            for src in &sources {
+                if let Some(ep) = src.episode() {
+                    found
+                        .entry(ep.kind)
+                        .or_insert(Culprit { labels: ep.labels });
+                }
+            }
+            if let Some(c) = found.get(&StallKind::ServiceStarved) {
+                let task = c.labels[0].clone();
+                let (mut labels, _) = service_cause(&sources);
+                labels[0] = task;
+                found.insert(StallKind::ServiceStarved, Culprit { labels });
+            }
             if !inner.pool_starved(&sources).is_empty() {
                 found.insert(
                     StallKind::PoolStarved,
@@ -951,6 +999,87 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
             .watchdog_cpu_ns
             .fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
     }
+}
+
+/// What busy work waits on, most specific first: own database backends waiting on a lock (the
+/// database monitor's episode), pool waiters by label, own backends in another wait, node
+/// calls by phase. Returns the culprit labels `[task, node, operation, phase, label]` (task
+/// empty) and a phrase for verdicts.
+pub(crate) fn service_cause(sources: &[Arc<dyn InflightSource>]) -> ([String; 5], String) {
+    if let Some(ep) = sources
+        .iter()
+        .filter_map(|s| s.episode())
+        .find(|e| e.kind == StallKind::DbLockWait)
+    {
+        return (
+            ep.labels,
+            format!("busy handlers wait on the database: {}", ep.verdict),
+        );
+    }
+    let entries: Vec<InflightEntry> = sources.iter().flat_map(|s| s.entries()).collect();
+    let oldest = |k: InflightKind| {
+        entries
+            .iter()
+            .filter(|e| e.kind == k)
+            .max_by_key(|e| e.age)
+            .cloned()
+    };
+    if let Some(w) = oldest(InflightKind::PoolWait) {
+        let n = entries
+            .iter()
+            .filter(|e| e.kind == InflightKind::PoolWait)
+            .count();
+        return (
+            [
+                String::new(),
+                String::new(),
+                "db_pool.waiting".into(),
+                String::new(),
+                w.label.clone().unwrap_or_default(),
+            ],
+            format!(
+                "busy handlers wait for a pool connection: {n} waiting, oldest {} for {:.1} s",
+                w.describe(),
+                w.age.as_secs_f64()
+            ),
+        );
+    }
+    if let Some(b) = entries
+        .iter()
+        .filter(|e| e.kind == InflightKind::DbBackend && e.detail.contains("waiting on"))
+        .max_by_key(|e| e.age)
+    {
+        return (
+            [
+                String::new(),
+                String::new(),
+                "db_backend".into(),
+                String::new(),
+                b.label.clone().unwrap_or_default(),
+            ],
+            format!("busy handlers wait on the database: {}", b.detail),
+        );
+    }
+    if let Some(n) = oldest(InflightKind::NodeCall) {
+        return (
+            [
+                String::new(),
+                n.node.clone().unwrap_or_default(),
+                n.operation.clone().unwrap_or_default(),
+                n.phase.clone().unwrap_or_default(),
+                String::new(),
+            ],
+            format!(
+                "busy handlers wait on a node: {} for {:.1} s",
+                n.describe(),
+                n.age.as_secs_f64()
+            ),
+        );
+    }
+    (
+        Default::default(),
+        "no database or node wait seen (see the task dump)".into(),
+    )
 }
 
 fn task_label(inner: &Inner, w: &WorkerView) -> String {

@@ -18,6 +18,11 @@ pub trait DiagnosticsView: Send + Sync + std::fmt::Debug {
     fn latest_dump_json(&self) -> Option<String>;
     /// A fresh dump taken now, as JSON.
     fn dump_now_json(&self) -> String;
+    /// Why the service is degraded while the runtime is fine (e.g. `service_starved: ...`
+    /// with what the busy handlers wait on); `None` when it makes progress.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Node circuit-breaker states for `/readyz`, callable from any thread.
@@ -47,5 +52,10 @@ impl HealthState {
     /// The open stall's kind, if diagnostics are attached and report one.
     pub fn stall(&self) -> Option<String> {
         self.diagnostics.get().and_then(|d| d.stall())
+    }
+
+    /// The service-level degradation, if diagnostics are attached and report one.
+    pub fn degraded(&self) -> Option<String> {
+        self.diagnostics.get().and_then(|d| d.degraded())
     }
 }

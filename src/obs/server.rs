@@ -288,12 +288,19 @@ async fn readyz(State(s): State<ObsState>) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    let ready = db.is_ok() && db_connect.is_ok() && leadership.is_none() && stall.is_none();
+    let degraded = s.health.degraded();
+    let ready = db.is_ok()
+        && db_connect.is_ok()
+        && leadership.is_none()
+        && stall.is_none()
+        && degraded.is_none();
     let body = serde_json::json!({
         "ready": ready,
         "db": match &db { Ok(()) => "writable".to_string(), Err(e) => e.clone() },
+        "db_check_seconds": s.health.db.last_check_seconds(),
         "db_connect": match &db_connect { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
         "stall": stall,
+        "degraded": degraded,
         "leader": leader,
         "leadership": match &leadership { None => "ok".to_string(), Some(e) => e.clone() },
         "node_breakers": breakers,
