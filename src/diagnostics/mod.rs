@@ -45,7 +45,10 @@ pub use dump::{
     Dump, PollingTask, RuntimeSnapshot, TaskCensus, TaskDumpSection, TaskTrace, WorkerDump,
 };
 pub use inflight::{InflightEntry, InflightKind, InflightSource, MAX_DETAIL_LEN, MAX_FIELD_LEN};
-pub use open_spans::{OpenSpans, OpenSpansLayer, MAX_OPEN_SPANS};
+pub use open_spans::{
+    OpenSpans, OpenSpansLayer, SpanTargets, MAX_OPEN_SPANS, SHARDS as OPEN_SPAN_SHARDS,
+    TRACKED_LEVEL,
+};
 pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
 pub use worker_watch::{run_every, WorkerWatch};
