@@ -230,9 +230,9 @@ pub fn bench_detection_latency(
                     samples.push(f64::INFINITY);
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(500));
             }
-            // The sample is "now - start"; detection happened at most one 2 ms poll earlier.
+            // The sample is "now - start"; detection happened at most one 0.5 ms poll earlier.
             // The next injection waits for this episode to close.
             std::thread::sleep(hold.saturating_sub(Duration::from_millis(
                 (samples.last().copied().unwrap_or(0.0).min(60.0) * 1e3) as u64,
