@@ -113,7 +113,10 @@ impl Instruments {
         let mut me = Self::bare(config);
         let spans_layer = crate::diagnostics::OpenSpansLayer::new();
         me.open_spans = Some(spans_layer.spans());
-        let mut layers: Vec<crate::telemetry::BoxedLayer> = vec![Box::new(spans_layer)];
+        // Behind its own filter: vpnbot's spans only, so it enables no dependency callsite.
+        let mut layers: Vec<crate::telemetry::BoxedLayer> = vec![Box::new(
+            spans_layer.filtered::<tracing_subscriber::Registry>(),
+        )];
         if let Some(console) =
             crate::diagnostics::console_layer::<tracing_subscriber::Registry>(&config.diagnostics)
         {
@@ -125,6 +128,12 @@ impl Instruments {
         }
         crate::telemetry::init(&config.observability, layers);
         me
+    }
+
+    /// The open-span registry installed by [`Instruments::install`] (`None` for
+    /// [`Instruments::bare`]).
+    pub fn open_spans(&self) -> Option<&crate::diagnostics::OpenSpans> {
+        self.open_spans.as_ref()
     }
 
     /// Flushes and stops trace export (bounded). Blocking: call it outside the main runtime.

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -23,7 +23,8 @@ use tracing::Instrument;
 pub struct Tasks {
     tracker: TaskTracker,
     root: CancellationToken,
-    monitors: Arc<Mutex<BTreeMap<&'static str, TaskMonitor>>>,
+    /// Read-mostly: after a family's first spawn, spawns only take the read lock.
+    monitors: Arc<RwLock<BTreeMap<&'static str, TaskMonitor>>>,
 }
 
 impl Tasks {
@@ -41,8 +42,16 @@ impl Tasks {
     /// that are not spawned through [`Tasks::spawn_named`] (e.g. node calls) with
     /// `tasks.monitor("node_call").instrument(fut)`. `family` must come from a fixed set.
     pub fn monitor(&self, family: &'static str) -> TaskMonitor {
+        if let Some(m) = self
+            .monitors
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(family)
+        {
+            return m.clone();
+        }
         self.monitors
-            .lock()
+            .write()
             .unwrap_or_else(|e| e.into_inner())
             .entry(family)
             .or_default()
@@ -52,7 +61,7 @@ impl Tasks {
     /// Every family's monitor, by name.
     pub fn monitors(&self) -> Vec<(&'static str, TaskMonitor)> {
         self.monitors
-            .lock()
+            .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .map(|(k, v)| (*k, v.clone()))

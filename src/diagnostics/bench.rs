@@ -102,13 +102,27 @@ pub fn bench_poll_hook_cost(workers: usize, tasks: u64, yields: u64) -> PollCost
 pub struct LatencyReport {
     /// Scenario name.
     pub scenario: &'static str,
+    /// Which setting (`default`: the shipped watchdog period and threshold; `fast`).
+    pub setting: &'static str,
     /// Stall threshold, seconds.
     pub threshold_seconds: f64,
+    /// Watchdog period, seconds.
+    pub period_seconds: f64,
     /// Latencies, seconds, sorted.
     pub samples: Vec<f64>,
 }
 
 impl LatencyReport {
+    /// The target: p99 <= threshold + 2 × watchdog period.
+    pub fn target_seconds(&self) -> f64 {
+        self.threshold_seconds + 2.0 * self.period_seconds
+    }
+
+    /// Whether p99 is within [`LatencyReport::target_seconds`].
+    pub fn within_target(&self) -> bool {
+        self.pct(0.99) <= self.target_seconds()
+    }
+
     fn pct(&self, p: f64) -> f64 {
         if self.samples.is_empty() {
             return f64::NAN;
@@ -122,28 +136,43 @@ impl fmt::Display for LatencyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "detection latency {} (threshold {:.2} s, n={}): p50 {:.3} s, p99 {:.3} s, max \
-             {:.3} s (target p99 <= {:.2} s)",
+            "detection latency {} ({} setting: threshold {:.2} s, watchdog period {:.2} s, \
+             n={}): min {:.3} s, p50 {:.3} s, p99 {:.3} s, max {:.3} s (target p99 <= {:.2} s: \
+             {})",
             self.scenario,
+            self.setting,
             self.threshold_seconds,
+            self.period_seconds,
             self.samples.len(),
+            self.samples.first().copied().unwrap_or(f64::NAN),
             self.pct(0.5),
             self.pct(0.99),
             self.samples.last().copied().unwrap_or(f64::NAN),
-            self.threshold_seconds + 0.2
+            self.target_seconds(),
+            if self.within_target() {
+                "met"
+            } else {
+                "MISSED"
+            }
         )
     }
 }
 
 /// Injects `n` stalls of each kind (one worker in `std::thread::sleep`, every worker blocked,
-/// a non-yielding CPU loop) with stall threshold `threshold` on 2 workers and measures the
-/// detection latency. Prints and returns one report per scenario.
-pub fn bench_detection_latency(n: usize, threshold: Duration) -> Vec<LatencyReport> {
+/// a non-yielding CPU loop) with stall threshold `threshold` and watchdog period `period` on
+/// 2 workers and measures the detection latency. `setting` labels the run (`default`,
+/// `fast`). Prints and returns one report per scenario; target p99 <= threshold + 2 × period.
+pub fn bench_detection_latency(
+    n: usize,
+    threshold: Duration,
+    period: Duration,
+    setting: &'static str,
+) -> Vec<LatencyReport> {
     let mut out = Vec::new();
     for scenario in ["one_worker_sleep", "all_workers_blocked", "cpu_loop"] {
         let s = DiagnosticsSettings {
             stall_threshold_seconds: threshold.as_secs_f64(),
-            watchdog_period_seconds: (threshold.as_secs_f64() / 10.0).min(0.1),
+            watchdog_period_seconds: period.as_secs_f64(),
             dump_max_files: 0,
             native_stacks: false,
             ..Default::default()
@@ -158,7 +187,7 @@ pub fn bench_detection_latency(n: usize, threshold: Duration) -> Vec<LatencyRepo
         let tasks = Tasks::new();
         diag.start(rt.handle(), &tasks);
         let mut samples = Vec::new();
-        let hold = threshold + Duration::from_millis(600);
+        let hold = threshold + 2 * period + Duration::from_millis(400);
         for _ in 0..n {
             // Wait for a quiet runtime (previous episode closed).
             let t0 = Instant::now();
@@ -201,10 +230,13 @@ pub fn bench_detection_latency(n: usize, threshold: Duration) -> Vec<LatencyRepo
                     samples.push(f64::INFINITY);
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(500));
             }
-            // The sample is "now - start"; detection happened at most one 2 ms poll earlier.
-            std::thread::sleep(hold);
+            // The sample is "now - start"; detection happened at most one 0.5 ms poll earlier.
+            // The next injection waits for this episode to close.
+            std::thread::sleep(hold.saturating_sub(Duration::from_millis(
+                (samples.last().copied().unwrap_or(0.0).min(60.0) * 1e3) as u64,
+            )));
         }
         tasks.root().cancel();
         diag.stop();
@@ -212,7 +244,9 @@ pub fn bench_detection_latency(n: usize, threshold: Duration) -> Vec<LatencyRepo
         samples.sort_by(f64::total_cmp);
         let r = LatencyReport {
             scenario,
+            setting,
             threshold_seconds: threshold.as_secs_f64(),
+            period_seconds: period.as_secs_f64(),
             samples,
         };
         println!("{r}");
@@ -257,144 +291,4 @@ pub fn bench_watchdog_cpu(duration: Duration) -> f64 {
     diag.stop();
     rt.shutdown_timeout(Duration::from_secs(3));
     share
-}
-
-/// Throughput of a realistic loop with and without everything that is always on.
-#[derive(Debug, Clone)]
-pub struct AlwaysOnCostReport {
-    /// Node calls per round.
-    pub calls: usize,
-    /// Best calls/s without diagnostics (plain runtime, plain spawns).
-    pub plain_per_second: f64,
-    /// Best calls/s without diagnostics on a runtime with the LIFO slot disabled, as the
-    /// hooked runtime has it: the cost of the diagnostics alone is measured against this.
-    pub plain_no_lifo_per_second: f64,
-    /// Best calls/s with the hooked runtime, watchdog, lag probe, runtime and task monitors.
-    pub instrumented_per_second: f64,
-}
-
-impl AlwaysOnCostReport {
-    /// Throughput lost to the always-on diagnostics, percent (negative: within noise).
-    pub fn cost_percent(&self) -> f64 {
-        (1.0 - self.instrumented_per_second / self.plain_no_lifo_per_second) * 100.0
-    }
-}
-
-impl fmt::Display for AlwaysOnCostReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "node-call loop, {} `health` calls per round over loopback, 16 concurrent tasks: \
-             plain {:.0} calls/s, plain without the LIFO slot {:.0} calls/s, with diagnostics \
-             {:.0} calls/s: cost {:.1} % against the same runtime settings (target < 5 %)",
-            self.calls,
-            self.plain_per_second,
-            self.plain_no_lifo_per_second,
-            self.instrumented_per_second,
-            self.cost_percent()
-        )
-    }
-}
-
-/// Runs `calls` node-API `health` calls (16 concurrent tasks) against a simulated node served
-/// from its own thread, on a 2-worker runtime without diagnostics and on the same runtime with
-/// the poll hooks, the watchdog, the lag probe and the runtime/task monitors, alternating 3
-/// rounds each; the best round of each is compared. Prints and returns the figures.
-pub fn bench_always_on_cost(calls: usize) -> AlwaysOnCostReport {
-    use crate::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
-    use crate::sim::node::{SimNode, SimNodeOptions};
-
-    // The node lives on its own runtime so it costs both variants the same.
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let sim_thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("sim runtime");
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let sim = SimNode::start(l, SimNodeOptions::default());
-            addr_tx
-                .send((sim.base_url(), sim.api_key().to_string()))
-                .expect("send");
-            let _ = stop_rx.await;
-            drop(sim);
-        });
-    });
-    let (url, key) = addr_rx.recv().expect("sim address");
-
-    let round = |instrumented: bool, no_lifo: bool| -> f64 {
-        let registry = prometheus::Registry::new();
-        let diag = Diagnostics::new(DiagnosticsSettings::default(), &registry);
-        let rt = if instrumented {
-            crate::runtime::build_main_runtime(Some(2), &diag).expect("runtime")
-        } else {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(2).enable_all();
-            if no_lifo {
-                b.disable_lifo_slot();
-            }
-            b.build().expect("runtime")
-        };
-        let tasks = Tasks::new();
-        let elapsed = rt.block_on(async {
-            if instrumented {
-                diag.start(&tokio::runtime::Handle::current(), &tasks);
-            }
-            let client = NodeClient::new(
-                "bench",
-                url.clone(),
-                secrecy::SecretString::from(key.clone()),
-                &NodeClientSettings::default(),
-                NodeApiMetrics::register(&registry),
-                InflightCalls::new(),
-            )
-            .expect("client");
-            client.health().await.expect("warm-up");
-            let per_task = calls / 16;
-            let t0 = Instant::now();
-            let mut handles = Vec::new();
-            for _ in 0..16 {
-                let c = client.clone();
-                let work = async move {
-                    for _ in 0..per_task {
-                        let _ = c.health().await;
-                    }
-                };
-                handles.push(if instrumented {
-                    tasks.spawn_named("node_calls", work)
-                } else {
-                    tokio::spawn(work)
-                });
-            }
-            for h in handles {
-                let _ = h.await;
-            }
-            t0.elapsed()
-        });
-        if instrumented {
-            diag.stop();
-        }
-        drop(rt);
-        calls as f64 / elapsed.as_secs_f64()
-    };
-    let (mut plain, mut plain_no_lifo, mut inst) = (0f64, 0f64, 0f64);
-    for _ in 0..3 {
-        plain = plain.max(round(false, false));
-        plain_no_lifo = plain_no_lifo.max(round(false, true));
-        inst = inst.max(round(true, true));
-    }
-    let _ = stop_tx.send(());
-    let _ = sim_thread.join();
-    let report = AlwaysOnCostReport {
-        calls,
-        plain_per_second: plain,
-        plain_no_lifo_per_second: plain_no_lifo,
-        instrumented_per_second: inst,
-    };
-    println!("bench always-on-cost: {report}");
-    report
 }

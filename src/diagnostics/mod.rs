@@ -47,7 +47,10 @@ pub use dump::{
 pub use inflight::{
     InflightEntry, InflightKind, InflightSource, SourceEpisode, MAX_DETAIL_LEN, MAX_FIELD_LEN,
 };
-pub use open_spans::{OpenSpans, OpenSpansLayer, MAX_OPEN_SPANS};
+pub use open_spans::{
+    OpenSpans, OpenSpansLayer, SpanTargets, MAX_OPEN_SPANS, SHARDS as OPEN_SPAN_SHARDS,
+    TRACKED_LEVEL,
+};
 pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
 pub use worker_watch::{run_every, WorkerWatch};

@@ -4,18 +4,27 @@
 //! Recognised fields: `task.name` (inherited by child spans), `node`, `phase`, `label`, and
 //! `deadline_seconds` (a number: the span's own budget; makes it eligible for
 //! `operation_overdue`). Every other field is kept as text in the entry's detail.
+//!
+//! Cost: install it with [`OpenSpansLayer::filtered`] (as `Instruments::install` does). Its
+//! per-layer filter is interested only in spans at `info` or above whose target is tracked, so
+//! the callsites of dependencies' spans and every event are never enabled because of this
+//! layer, and its level hint (`info`) does not raise the process-wide maximum level. Open spans
+//! live in [`SHARDS`] cache-padded shards keyed by span id, so opening and closing spans on
+//! different workers does not contend on one lock.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
-use tracing::Subscriber;
-use tracing_subscriber::layer::Context;
+use tracing::subscriber::Interest;
+use tracing::{Metadata, Subscriber};
+use tracing_subscriber::filter::{Filtered, LevelFilter};
+use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
@@ -24,6 +33,10 @@ use super::poll_tracking::current_tid;
 
 /// Most open spans kept; further spans are counted as dropped.
 pub const MAX_OPEN_SPANS: usize = 10_000;
+/// Shards of the open-span registry (a power of two).
+pub const SHARDS: usize = 64;
+/// The most verbose level of span tracked (every vpnbot span is `info`).
+pub const TRACKED_LEVEL: LevelFilter = LevelFilter::INFO;
 const MAX_FIELDS: usize = 16;
 const MAX_VALUE_LEN: usize = 128;
 
@@ -48,7 +61,7 @@ fn tid() -> u32 {
 
 #[derive(Debug, Default)]
 struct Fields {
-    task: Option<String>,
+    task: Option<Arc<str>>,
     /// Task learned when entered inside a task span.
     entered_task: Option<Arc<str>>,
     node: Option<String>,
@@ -69,7 +82,7 @@ impl Fields {
             value.truncate(cut);
         }
         match name {
-            "task.name" => self.task = Some(value),
+            "task.name" => self.task = Some(value.into()),
             "node" => self.node = Some(value),
             "phase" => self.phase = Some(value),
             "label" => self.label = Some(value),
@@ -121,15 +134,68 @@ struct SpanRec {
     name: &'static str,
     target: &'static str,
     opened: Instant,
-    inherited_task: Option<String>,
+    inherited_task: Option<Arc<str>>,
     fields: Mutex<Fields>,
     entered_on: AtomicU32,
 }
 
+/// One shard, on its own cache line so neighbouring shards' locks do not false-share.
 #[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Mutex<HashMap<u64, Arc<SpanRec>>>);
+
+#[derive(Debug)]
 struct Registry {
-    spans: Mutex<HashMap<u64, Arc<SpanRec>>>,
+    shards: Box<[Shard]>,
+    len: AtomicUsize,
     dropped: AtomicU64,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            len: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Registry {
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SpanRec>>> {
+        // Fibonacci hashing: the registry's span ids are slab indices, close together.
+        let i = (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS;
+        self.shards[i].0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, id: u64, rec: Arc<SpanRec>) -> bool {
+        if self.len.fetch_add(1, Ordering::Relaxed) >= MAX_OPEN_SPANS {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.shard(id).insert(id, rec);
+        true
+    }
+
+    fn remove(&self, id: u64) {
+        if self.shard(id).remove(&id).is_some() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn all(&self) -> Vec<Arc<SpanRec>> {
+        let mut out = Vec::with_capacity(self.len.load(Ordering::Relaxed));
+        for s in self.shards.iter() {
+            out.extend(
+                s.0.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned(),
+            );
+        }
+        out
+    }
 }
 
 /// Read side of the layer: the open spans, as an [`InflightSource`] (section `spans`).
@@ -146,11 +212,7 @@ impl OpenSpans {
 
     /// Number of open spans tracked now.
     pub fn len(&self) -> usize {
-        self.inner
-            .spans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.inner.len.load(Ordering::Relaxed)
     }
 
     /// True when no span is tracked.
@@ -165,14 +227,7 @@ impl InflightSource for OpenSpans {
     }
 
     fn entries(&self) -> Vec<InflightEntry> {
-        let recs: Vec<Arc<SpanRec>> = self
-            .inner
-            .spans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let recs = self.inner.all();
         let mut out: Vec<InflightEntry> = recs
             .iter()
             .map(|r| {
@@ -180,9 +235,10 @@ impl InflightSource for OpenSpans {
                 let mut e = InflightEntry::started_at(InflightKind::Span, r.opened);
                 e.task = f
                     .task
-                    .clone()
-                    .or_else(|| r.inherited_task.clone())
-                    .or_else(|| f.entered_task.as_deref().map(str::to_owned));
+                    .as_deref()
+                    .or(r.inherited_task.as_deref())
+                    .or(f.entered_task.as_deref())
+                    .map(str::to_owned);
                 e.node = f.node.clone();
                 e.operation = Some(r.name.to_owned());
                 e.phase = f.phase.clone();
@@ -240,7 +296,65 @@ impl OpenSpansLayer {
     }
 
     fn interesting(&self, target: &str) -> bool {
-        self.prefixes.iter().any(|p| target.starts_with(p))
+        interesting(&self.prefixes, target)
+    }
+
+    /// The filter this layer should be installed with: see [`SpanTargets`].
+    pub fn filter(&self) -> SpanTargets {
+        SpanTargets {
+            prefixes: self.prefixes.clone(),
+        }
+    }
+
+    /// This layer behind its own per-layer filter ([`OpenSpansLayer::filter`]): the way to
+    /// install it in production, so that it enables nothing a dependency would emit.
+    pub fn filtered<S>(self) -> Filtered<Self, SpanTargets, S>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let f = self.filter();
+        self.with_filter(f)
+    }
+}
+
+fn interesting(prefixes: &[&'static str], target: &str) -> bool {
+    prefixes.iter().any(|p| {
+        target.starts_with(p) && (target.len() == p.len() || target[p.len()..].starts_with("::"))
+    })
+}
+
+/// Per-layer filter of [`OpenSpansLayer`]: spans (never events) at [`TRACKED_LEVEL`] or above
+/// whose target is a tracked prefix (`vpnbot`, `vpnbot::...`). Decided once per callsite
+/// (`Interest::always`/`never`), with `info` as level hint, so it adds no per-event check and
+/// does not make any dependency's `trace`/`debug` callsite enabled.
+#[derive(Debug, Clone)]
+pub struct SpanTargets {
+    prefixes: Vec<&'static str>,
+}
+
+impl SpanTargets {
+    fn wants(&self, meta: &Metadata<'_>) -> bool {
+        meta.is_span()
+            && *meta.level() <= TRACKED_LEVEL
+            && interesting(&self.prefixes, meta.target())
+    }
+}
+
+impl<S> Filter<S> for SpanTargets {
+    fn enabled(&self, meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
+        self.wants(meta)
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        if self.wants(meta) {
+            Interest::always()
+        } else {
+            Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(TRACKED_LEVEL)
     }
 }
 
@@ -274,20 +388,9 @@ where
             fields: Mutex::new(fields),
             entered_on: AtomicU32::new(0),
         });
-        {
-            let mut map = self
-                .spans
-                .inner
-                .spans
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if map.len() >= MAX_OPEN_SPANS {
-                self.spans.inner.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            map.insert(id.into_u64(), rec.clone());
+        if self.spans.inner.insert(id.into_u64(), rec.clone()) {
+            span.extensions_mut().insert(rec);
         }
-        span.extensions_mut().insert(rec);
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
@@ -307,7 +410,7 @@ where
                 ENTERED_TASKS.with(|t| {
                     let mut t = t.borrow_mut();
                     match own {
-                        Some(name) => t.push(name.into()),
+                        Some(name) => t.push(name),
                         None => {
                             if f.entered_task.is_none() {
                                 f.entered_task = t.last().cloned();
@@ -332,12 +435,13 @@ where
         }
     }
 
-    fn on_close(&self, id: Id, _ctx: Context<'_, S>) {
-        self.spans
-            .inner
-            .spans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id.into_u64());
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        // Only spans that made it into the registry carry a record: skip the shard otherwise.
+        let tracked = ctx
+            .span(&id)
+            .is_some_and(|s| s.extensions().get::<Arc<SpanRec>>().is_some());
+        if tracked {
+            self.spans.inner.remove(id.into_u64());
+        }
     }
 }

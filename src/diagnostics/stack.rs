@@ -6,11 +6,17 @@
 //! carries on unharmed. Where ptrace is forbidden (Yama, seccomp, no `CAP_SYS_PTRACE`) or the
 //! helper fails, the dump says `stack unavailable: <reason>`.
 //!
+//! Dumps capture through [`capture_bounded`]: one capture at a time per process, on its own
+//! thread, given up after [`CAPTURE_TIMEOUT`] (the stuck helper is killed, which ends the
+//! capture thread), so a hung ptrace helper cannot hang the dump that asked for it.
+//!
 //! `/proc/self/task/<tid>/{stat,wchan,syscall}` needs no ptrace: a sleeping worker shows state
 //! `S` and `hrtimer_nanosleep`, a spinning one `R` with CPU time growing.
 
 use std::collections::HashMap;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -34,6 +40,93 @@ pub fn maybe_run_child() {
         };
         std::process::exit(code);
     }
+}
+
+/// Longest a dump waits for native stacks (the helper normally answers within 100 ms).
+pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(3);
+
+static CAPTURES_STARTED: AtomicU64 = AtomicU64::new(0);
+static CAPTURE_RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Native-stack captures started by [`capture_bounded`] in this process (each one spawns the
+/// ptrace helper once).
+pub fn captures_started() -> u64 {
+    CAPTURES_STARTED.load(Ordering::Relaxed)
+}
+
+/// [`capture`] on a thread of its own, waited for at most `timeout`. Only one capture runs at a
+/// time: while one is running (or stuck) another call fails at once without starting a
+/// helper. On timeout the helper process is killed, which makes the capture thread return.
+///
+/// # Errors
+/// As [`capture`]; `capture already running`; `timed out after ...`.
+pub fn capture_bounded(
+    tids: &[u32],
+    timeout: Duration,
+) -> Result<HashMap<u32, Vec<String>>, String> {
+    if CAPTURE_RUNNING
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return Err("capture already running (an earlier one has not returned)".into());
+    }
+    CAPTURES_STARTED.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tids = tids.to_vec();
+    let spawned = std::thread::Builder::new()
+        .name("vpnbot-stacks".into())
+        .spawn(move || {
+            let r = capture(&tids);
+            CAPTURE_RUNNING.store(false, Ordering::Release);
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        CAPTURE_RUNNING.store(false, Ordering::Release);
+        return Err(format!("cannot start the capture thread: {e}"));
+    }
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(_) => {
+            let killed = kill_helpers();
+            Err(format!(
+                "timed out after {:.1} s (helper killed: {killed})",
+                timeout.as_secs_f64()
+            ))
+        }
+    }
+}
+
+/// Kills this process's stack helpers (children started with [`CHILD_ARG`]); returns how many.
+fn kill_helpers() -> usize {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(me) {
+            continue;
+        }
+        let is_helper = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| c.split(|b| *b == 0).any(|a| a == CHILD_ARG.as_bytes()))
+            .unwrap_or(false);
+        // SAFETY: kill(2) on a child of this process that we identified by its arguments.
+        if is_helper && unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Captures the stacks of the threads `tids` of this process, as rendered frame lines

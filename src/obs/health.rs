@@ -46,6 +46,8 @@ pub struct HealthState {
     pub diagnostics: OnceLock<Arc<dyn DiagnosticsView>>,
     /// Node breakers.
     pub breakers: OnceLock<Arc<dyn BreakerView>>,
+    /// `/debug/dump?now=1`: single-flight, rate-limited, off the server's thread.
+    pub on_demand: super::on_demand::OnDemandDumps,
 }
 
 impl HealthState {

@@ -323,7 +323,23 @@ async fn dump(State(s): State<ObsState>, Query(q): Query<DumpQuery>) -> Response
         return (StatusCode::NOT_FOUND, "diagnostics are not running\n").into_response();
     };
     let body = if q.now == Some(1) {
-        Some(d.dump_now_json())
+        // Built on its own thread, shared by concurrent requests, at most one per interval:
+        // this runtime keeps serving /metrics and /healthz meanwhile.
+        match s
+            .health
+            .on_demand
+            .get(d.clone(), super::on_demand::MIN_INTERVAL)
+            .await
+        {
+            Ok(b) => Some(b.to_string()),
+            Err(e) => {
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("dump failed: {e}\n"),
+                )
+                    .into_response()
+            }
+        }
     } else {
         d.latest_dump_json()
     };
