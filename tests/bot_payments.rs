@@ -99,7 +99,13 @@ async fn refunded_payment_takes_back_the_charge_once(_p: PgPoolOptions, opts: Pg
     .await
     .expect("duplicate refund counted");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(e.sim.sent_to(u.id).len(), from, "no second message");
+    // Only refund messages count: a key message of the earlier purchases may still arrive late
+    // on a loaded machine (seen in the full suite).
+    let told_again = e.sim.sent_to(u.id)[from..]
+        .iter()
+        .filter(|m| m.text.contains("refunded"))
+        .count();
+    assert_eq!(told_again, 0, "no second refund message");
     assert_eq!(days_left(&e, u.id).await, 90);
     assert_eq!(
         e.scalar_i64("SELECT count(*) FROM payment_refunds").await,
