@@ -12,16 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vpnbot::app::{App, StartError};
 use vpnbot::db::DbError;
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .timeout(Duration::from_secs(3))
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.text().await.unwrap())
-}
+use common::http_get as get;
 
 #[sqlx::test(migrations = false)]
 async fn instance_starts_migrates_and_reports_ready(_p: PgPoolOptions, opts: PgConnectOptions) {

@@ -123,16 +123,7 @@ impl PgBouncer {
     }
 }
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .timeout(Duration::from_secs(3))
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.text().await.unwrap())
-}
+use common::http_get as get;
 
 #[sqlx::test(migrations = false)]
 async fn transaction_pooling_without_direct_url_fails_start_naming_the_mode(

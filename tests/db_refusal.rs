@@ -13,16 +13,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vpnbot::app::App;
 use vpnbot::sim::botapi::SimUser;
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .timeout(Duration::from_secs(3))
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.text().await.unwrap())
-}
+use common::http_get as get;
 
 /// A login role limited to `limit` connections that owns the test database; returns its URL.
 async fn limited_role(opts: &PgConnectOptions, limit: u32) -> String {

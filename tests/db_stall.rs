@@ -129,16 +129,7 @@ fn bot_load(
     })
 }
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .get(format!("http://{addr}{path}"))
-        .timeout(Duration::from_secs(3))
-        .send()
-        .await
-        .unwrap();
-    let code = r.status().as_u16();
-    (code, r.text().await.unwrap())
-}
+use common::http_get as get;
 
 async fn own_lock_waiters(a: &mut PgConnection) -> i64 {
     sqlx::query_scalar(

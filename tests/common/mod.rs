@@ -76,3 +76,15 @@ pub async fn fresh_database(tag: &str) -> String {
     u.set_path(&db);
     u.to_string()
 }
+
+/// `GET http://{addr}{path}` with a 3 s bound: (status, body). Panics on a transport error.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    (code, r.text().await.unwrap())
+}
