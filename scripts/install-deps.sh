@@ -4,8 +4,8 @@
 #   libdw-dev            native stacks of blocked workers (rstack-self's libdw backend; build)
 #   postgresql(-client)  the database (tests, demo's throwaway cluster)
 #   prometheus, prometheus-alertmanager   promtool/amtool and the pager test (tests only)
-#   pgbouncer            connection-pooler tests (tests/db_pooler.rs; tests only)
-#   systemd              systemd-analyze verify of deploy/systemd (tests/ops_deploy.rs; tests only)
+#   pgbouncer            connection-pooler tests (tests/it/db_pooler.rs; tests only)
+#   systemd              systemd-analyze verify of deploy/systemd (tests/it/ops_deploy.rs; tests only)
 # Usage: scripts/install-deps.sh [--demo]   (--demo: only what the demo needs)
 set -euo pipefail
 need=()

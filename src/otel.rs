@@ -15,7 +15,7 @@
 //!   still queued are counted as `reason="shutdown"`.
 //!
 //! A collector that is down or that accepts connections and never answers therefore costs the
-//! service nothing but the dropped-span counter (tests: `tests/ops_otel.rs`).
+//! service nothing but the dropped-span counter (tests: `tests/it/ops_otel.rs`).
 //!
 //! Resource attributes: `service.name` = `vpnbot`, `service.version` = the crate version,
 //! `service.instance.id` = `<hostname>:<observability port>` (matching Prometheus' `instance`

@@ -41,7 +41,7 @@ pub fn build_main_runtime(
     // drivers to a parked worker first. Without it, a task woken by a timer that then blocks
     // its worker keeps the drivers unattended (the other worker sleeps on its condvar, nobody
     // tells it): every timer and socket of the runtime stops for the whole block, and one
-    // blocked worker reads as `runtime_stalled` (issue 17; tests/diagnostics_stalls.rs).
+    // blocked worker reads as `runtime_stalled` (issue 17; tests/it/diagnostics_stalls.rs).
     b.enable_eager_driver_handoff();
     if diag.settings().poll_time_histogram {
         b.enable_metrics_poll_time_histogram();

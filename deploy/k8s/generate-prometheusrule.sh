@@ -1,6 +1,6 @@
 #!/bin/sh
 # Regenerates deploy/k8s/prometheusrule.yaml from alerts/vpnbot.rules.yml (the one source of
-# the alert rules). tests/ops_deploy.rs fails when the two differ.
+# the alert rules). tests/it/ops_deploy.rs fails when the two differ.
 # Usage: deploy/k8s/generate-prometheusrule.sh   (from the repository root)
 set -eu
 out=deploy/k8s/prometheusrule.yaml

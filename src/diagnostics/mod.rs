@@ -1182,7 +1182,7 @@ fn close_all(inner: &Inner) {
 
 /// Events console-subscriber buffers between its aggregator runs. Its default (102,400) let
 /// RSS plateau near 2.5 GB under heavy task churn here, 8,192 near 0.6 GB (debug build,
-/// tests/console_retention.rs), at the price of dropped events when churn outpaces the
+/// tests/it/console_retention.rs), at the price of dropped events when churn outpaces the
 /// aggregator (console-subscriber counts those itself).
 pub const CONSOLE_EVENT_BUFFER_CAPACITY: usize = 8 * 1024;
 
