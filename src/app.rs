@@ -96,7 +96,7 @@ impl Instruments {
         let registry = crate::metrics::new_registry();
         let diagnostics = Diagnostics::new(config.diagnostics.clone(), &registry);
         let supervisor = Supervisor::from_env();
-        diagnostics.set_supervisor(supervisor.clone());
+        diagnostics.set_progress_sink(std::sync::Arc::new(supervisor.clone()));
         Instruments {
             registry,
             diagnostics,
@@ -111,7 +111,7 @@ impl Instruments {
     /// endpoint is configured. Call before building the main runtime.
     pub fn install(config: &Config) -> Instruments {
         let mut me = Self::bare(config);
-        let spans_layer = crate::diagnostics::OpenSpansLayer::new();
+        let spans_layer = crate::diagnostics::OpenSpansLayer::new().track_target("vpnbot");
         me.open_spans = Some(spans_layer.spans());
         // Behind its own filter: vpnbot's spans only, so it enables no dependency callsite.
         let mut layers: Vec<crate::telemetry::BoxedLayer> = vec![Box::new(

@@ -20,7 +20,6 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
-pub mod diagnostics;
 pub mod expiry;
 pub mod fleet;
 pub mod metrics;
@@ -29,10 +28,13 @@ pub mod obs;
 pub mod otel;
 pub mod outbox;
 pub mod reconcile;
-pub mod runtime;
 pub mod signals;
 pub mod sim;
 pub mod sources;
 pub mod supervisor;
-pub mod tasks;
 pub mod telemetry;
+
+// The stall diagnostics live in their own crate (`crates/diagnostics`, no dependency on
+// vpnbot); re-exported under the paths the rest of the service uses.
+pub use diagnostics;
+pub use diagnostics::{runtime, tasks};

@@ -123,28 +123,6 @@ impl Supervisor {
     pub fn stopping(&self, status: &str) {
         self.send(Message::Stopping(one_line(status)));
     }
-
-    /// Called by the watchdog OS thread on every tick with whether the main runtime makes
-    /// progress. Sends `WATCHDOG=1` when it does and half the watchdog timeout has passed
-    /// since the last ping; sends nothing while it does not. Blocking (one datagram): call it
-    /// from that thread only, never from a runtime worker.
-    pub fn watchdog_tick(&self, runtime_progressing: bool) {
-        let Some(s) = &self.shared else { return };
-        let Some(timeout) = s.watchdog_interval else {
-            return;
-        };
-        if !runtime_progressing {
-            return;
-        }
-        let mut last = s.last_ping.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() < timeout / 2) {
-            return;
-        }
-        *last = Some(Instant::now());
-        if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
-            tracing::warn!(error = %e, "service manager watchdog ping failed");
-        }
-    }
 }
 
 /// A `STATUS=` value is one line of the datagram.
@@ -172,6 +150,30 @@ pub fn status_line(
     format!("{role}; {reconcile}")
 }
 
+impl diagnostics::ProgressSink for Supervisor {
+    /// Called by the watchdog OS thread on every tick with whether the main runtime makes
+    /// progress. Sends `WATCHDOG=1` when it does and half the watchdog timeout has passed
+    /// since the last ping; sends nothing while it does not. Blocking (one datagram): call it
+    /// from that thread only, never from a runtime worker.
+    fn watchdog_tick(&self, runtime_progressing: bool) {
+        let Some(s) = &self.shared else { return };
+        let Some(timeout) = s.watchdog_interval else {
+            return;
+        };
+        if !runtime_progressing {
+            return;
+        }
+        let mut last = s.last_ping.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < timeout / 2) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
+            tracing::warn!(error = %e, "service manager watchdog ping failed");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,7 +195,7 @@ mod tests {
     #[test]
     fn disabled_without_socket_and_multiline_status_is_one_line() {
         assert!(!Supervisor::default().is_enabled());
-        Supervisor::default().watchdog_tick(true);
+        diagnostics::ProgressSink::watchdog_tick(&Supervisor::default(), true);
         assert_eq!(one_line("a\nb"), "a b");
     }
 }

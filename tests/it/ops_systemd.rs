@@ -89,7 +89,7 @@ rusty_fork_test! {
         };
         let registry = vpnbot::metrics::new_registry();
         let diag = Diagnostics::new(settings, &registry);
-        diag.set_supervisor(supervisor);
+        diag.set_progress_sink(std::sync::Arc::new(supervisor));
         let rt = vpnbot::runtime::build_main_runtime(Some(2), &diag).unwrap();
         let tasks = Tasks::new();
         diag.start(rt.handle(), &tasks);

@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn proc_evidence_of_own_thread() {
-        let e = proc_evidence(crate::diagnostics::poll_tracking::current_tid()).unwrap();
+        let e = proc_evidence(crate::poll_tracking::current_tid()).unwrap();
         assert_eq!(e.state, "R");
     }
 }

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::runtime::{HistogramConfiguration, LogHistogram, Runtime};
 
-use crate::diagnostics::Diagnostics;
+use crate::Diagnostics;
 
 /// Prefix of the main runtime's thread names (`vpnbot-rt-0`, `vpnbot-rt-1`, ...). tokio
 /// starts workers and blocking-pool threads alike from this name; dumps tell workers apart by

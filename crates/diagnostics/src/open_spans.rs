@@ -35,7 +35,7 @@ use super::poll_tracking::current_tid;
 pub const MAX_OPEN_SPANS: usize = 10_000;
 /// Shards of the open-span registry (a power of two).
 pub const SHARDS: usize = 64;
-/// The most verbose level of span tracked (every vpnbot span is `info`).
+/// The most verbose level of span tracked (the service's spans are `info`).
 pub const TRACKED_LEVEL: LevelFilter = LevelFilter::INFO;
 const MAX_FIELDS: usize = 16;
 const MAX_VALUE_LEN: usize = 128;
@@ -262,7 +262,9 @@ impl InflightSource for OpenSpans {
 /// The layer; add it to the subscriber in telemetry init and give [`OpenSpansLayer::spans`] to
 /// [`super::Diagnostics::add_source`].
 ///
-/// Tracks spans whose target starts with one of the configured prefixes (default `vpnbot`).
+/// Tracks spans whose target starts with one of the configured prefixes: this crate's own
+/// (the `task` span of [`crate::tasks::Tasks::spawn_named`]) plus those added with
+/// [`OpenSpansLayer::track_target`] (the embedding service's crate name).
 #[derive(Debug, Clone)]
 pub struct OpenSpansLayer {
     spans: OpenSpans,
@@ -276,11 +278,12 @@ impl Default for OpenSpansLayer {
 }
 
 impl OpenSpansLayer {
-    /// A layer tracking spans with targets under `vpnbot`.
+    /// A layer tracking this crate's own spans; add the service's targets with
+    /// [`OpenSpansLayer::track_target`].
     pub fn new() -> Self {
         Self {
             spans: OpenSpans::default(),
-            prefixes: vec!["vpnbot"],
+            prefixes: vec![env!("CARGO_CRATE_NAME")],
         }
     }
 
@@ -324,7 +327,7 @@ fn interesting(prefixes: &[&'static str], target: &str) -> bool {
 }
 
 /// Per-layer filter of [`OpenSpansLayer`]: spans (never events) at [`TRACKED_LEVEL`] or above
-/// whose target is a tracked prefix (`vpnbot`, `vpnbot::...`). Decided once per callsite
+/// whose target is a tracked prefix (e.g. `vpnbot`, `vpnbot::...`). Decided once per callsite
 /// (`Interest::always`/`never`), with `info` as level hint, so it adds no per-event check and
 /// does not make any dependency's `trace`/`debug` callsite enabled.
 #[derive(Debug, Clone)]

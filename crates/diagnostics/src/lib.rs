@@ -12,23 +12,39 @@
 //!   the watchdog (`operation_overdue`, `pool_starved`), and periodic workers report their runs
 //!   (`worker_overdue`).
 //!
+//! This crate knows nothing of the service that embeds it: it depends on tokio, tokio-metrics,
+//! tracing, prometheus and the stack-capture crate only. What it watches beyond the runtime
+//! comes in through [`InflightSource`] (the embedding service registers its own registries of
+//! in-flight work), [`Diagnostics::record_worker_run`] (periodic workers) and [`ProgressSink`]
+//! (a service manager's watchdog). Metric names carry the `vpnbot_` prefix of the service it
+//! was built for.
+//!
 //! Wiring (in `main`): [`stack::maybe_run_child`] first; [`OpenSpansLayer`] (and
 //! [`console_layer`]) into the subscriber; [`Diagnostics::new`] before the runtime;
-//! [`crate::runtime::build_main_runtime`]; then [`Diagnostics::start`] with the runtime handle.
+//! [`runtime::build_main_runtime`]; then [`Diagnostics::start`] with the runtime handle.
 //!
 //! tokio-console: set `diagnostics.console_enabled = true`, add [`console_layer`] with a filter
 //! that enables `tokio=trace,runtime=trace`, and attach with `tokio-console
 //! http://127.0.0.1:6669`.
 
+#[cfg(not(tokio_unstable))]
+compile_error!(
+    "the diagnostics crate needs `--cfg tokio_unstable` (poll hooks, task ids, Handle::dump): \
+     set it in .cargo/config.toml's build.rustflags or in RUSTFLAGS."
+);
+
 pub mod bench;
 mod dump;
 mod inflight;
 pub mod lateness;
+pub mod metrics;
 mod open_spans;
 mod poll_tracking;
+pub mod runtime;
 mod runtime_metrics;
 mod settings;
 pub mod stack;
+pub mod tasks;
 mod worker_watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -55,7 +71,7 @@ pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
 pub use worker_watch::{run_every, WorkerWatch};
 
-use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
+use crate::metrics::DURATION_BUCKETS_SECONDS;
 use crate::tasks::Tasks;
 use dump::WorkerView;
 use poll_tracking::{with_spawn_name, PollTracker};
@@ -70,7 +86,7 @@ pub enum StallKind {
     /// One poll has run longer than the threshold.
     BlockedWorker,
     /// vpnbot's own database backends wait on a lock held by another session (reported by
-    /// the database monitor, [`crate::db::monitor`]).
+    /// the database monitor, the embedding service's database monitor).
     DbLockWait,
     /// The service makes no progress: updates wait for a handler slot, or busy handlers
     /// complete nothing, past `bot.starved_after_seconds`; the culprit is what the busy
@@ -119,6 +135,14 @@ impl std::fmt::Display for StallKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Told by the watchdog thread, once per tick, whether the main runtime made progress: a
+/// service manager's keep-alive (systemd's `WATCHDOG=1`) must be sent only while it does, so a
+/// total stall ends in a restart after the dump is written.
+pub trait ProgressSink: Send + Sync + std::fmt::Debug {
+    /// Called from the watchdog OS thread every watchdog period; must not block.
+    fn watchdog_tick(&self, runtime_progressing: bool);
 }
 
 /// A past or open episode, as reported by [`Diagnostics::episodes`].
@@ -185,7 +209,7 @@ struct Inner {
     watchdog_ticks: AtomicU64,
     watchdog_cpu_ns: AtomicU64,
     /// The service manager, pinged from the watchdog thread while the runtime makes progress.
-    supervisor: OnceLock<crate::supervisor::Supervisor>,
+    supervisor: OnceLock<Arc<dyn ProgressSink>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -207,7 +231,7 @@ const HISTORY_MAX: usize = 100;
 
 impl Diagnostics {
     /// Registers every diagnostics metric into `registry`. Create it before the runtime and
-    /// pass it to [`crate::runtime::build_main_runtime`].
+    /// pass it to [`runtime::build_main_runtime`].
     ///
     /// # Panics
     /// If the metric names are already registered in `registry`.
@@ -308,7 +332,7 @@ impl Diagnostics {
     }
 
     /// Installs the poll, spawn, terminate and thread-stop hooks into a runtime builder.
-    /// [`crate::runtime::build_main_runtime`] calls this.
+    /// [`runtime::build_main_runtime`] calls this.
     pub fn install_hooks(&self, builder: &mut tokio::runtime::Builder) {
         let t = self.inner.tracker.clone();
         builder.on_before_task_poll(move |m| t.before_poll(m));
@@ -379,10 +403,10 @@ impl Diagnostics {
             .expect("spawning the watchdog thread");
     }
 
-    /// Gives the watchdog thread the service manager to ping (`WATCHDOG=1`) on every tick on
-    /// which the main runtime makes progress (see [`crate::supervisor`]). First call wins.
-    pub fn set_supervisor(&self, supervisor: crate::supervisor::Supervisor) {
-        let _ = self.inner.supervisor.set(supervisor);
+    /// Gives the watchdog thread a sink (e.g. the systemd notify protocol's `WATCHDOG=1`) told
+    /// on every tick whether the main runtime makes progress. First call wins.
+    pub fn set_progress_sink(&self, sink: Arc<dyn ProgressSink>) {
+        let _ = self.inner.supervisor.set(sink);
     }
 
     /// Stops the watchdog thread (it also stops by itself when every clone is dropped or the

@@ -88,12 +88,12 @@ impl Tasks {
         ));
         // No closure here: it would break `#[track_caller]` and record this file as the
         // spawn location.
-        crate::diagnostics::offer_spawn_name(Some(name));
+        crate::offer_spawn_name(Some(name));
         let handle = tokio::task::Builder::new()
             .name(name)
             .spawn(fut)
             .expect("spawning a task on a running runtime");
-        crate::diagnostics::offer_spawn_name(None);
+        crate::offer_spawn_name(None);
         handle
     }
 
