@@ -97,28 +97,37 @@ pub struct ListUsersResponse {
     pub users: Vec<NodeUser>,
 }
 
+/// First bytes of a `list-users` body; then [`write_list_pair`] per user, then
+/// [`LIST_USERS_CLOSE`]. Lets a server stream the body in chunks.
+pub const LIST_USERS_OPEN: &[u8] = b"{\"users\":[";
+/// Last bytes of a `list-users` body.
+pub const LIST_USERS_CLOSE: &[u8] = b"]}";
+
+/// Appends one `["<uuid>","<email>"]` pair to `out`, preceded by a comma unless `first`.
+pub fn write_list_pair(out: &mut Vec<u8>, first: bool, id: &uuid::Uuid, email: &str) {
+    if !first {
+        out.push(b',');
+    }
+    let mut ubuf = uuid::Uuid::encode_buffer();
+    out.extend_from_slice(b"[\"");
+    out.extend_from_slice(id.hyphenated().encode_lower(&mut ubuf).as_bytes());
+    out.extend_from_slice(b"\",");
+    // serde_json escapes whatever an operator put into an email.
+    serde_json::to_writer(&mut *out, email).expect("writing to a Vec cannot fail");
+    out.push(b']');
+}
+
 /// Writes the `list-users` body for `users` into `out`.
 pub fn write_list_users<'a>(
     out: &mut Vec<u8>,
     users: impl ExactSizeIterator<Item = (&'a uuid::Uuid, &'a str)>,
 ) {
     out.reserve(16 + users.len() * 72);
-    out.extend_from_slice(b"{\"users\":[");
-    let mut first = true;
-    let mut ubuf = uuid::Uuid::encode_buffer();
-    for (id, email) in users {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        out.extend_from_slice(b"[\"");
-        out.extend_from_slice(id.hyphenated().encode_lower(&mut ubuf).as_bytes());
-        out.extend_from_slice(b"\",");
-        // serde_json escapes whatever an operator put into an email.
-        serde_json::to_writer(&mut *out, email).expect("writing to a Vec cannot fail");
-        out.push(b']');
+    out.extend_from_slice(LIST_USERS_OPEN);
+    for (i, (id, email)) in users.enumerate() {
+        write_list_pair(out, i == 0, id, email);
     }
-    out.extend_from_slice(b"]}");
+    out.extend_from_slice(LIST_USERS_CLOSE);
 }
 
 fn users_from_pairs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<NodeUser>, D::Error> {
