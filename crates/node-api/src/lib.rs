@@ -3,6 +3,7 @@
 //! user's email, and the OpenAPI document itself ([`OPENAPI`], `openapi/node-api.json` in the
 //! repository). One definition, three users.
 
+pub mod schema;
 pub mod wire;
 
 use base64::Engine as _;

@@ -185,6 +185,34 @@ impl Ledger {
         Ok(old)
     }
 
+    /// Records many users in one transaction (a bulk import; one commit instead of one per
+    /// user). Users whose UUID or email is already recorded are skipped; returns how many were
+    /// written.
+    ///
+    /// # Errors
+    /// I/O or corruption.
+    pub fn import(&self, users: &[(Uuid, String)]) -> Result<u64, LedgerError> {
+        let tx = self.db.begin_write().map_err(err("import"))?;
+        let mut n = 0;
+        {
+            let mut t = tx.open_table(USERS).map_err(err("import"))?;
+            let mut emails = tx.open_table(EMAILS).map_err(err("import"))?;
+            for (id, email) in users {
+                let key = email_key(email);
+                if t.get(id.as_u128()).map_err(err("import"))?.is_some()
+                    || emails.get(key.as_str()).map_err(err("import"))?.is_some()
+                {
+                    continue;
+                }
+                t.insert(id.as_u128(), email.as_str()).map_err(err("import"))?;
+                emails.insert(key.as_str(), id.as_u128()).map_err(err("import"))?;
+                n += 1;
+            }
+        }
+        tx.commit().map_err(err("import"))?;
+        Ok(n)
+    }
+
     /// Forgets the pending removal of `email`.
     ///
     /// # Errors

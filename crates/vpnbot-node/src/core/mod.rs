@@ -70,12 +70,17 @@ impl CoreError {
 pub fn classify(status: &tonic::Status) -> CoreError {
     use tonic::Code;
     let msg = status.message();
+    let lower = msg.to_ascii_lowercase();
+    // A connect that timed out: the core accepted TCP (or nothing answered) and hung.
+    let timed_out = lower.contains("timed out") || lower.contains("timeout");
     match status.code() {
+        Code::Unavailable | Code::Unknown if timed_out => {
+            return CoreError::Timeout(Duration::ZERO)
+        }
         Code::Unavailable | Code::Cancelled => return CoreError::Unavailable(msg.to_owned()),
         Code::DeadlineExceeded => return CoreError::Timeout(Duration::ZERO),
         _ => {}
     }
-    let lower = msg.to_ascii_lowercase();
     if lower.contains("failed to get handler")
         || lower.contains("handler not found")
         || lower.contains("not a usermanager")
@@ -171,6 +176,10 @@ impl Core {
             Err(_) => Err(CoreError::Timeout(self.timeout)),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(s)) => Err(match classify(&s) {
+                CoreError::Unavailable(m) if start.elapsed() >= self.timeout => {
+                    tracing::debug!(message = %m, "core call failed at its deadline");
+                    CoreError::Timeout(self.timeout)
+                }
                 CoreError::Timeout(_) => CoreError::Timeout(self.timeout),
                 // A transport failure surfaces as UNKNOWN with "transport error" in tonic.
                 CoreError::Other(m) if m.contains("transport error") => CoreError::Unavailable(m),
