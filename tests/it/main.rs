@@ -28,6 +28,7 @@ mod db_stall;
 mod demo;
 mod diagnostics_stalls;
 mod metrics_contract;
+mod node_agent_e2e;
 mod node_faults;
 mod node_openapi;
 mod node_sim;

@@ -1,5 +1,6 @@
 //! Conformance: the client's routes and the simulator's answers follow `openapi/node-api.json`.
 
+use node_api::schema::{check, operation, resolve};
 use serde_json::Value;
 use vpnbot::node::{wire, NodeUser, Operation};
 use vpnbot::sim::node::{Fault, SimNode, SimNodeOptions};
@@ -11,102 +12,6 @@ fn doc() -> Value {
     ))
     .unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
-    match v.get("$ref").and_then(Value::as_str) {
-        Some(r) => {
-            let ptr = r.strip_prefix('#').expect("local $ref");
-            resolve(
-                doc,
-                doc.pointer(ptr)
-                    .unwrap_or_else(|| panic!("dangling $ref {r}")),
-            )
-        }
-        None => v,
-    }
-}
-
-/// Checks `v` against the subset of JSON Schema the document uses; returns every violation.
-fn check(doc: &Value, schema: &Value, v: &Value, at: &str, out: &mut Vec<String>) {
-    let s = resolve(doc, schema);
-    if let Some(t) = s.get("type").and_then(Value::as_str) {
-        let ok = match t {
-            "object" => v.is_object(),
-            "array" => v.is_array(),
-            "string" => v.is_string(),
-            "integer" => v.is_u64() || v.is_i64(),
-            other => panic!("schema type {other} not handled"),
-        };
-        if !ok {
-            out.push(format!("{at}: expected {t}, got {v}"));
-            return;
-        }
-    }
-    if let Some(e) = s.get("enum").and_then(Value::as_array) {
-        if !e.contains(v) {
-            out.push(format!("{at}: {v} not in {e:?}"));
-        }
-    }
-    if s.get("format").and_then(Value::as_str) == Some("uuid")
-        && uuid::Uuid::try_parse(v.as_str().unwrap_or_default()).is_err()
-    {
-        out.push(format!("{at}: {v} is not a uuid"));
-    }
-    if let (Some(min), Some(n)) = (s.get("minimum").and_then(Value::as_i64), v.as_i64()) {
-        if n < min {
-            out.push(format!("{at}: {n} < {min}"));
-        }
-    }
-    if let Some(obj) = v.as_object() {
-        for r in s
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if !obj.contains_key(r.as_str().unwrap()) {
-                out.push(format!("{at}: missing {r}"));
-            }
-        }
-        let props = s.get("properties").and_then(Value::as_object);
-        for (k, val) in obj {
-            match props.and_then(|p| p.get(k)) {
-                Some(ps) => check(doc, ps, val, &format!("{at}.{k}"), out),
-                None if s.get("additionalProperties") == Some(&Value::Bool(false)) => {
-                    out.push(format!("{at}: unexpected property {k}"))
-                }
-                None => {}
-            }
-        }
-    }
-    if let Some(arr) = v.as_array() {
-        let len = arr.len() as u64;
-        if s.get("minItems")
-            .and_then(Value::as_u64)
-            .is_some_and(|m| len < m)
-            || s.get("maxItems")
-                .and_then(Value::as_u64)
-                .is_some_and(|m| len > m)
-        {
-            out.push(format!("{at}: {len} items out of bounds"));
-        }
-        let prefix = s.get("prefixItems").and_then(Value::as_array);
-        for (i, item) in arr.iter().enumerate() {
-            let sch = prefix.and_then(|p| p.get(i)).or_else(|| s.get("items"));
-            if let Some(sch) = sch {
-                check(doc, sch, item, &format!("{at}[{i}]"), out);
-            }
-        }
-    }
-}
-
-fn operation(doc: &Value, op: Operation) -> &Value {
-    let path = wire::path_template(op);
-    let method = wire::method(op).to_ascii_lowercase();
-    doc["paths"][path]
-        .get(&method)
-        .unwrap_or_else(|| panic!("{method} {path} missing from the document"))
 }
 
 #[test]
