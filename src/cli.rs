@@ -28,43 +28,18 @@ pub struct Cli {
 pub enum Command {
     /// Run the service (production).
     Run,
-    /// Run the whole system end to end: a throwaway PostgreSQL cluster (or DATABASE_URL), simulated
-    /// nodes and Telegram, injected faults, and a report; exit 0 only when every expectation held.
-    Demo(crate::demo::DemoArgs),
     /// Apply pending database migrations and exit.
     Migrate,
     /// Validate the configuration, print it with secrets redacted, exit 0; when invalid, list
     /// every problem (unknown keys, wrong types, bad values, the variable when one comes from
     /// the environment) and exit 64.
     CheckConfig,
-    /// Run a benchmark and print its figures.
-    Bench(crate::bench::BenchArgs),
-    /// Serve a simulated VPN node API (the contract in openapi/node-api.json) that can
-    /// misbehave on demand, for tests, the demo and alert rehearsals.
-    SimNode(crate::sim::node::SimNodeArgs),
     /// Reconcile nodes against the database once and print what was found and done.
     ///
     /// Exit codes: 0 ok or dry run, 3 the guard tripped (nothing removed), 1 a node failed or
     /// timed out, an unknown node, or an unmigrated schema, 64 bad config, 69 database
     /// unreachable or refusing connections.
     Reconcile(crate::reconcile::cli::ReconcileArgs),
-    /// Serve the Bot API stand-in (tests and demo only): inject updates with
-    /// `POST /_sim/updates`, read what the bot sent at `GET /_sim/sent`.
-    SimBotapi(SimBotapiArgs),
-}
-
-/// Options of `vpnbot sim-botapi`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SimBotapiArgs {
-    /// Address to listen on (loopback unless you mean otherwise).
-    #[arg(long, default_value = "127.0.0.1:8443")]
-    pub listen: std::net::SocketAddr,
-    /// Token the stand-in accepts.
-    #[arg(long, default_value = "123456:sim-token")]
-    pub token: String,
-    /// `getUpdates` fault from the start: none, hang, rate_limited:SECS:TIMES, conflict:TIMES.
-    #[arg(long, default_value = "none")]
-    pub updates_fault: crate::sim::botapi::UpdatesFault,
 }
 
 /// Parses arguments, runs the command, returns the process exit code.
@@ -136,55 +111,11 @@ pub fn main() -> ExitCode {
                 }
             })
         }
-        Command::Demo(args) => crate::demo::main(cli.config.as_deref(), args),
-        Command::Bench(args) => crate::bench::main(args),
-        Command::SimNode(args) => {
-            crate::telemetry::init(&crate::config::ObservabilityConfig::default(), Vec::new());
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("vpnbot-sim-node")
-                .build()
-                .expect("runtime builds");
-            match rt.block_on(crate::sim::node::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("sim-node: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
         Command::Reconcile(ref args) => match load(&cli) {
             Ok(cfg) => crate::reconcile::cli::main(cfg, args.clone()),
             Err(code) => code,
         },
-        Command::SimBotapi(args) => sim_botapi(args),
     }
-}
-
-fn sim_botapi(args: SimBotapiArgs) -> ExitCode {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => return fail(&e, 1),
-        };
-        let sim = crate::sim::botapi::BotApiSim::start(
-            listener,
-            crate::sim::botapi::BotApiSimOptions {
-                token: args.token,
-                updates_fault: args.updates_fault,
-            },
-        );
-        println!(
-            "Bot API stand-in on {} (set telegram.api_url to it)",
-            sim.api_url()
-        );
-        let _ = tokio::signal::ctrl_c().await;
-        ExitCode::SUCCESS
-    })
 }
 
 /// Builds the main runtime with the diagnostics' poll hooks (see [`crate::runtime`]).
@@ -241,7 +172,7 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
 }
 
 /// Prints `error: ...` with each cause once, logs it, and returns `code`.
-pub(crate) fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
+pub fn fail(e: &dyn std::error::Error, code: i32) -> ExitCode {
     let mut msg = format!("error: {e}");
     let mut last = e.to_string();
     let mut src = e.source();

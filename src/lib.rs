@@ -14,12 +14,10 @@ compile_error!(
 );
 
 pub mod app;
-pub mod bench;
 pub mod bot;
 pub mod cli;
 pub mod config;
 pub mod db;
-pub mod demo;
 pub mod expiry;
 pub mod fleet;
 pub mod metrics;
@@ -29,7 +27,6 @@ pub mod otel;
 pub mod outbox;
 pub mod reconcile;
 pub mod signals;
-pub mod sim;
 pub mod sources;
 pub mod supervisor;
 pub mod telemetry;

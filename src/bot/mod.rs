@@ -20,7 +20,6 @@
 //!   delay their fetching nor take their slots (`vpnbot_bot_precheckout_answer_seconds`).
 
 pub mod api;
-pub mod bench;
 mod handlers;
 pub mod i18n;
 pub mod keys;

@@ -5,7 +5,7 @@
 //! A configuration key from the environment is `VPNBOT_<SECTION>__<KEY>` (further levels also
 //! joined by `__`, e.g. `VPNBOT_NODES__A__API_KEY`), where `<SECTION>` is one of the config
 //! tables ([`SECTIONS`]). A `VPNBOT_` name without `__` is not configuration and the loader
-//! ignores it: `VPNBOT_CONFIG` (the `--config` file), `VPNBOT_SIM_API_KEY` (`sim-node`),
+//! ignores it: `VPNBOT_CONFIG` (the `--config` file), `VPNBOT_SIM_API_KEY` (`vpnbot-sim node`),
 //! `VPNBOT_TEST_PGDATA`/`VPNBOT_TEST_PGPORT` (the test scripts) and the internal child-process
 //! markers ([`NON_CONFIG_ENV`]). Such names must not start with a section name followed by `_`:
 //! `VPNBOT_DB_URL` is taken for a mistyped `VPNBOT_DB__URL` and refused.
@@ -51,7 +51,8 @@ pub const NON_CONFIG_ENV: &[&str] = &[
     "VPNBOT_TEST_PGDATA",
     "VPNBOT_TEST_PGPORT",
     crate::diagnostics::stack::CHILD_ENV,
-    crate::reconcile::bench::SIM_CHILD_ENV,
+    // `vpnbot_devtools::bench::reconcile::SIM_CHILD_ENV`: the reconcile benchmark's simulator child.
+    "VPNBOT_BENCH_SIM_USERS",
 ];
 
 /// Separator of nesting levels in a configuration variable's name.

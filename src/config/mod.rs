@@ -277,6 +277,19 @@ pub struct NodeConfig {
     pub public_port: u16,
 }
 
+impl NodeConfig {
+    /// A `[nodes.NAME]` entry for the node API at `url` with `api_key`, whose clients connect
+    /// to `public_host` on the default public port.
+    pub fn new(url: &url::Url, api_key: &str, public_host: &str) -> NodeConfig {
+        NodeConfig {
+            url: url.to_string(),
+            api_key: SecretString::from(api_key.to_string()),
+            public_host: public_host.to_string(),
+            ..NodeConfig::default()
+        }
+    }
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {

@@ -59,7 +59,7 @@ pub struct PoolInflight {
 
 impl PoolInflight {
     /// Records a new waiter; returns its slot.
-    pub(crate) fn begin_wait(&self, label: &'static str) -> usize {
+    pub fn begin_wait(&self, label: &'static str) -> usize {
         let task = tokio::task::try_id().map(|id| id.to_string());
         let slot = Slot {
             label,
@@ -82,7 +82,7 @@ impl PoolInflight {
     }
 
     /// Turns a waiter into a holder of the connection to backend `pid`.
-    pub(crate) fn acquired(&self, idx: usize, pid: Option<i32>) {
+    pub fn acquired(&self, idx: usize, pid: Option<i32>) {
         let now = Instant::now();
         let mut g = self.lock();
         g.last_acquired = Some(now);
@@ -94,7 +94,7 @@ impl PoolInflight {
     }
 
     /// Removes a waiter or holder.
-    pub(crate) fn end(&self, idx: usize) {
+    pub fn end(&self, idx: usize) {
         let mut g = self.lock();
         if let Some(s) = g.slots.get_mut(idx) {
             *s = None;

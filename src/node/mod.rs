@@ -9,7 +9,6 @@
 //! the body never did, and a per-read timeout never fired. Here the body phase has its own idle
 //! timeout and the total deadline covers resolution, connect, headers, body and decoding.
 
-pub mod bench;
 mod breaker;
 mod client;
 mod error;
@@ -29,4 +28,3 @@ pub use node_api::{
     legacy_owned_email, looks_owned, marker_matches, owned_email, NodeUser, Operation,
     LEGACY_OWNED_EMAIL_PREFIX, OWNED_EMAIL_PREFIX,
 };
-

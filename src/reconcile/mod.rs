@@ -27,7 +27,6 @@
 //! watchdog when a run last completed.
 
 mod act;
-pub mod bench;
 pub mod cli;
 mod diff;
 mod guard;

@@ -14,8 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 use vpnbot::bot::ReconcileTrigger;
 use vpnbot::node::Operation;
-use vpnbot::sim::botapi::SimUser;
-use vpnbot::sim::node::Fault;
+use vpnbot_sim::botapi::SimUser;
+use vpnbot_sim::node::Fault;
 
 use crate::helpers::bot::has;
 

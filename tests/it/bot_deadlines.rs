@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use helpers::bot::{env_with, Env};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vpnbot::bot::PollPhase;
-use vpnbot::sim::botapi::SimUser;
-use vpnbot::sim::proxy::{SilentDropProxy, SilentDropProxyHandle};
+use vpnbot_sim::botapi::SimUser;
+use vpnbot_sim::proxy::{SilentDropProxy, SilentDropProxyHandle};
 
 use crate::helpers::bot::has;
 
@@ -552,7 +552,7 @@ async fn cut_off_after_credit_says_credited(_p: PgPoolOptions, opts: PgConnectOp
     .await;
     e.node.set_fault(
         vpnbot::node::Operation::AddUser,
-        vpnbot::sim::node::Fault::Delay(Duration::from_secs(2)),
+        vpnbot_sim::node::Fault::Delay(Duration::from_secs(2)),
     );
     let u = SimUser::new(12703, "en");
     e.sim

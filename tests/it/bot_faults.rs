@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use helpers::bot::{bot_config, env, start_sims, WAIT};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vpnbot::app::App;
-use vpnbot::sim::botapi::{SimUser, UpdatesFault};
+use vpnbot_sim::botapi::{SimUser, UpdatesFault};
 
 use crate::helpers::bot::has;
 

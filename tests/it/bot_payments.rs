@@ -15,7 +15,7 @@ use std::time::Duration;
 use helpers::bot::{env, Env, ADMIN, WAIT};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use vpnbot::sim::botapi::SimUser;
+use vpnbot_sim::botapi::SimUser;
 
 use crate::helpers::bot::has;
 

@@ -12,8 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 use vpnbot::bot::PollPhase;
 use vpnbot::node::Operation;
-use vpnbot::sim::botapi::{SimUser, UpdatesFault};
-use vpnbot::sim::node::Fault;
+use vpnbot_sim::botapi::{SimUser, UpdatesFault};
+use vpnbot_sim::node::Fault;
 
 use crate::helpers::bot::has;
 

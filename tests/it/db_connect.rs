@@ -10,7 +10,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 /// The binary with a clean `VPNBOT_*` environment, the given database and one node (never
 /// contacted: the database is checked first).
 fn vpnbot(url: &str) -> tokio::process::Command {
-    let mut c = tokio::process::Command::from(helpers::vpnbot());
+    with_env(helpers::vpnbot(), url)
+}
+
+/// `vpnbot-demo` (the dev tools' binary) with the same environment.
+fn vpnbot_demo(url: &str) -> tokio::process::Command {
+    with_env(helpers::workspace_bin("vpnbot-demo"), url)
+}
+
+fn with_env(c: std::process::Command, url: &str) -> tokio::process::Command {
+    let mut c = tokio::process::Command::from(c);
     c.env("DATABASE_URL", url)
         .env("VPNBOT_OBSERVABILITY__LISTEN", "127.0.0.1:0")
         .env("VPNBOT_NODES__A__URL", "http://127.0.0.1:9/")
@@ -20,11 +29,12 @@ fn vpnbot(url: &str) -> tokio::process::Command {
     c
 }
 
+/// `vpnbot` subcommands, then the demo binary (empty args).
 const COMMANDS: [&[&str]; 4] = [
     &["migrate"],
     &["reconcile", "--once", "--json"],
     &["run"],
-    &["demo"],
+    &[],
 ];
 
 /// Runs each command; returns (args, exit code, stderr, seconds).
@@ -32,12 +42,21 @@ async fn run_all(url: &str) -> Vec<(String, Option<i32>, String, f64)> {
     let mut out = Vec::new();
     for args in COMMANDS {
         let t = Instant::now();
-        let o = tokio::time::timeout(Duration::from_secs(30), vpnbot(url).args(args).output())
+        let mut cmd = if args.is_empty() {
+            vpnbot_demo(url)
+        } else {
+            vpnbot(url)
+        };
+        let o = tokio::time::timeout(Duration::from_secs(30), cmd.args(args).output())
             .await
             .expect("command exits")
             .unwrap();
         out.push((
-            args.join(" "),
+            if args.is_empty() {
+                "vpnbot-demo".to_string()
+            } else {
+                args.join(" ")
+            },
             o.status.code(),
             String::from_utf8_lossy(&o.stderr).into_owned(),
             t.elapsed().as_secs_f64(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vpnbot::app::App;
-use vpnbot::sim::botapi::SimUser;
+use vpnbot_sim::botapi::SimUser;
 
 use helpers::http_get as get;
 

@@ -113,7 +113,7 @@ async fn lock_wait_ends_at_lock_timeout_counted_by_label(
 /// Steady `/status` traffic through the Bot API stand-in until `stop`: `users` users, one
 /// update every `every` in turn.
 fn bot_load(
-    sim: std::sync::Arc<vpnbot::sim::botapi::BotApiSimHandle>,
+    sim: std::sync::Arc<vpnbot_sim::botapi::BotApiSimHandle>,
     users: i64,
     every: Duration,
     stop: tokio_util::sync::CancellationToken,
@@ -121,7 +121,7 @@ fn bot_load(
     tokio::spawn(async move {
         let mut i = 0;
         while !stop.is_cancelled() {
-            let u = vpnbot::sim::botapi::SimUser::new(15_000 + i % users, "en");
+            let u = vpnbot_sim::botapi::SimUser::new(15_000 + i % users, "en");
             sim.send_text(&u, "/status");
             i += 1;
             tokio::time::sleep(every).await;

@@ -11,8 +11,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use vpnbot::app::App;
 use vpnbot::node::Operation;
 use vpnbot::reconcile::RunOptions;
-use vpnbot::sim::botapi::SimUser;
-use vpnbot::sim::node::Fault;
+use vpnbot_sim::botapi::SimUser;
+use vpnbot_sim::node::Fault;
 
 #[sqlx::test(migrations = false)]
 async fn running_instance_exports_every_family_dashboards_and_alerts_use(

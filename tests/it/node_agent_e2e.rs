@@ -5,15 +5,14 @@
 //! refused); a core restart is repaired by the agent alone. FAILS when `v2ray` is missing
 //! unless `ALLOW_SKIP_TESTS=1`.
 
-
 use crate::helpers;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use helpers::bot::env_with;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use vpnbot::sim::botapi::SimUser;
 use vpnbot_node::testkit::{self, V2ray, ORIGIN_BODY};
+use vpnbot_sim::botapi::SimUser;
 
 const T: Duration = Duration::from_secs(5);
 const AGENT_KEY: &str = "e2e-agent-key-0123456789abcdef01234";
@@ -122,8 +121,10 @@ async fn trial_key_carries_real_traffic_until_expiry_and_survives_a_core_restart
 
     // Expiry: the worker queues the removal, the outbox delivers it to the agent, and a new
     // client connection is refused.
-    e.exec("UPDATE subscriptions SET expires_at = now() - interval '1 minute' WHERE owner_id = 4401")
-        .await;
+    e.exec(
+        "UPDATE subscriptions SET expires_at = now() - interval '1 minute' WHERE owner_id = 4401",
+    )
+    .await;
     let p = e.expiry.run_once().await.unwrap();
     assert_eq!(p.expired, 1, "{p:?}");
     let pass = e.outbox.process_once().await.unwrap();

@@ -13,7 +13,7 @@ use vpnbot::node::{
     BlockingResolve, BreakerState, InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings,
     NodeError, NodeUser, Operation,
 };
-use vpnbot::sim::node::{Fault, SimNode, SimNodeHandle, SimNodeOptions};
+use vpnbot_sim::node::{Fault, SimNode, SimNodeHandle, SimNodeOptions};
 
 const NODE: &str = "n1";
 

@@ -3,7 +3,7 @@
 use node_api::schema::{check, operation, resolve};
 use serde_json::Value;
 use vpnbot::node::{wire, NodeUser, Operation};
-use vpnbot::sim::node::{Fault, SimNode, SimNodeOptions};
+use vpnbot_sim::node::{Fault, SimNode, SimNodeOptions};
 
 fn doc() -> Value {
     let text = std::fs::read_to_string(concat!(

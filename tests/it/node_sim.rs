@@ -1,10 +1,10 @@
-//! The simulator's operator surface: `run_until` (behind `vpnbot sim-node`) with CLI-style
+//! The simulator's operator surface: `run_until` (behind `vpnbot-sim node`) with CLI-style
 //! arguments, and the admin endpoint that flips faults at run time.
 
 use clap::Parser;
 use secrecy::SecretString;
 use vpnbot::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings, NodeError};
-use vpnbot::sim::node::SimNodeArgs;
+use vpnbot_sim::node::SimNodeArgs;
 
 #[derive(Debug, Parser)]
 struct Cli {
@@ -28,7 +28,7 @@ async fn run_until_serves_seeded_users_and_admin_endpoint_flips_faults() {
     .unwrap();
     let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(vpnbot::sim::node::run_until(
+    let server = tokio::spawn(vpnbot_sim::node::run_until(
         cli.args,
         move |addr| {
             let _ = addr_tx.send(addr);

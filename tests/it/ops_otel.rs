@@ -417,7 +417,7 @@ fn collector_that_never_answers_costs_nothing_and_shutdown_is_bounded() {
 #[test]
 fn real_node_call_exports_its_phase_children() {
     use vpnbot::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
-    use vpnbot::sim::node::{SimNode, SimNodeOptions};
+    use vpnbot_sim::node::{SimNode, SimNodeOptions};
 
     let rx = Receiver::start();
     let registry = prometheus::Registry::new();

@@ -526,8 +526,11 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
             let url = helpers::fresh_database("pager").await;
             cfg.db.url = secrecy::SecretString::from(url);
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let sim = vpnbot::sim::node::SimNode::start(l, Default::default());
-            cfg.nodes.insert("a".into(), sim.node_config("a.example"));
+            let sim = vpnbot_sim::node::SimNode::start(l, Default::default());
+            cfg.nodes.insert(
+                "a".into(),
+                vpnbot::config::NodeConfig::new(&sim.base_url(), sim.api_key(), "a.example"),
+            );
             let app = vpnbot::app::App::start_with(cfg, &instruments)
                 .await
                 .unwrap();
@@ -543,7 +546,7 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
             // 1. The old freeze, for real: the reconcile's list-users gets headers, then silence.
             sim.set_fault(
                 vpnbot::node::Operation::ListUsers,
-                vpnbot::sim::node::Fault::HeadersThenSilence,
+                vpnbot_sim::node::Fault::HeadersThenSilence,
             );
             let t = Instant::now();
             let rep = app
@@ -566,7 +569,7 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
             );
             sim.set_fault(
                 vpnbot::node::Operation::ListUsers,
-                vpnbot::sim::node::Fault::None,
+                vpnbot_sim::node::Fault::None,
             );
 
             // 2. A real blocked worker: sync sleep inside a named task for 8 s.

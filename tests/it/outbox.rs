@@ -11,7 +11,7 @@ use vpnbot::db::DbPool;
 use vpnbot::fleet::Fleet;
 use vpnbot::node::{NodeUser, Operation};
 use vpnbot::outbox::{enqueue, NodeOp, Outbox, OutboxMetrics, OutboxSettings};
-use vpnbot::sim::node::{Fault, SimNode, SimNodeHandle, SimNodeOptions};
+use vpnbot_sim::node::{Fault, SimNode, SimNodeHandle, SimNodeOptions};
 
 struct Env {
     pool: DbPool,
@@ -24,7 +24,10 @@ async fn env(opts: &PgConnectOptions) -> Env {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim = SimNode::start(listener, SimNodeOptions::default());
     let mut cfg = helpers::test_config(opts);
-    cfg.nodes.insert("a".into(), sim.node_config("a.example"));
+    cfg.nodes.insert(
+        "a".into(),
+        vpnbot::config::NodeConfig::new(&sim.base_url(), sim.api_key(), "a.example"),
+    );
     cfg.node_client.total_deadline_seconds = 2.0;
     cfg.node_client.connect_timeout_seconds = 1.0;
     cfg.node_client.headers_timeout_seconds = 1.0;

@@ -17,7 +17,7 @@ use vpnbot::outbox::{Outbox, OutboxMetrics, OutboxSettings};
 use vpnbot::reconcile::{
     GuardReason, Outcome, ReconcileSettings, Reconciler, RunOptions, RunReport,
 };
-use vpnbot::sim::node::{Fault, SimNode, SimNodeHandle, SimNodeOptions};
+use vpnbot_sim::node::{Fault, SimNode, SimNodeHandle, SimNodeOptions};
 
 struct Env {
     pool: DbPool,
@@ -49,7 +49,7 @@ async fn env(opts: &PgConnectOptions, nodes: usize, settings: ReconcileSettings)
         let sim = SimNode::start(listener, SimNodeOptions::default());
         cfg.nodes.insert(
             ((b'a' + i as u8) as char).to_string(),
-            sim.node_config("x.example"),
+            vpnbot::config::NodeConfig::new(&sim.base_url(), sim.api_key(), "x.example"),
         );
         sims.push(sim);
     }

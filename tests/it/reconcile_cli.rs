@@ -4,7 +4,7 @@ use crate::helpers;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 use vpnbot::node::NodeUser;
-use vpnbot::sim::node::{SimNode, SimNodeOptions};
+use vpnbot_sim::node::{SimNode, SimNodeOptions};
 
 fn vpnbot(url: &str, node_url: &str) -> tokio::process::Command {
     let mut c = tokio::process::Command::from(helpers::vpnbot());

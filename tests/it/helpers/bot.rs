@@ -12,8 +12,8 @@ use vpnbot::db::DbPool;
 use vpnbot::expiry::{ExpiryMetrics, ExpiryWorker};
 use vpnbot::fleet::Fleet;
 use vpnbot::outbox::{Outbox, OutboxMetrics, OutboxSettings};
-use vpnbot::sim::botapi::{BotApiSim, BotApiSimHandle, BotApiSimOptions, SentMessage, SimUser};
-use vpnbot::sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
+use vpnbot_sim::botapi::{BotApiSim, BotApiSimHandle, BotApiSimOptions, SentMessage, SimUser};
+use vpnbot_sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
 
 pub const ADMIN: i64 = 999;
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -43,7 +43,10 @@ pub fn bot_config(opts: &PgConnectOptions, sim: &BotApiSimHandle, node: &SimNode
     cfg.telegram.token = secrecy::SecretString::from(sim.token().to_string());
     cfg.telegram.api_url = sim.api_url();
     cfg.telegram.admin_ids = vec![ADMIN];
-    cfg.nodes.insert("a".into(), node.node_config("a.example"));
+    cfg.nodes.insert(
+        "a".into(),
+        vpnbot::config::NodeConfig::new(&node.base_url(), node.api_key(), "a.example"),
+    );
     cfg.node_client.total_deadline_seconds = 1.5;
     cfg.node_client.connect_timeout_seconds = 0.5;
     cfg.node_client.headers_timeout_seconds = 0.5;
@@ -203,6 +206,6 @@ impl Env {
 }
 
 /// A predicate for the Bot API stand-in's sent messages: the text contains `t`.
-pub fn has(t: &str) -> impl Fn(&vpnbot::sim::botapi::SentMessage) -> bool + '_ {
+pub fn has(t: &str) -> impl Fn(&vpnbot_sim::botapi::SentMessage) -> bool + '_ {
     move |m| m.text.contains(t)
 }

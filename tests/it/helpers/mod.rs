@@ -107,6 +107,32 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (code, r.text().await.unwrap())
 }
 
+/// Another binary of the workspace (`vpnbot-demo`, `vpnbot-sim`, `vpnbot-node`), built next
+/// to this test binary by `cargo test --workspace` (the README's test command), with the same
+/// clean environment as [`vpnbot`]. Panics naming the build command when it is missing.
+pub fn workspace_bin(name: &str) -> std::process::Command {
+    let dir = std::env::current_exe()
+        .expect("test binary path")
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace`, \
+         which `scripts/test.sh` does through `cargo test --workspace`)",
+        path.display()
+    );
+    let mut c = std::process::Command::new(path);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VPNBOT_") || k == "DATABASE_URL" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
 /// The built `vpnbot` binary with a clean configuration environment: every `VPNBOT_*`
 /// variable and `DATABASE_URL` of the test runner removed, so a developer's shell cannot change
 /// what a test sees.

@@ -153,7 +153,7 @@ impl FromStr for Fault {
 }
 
 /// Parses `op=MODE` (e.g. `list-users=headers_then_silence`), the CLI's `--fault` value.
-pub fn parse_fault_spec(s: &str) -> Result<(crate::node::Operation, Fault), String> {
+pub fn parse_fault_spec(s: &str) -> Result<(node_api::Operation, Fault), String> {
     let (op, mode) = s
         .split_once('=')
         .ok_or_else(|| format!("expected OP=MODE, got {s:?}"))?;
@@ -199,7 +199,7 @@ mod tests {
         let (op, f) = parse_fault_spec("list-users=status:502").unwrap();
         assert_eq!(
             (op, f),
-            (crate::node::Operation::ListUsers, Fault::Status(502))
+            (node_api::Operation::ListUsers, Fault::Status(502))
         );
     }
 }

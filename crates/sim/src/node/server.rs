@@ -9,8 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Fault, Shared};
-use crate::node::wire::{self, MutationResult, UserBody};
-use crate::node::Operation;
+use node_api::wire::{self, MutationResult, UserBody};
+use node_api::Operation;
 
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -561,7 +561,7 @@ async fn endless_chunked(shared: &Arc<Shared>, stream: &mut TcpStream) {
             }
             n += 1;
             data.extend_from_slice(
-                format!("[\"{id}\",\"{}\"]", crate::node::owned_email(id)).as_bytes(),
+                format!("[\"{id}\",\"{}\"]", node_api::owned_email(id)).as_bytes(),
             );
         }
         chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());

@@ -16,12 +16,12 @@ use teloxide::payloads::GetUpdatesSetters;
 use teloxide::prelude::Requester;
 use tokio::sync::Semaphore;
 
-use super::{BotApi, BotMetrics, BotService};
-use crate::config::Config;
-use crate::db::DbPool;
-use crate::fleet::Fleet;
-use crate::sim::botapi::{BotApiSim, BotApiSimOptions, SimUser};
-use crate::sim::node::{SimNode, SimNodeOptions};
+use vpnbot::bot::{BotApi, BotMetrics, BotService};
+use vpnbot::config::Config;
+use vpnbot::db::DbPool;
+use vpnbot::fleet::Fleet;
+use vpnbot_sim::botapi::{BotApiSim, BotApiSimOptions, SimUser};
+use vpnbot_sim::node::{SimNode, SimNodeOptions};
 
 /// The burst to send: `users` updates, one per simulated user, handled with at most
 /// `concurrency` at once (`None`: the default `bot.max_concurrent_updates`).
@@ -146,15 +146,20 @@ async fn run(db_url: &str, shape: Burst) -> Result<BotBenchReport, String> {
 async fn run_with(
     db_url: &str,
     shape: Burst,
-    sim: &crate::sim::botapi::BotApiSimHandle,
-    node: &crate::sim::node::SimNodeHandle,
+    sim: &vpnbot_sim::botapi::BotApiSimHandle,
+    node: &vpnbot_sim::node::SimNodeHandle,
 ) -> Result<BotBenchReport, String> {
     let mut cfg = Config::default();
     cfg.db.url = SecretString::from(db_url.to_string());
-    cfg.nodes.insert("a".into(), node.node_config("a.example"));
-    let registry = crate::metrics::new_registry();
+    cfg.nodes.insert(
+        "a".into(),
+        vpnbot::config::NodeConfig::new(&node.base_url(), node.api_key(), "a.example"),
+    );
+    let registry = vpnbot::metrics::new_registry();
     let pool = DbPool::connect(&cfg.db, &registry).map_err(|e| e.to_string())?;
-    crate::db::migrate(&pool).await.map_err(|e| e.to_string())?;
+    vpnbot::db::migrate(&pool)
+        .await
+        .map_err(|e| e.to_string())?;
     let fleet = Fleet::from_config(&cfg, &registry).map_err(|(n, e)| format!("{n}: {e}"))?;
     let res = burst(&cfg, &registry, &pool, fleet, sim, shape).await;
     pool.close().await;
@@ -164,7 +169,7 @@ async fn run_with(
 /// Runs the burst `shape` while reconcile passes over `subscriptions` live
 /// subscriptions and node users run back to back on this runtime and on the same pool, as on
 /// a production leader. The node is simulated in a child process (the binary must call
-/// [`crate::reconcile::bench::maybe_run_sim_child`] first), the Bot API stand-in on its own
+/// [`crate::bench::reconcile::maybe_run_sim_child`] first), the Bot API stand-in on its own
 /// thread; a scratch database on the server of `server_url` is created and dropped.
 ///
 /// # Errors
@@ -174,7 +179,7 @@ pub async fn bench_updates_during_reconcile(
     shape: Burst,
     subscriptions: usize,
 ) -> Result<BotBenchReport, String> {
-    let fx = crate::reconcile::bench::ReconcileFixture::prepare(server_url, subscriptions).await?;
+    let fx = crate::bench::reconcile::ReconcileFixture::prepare(server_url, subscriptions).await?;
     let peers = peer_runtime()?;
     let sim = peers
         .spawn(async {
@@ -194,7 +199,7 @@ pub async fn bench_updates_during_reconcile(
                     while !stop.is_cancelled() {
                         let t = Instant::now();
                         let r = rec
-                            .reconcile_once(&crate::reconcile::RunOptions::default())
+                            .reconcile_once(&vpnbot::reconcile::RunOptions::default())
                             .await;
                         let outcome = match r {
                             Ok(rep) => rep
@@ -265,7 +270,7 @@ async fn burst(
     registry: &prometheus::Registry,
     pool: &DbPool,
     fleet: Fleet,
-    sim: &crate::sim::botapi::BotApiSimHandle,
+    sim: &vpnbot_sim::botapi::BotApiSimHandle,
     shape: Burst,
 ) -> Result<BotBenchReport, String> {
     let users = shape.users;
@@ -291,7 +296,7 @@ async fn burst(
     }
 
     // Scheduler lag probe: a 1 ms ticker on the same runtime.
-    let lag_probe = crate::diagnostics::lateness::LatenessProbe::start(Duration::from_millis(1));
+    let lag_probe = diagnostics::lateness::LatenessProbe::start(Duration::from_millis(1));
 
     // The receive loop's dispatch, timed per handler.
     let concurrency = cfg.bot.max_concurrent_updates;
@@ -358,4 +363,4 @@ async fn burst(
     })
 }
 
-use super::api;
+use vpnbot::bot::api;

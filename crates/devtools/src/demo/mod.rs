@@ -1,4 +1,4 @@
-//! `vpnbot demo`: the system end to end in one command, with everything the machine lacks
+//! `vpnbot-demo`: the system end to end in one command, with everything the machine lacks
 //! started locally. It runs the same [`App`] as `run`.
 //!
 //! Current scope: PostgreSQL (from `DATABASE_URL` or a throwaway cluster), the instance with
@@ -12,8 +12,8 @@ pub mod scenario;
 
 use std::sync::Arc;
 
-use crate::sim::botapi::SimUser;
-use crate::sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
+use vpnbot_sim::botapi::SimUser;
+use vpnbot_sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::app::App;
-use crate::config::Config;
+use vpnbot::app::App;
+use vpnbot::config::Config;
 
-/// Options of `vpnbot demo`.
+/// Options of `vpnbot-demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Leave everything running after the report (Ctrl-C stops it), with the observability
@@ -81,7 +81,7 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     // Arguments first: a typo must not cost a PostgreSQL start.
     if let Some(bad) = args.scenario.iter().find(|s| !STEPS.contains(&s.as_str())) {
         eprintln!("demo: unknown step {bad:?}; steps: {}", STEPS.join(", "));
-        return ExitCode::from(crate::config::EXIT_CONFIG as u8);
+        return ExitCode::from(vpnbot::config::EXIT_CONFIG as u8);
     }
     // The user's configuration (file and VPNBOT_<SECTION>__<KEY>) applies; the demo only
     // brings the database when none is configured, and fills values left at their defaults
@@ -91,7 +91,7 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprint!("demo: {e}");
-            return ExitCode::from(crate::config::EXIT_CONFIG as u8);
+            return ExitCode::from(vpnbot::config::EXIT_CONFIG as u8);
         }
     };
     let configured_db = cfg.db.url.expose_secret() != NO_DB_YET;
@@ -126,13 +126,13 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
             filled.join(", ")
         );
     }
-    let instruments = crate::app::Instruments::install(&cfg);
-    let rt = crate::cli::build_main_runtime(&cfg, &instruments);
+    let instruments = vpnbot::app::Instruments::install(&cfg);
+    let rt = vpnbot::cli::build_main_runtime(&cfg, &instruments);
     // Like every command: an unreachable or refusing database is exit 69 with its cause.
-    if let Err(e) = rt.block_on(crate::db::connect::preflight(&cfg.db)) {
+    if let Err(e) = rt.block_on(vpnbot::db::connect::preflight(&cfg.db)) {
         rt.shutdown_timeout(Duration::from_secs(1));
         instruments.shutdown();
-        return crate::cli::fail(&e, e.exit_code());
+        return vpnbot::cli::fail(&e, e.exit_code());
     }
     // Two simulated nodes, seeded with users (80 % carry vpnbot's ownership marker).
     let sims = rt.block_on(async {
@@ -159,7 +159,7 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        crate::sim::botapi::BotApiSim::start(l, Default::default())
+        vpnbot_sim::botapi::BotApiSim::start(l, Default::default())
     });
     println!("demo: Bot API stand-in at {}", telegram.api_url());
     cfg.telegram.token = SecretString::from(telegram.token().to_string());
@@ -167,8 +167,14 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     cfg.telegram.admin_ids = vec![1];
     for (name, sim) in [("a", &sims.0), ("b", &sims.1)] {
         println!("demo: simulated node {name} at {}", sim.base_url());
-        cfg.nodes
-            .insert(name.into(), sim.node_config(&format!("{name}.vpn.example")));
+        cfg.nodes.insert(
+            name.into(),
+            vpnbot::config::NodeConfig::new(
+                &sim.base_url(),
+                sim.api_key(),
+                &format!("{name}.vpn.example"),
+            ),
+        );
     }
     let ok = rt.block_on(scenario(cfg, args, &instruments, sims, Arc::new(telegram)));
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -183,9 +189,9 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
 async fn scenario(
     cfg: Config,
     args: DemoArgs,
-    instruments: &crate::app::Instruments,
+    instruments: &vpnbot::app::Instruments,
     sims: (SimNodeHandle, SimNodeHandle),
-    telegram: Arc<crate::sim::botapi::BotApiSimHandle>,
+    telegram: Arc<vpnbot_sim::botapi::BotApiSimHandle>,
 ) -> bool {
     let started = Instant::now();
     let app = match App::start_with(cfg, instruments).await {

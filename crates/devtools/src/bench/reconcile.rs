@@ -11,13 +11,13 @@ use serde::Serialize;
 use sqlx::{Connection, Executor};
 use uuid::Uuid;
 
-use super::{ReconcileSettings, Reconciler, RunOptions};
-use crate::config::{Config, NodeConfig};
-use crate::db::inflight::PoolUse;
-use crate::db::DbPool;
-use crate::fleet::Fleet;
-use crate::node::NodeUser;
-use crate::sim::node::{SimNode, SimNodeOptions};
+use vpnbot::config::{Config, NodeConfig};
+use vpnbot::db::inflight::PoolUse;
+use vpnbot::db::DbPool;
+use vpnbot::fleet::Fleet;
+use vpnbot::node::NodeUser;
+use vpnbot::reconcile::{ReconcileSettings, Reconciler, RunOptions};
+use vpnbot_sim::node::{SimNode, SimNodeOptions};
 
 /// Figures of one benchmark pass.
 #[derive(Debug, Clone, Serialize)]
@@ -175,9 +175,9 @@ impl ReconcileFixture {
         );
         // The default body cap (64 MiB) holds 1,000,000 owned users (~60 MiB with the
         // 19-character ownership marker); the benchmark runs with it.
-        let registry = crate::metrics::new_registry();
+        let registry = vpnbot::metrics::new_registry();
         let pool = DbPool::connect(&cfg.db, &registry).map_err(|x| e(&x))?;
-        crate::db::migrate(&pool).await.map_err(|x| e(&x))?;
+        vpnbot::db::migrate(&pool).await.map_err(|x| e(&x))?;
         {
             let mut c = pool.acquire("bench_setup").await.map_err(|x| e(&x))?;
             // One user per subscription, as in production (owner ids 1..=n): skewed owners

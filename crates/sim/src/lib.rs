@@ -1,5 +1,6 @@
 //! Simulators used only by tests, the demo and operators rehearsing alerts: never on the
-//! production path.
+//! production path (the `vpnbot` package does not depend on this crate; its tests and the dev
+//! tools do).
 
 pub mod botapi;
 pub mod node;

@@ -21,7 +21,7 @@ struct Args {
 
 fn main() {
     // Re-executed as the node simulator child of the reconcile load: serve and exit.
-    vpnbot::reconcile::bench::maybe_run_sim_child();
+    vpnbot_devtools::bench::reconcile::maybe_run_sim_child();
     let args = Args::parse();
     let url =
         std::env::var("DATABASE_URL").expect("DATABASE_URL (e.g. from scripts/ensure-postgres.sh)");

@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::app::App;
-use crate::diagnostics::{Dump, EpisodeRecord, StallKind};
-use crate::node::Operation;
-use crate::reconcile::{Outcome, RunOptions};
-use crate::sim::botapi::{BotApiSimHandle, SimUser};
-use crate::sim::node::{Fault, SimNodeHandle};
+use diagnostics::{Dump, EpisodeRecord, StallKind};
+use vpnbot::app::App;
+use vpnbot::node::Operation;
+use vpnbot::reconcile::{Outcome, RunOptions};
+use vpnbot_sim::botapi::{BotApiSimHandle, SimUser};
+use vpnbot_sim::node::{Fault, SimNodeHandle};
 
 use super::report::StepReport;
-use crate::metrics::sample;
+use vpnbot::metrics::sample;
 
 /// Everything a step needs.
 #[derive(Debug)]
@@ -335,7 +335,7 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
     r.detection_latency = seen_body;
     r.culprit_named = r.verdict.contains("node \"a\"") && r.verdict.contains("phase body");
     let (rep, took) = run.await.expect("task");
-    let bound = crate::config::secs(stage.app.config.node_client.total_deadline_seconds);
+    let bound = vpnbot::config::secs(stage.app.config.node_client.total_deadline_seconds);
     match rep {
         Ok(rep) => {
             let a = rep.node("a");

@@ -1,4 +1,4 @@
-//! Benchmarks of the node client, run in release by `vpnbot bench` (wired by the CLI owner)
+//! Benchmarks of the node client, run in release by `vpnbot-bench`
 //! or `cargo run --release --example node_bench`. They print and return their figures; speed
 //! targets live here, not in tests.
 
@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 
-use super::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
-use crate::sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
+use vpnbot::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
+use vpnbot_sim::node::{SimNode, SimNodeHandle, SimNodeOptions};
 
 /// Figures of [`bench_list_users_1m`].
 #[derive(Debug, Clone)]
@@ -118,7 +118,7 @@ pub async fn bench_list_users_1m() -> ListUsersBenchReport {
         })
     };
     // A ticker on the same runtime: its worst lateness is how long a worker was held.
-    let lateness = crate::diagnostics::lateness::LatenessProbe::start(Duration::from_millis(5));
+    let lateness = diagnostics::lateness::LatenessProbe::start(Duration::from_millis(5));
     let t = Instant::now();
     let users = client.list_users().await.expect("list-users of 1M users");
     let elapsed = t.elapsed();
@@ -130,7 +130,7 @@ pub async fn bench_list_users_1m() -> ListUsersBenchReport {
         .max()
         .unwrap_or_default();
     let _ = sampler.join();
-    let body_bytes = crate::metrics::render(&registry)
+    let body_bytes = vpnbot::metrics::render(&registry)
         .lines()
         .find(|l| {
             l.starts_with("vpnbot_node_api_response_body_bytes_sum{") && l.contains("list_users")
@@ -170,17 +170,20 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
         .tcp_nodelay(true)
         .build()
         .expect("bare client");
-    let url = sim.base_url().join(super::wire::HEALTH_PATH).expect("url");
+    let url = sim
+        .base_url()
+        .join(vpnbot::node::wire::HEALTH_PATH)
+        .expect("url");
     let key = sim.api_key().to_owned();
     let bare_call = || async {
         let r = bare
             .get(url.clone())
-            .header(super::wire::API_KEY_HEADER, &key)
+            .header(vpnbot::node::wire::API_KEY_HEADER, &key)
             .send()
             .await
             .expect("bare call");
         let b = r.bytes().await.expect("bare body");
-        let h: super::wire::HealthResponse = serde_json::from_slice(&b).expect("decode");
+        let h: vpnbot::node::wire::HealthResponse = serde_json::from_slice(&b).expect("decode");
         assert_eq!(h.status, "ok");
     };
     for _ in 0..200 {

@@ -4,7 +4,7 @@
 
 fn main() {
     // Re-executed as the node simulator child: serve and exit.
-    vpnbot::reconcile::bench::maybe_run_sim_child();
+    vpnbot_devtools::bench::reconcile::maybe_run_sim_child();
     let n: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
@@ -14,7 +14,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    match rt.block_on(vpnbot::reconcile::bench::bench_reconcile(&url, n)) {
+    match rt.block_on(vpnbot_devtools::bench::reconcile::bench_reconcile(&url, n)) {
         Ok(r) => print!("{r}"),
         Err(e) => {
             eprintln!("bench failed: {e}");

@@ -27,7 +27,7 @@ use rand::{Rng, SeedableRng};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{owned_email, NodeUser, Operation};
+use node_api::{owned_email, NodeUser, Operation};
 
 /// Options of a simulated node.
 #[derive(Debug, Clone)]
@@ -195,17 +195,6 @@ impl SimNodeHandle {
         &self.shared.api_key
     }
 
-    /// A `[nodes.NAME]` config entry pointing vpnbot at this simulated node, with
-    /// `public_host` for the `vless://` links it builds.
-    pub fn node_config(&self, public_host: &str) -> crate::config::NodeConfig {
-        crate::config::NodeConfig {
-            url: self.base_url().to_string(),
-            api_key: secrecy::SecretString::from(self.api_key().to_string()),
-            public_host: public_host.to_string(),
-            public_port: 443,
-        }
-    }
-
     /// Switches the fault of `operation` (takes effect on the next request).
     pub fn set_fault(&self, operation: Operation, fault: Fault) {
         self.shared.faults()[operation.index()] = fault;
@@ -300,7 +289,7 @@ pub struct SimNodeArgs {
     pub keep_alive_idle_seconds: f64,
 }
 
-/// Runs `vpnbot sim-node` until Ctrl-C.
+/// Runs `vpnbot-sim node` until Ctrl-C.
 ///
 /// # Errors
 /// When the address cannot be bound or the arguments are out of range.

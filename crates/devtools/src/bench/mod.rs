@@ -1,25 +1,29 @@
-//! `vpnbot bench NAME`: benchmarks that print their figures (targets live here, not in tests).
+//! `vpnbot-bench NAME`: benchmarks that print their figures (targets live here, not in tests).
 //!
 //! Benchmarks that claim vpnbot's cost (`always-on-cost`, `node-call-overhead`, `spawn-churn`)
 //! run each round in a fresh child process of this binary, instrumented either exactly as
-//! `vpnbot run` is ([`Variant::Production`]: [`crate::app::Instruments::install`] with the
+//! `vpnbot run` is ([`Variant::Production`]: [`vpnbot::app::Instruments::install`] with the
 //! default config: log layer at the default filter writing to stderr (sent to /dev/null),
 //! the filtered open-span layer, no OTLP endpoint and tokio-console off as by default; the main
-//! runtime from [`crate::runtime::build_main_runtime`] with the diagnostics' hooks, watchdog,
+//! runtime from [`vpnbot::runtime::build_main_runtime`] with the diagnostics' hooks, watchdog,
 //! lag probe and monitors started) or bare ([`Variant::Bare`]: a plain 2-worker tokio runtime,
 //! no subscriber, no diagnostics). Rounds alternate the variants; each prints min/median/max
 //! over the rounds and exits 1 when the median misses its target.
+
+pub mod bot;
+pub mod node;
+pub mod reconcile;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 
-use crate::config::DbConfig;
-use crate::db::inflight::PoolInflight;
-use crate::db::DbPool;
+use vpnbot::config::DbConfig;
+use vpnbot::db::inflight::PoolInflight;
+use vpnbot::db::DbPool;
 
-/// Options of `vpnbot bench`.
+/// Options of `vpnbot-bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Which benchmark.
@@ -108,7 +112,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         }
         BenchName::NodeCallOverhead => paired(&args, "node-call-overhead"),
         BenchName::PollHooks => {
-            crate::diagnostics::bench::bench_poll_hook_cost(2, 1000, 2000);
+            diagnostics::bench::bench_poll_hook_cost(2, 1000, 2000);
             true
         }
         BenchName::Detection => {
@@ -121,15 +125,15 @@ pub fn main(args: BenchArgs) -> ExitCode {
                 "bench detection: bare diagnostics on a hooked 2-worker runtime, no subscriber \
                  (the watchdog reads the hooks' slots; the subscriber plays no part in detection)"
             );
-            let d = crate::diagnostics::DEFAULT_WATCHDOG_PERIOD_SECONDS;
-            let t = crate::diagnostics::DEFAULT_STALL_THRESHOLD_SECONDS;
-            let mut reports = crate::diagnostics::bench::bench_detection_latency(
+            let d = diagnostics::DEFAULT_WATCHDOG_PERIOD_SECONDS;
+            let t = diagnostics::DEFAULT_STALL_THRESHOLD_SECONDS;
+            let mut reports = diagnostics::bench::bench_detection_latency(
                 n,
                 Duration::from_secs_f64(t),
                 Duration::from_secs_f64(d),
                 "default",
             );
-            reports.extend(crate::diagnostics::bench::bench_detection_latency(
+            reports.extend(diagnostics::bench::bench_detection_latency(
                 n,
                 Duration::from_millis(300),
                 Duration::from_millis(30),
@@ -140,12 +144,12 @@ pub fn main(args: BenchArgs) -> ExitCode {
         BenchName::AlwaysOnCost => paired(&args, "always-on-cost"),
         BenchName::SpawnChurn => paired(&args, "spawn-churn"),
         BenchName::WatchdogCpu => {
-            let share = crate::diagnostics::bench::bench_watchdog_cpu(Duration::from_secs(10));
+            let share = diagnostics::bench::bench_watchdog_cpu(Duration::from_secs(10));
             println!("  target < 1 % of one core: {}", verdict(share < 0.01));
             share < 0.01
         }
         BenchName::NodeListUsers => {
-            let r = rt.block_on(crate::node::bench::bench_list_users_1m());
+            let r = rt.block_on(crate::bench::node::bench_list_users_1m());
             let ok = r.worst_worker_hold < Duration::from_secs(1) && r.users > 0;
             println!(
                 "  target: listed within deadline and cap, no worker held > 1 s: {}",
@@ -181,7 +185,7 @@ pub async fn bench_pool(iterations: u32) -> bool {
         url: SecretString::from(url),
         ..DbConfig::default()
     };
-    let registry = crate::metrics::new_registry();
+    let registry = vpnbot::metrics::new_registry();
     let pool = match DbPool::connect(&cfg, &registry) {
         Ok(p) => p,
         Err(e) => {
@@ -217,8 +221,8 @@ pub async fn bench_pool(iterations: u32) -> bool {
 
     // The bookkeeping alone (registry + histograms + gauge), no pool I/O.
     let inflight = PoolInflight::default();
-    let reg2 = crate::metrics::new_registry();
-    let m = crate::db::pool::DbMetrics::register(&reg2);
+    let reg2 = vpnbot::metrics::new_registry();
+    let m = vpnbot::db::pool::DbMetrics::register(&reg2);
     let k = 200_000u32;
     let t = Instant::now();
     for _ in 0..k {
@@ -249,13 +253,13 @@ pub async fn bench_pool(iterations: u32) -> bool {
 
 /// Times rendering `/metrics` with the data layer's families populated over 20 labels.
 pub fn bench_metrics_render(iterations: u32) {
-    let registry = crate::metrics::new_registry();
-    let m = crate::db::pool::DbMetrics::register(&registry);
+    let registry = vpnbot::metrics::new_registry();
+    let m = vpnbot::db::pool::DbMetrics::register(&registry);
     m.populate_for_bench();
-    let bytes = crate::metrics::render(&registry).len();
+    let bytes = vpnbot::metrics::render(&registry).len();
     let t = Instant::now();
     for _ in 0..iterations {
-        std::hint::black_box(crate::metrics::render(&registry));
+        std::hint::black_box(vpnbot::metrics::render(&registry));
     }
     let us = t.elapsed().as_secs_f64() * 1e6 / iterations as f64;
     println!("bench metrics-render: {iterations} renders of {bytes} bytes: {us:.1} µs per render");
@@ -339,7 +343,7 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
     for r in 0..rounds {
         for &v in variants {
             let out = std::process::Command::new(&exe)
-                .args(["bench", name, "--variant", v.as_str()])
+                .args([name, "--variant", v.as_str()])
                 .arg("--iterations")
                 .arg(args.iterations.to_string())
                 .stdin(std::process::Stdio::null())
@@ -475,7 +479,7 @@ fn verdict(ok: bool) -> &'static str {
 
 /// One round in this process: instrument as `v`, run the workload, print `RESULT`.
 fn child(args: &BenchArgs, v: Variant) -> ExitCode {
-    let cfg = crate::config::Config::default();
+    let cfg = vpnbot::config::Config::default();
     let (rt, instruments) = match v {
         Variant::Bare => (
             tokio::runtime::Builder::new_multi_thread()
@@ -486,13 +490,13 @@ fn child(args: &BenchArgs, v: Variant) -> ExitCode {
             None,
         ),
         Variant::Production => {
-            let instruments = crate::app::Instruments::install(&cfg);
-            let rt = crate::runtime::build_main_runtime(Some(2), &instruments.diagnostics)
+            let instruments = vpnbot::app::Instruments::install(&cfg);
+            let rt = vpnbot::runtime::build_main_runtime(Some(2), &instruments.diagnostics)
                 .expect("runtime");
             (rt, Some(instruments))
         }
     };
-    let tasks = crate::tasks::Tasks::new();
+    let tasks = vpnbot::tasks::Tasks::new();
     if let Some(i) = &instruments {
         i.diagnostics.start(rt.handle(), &tasks);
     }
@@ -500,7 +504,7 @@ fn child(args: &BenchArgs, v: Variant) -> ExitCode {
         BenchName::SpawnChurn => rt.block_on(spawn_churn(100_000)),
         BenchName::AlwaysOnCost => rt.block_on(mixed_load(args.iterations as usize)),
         _ => rt.block_on(async {
-            let r = crate::node::bench::bench_call_overhead(args.iterations as usize).await;
+            let r = crate::bench::node::bench_call_overhead(args.iterations as usize).await;
             format!(
                 "bare_us={:.2} client_us={:.2}",
                 r.bare_mean.as_secs_f64() * 1e6,
@@ -536,7 +540,7 @@ async fn spawn_churn(n: usize) -> String {
 /// The mixed load of `always-on-cost`: about `ops` operations in all; throughput and p99 of
 /// every operation's latency.
 async fn mixed_load(ops: usize) -> String {
-    use crate::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
+    use vpnbot::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
@@ -551,13 +555,13 @@ async fn mixed_load(ops: usize) -> String {
             .expect("sim runtime");
         srt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-            let sim = crate::sim::node::SimNode::start(l, Default::default());
+            let sim = vpnbot_sim::node::SimNode::start(l, Default::default());
             let _ = tx.send((sim.base_url(), sim.api_key().to_owned()));
             let _ = stop_rx.await;
         });
     });
     let (url, key) = rx.await.expect("sim address");
-    let registry = crate::metrics::new_registry();
+    let registry = vpnbot::metrics::new_registry();
     let client = NodeClient::new(
         "bench",
         url,

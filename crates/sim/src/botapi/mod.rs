@@ -1210,3 +1210,41 @@ async fn sim_fault(State(app): State<AppState>, body: String) -> Response {
         Err(e) => err(400, &e, None),
     }
 }
+
+/// Options of `vpnbot-sim botapi`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimBotapiArgs {
+    /// Address to listen on (loopback unless you mean otherwise).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Token the stand-in accepts.
+    #[arg(long, default_value = "123456:sim-token")]
+    pub token: String,
+    /// `getUpdates` fault from the start: none, hang, rate_limited:SECS:TIMES, conflict:TIMES.
+    #[arg(long, default_value = "none")]
+    pub updates_fault: UpdatesFault,
+}
+
+/// Runs `vpnbot-sim botapi` until Ctrl-C.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn run(args: SimBotapiArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let sim = BotApiSim::start(
+        listener,
+        BotApiSimOptions {
+            token: args.token,
+            updates_fault: args.updates_fault,
+        },
+    );
+    println!(
+        "Bot API stand-in on {} (set telegram.api_url to it)",
+        sim.api_url()
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    Ok(())
+}
