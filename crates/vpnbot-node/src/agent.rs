@@ -419,6 +419,38 @@ impl Agent {
             .await
             .map_err(|e| CoreError::Other(e.to_string()))?;
         let total = users.len();
+        // A core that can list (Xray): add only what it lacks (a restarted core lacks all).
+        let users = match self.core.list_users().await {
+            None => users,
+            Some(Err(e)) => {
+                self.note_core(&e);
+                self.synced.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+            Some(Ok(on_core)) => {
+                let have: std::collections::HashMap<String, String> = on_core
+                    .into_iter()
+                    .map(|u| (email_key(&u.email), u.id))
+                    .collect();
+                let mut missing = Vec::new();
+                for (id, email) in users {
+                    match have.get(&email_key(&email)) {
+                        Some(core_id) if core_id.eq_ignore_ascii_case(&id.to_string()) => {
+                            report.present += 1
+                        }
+                        Some(_) => {
+                            // Same email, another id: replace it with the ledger's.
+                            match self.core.remove_user("resync_remove", &email).await {
+                                Ok(()) | Err(CoreError::NotFound) => missing.push((id, email)),
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        None => missing.push((id, email)),
+                    }
+                }
+                missing
+            }
+        };
         let mut results = futures_util::stream::iter(users)
             .map(|(id, email)| async move { self.core.add_user("resync_add", id, &email).await })
             .buffer_unordered(RESYNC_CONCURRENCY);

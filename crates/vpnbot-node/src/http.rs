@@ -243,7 +243,12 @@ async fn list_from_core(agent: &Arc<Agent>, users: Vec<crate::core::CoreUser>) -
     let body = tokio::task::spawn_blocking(move || {
         let mut out = Vec::with_capacity(16 + users.len() * 72);
         out.extend_from_slice(wire::LIST_USERS_OPEN);
-        let mut seen = std::collections::HashSet::with_capacity(users.len());
+        // One ledger snapshot (one read transaction), then one pass over the core's list.
+        let mut ledger_users = std::collections::HashMap::with_capacity(users.len());
+        let _ = ledger.for_each(|id, email| {
+            ledger_users.insert(id, email.to_owned());
+            true
+        });
         let mut drift: i64 = 0;
         let mut first = true;
         for u in &users {
@@ -255,20 +260,15 @@ async fn list_from_core(agent: &Arc<Agent>, users: Vec<crate::core::CoreUser>) -
                 drift += 1;
                 continue;
             };
-            match ledger.get(id) {
-                Ok(Some(e)) if e == u.email => {}
+            match ledger_users.remove(&id) {
+                Some(e) if e == u.email => {}
                 _ => drift += 1,
             }
-            seen.insert(id);
             wire::write_list_pair(&mut out, first, &id, &u.email);
             first = false;
         }
-        let _ = ledger.for_each(|id, _| {
-            if !seen.contains(&id) {
-                drift += 1;
-            }
-            true
-        });
+        // Ledger users the core does not have.
+        drift += ledger_users.len() as i64;
         metrics.drift.set(drift);
         out.extend_from_slice(wire::LIST_USERS_CLOSE);
         out
