@@ -123,8 +123,10 @@ async fn trial_key_carries_real_traffic_until_expiry_and_survives_a_core_restart
 
     // Expiry: the worker queues the removal, the outbox delivers it to the agent, and a new
     // client connection is refused.
-    e.exec("UPDATE subscriptions SET expires_at = now() - interval '1 minute' WHERE owner_id = 4401")
-        .await;
+    e.exec(
+        "UPDATE subscriptions SET expires_at = now() - interval '1 minute' WHERE owner_id = 4401",
+    )
+    .await;
     let p = e.expiry.run_once().await.unwrap();
     assert_eq!(p.expired, 1, "{p:?}");
     let pass = e.outbox.process_once().await.unwrap();

@@ -29,4 +29,3 @@ pub use node_api::{
     legacy_owned_email, looks_owned, marker_matches, owned_email, NodeUser, Operation,
     LEGACY_OWNED_EMAIL_PREFIX, OWNED_EMAIL_PREFIX,
 };
-

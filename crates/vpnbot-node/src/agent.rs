@@ -282,7 +282,10 @@ impl Agent {
     async fn fail_add(&self, id: Uuid, e: &CoreError) -> AgentError {
         self.note_core(e);
         if !e.is_transient() {
-            tracing::warn!(outcome = e.outcome(), "core refused add-user; ledger entry rolled back");
+            tracing::warn!(
+                outcome = e.outcome(),
+                "core refused add-user; ledger entry rolled back"
+            );
             tracing::debug!(uuid = %id, error = %e, "core refusal");
             if let Err(le) = self.blocking(move |l| l.remove(id, false)).await {
                 return AgentError::Ledger(le);
@@ -391,7 +394,11 @@ impl Agent {
                     return Err(e);
                 }
             }
-            if self.blocking(move |l| l.clear_tombstone(&email)).await.is_ok() {
+            if self
+                .blocking(move |l| l.clear_tombstone(&email))
+                .await
+                .is_ok()
+            {
                 n += 1;
             }
         }
@@ -477,7 +484,11 @@ impl Agent {
             Ok(()) | Err(CoreError::NotFound) => {}
             Err(e) => return Err(e),
         }
-        match self.core.add_user("probe", self.sentinel, SENTINEL_EMAIL).await {
+        match self
+            .core
+            .add_user("probe", self.sentinel, SENTINEL_EMAIL)
+            .await
+        {
             Ok(()) | Err(CoreError::AlreadyExists) => {}
             Err(e) => return Err(e),
         }
@@ -504,7 +515,10 @@ impl Agent {
     /// One probe of the core (see the module doc); resyncs when the core forgot the agent's
     /// users or the last resync did not complete. Returns whether the core is up.
     pub async fn probe(&self) -> bool {
-        let r = self.core.add_user("probe", self.sentinel, SENTINEL_EMAIL).await;
+        let r = self
+            .core
+            .add_user("probe", self.sentinel, SENTINEL_EMAIL)
+            .await;
         let need = match r {
             Ok(()) => {
                 if self.synced.load(Ordering::Relaxed) {
@@ -532,7 +546,10 @@ impl Agent {
         if let Some(reason) = need {
             self.synced.store(false, Ordering::Relaxed);
             if let Err(e) = self.resync(reason).await {
-                tracing::warn!(outcome = e.outcome(), "resync failed; retried at the next probe");
+                tracing::warn!(
+                    outcome = e.outcome(),
+                    "resync failed; retried at the next probe"
+                );
                 return false;
             }
         }

@@ -98,5 +98,8 @@ fn env_overrides_serve_plain_http_when_allowed() {
     assert!(ok, "{log}");
     assert!(healthz.unwrap().starts_with("HTTP/1.0 200"), "{log}");
     assert!(start.elapsed() < Duration::from_secs(5));
-    assert!(!log.contains("0123456789abcdef0123456789abcdef"), "key logged: {log}");
+    assert!(
+        !log.contains("0123456789abcdef0123456789abcdef"),
+        "key logged: {log}"
+    );
 }

@@ -46,10 +46,14 @@ fn example_agent_config_has_only_known_keys() {
     let path = repo().join("deploy/node/node.example.toml");
     // Only the host-specific files may be missing here (state directory, TLS files).
     std::env::set_var("VBNODE_API_KEY", "0123456789abcdef0123456789abcdef");
-    let problems = vpnbot_node::Config::load(Some(&path)).err().unwrap_or_default();
+    let problems = vpnbot_node::Config::load(Some(&path))
+        .err()
+        .unwrap_or_default();
     for p in &problems {
         assert!(
-            p.starts_with("state: directory") || p.starts_with("tls_cert:") || p.starts_with("tls_key:"),
+            p.starts_with("state: directory")
+                || p.starts_with("tls_cert:")
+                || p.starts_with("tls_key:"),
             "{p}"
         );
     }
@@ -69,8 +73,8 @@ fn systemd_units_verify() {
         );
         return;
     };
-    let text = String::from_utf8_lossy(&out.stderr).into_owned()
-        + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     let problems: Vec<&str> = text
         .lines()
         .filter(|l| !l.trim().is_empty())

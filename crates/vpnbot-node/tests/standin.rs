@@ -32,7 +32,11 @@ async fn xray_lists_from_the_core_and_reports_drift() {
     let users = XrayUsers::default();
     let (addr, _core) = standin::xray(users.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(CoreKind::Xray, &addr.to_string(), &dir.path().join("l.redb"));
+    let cfg = config(
+        CoreKind::Xray,
+        &addr.to_string(),
+        &dir.path().join("l.redb"),
+    );
     let agent = start(&cfg).await;
     let api = Api::new(&agent);
     api.wait_ready(T).await;
@@ -72,7 +76,11 @@ async fn xray_get_inbound_users_with_100k_users() {
         assert_eq!(l.import(&all).unwrap(), 100_000);
     }
     let (addr, _core) = standin::xray(users.clone()).await;
-    let mut cfg = config(CoreKind::Xray, &addr.to_string(), &dir.path().join("l.redb"));
+    let mut cfg = config(
+        CoreKind::Xray,
+        &addr.to_string(),
+        &dir.path().join("l.redb"),
+    );
     cfg.core_timeout = Duration::from_secs(10);
     let agent = start(&cfg).await;
     let api = Api::new(&agent);
@@ -116,7 +124,10 @@ async fn v2ray_list_users_streams_100k_ledger_users() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
-        assert!(resp.headers().get("content-length").is_none(), "streamed (chunked)");
+        assert!(
+            resp.headers().get("content-length").is_none(),
+            "streamed (chunked)"
+        );
         let body = resp.bytes().await.unwrap();
         let parsed: node_api::wire::ListUsersResponse = serde_json::from_slice(&body).unwrap();
         best = best.min(start.elapsed());
@@ -132,7 +143,11 @@ async fn v2ray_list_users_streams_100k_ledger_users() {
 async fn a_user_the_core_rejects_is_a_typed_error_and_leaves_no_trace() {
     let (addr, _core) = standin::rejecting_v2ray().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(CoreKind::V2ray, &addr.to_string(), &dir.path().join("l.redb"));
+    let cfg = config(
+        CoreKind::V2ray,
+        &addr.to_string(),
+        &dir.path().join("l.redb"),
+    );
     let agent = start(&cfg).await;
     let api = Api::new(&agent);
     api.wait_ready(T).await;
@@ -159,7 +174,11 @@ async fn a_user_the_core_rejects_is_a_typed_error_and_leaves_no_trace() {
 async fn a_core_dying_mid_request_gives_a_typed_503_and_keeps_the_ledger() {
     let (addr, _core) = standin::dying_core().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(CoreKind::V2ray, &addr.to_string(), &dir.path().join("l.redb"));
+    let cfg = config(
+        CoreKind::V2ray,
+        &addr.to_string(),
+        &dir.path().join("l.redb"),
+    );
     let agent = start(&cfg).await;
     let api = Api::new(&agent);
     let id = Uuid::new_v4();
@@ -170,7 +189,11 @@ async fn a_core_dying_mid_request_gives_a_typed_503_and_keeps_the_ledger() {
         "{a:?}"
     );
     assert!(a.took < Duration::from_secs(3), "{a:?}");
-    assert_eq!(api.list().await.len(), 1, "the desired user stays in the ledger");
+    assert_eq!(
+        api.list().await.len(),
+        1,
+        "the desired user stays in the ledger"
+    );
     let text = api.get_text("/metrics").await.1;
     assert!(
         common::metric(
@@ -190,7 +213,11 @@ async fn agent_answers_follow_the_document() {
     let users = XrayUsers::default();
     let (addr, core) = standin::xray(users.clone()).await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(CoreKind::Xray, &addr.to_string(), &dir.path().join("l.redb"));
+    let cfg = config(
+        CoreKind::Xray,
+        &addr.to_string(),
+        &dir.path().join("l.redb"),
+    );
     let agent = start(&cfg).await;
     let api = Api::new(&agent);
     api.wait_ready(T).await;
@@ -198,27 +225,137 @@ async fn agent_answers_follow_the_document() {
     let email = node_api::owned_email(mine);
     let absent = Uuid::new_v4();
     let body = |id: Uuid, e: &str| Some(serde_json::json!({"uuid": id, "email": e}));
-    type Case = (Operation, &'static str, String, Option<Value>, &'static str, u16);
+    type Case = (
+        Operation,
+        &'static str,
+        String,
+        Option<Value>,
+        &'static str,
+        u16,
+    );
     let users_path = "/v1/users".to_string();
     let cases: Vec<Case> = vec![
-        (Operation::Health, "GET", "/v1/health".into(), None, common::KEY, 200),
-        (Operation::ListUsers, "GET", users_path.clone(), None, common::KEY, 200),
-        (Operation::AddUser, "POST", users_path.clone(), body(mine, &email), common::KEY, 200),
-        (Operation::AddUser, "POST", users_path.clone(), body(mine, &email), common::KEY, 200),
-        (Operation::AddUser, "POST", users_path.clone(), body(mine, "other"), common::KEY, 409),
-        (Operation::AddUser, "POST", users_path.clone(), Some(serde_json::json!({"uuid": 1})), common::KEY, 400),
-        (Operation::ListUsers, "GET", users_path.clone(), None, common::KEY, 200),
-        (Operation::UpdateUser, "PUT", format!("/v1/users/{mine}"), body(mine, "other"), common::KEY, 200),
-        (Operation::UpdateUser, "PUT", format!("/v1/users/{absent}"), body(absent, "x"), common::KEY, 404),
-        (Operation::UpdateUser, "PUT", format!("/v1/users/{absent}"), body(mine, "x"), common::KEY, 400),
-        (Operation::RemoveUser, "DELETE", format!("/v1/users/{mine}"), None, common::KEY, 200),
-        (Operation::RemoveUser, "DELETE", format!("/v1/users/{mine}"), None, common::KEY, 200),
-        (Operation::RemoveUser, "DELETE", "/v1/users/not-a-uuid".into(), None, common::KEY, 400),
-        (Operation::ListUsers, "GET", users_path.clone(), None, "wrong-key", 401),
+        (
+            Operation::Health,
+            "GET",
+            "/v1/health".into(),
+            None,
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::ListUsers,
+            "GET",
+            users_path.clone(),
+            None,
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::AddUser,
+            "POST",
+            users_path.clone(),
+            body(mine, &email),
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::AddUser,
+            "POST",
+            users_path.clone(),
+            body(mine, &email),
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::AddUser,
+            "POST",
+            users_path.clone(),
+            body(mine, "other"),
+            common::KEY,
+            409,
+        ),
+        (
+            Operation::AddUser,
+            "POST",
+            users_path.clone(),
+            Some(serde_json::json!({"uuid": 1})),
+            common::KEY,
+            400,
+        ),
+        (
+            Operation::ListUsers,
+            "GET",
+            users_path.clone(),
+            None,
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::UpdateUser,
+            "PUT",
+            format!("/v1/users/{mine}"),
+            body(mine, "other"),
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::UpdateUser,
+            "PUT",
+            format!("/v1/users/{absent}"),
+            body(absent, "x"),
+            common::KEY,
+            404,
+        ),
+        (
+            Operation::UpdateUser,
+            "PUT",
+            format!("/v1/users/{absent}"),
+            body(mine, "x"),
+            common::KEY,
+            400,
+        ),
+        (
+            Operation::RemoveUser,
+            "DELETE",
+            format!("/v1/users/{mine}"),
+            None,
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::RemoveUser,
+            "DELETE",
+            format!("/v1/users/{mine}"),
+            None,
+            common::KEY,
+            200,
+        ),
+        (
+            Operation::RemoveUser,
+            "DELETE",
+            "/v1/users/not-a-uuid".into(),
+            None,
+            common::KEY,
+            400,
+        ),
+        (
+            Operation::ListUsers,
+            "GET",
+            users_path.clone(),
+            None,
+            "wrong-key",
+            401,
+        ),
         (Operation::Health, "GET", "/v1/health".into(), None, "", 401),
     ];
     let mut checked = 0;
-    let run = |op: Operation, method: &'static str, path: String, b: Option<Value>, key: &'static str, want: u16| {
+    let run = |op: Operation,
+               method: &'static str,
+               path: String,
+               b: Option<Value>,
+               key: &'static str,
+               want: u16| {
         let api = api.clone();
         let doc = &doc;
         async move {
@@ -256,7 +393,12 @@ async fn agent_answers_follow_the_document() {
     let cfg = config(CoreKind::V2ray, &down, &dir.path().join("l2.redb"));
     let agent = start(&cfg).await;
     let api = Api::new(&agent);
-    let run = |op: Operation, method: &'static str, path: String, b: Option<Value>, key: &'static str, want: u16| {
+    let run = |op: Operation,
+               method: &'static str,
+               path: String,
+               b: Option<Value>,
+               key: &'static str,
+               want: u16| {
         let api = api.clone();
         let doc = &doc;
         async move {
@@ -273,19 +415,43 @@ async fn agent_answers_follow_the_document() {
             let declared = resolve(doc, &operation(doc, op)["responses"][status.to_string()]);
             let value: Value = resp.json().await.unwrap();
             let mut errs = Vec::new();
-            check(doc, &declared["content"]["application/json"]["schema"], &value, "body", &mut errs);
+            check(
+                doc,
+                &declared["content"]["application/json"]["schema"],
+                &value,
+                "body",
+                &mut errs,
+            );
             assert!(errs.is_empty(), "{op} {status}: {errs:?} in {value}");
         }
     };
     for (op, m, p, b) in [
         (Operation::Health, "GET", "/v1/health".to_string(), None),
-        (Operation::AddUser, "POST", users_path.clone(), body(absent, "y")),
-        (Operation::RemoveUser, "DELETE", format!("/v1/users/{absent}"), None),
+        (
+            Operation::AddUser,
+            "POST",
+            users_path.clone(),
+            body(absent, "y"),
+        ),
+        (
+            Operation::RemoveUser,
+            "DELETE",
+            format!("/v1/users/{absent}"),
+            None,
+        ),
     ] {
         run(op, m, p, b, common::KEY, 503).await;
         checked += 1;
     }
-    run(Operation::ListUsers, "GET", users_path.clone(), None, common::KEY, 200).await;
+    run(
+        Operation::ListUsers,
+        "GET",
+        users_path.clone(),
+        None,
+        common::KEY,
+        200,
+    )
+    .await;
     checked += 1;
     assert_eq!(checked, 19);
     agent.stop().await;

@@ -20,10 +20,10 @@ pub struct XrayUsers(pub Arc<Mutex<BTreeMap<String, (String, String)>>>);
 
 impl XrayUsers {
     pub fn insert(&self, email: &str, id: &str) {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(email.to_ascii_lowercase(), (email.to_owned(), id.to_owned()));
+        self.0.lock().unwrap().insert(
+            email.to_ascii_lowercase(),
+            (email.to_owned(), id.to_owned()),
+        );
     }
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
@@ -48,7 +48,10 @@ fn vless_id(user: &xray::common::protocol::User) -> Result<String, Status> {
         .as_ref()
         .ok_or_else(|| Status::unknown("failed to parse user > no account"))?;
     if acc.r#type != "xray.proxy.vless.Account" {
-        return Err(Status::unknown(format!("unknown account type {}", acc.r#type)));
+        return Err(Status::unknown(format!(
+            "unknown account type {}",
+            acc.r#type
+        )));
     }
     let a = xray::proxy::vless::Account::decode(acc.value.as_slice())
         .map_err(|e| Status::unknown(format!("failed to parse user > {e}")))?;
@@ -93,12 +96,7 @@ impl xc::handler_service_server::HandlerService for XrayStandIn {
                     .map_err(|e| Status::unknown(e.to_string()))?;
                 match users.remove(&rm.email.to_ascii_lowercase()) {
                     Some(_) => {}
-                    None => {
-                        return Err(Status::unknown(format!(
-                            "User {} not found.",
-                            rm.email
-                        )))
-                    }
+                    None => return Err(Status::unknown(format!("User {} not found.", rm.email))),
                 }
             }
             other => return Err(Status::unknown(format!("unknown operation {other}"))),
@@ -191,7 +189,10 @@ impl vc::handler_service_server::HandlerService for RejectingV2ray {
         let add = vc::AddUserOperation::decode(op.value.as_slice()).ok();
         match op.r#type.as_str() {
             "v2ray.core.app.proxyman.command.AddUserOperation" => {
-                let email = add.and_then(|a| a.user).map(|u| u.email).unwrap_or_default();
+                let email = add
+                    .and_then(|a| a.user)
+                    .map(|u| u.email)
+                    .unwrap_or_default();
                 if email == "vbnode.sentinel" {
                     // The probe's sentinel: accepted, so the core reads as up.
                     return Err(Status::unknown(format!(
