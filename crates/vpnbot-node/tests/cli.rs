@@ -103,3 +103,60 @@ fn env_overrides_serve_plain_http_when_allowed() {
         "key logged: {log}"
     );
 }
+
+/// With `tls_cert`/`tls_key` the node API is HTTPS (rustls): a client trusting the certificate
+/// gets answers, plain HTTP on the same port gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_https_with_the_configured_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let cfg = vpnbot_node::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: "0123456789abcdef0123456789abcdef".into(),
+        core: vpnbot_node::CoreKind::V2ray,
+        core_api: format!("127.0.0.1:{}", vpnbot_node::testkit::free_port()),
+        inbound_tag: "vless-in".into(),
+        state: dir.path().join("l.redb"),
+        tls: Some((cert, key)),
+        core_timeout: Duration::from_millis(300),
+        probe_interval: Duration::from_millis(100),
+        user_level: 0,
+    };
+    let running = vpnbot_node::start(&cfg, std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .await
+        .unwrap();
+    let port = running.addr.port();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ck.cert.pem().as_bytes()).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = http
+        .get(format!("https://localhost:{port}/v1/users"))
+        .header("x-api-key", "0123456789abcdef0123456789abcdef")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "{\"users\":[]}");
+    let r = http
+        .get(format!("https://localhost:{port}/v1/users"))
+        .header("x-api-key", "wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let plain = reqwest::Client::new()
+        .get(format!("http://localhost:{port}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await;
+    assert!(
+        plain.map(|r| !r.status().is_success()).unwrap_or(true),
+        "plain HTTP is not served"
+    );
+    running.stop().await;
+}
