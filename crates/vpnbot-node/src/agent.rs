@@ -417,6 +417,29 @@ impl Agent {
 
     async fn resync_locked(&self, reason: &'static str) -> Result<ResyncReport, CoreError> {
         let start = Instant::now();
+        // The sentinel first, with this process's UUID (a previous agent left its own): should
+        // the core restart while the users are being added, the sentinel is gone too and the
+        // next probe resyncs again.
+        match self.core.remove_user("resync_remove", SENTINEL_EMAIL).await {
+            Ok(()) | Err(CoreError::NotFound) => {}
+            Err(e) => {
+                self.note_core(&e);
+                self.synced.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        match self
+            .core
+            .add_user("probe", self.sentinel, SENTINEL_EMAIL)
+            .await
+        {
+            Ok(()) | Err(CoreError::AlreadyExists) => {}
+            Err(e) => {
+                self.note_core(&e);
+                self.synced.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
         let mut report = ResyncReport {
             removed: self.flush_tombstones().await?,
             ..Default::default()
@@ -479,19 +502,6 @@ impl Agent {
             }
         }
         drop(results);
-        // Take the sentinel over with this process's UUID (a previous agent left its own).
-        match self.core.remove_user("resync_remove", SENTINEL_EMAIL).await {
-            Ok(()) | Err(CoreError::NotFound) => {}
-            Err(e) => return Err(e),
-        }
-        match self
-            .core
-            .add_user("probe", self.sentinel, SENTINEL_EMAIL)
-            .await
-        {
-            Ok(()) | Err(CoreError::AlreadyExists) => {}
-            Err(e) => return Err(e),
-        }
         let took = start.elapsed();
         self.metrics.resyncs.inc();
         self.metrics.resync_duration.observe(took.as_secs_f64());
