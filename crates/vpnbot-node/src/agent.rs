@@ -542,7 +542,11 @@ impl Agent {
             Err(e) => {
                 self.note_core(&e);
                 if !e.is_transient() {
-                    tracing::error!(outcome = e.outcome(), error = %e, "core probe failed");
+                    tracing::error!(
+                        outcome = e.outcome(),
+                        "core probe failed (details at debug)"
+                    );
+                    tracing::debug!(error = %e, "core probe failure");
                     self.core_up.store(false, Ordering::Relaxed);
                     self.metrics.core_up.set(0);
                 }
