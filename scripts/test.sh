@@ -9,4 +9,4 @@ if [ -n "${RUSTFLAGS:-}" ] && [[ "$RUSTFLAGS" != *tokio_unstable* ]]; then
 fi
 bash scripts/install-deps.sh
 . scripts/ensure-postgres.sh
-cargo test --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked "$@"
