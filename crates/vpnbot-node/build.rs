@@ -5,11 +5,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (root, files) in [
         (
             "proto/v2ray",
-            ["app/proxyman/command/command.proto", "proxy/vless/account.proto"],
+            [
+                "app/proxyman/command/command.proto",
+                "proxy/vless/account.proto",
+            ],
         ),
         (
             "proto/xray",
-            ["app/proxyman/command/command.proto", "proxy/vless/account.proto"],
+            [
+                "app/proxyman/command/command.proto",
+                "proxy/vless/account.proto",
+            ],
         ),
     ] {
         println!("cargo:rerun-if-changed={root}");

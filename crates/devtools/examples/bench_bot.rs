@@ -30,16 +30,20 @@ fn main() {
         .thread_name("vpnbot-worker")
         .build()
         .expect("runtime");
-    let shape = vpnbot::bot::bench::Burst {
+    let shape = vpnbot_devtools::bench::bot::Burst {
         users: args.users,
         concurrency: args.concurrency,
     };
     let res = rt.block_on(async {
         if args.subscriptions == 0 {
-            vpnbot::bot::bench::bench_updates(&url, shape).await
+            vpnbot_devtools::bench::bot::bench_updates(&url, shape).await
         } else {
-            vpnbot::bot::bench::bench_updates_during_reconcile(&url, shape, args.subscriptions)
-                .await
+            vpnbot_devtools::bench::bot::bench_updates_during_reconcile(
+                &url,
+                shape,
+                args.subscriptions,
+            )
+            .await
         }
     });
     match res {

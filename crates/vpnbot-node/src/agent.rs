@@ -282,7 +282,10 @@ impl Agent {
     async fn fail_add(&self, id: Uuid, e: &CoreError) -> AgentError {
         self.note_core(e);
         if !e.is_transient() {
-            tracing::warn!(outcome = e.outcome(), "core refused add-user; ledger entry rolled back");
+            tracing::warn!(
+                outcome = e.outcome(),
+                "core refused add-user; ledger entry rolled back"
+            );
             tracing::debug!(uuid = %id, error = %e, "core refusal");
             if let Err(le) = self.blocking(move |l| l.remove(id, false)).await {
                 return AgentError::Ledger(le);
@@ -391,7 +394,11 @@ impl Agent {
                     return Err(e);
                 }
             }
-            if self.blocking(move |l| l.clear_tombstone(&email)).await.is_ok() {
+            if self
+                .blocking(move |l| l.clear_tombstone(&email))
+                .await
+                .is_ok()
+            {
                 n += 1;
             }
         }
@@ -410,6 +417,29 @@ impl Agent {
 
     async fn resync_locked(&self, reason: &'static str) -> Result<ResyncReport, CoreError> {
         let start = Instant::now();
+        // The sentinel first, with this process's UUID (a previous agent left its own): should
+        // the core restart while the users are being added, the sentinel is gone too and the
+        // next probe resyncs again.
+        match self.core.remove_user("resync_remove", SENTINEL_EMAIL).await {
+            Ok(()) | Err(CoreError::NotFound) => {}
+            Err(e) => {
+                self.note_core(&e);
+                self.synced.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        match self
+            .core
+            .add_user("probe", self.sentinel, SENTINEL_EMAIL)
+            .await
+        {
+            Ok(()) | Err(CoreError::AlreadyExists) => {}
+            Err(e) => {
+                self.note_core(&e);
+                self.synced.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
         let mut report = ResyncReport {
             removed: self.flush_tombstones().await?,
             ..Default::default()
@@ -419,6 +449,38 @@ impl Agent {
             .await
             .map_err(|e| CoreError::Other(e.to_string()))?;
         let total = users.len();
+        // A core that can list (Xray): add only what it lacks (a restarted core lacks all).
+        let users = match self.core.list_users().await {
+            None => users,
+            Some(Err(e)) => {
+                self.note_core(&e);
+                self.synced.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+            Some(Ok(on_core)) => {
+                let have: std::collections::HashMap<String, String> = on_core
+                    .into_iter()
+                    .map(|u| (email_key(&u.email), u.id))
+                    .collect();
+                let mut missing = Vec::new();
+                for (id, email) in users {
+                    match have.get(&email_key(&email)) {
+                        Some(core_id) if core_id.eq_ignore_ascii_case(&id.to_string()) => {
+                            report.present += 1
+                        }
+                        Some(_) => {
+                            // Same email, another id: replace it with the ledger's.
+                            match self.core.remove_user("resync_remove", &email).await {
+                                Ok(()) | Err(CoreError::NotFound) => missing.push((id, email)),
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        None => missing.push((id, email)),
+                    }
+                }
+                missing
+            }
+        };
         let mut results = futures_util::stream::iter(users)
             .map(|(id, email)| async move { self.core.add_user("resync_add", id, &email).await })
             .buffer_unordered(RESYNC_CONCURRENCY);
@@ -440,15 +502,6 @@ impl Agent {
             }
         }
         drop(results);
-        // Take the sentinel over with this process's UUID (a previous agent left its own).
-        match self.core.remove_user("resync_remove", SENTINEL_EMAIL).await {
-            Ok(()) | Err(CoreError::NotFound) => {}
-            Err(e) => return Err(e),
-        }
-        match self.core.add_user("probe", self.sentinel, SENTINEL_EMAIL).await {
-            Ok(()) | Err(CoreError::AlreadyExists) => {}
-            Err(e) => return Err(e),
-        }
         let took = start.elapsed();
         self.metrics.resyncs.inc();
         self.metrics.resync_duration.observe(took.as_secs_f64());
@@ -472,7 +525,10 @@ impl Agent {
     /// One probe of the core (see the module doc); resyncs when the core forgot the agent's
     /// users or the last resync did not complete. Returns whether the core is up.
     pub async fn probe(&self) -> bool {
-        let r = self.core.add_user("probe", self.sentinel, SENTINEL_EMAIL).await;
+        let r = self
+            .core
+            .add_user("probe", self.sentinel, SENTINEL_EMAIL)
+            .await;
         let need = match r {
             Ok(()) => {
                 if self.synced.load(Ordering::Relaxed) {
@@ -486,7 +542,11 @@ impl Agent {
             Err(e) => {
                 self.note_core(&e);
                 if !e.is_transient() {
-                    tracing::error!(outcome = e.outcome(), error = %e, "core probe failed");
+                    tracing::error!(
+                        outcome = e.outcome(),
+                        "core probe failed (details at debug)"
+                    );
+                    tracing::debug!(error = %e, "core probe failure");
                     self.core_up.store(false, Ordering::Relaxed);
                     self.metrics.core_up.set(0);
                 }
@@ -500,7 +560,10 @@ impl Agent {
         if let Some(reason) = need {
             self.synced.store(false, Ordering::Relaxed);
             if let Err(e) = self.resync(reason).await {
-                tracing::warn!(outcome = e.outcome(), "resync failed; retried at the next probe");
+                tracing::warn!(
+                    outcome = e.outcome(),
+                    "resync failed; retried at the next probe"
+                );
                 return false;
             }
         }

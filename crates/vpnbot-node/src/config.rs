@@ -125,7 +125,7 @@ impl Config {
                             e.to_string()
                         }
                     })
-                    .collect())
+                    .collect());
             }
         };
         Self::validate(raw)
@@ -183,7 +183,9 @@ impl Config {
         };
         let core_api = match raw.core_api {
             None => {
-                errs.push("core_api: missing (the core's gRPC API, e.g. \"127.0.0.1:10085\")".into());
+                errs.push(
+                    "core_api: missing (the core's gRPC API, e.g. \"127.0.0.1:10085\")".into(),
+                );
                 None
             }
             Some(s) if s.parse::<SocketAddr>().is_err() && !s.contains(':') => {
@@ -251,8 +253,7 @@ impl Config {
             errs.push("core_timeout_ms: must be between 1 and 60000".into());
         }
         let probe_interval = Duration::from_millis(raw.probe_interval_ms.unwrap_or(2000));
-        if probe_interval < Duration::from_millis(50) || probe_interval > Duration::from_secs(300)
-        {
+        if probe_interval < Duration::from_millis(50) || probe_interval > Duration::from_secs(300) {
             errs.push("probe_interval_ms: must be between 50 and 300000".into());
         }
         if !errs.is_empty() {

@@ -37,7 +37,10 @@ pub fn router(agent: Arc<Agent>, api_key: &str) -> Router {
     let api = Router::new()
         .route(wire::HEALTH_PATH, get(health))
         .route(wire::USERS_PATH, get(list_users).post(add_user))
-        .route("/v1/users/{uuid}", axum::routing::put(update_user).delete(remove_user))
+        .route(
+            "/v1/users/{uuid}",
+            axum::routing::put(update_user).delete(remove_user),
+        )
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(api)
@@ -125,7 +128,11 @@ async fn readyz(State(s): State<AppState>) -> Response {
     if s.agent.ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "core unreachable or ledger not applied\n").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "core unreachable or ledger not applied\n",
+        )
+            .into_response()
     }
 }
 
@@ -138,12 +145,14 @@ async fn metrics(State(s): State<AppState>) -> Response {
     r
 }
 
-fn parse_body(body: &[u8]) -> Result<UserBody, Response> {
-    serde_json::from_slice::<UserBody>(body).map_err(|_| error(400, "bad_body"))
+/// The request body, or the `400` error code.
+fn parse_body(body: &[u8]) -> Result<UserBody, &'static str> {
+    serde_json::from_slice::<UserBody>(body).map_err(|_| "bad_body")
 }
 
-fn parse_uuid(s: &str) -> Result<uuid::Uuid, Response> {
-    uuid::Uuid::try_parse(s).map_err(|_| error(400, "bad_uuid"))
+/// The path's UUID, or the `400` error code.
+fn parse_uuid(s: &str) -> Result<uuid::Uuid, &'static str> {
+    uuid::Uuid::try_parse(s).map_err(|_| "bad_uuid")
 }
 
 fn mutation(r: Result<wire::MutationResult, AgentError>) -> Response {
@@ -159,14 +168,14 @@ fn mutation(r: Result<wire::MutationResult, AgentError>) -> Response {
 async fn add_user(State(s): State<AppState>, body: Bytes) -> Response {
     match parse_body(&body) {
         Ok(b) => mutation(s.agent.add_user(b.uuid, b.email).await),
-        Err(r) => r,
+        Err(code) => error(400, code),
     }
 }
 
 async fn update_user(State(s): State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
     let (id, b) = match (parse_uuid(&id), parse_body(&body)) {
         (Ok(id), Ok(b)) => (id, b),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(code), _) | (_, Err(code)) => return error(400, code),
     };
     if id != b.uuid {
         return error(400, "uuid_mismatch");
@@ -177,7 +186,7 @@ async fn update_user(State(s): State<AppState>, Path(id): Path<String>, body: By
 async fn remove_user(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match parse_uuid(&id) {
         Ok(id) => mutation(s.agent.remove_user(id).await),
-        Err(r) => r,
+        Err(code) => error(400, code),
     }
 }
 
@@ -243,7 +252,12 @@ async fn list_from_core(agent: &Arc<Agent>, users: Vec<crate::core::CoreUser>) -
     let body = tokio::task::spawn_blocking(move || {
         let mut out = Vec::with_capacity(16 + users.len() * 72);
         out.extend_from_slice(wire::LIST_USERS_OPEN);
-        let mut seen = std::collections::HashSet::with_capacity(users.len());
+        // One ledger snapshot (one read transaction), then one pass over the core's list.
+        let mut ledger_users = std::collections::HashMap::with_capacity(users.len());
+        let _ = ledger.for_each(|id, email| {
+            ledger_users.insert(id, email.to_owned());
+            true
+        });
         let mut drift: i64 = 0;
         let mut first = true;
         for u in &users {
@@ -255,20 +269,15 @@ async fn list_from_core(agent: &Arc<Agent>, users: Vec<crate::core::CoreUser>) -
                 drift += 1;
                 continue;
             };
-            match ledger.get(id) {
-                Ok(Some(e)) if e == u.email => {}
+            match ledger_users.remove(&id) {
+                Some(e) if e == u.email => {}
                 _ => drift += 1,
             }
-            seen.insert(id);
             wire::write_list_pair(&mut out, first, &id, &u.email);
             first = false;
         }
-        let _ = ledger.for_each(|id, _| {
-            if !seen.contains(&id) {
-                drift += 1;
-            }
-            true
-        });
+        // Ledger users the core does not have.
+        drift += ledger_users.len() as i64;
         metrics.drift.set(drift);
         out.extend_from_slice(wire::LIST_USERS_CLOSE);
         out

@@ -123,9 +123,7 @@ impl Ledger {
                 Some(ref e) if e == email => PutOutcome::Same,
                 _ if owner.is_some_and(|o| o != uuid.as_u128()) => PutOutcome::EmailTaken,
                 present => {
-                    users
-                        .insert(uuid.as_u128(), email)
-                        .map_err(err("put"))?;
+                    users.insert(uuid.as_u128(), email).map_err(err("put"))?;
                     emails
                         .insert(key.as_str(), uuid.as_u128())
                         .map_err(err("put"))?;
@@ -135,7 +133,9 @@ impl Ledger {
                         None => PutOutcome::Inserted,
                         Some(old) => {
                             if email_key(&old) != key {
-                                emails.remove(email_key(&old).as_str()).map_err(err("put"))?;
+                                emails
+                                    .remove(email_key(&old).as_str())
+                                    .map_err(err("put"))?;
                             }
                             tombs
                                 .insert(old.as_str(), uuid.as_u128())
@@ -204,8 +204,11 @@ impl Ledger {
                 {
                     continue;
                 }
-                t.insert(id.as_u128(), email.as_str()).map_err(err("import"))?;
-                emails.insert(key.as_str(), id.as_u128()).map_err(err("import"))?;
+                t.insert(id.as_u128(), email.as_str())
+                    .map_err(err("import"))?;
+                emails
+                    .insert(key.as_str(), id.as_u128())
+                    .map_err(err("import"))?;
                 n += 1;
             }
         }
@@ -306,14 +309,21 @@ mod tests {
             Some(PutOutcome::EmailTaken),
             "emails are unique ignoring ASCII case"
         );
-        assert_eq!(l.put(b, "x", true).unwrap(), None, "update of an absent uuid");
+        assert_eq!(
+            l.put(b, "x", true).unwrap(),
+            None,
+            "update of an absent uuid"
+        );
         assert_eq!(
             l.put(a, "vb.B", false).unwrap(),
             Some(PutOutcome::Replaced { old: "vb.A".into() })
         );
         assert_eq!(l.tombstones().unwrap(), vec!["vb.A".to_owned()]);
         assert_eq!(l.put(b, "vb.A", false).unwrap(), Some(PutOutcome::Inserted));
-        assert!(l.tombstones().unwrap().is_empty(), "re-added email supersedes");
+        assert!(
+            l.tombstones().unwrap().is_empty(),
+            "re-added email supersedes"
+        );
         assert_eq!(l.remove(a, true).unwrap().as_deref(), Some("vb.B"));
         assert_eq!(l.remove(a, true).unwrap(), None);
         assert_eq!(l.tombstones().unwrap(), vec!["vb.B".to_owned()]);

@@ -72,7 +72,10 @@ pub async fn start(cfg: &Config, listener: std::net::TcpListener) -> Result<Runn
     // A mutation waits at most this long for another mutation or a resync.
     let lock_wait = (cfg.core_timeout * 2).max(Duration::from_secs(1));
     let agent = Arc::new(Agent::new(ledger, core, metrics, lock_wait));
-    let n = agent.blocking(|l| l.len()).await.map_err(|e| e.to_string())?;
+    let n = agent
+        .blocking(|l| l.len())
+        .await
+        .map_err(|e| e.to_string())?;
     agent.metrics().ledger_users.set(n as i64);
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

@@ -26,7 +26,10 @@ fn main() -> ExitCode {
     let cfg = match vpnbot_node::Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(problems) => {
-            eprintln!("vpnbot-node: invalid configuration ({} problems):", problems.len());
+            eprintln!(
+                "vpnbot-node: invalid configuration ({} problems):",
+                problems.len()
+            );
             for p in problems {
                 eprintln!("  - {p}");
             }

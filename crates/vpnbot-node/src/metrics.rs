@@ -72,8 +72,9 @@ impl Metrics {
             "1 when the last probe of the proxy core succeeded.",
         )
         .expect("valid metric");
-        let ledger_users = IntGauge::new("vpnbot_node_ledger_users", "Users in the agent's ledger.")
-            .expect("valid metric");
+        let ledger_users =
+            IntGauge::new("vpnbot_node_ledger_users", "Users in the agent's ledger.")
+                .expect("valid metric");
         let drift = IntGauge::new(
             "vpnbot_node_core_drift_users",
             "Users on which the core and the ledger disagree (cores that can list only).",

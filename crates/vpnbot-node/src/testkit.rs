@@ -149,7 +149,11 @@ impl Drop for V2ray {
 /// # Errors
 /// The proxy refused, the connection closed without an answer (what a VLESS server does to an
 /// unknown user), or `within` passed.
-pub async fn socks_get(socks_port: u16, target: SocketAddr, within: Duration) -> Result<String, String> {
+pub async fn socks_get(
+    socks_port: u16,
+    target: SocketAddr,
+    within: Duration,
+) -> Result<String, String> {
     let fetch = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", socks_port))
             .await
@@ -168,7 +172,9 @@ pub async fn socks_get(socks_port: u16, target: SocketAddr, within: Duration) ->
         req.extend_from_slice(&v4.port().to_be_bytes());
         s.write_all(&req).await.map_err(|e| e.to_string())?;
         let mut rep = [0u8; 10];
-        s.read_exact(&mut rep).await.map_err(|e| format!("socks reply: {e}"))?;
+        s.read_exact(&mut rep)
+            .await
+            .map_err(|e| format!("socks reply: {e}"))?;
         if rep[1] != 0 {
             return Err(format!("socks CONNECT refused: {}", rep[1]));
         }
@@ -176,7 +182,9 @@ pub async fn socks_get(socks_port: u16, target: SocketAddr, within: Duration) ->
             .await
             .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
-        s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
+        s.read_to_end(&mut out)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         let text = String::from_utf8_lossy(&out).into_owned();
         match text.split_once("\r\n\r\n") {
             Some((head, body)) if head.starts_with("HTTP/1.") => Ok(body.to_owned()),
@@ -193,7 +201,9 @@ pub const ORIGIN_BODY: &str = "hello-from-origin\n";
 
 /// A loopback HTTP server answering every request with [`ORIGIN_BODY`]; runs until aborted.
 pub async fn origin() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = l.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {

@@ -86,19 +86,34 @@ async fn users_get_traffic_and_lose_it_on_removal_and_survive_core_restarts() {
     let alice = Uuid::new_v4();
     let email = node_api::owned_email(alice);
     let (_c, socks) = node.client("client-alice", alice);
-    assert!(fetch(socks, origin).await.is_err(), "not added yet: refused");
+    assert!(
+        fetch(socks, origin).await.is_err(),
+        "not added yet: refused"
+    );
 
     let a = api.add(alice, &email).await;
-    assert_eq!((a.status, &a.body["result"]), (200, &"created".into()), "{a:?}");
+    assert_eq!(
+        (a.status, &a.body["result"]),
+        (200, &"created".into()),
+        "{a:?}"
+    );
     assert_eq!(fetch(socks, origin).await.unwrap(), ORIGIN_BODY);
     // Idempotent add; conflicting adds are refused without touching the ledger or the core.
     let a = api.add(alice, &email).await;
     assert_eq!(a.body["result"], "unchanged", "{a:?}");
     let a = api.add(alice, "someone-else").await;
-    assert_eq!((a.status, &a.body["error"]), (409, &"conflict".into()), "{a:?}");
+    assert_eq!(
+        (a.status, &a.body["error"]),
+        (409, &"conflict".into()),
+        "{a:?}"
+    );
     let bob = Uuid::new_v4();
     let a = api.add(bob, &email.to_uppercase()).await;
-    assert_eq!((a.status, &a.body["error"]), (409, &"email_taken".into()), "{a:?}");
+    assert_eq!(
+        (a.status, &a.body["error"]),
+        (409, &"email_taken".into()),
+        "{a:?}"
+    );
     for bad in ["", "   ", "vbnode.sentinel"] {
         let a = api.add(bob, bad).await;
         assert_eq!(a.status, 400, "{bad:?}: {a:?}");
@@ -133,11 +148,19 @@ async fn users_get_traffic_and_lose_it_on_removal_and_survive_core_restarts() {
     }
     let h2 = api.call("GET", "/v1/health", None).await;
     assert!(h.status == 200 || h.status == 503, "{h:?}");
-    assert_eq!((h2.status, &h2.body["error"]), (503, &"core_unavailable".into()), "{h2:?}");
+    assert_eq!(
+        (h2.status, &h2.body["error"]),
+        (503, &"core_unavailable".into()),
+        "{h2:?}"
+    );
     // A mutation while the core is down: a fast typed 503, the ledger keeps the desired state.
     let carol = Uuid::new_v4();
     let a = api.add(carol, &node_api::owned_email(carol)).await;
-    assert_eq!((a.status, &a.body["error"]), (503, &"core_unavailable".into()), "{a:?}");
+    assert_eq!(
+        (a.status, &a.body["error"]),
+        (503, &"core_unavailable".into()),
+        "{a:?}"
+    );
     assert!(a.took < Duration::from_secs(2), "{a:?}");
     assert_eq!(api.list().await.len(), 2, "the ledger keeps both");
     node.start_core();
@@ -183,10 +206,18 @@ async fn core_down_at_start_then_up_converges() {
     let api = Api::new(&agent);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(api.get_text("/readyz").await.0, 503);
-    assert_eq!(api.get_text("/healthz").await.0, 200, "the process itself is alive");
+    assert_eq!(
+        api.get_text("/healthz").await.0,
+        200,
+        "the process itself is alive"
+    );
     let id = Uuid::new_v4();
     let a = api.add(id, &node_api::owned_email(id)).await;
-    assert_eq!((a.status, &a.body["error"]), (503, &"core_unavailable".into()), "{a:?}");
+    assert_eq!(
+        (a.status, &a.body["error"]),
+        (503, &"core_unavailable".into()),
+        "{a:?}"
+    );
     assert!(a.took < Duration::from_secs(2), "{a:?}");
     assert!(
         api.metric(
@@ -196,7 +227,11 @@ async fn core_down_at_start_then_up_converges() {
         .await
             >= 1.0
     );
-    assert_eq!(api.list().await.len(), 1, "ledger written before the core is told");
+    assert_eq!(
+        api.list().await.len(),
+        1,
+        "ledger written before the core is told"
+    );
     node.start_core();
     api.wait_ready(T).await;
     let (_c, socks) = node.client("client", id);
@@ -216,7 +251,11 @@ async fn hanging_core_gives_a_fast_typed_503() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(CoreKind::V2ray, &addr.to_string(), &dir.path().join("l.redb"));
+    let cfg = config(
+        CoreKind::V2ray,
+        &addr.to_string(),
+        &dir.path().join("l.redb"),
+    );
     let agent = start(&cfg).await;
     let api = Api::new(&agent);
     let id = Uuid::new_v4();
@@ -239,5 +278,46 @@ async fn hanging_core_gives_a_fast_typed_503() {
         .await
             >= 1.0
     );
+    agent.stop().await;
+}
+
+/// A start resync of 10,000 ledger users into a fresh V2Ray core: every user gets traffic
+/// (one checked through a client), and the time is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_resync_of_10k_users_into_v2ray() {
+    let Some(mut node) = Node::new() else { return };
+    node.start_core();
+    let (origin, _o) = testkit::origin().await;
+    let state = node.dir.path().join("ledger.redb");
+    let users: Vec<(Uuid, String)> = (0..10_000)
+        .map(|_| {
+            let id = Uuid::new_v4();
+            (id, node_api::owned_email(id))
+        })
+        .collect();
+    {
+        let l = vpnbot_node::ledger::Ledger::open(&state).unwrap();
+        assert_eq!(l.import(&users).unwrap(), 10_000);
+    }
+    let mut cfg = config(CoreKind::V2ray, &node.core_api(), &state);
+    cfg.core_timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    let agent = start(&cfg).await;
+    let api = Api::new(&agent);
+    api.wait_ready(Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    let resync = agent.agent.metrics().resync_duration.get_sample_sum();
+    eprintln!("start resync of 10,000 users into V2Ray 4.34: {resync:.2} s (ready after {took:?})");
+    let text = api.get_text("/metrics").await.1;
+    assert_eq!(
+        common::metric(
+            &text,
+            "vpnbot_node_core_request_duration_seconds_count",
+            &[("operation", "resync_add"), ("outcome", "ok")]
+        ),
+        10_000.0
+    );
+    let (_c, socks) = node.client("client-last", users[9_999].0);
+    assert_eq!(fetch(socks, origin).await.unwrap(), ORIGIN_BODY);
     agent.stop().await;
 }

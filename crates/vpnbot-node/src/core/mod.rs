@@ -240,9 +240,8 @@ impl Core {
                         value: op.encode_to_vec(),
                     }),
                 };
-                let mut client = c::handler_service_client::HandlerServiceClient::new(
-                    self.channel.clone(),
-                );
+                let mut client =
+                    c::handler_service_client::HandlerServiceClient::new(self.channel.clone());
                 self.timed(operation, client.alter_inbound(self.request(req)))
                     .await
                     .map(|_| ())
@@ -300,9 +299,8 @@ impl Core {
                         value: op.encode_to_vec(),
                     }),
                 };
-                let mut client = c::handler_service_client::HandlerServiceClient::new(
-                    self.channel.clone(),
-                );
+                let mut client =
+                    c::handler_service_client::HandlerServiceClient::new(self.channel.clone());
                 self.timed(operation, client.alter_inbound(self.request(req)))
                     .await
                     .map(|_| ())
