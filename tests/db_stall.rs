@@ -578,6 +578,10 @@ async fn slow_database_behind_a_delaying_proxy_is_named_and_alerts_within_a_minu
 
     let mut fired = None;
     while t0.elapsed() < Duration::from_secs(60) {
+        // tracing caches a callsite's interest from the thread that hits it first: another
+        // test's thread (no subscriber there) may have cached "never" for the WARN's callsite.
+        // Rebuilding from this thread makes the callsite consult this test's subscriber.
+        tracing::callsite::rebuild_interest_cache();
         if prom.alert_state("VpnbotDbSlow").await.as_deref() == Some("firing") {
             fired = Some(t0.elapsed());
             break;
