@@ -270,6 +270,7 @@ impl App {
         diagnostics.add_source(Arc::new(NodeCallSource::new(fleet.inflight().clone())));
         let db_monitor = db::monitor::DbMonitor::new(&pool, &registry);
         diagnostics.add_source(Arc::new(db_monitor.clone()));
+        diagnostics.add_source(Arc::new(db_monitor.db_time_source()));
         tasks.spawn_named("db_monitor", db_monitor.clone().run(tasks.root().clone()));
         if let Some(spans) = &instruments.open_spans {
             diagnostics.add_source(Arc::new(spans.clone()));
@@ -306,6 +307,7 @@ impl App {
         )
         .with_diagnostics(diagnostics.clone());
         let reconcile = reconciler.status();
+        diagnostics.add_source(Arc::new(reconcile.clone()));
         if config.reconcile.enabled {
             let r = reconciler.clone();
             leader.run_while_leader(&tasks, "reconcile", drain, move |token| {

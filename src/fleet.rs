@@ -25,6 +25,7 @@ impl Fleet {
     pub fn from_config(cfg: &Config, registry: &Registry) -> Result<Fleet, (String, NodeError)> {
         let metrics = NodeApiMetrics::register(registry);
         let inflight = InflightCalls::new();
+        inflight.register_gauges(registry);
         let mut clients = BTreeMap::new();
         for (name, node) in &cfg.nodes {
             let url = url::Url::parse(&node.url)

@@ -1,11 +1,12 @@
 //! Feeds the watchdog: adapters that turn the pool's holders/waiters registry and the node
-//! client's in-flight calls into [`InflightEntry`]s. Both read std-mutex registries, never the
+//! client's in-flight calls (and its recent failures, see [`RecentEvent`]) into
+//! [`InflightEntry`]s. Both read std-mutex registries, never the
 //! runtime, so they work while the runtime is stuck.
 
 use std::time::{Duration, Instant};
 
 use crate::db::inflight::{PoolInflight, PoolUse};
-use crate::diagnostics::{InflightEntry, InflightKind, InflightSource};
+use crate::diagnostics::{InflightEntry, InflightKind, InflightSource, RecentEvent};
 use crate::node::InflightCalls;
 
 /// Pool waiters and holders by label (section `db_pool`). Waits carry the acquire timeout as
@@ -100,8 +101,13 @@ impl InflightSource for NodeCallSource {
                     .headers_after
                     .map(|h| format!("headers after {} ms, ", h.as_millis()))
                     .unwrap_or_default();
+                let last_byte = match c.last_byte_age {
+                    Some(a) => format!(", last byte {:.1} s ago", a.as_secs_f64()),
+                    None if c.phase == "body" => ", no body byte yet".to_owned(),
+                    None => String::new(),
+                };
                 e.detail = format!(
-                    "{headers}{} body bytes, in phase {} for {:.1} s of a {:.0} s deadline (attempt {})",
+                    "{headers}{} body bytes{last_byte}, in phase {} for {:.1} s of a {:.0} s deadline (attempt {})",
                     c.bytes_received,
                     c.phase,
                     c.phase_age.as_secs_f64(),
@@ -109,6 +115,27 @@ impl InflightSource for NodeCallSource {
                     c.attempt
                 );
                 e.bounded()
+            })
+            .collect()
+    }
+
+    fn recent(&self) -> Vec<RecentEvent> {
+        self.inflight
+            .recent_failures()
+            .into_iter()
+            .map(|f| RecentEvent {
+                what: "node_call_failed",
+                node: Some(f.node),
+                operation: Some(f.operation.to_owned()),
+                phase: Some(f.phase.to_owned()),
+                outcome: f.error_type.to_owned(),
+                bytes_received: Some(f.bytes_received),
+                since_last_byte_seconds: f.since_last_byte.map(|d| d.as_secs_f64()),
+                attempts: Some(f.attempts),
+                took_seconds: Some(f.took.as_secs_f64()),
+                age_seconds: f.age.as_secs_f64(),
+                count: f.count,
+                detail: f.detail,
             })
             .collect()
     }

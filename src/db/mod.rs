@@ -2,6 +2,7 @@
 //! and the writability probe behind `/readyz`.
 
 pub mod connect;
+pub mod db_time;
 pub mod error;
 pub mod inflight;
 pub mod leader;

@@ -22,6 +22,7 @@ use sqlx::pool::PoolConnectionMetadata;
 use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
+use super::db_time;
 use super::inflight::{PoolEntry, PoolInflight, PoolUse};
 use super::DbPool;
 use crate::config::{secs, DbConfig};
@@ -320,6 +321,16 @@ struct Shared {
     metrics: MonitorMetrics,
     cancels: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<CancelRequest>>,
     readiness: std::sync::OnceLock<Arc<super::readiness::DbReadiness>>,
+    pool: DbPool,
+    db_time: Mutex<DbTimeState>,
+}
+
+/// Totals of the last [`db_time::WINDOW`] and the latest judgement.
+#[derive(Debug, Default)]
+struct DbTimeState {
+    ring: std::collections::VecDeque<db_time::DbTotals>,
+    window: Option<db_time::DbTimeWindow>,
+    finding: Option<db_time::DbTimeFinding>,
 }
 
 /// The monitoring connection and its latest reading. Cheap to clone; a diagnostics source.
@@ -383,6 +394,8 @@ impl DbMonitor {
                 requested: AtomicBool::new(false),
                 lock_seen: Mutex::new(None),
                 metrics,
+                pool: pool.clone(),
+                db_time: Mutex::default(),
             }),
         }
     }
@@ -555,6 +568,7 @@ impl DbMonitor {
         }
         writable?;
         s.metrics.roundtrip.observe(rtt.as_secs_f64());
+        self.track_db_time(rtt.as_secs_f64());
         if !full {
             let mut g = s.snap.lock().unwrap_or_else(|p| p.into_inner());
             g.1.roundtrip_seconds = Some(rtt.as_secs_f64());
@@ -600,6 +614,62 @@ impl DbMonitor {
             taken: Some(Instant::now()),
         });
         Ok(())
+    }
+
+    /// Adds this tick's totals to the window and judges it (see [`db_time::assess`]).
+    fn track_db_time(&self, rtt: f64) {
+        let s = &self.shared;
+        let new = s.pool.metrics().totals(Some(rtt));
+        let (held, in_statement) = s.pool.held_and_in_statement();
+        let mut g = s.db_time.lock().unwrap_or_else(|p| p.into_inner());
+        while g.ring.len() >= 2 && new.at.saturating_duration_since(g.ring[1].at) >= db_time::WINDOW
+        {
+            g.ring.pop_front();
+        }
+        let judged = g
+            .ring
+            .front()
+            .filter(|old| new.at.saturating_duration_since(old.at) >= db_time::WINDOW / 4);
+        let (window, finding) = match judged {
+            Some(old) => {
+                let rtts: Vec<f64> = g
+                    .ring
+                    .iter()
+                    .skip(1)
+                    .chain(std::iter::once(&new))
+                    .filter_map(|t| t.roundtrip_seconds)
+                    .collect();
+                let mut w = db_time::DbTimeWindow::between(old, &new, &rtts);
+                w.held = held;
+                w.in_statement = in_statement;
+                w.max_connections = s.cfg.max_connections;
+                let f = db_time::assess(&w);
+                (Some(w), f)
+            }
+            None => (None, None),
+        };
+        g.window = window;
+        g.finding = finding;
+        g.ring.push_back(new);
+    }
+
+    /// The database-time source of this monitor (dump section `db_time`): the last
+    /// [`db_time::WINDOW`]'s statements, pool waits and round trips, and the finding
+    /// ([`db_time::assess`]): `slow_database` or `pool_waits`.
+    pub fn db_time_source(&self) -> DbTimeSource {
+        DbTimeSource {
+            monitor: self.clone(),
+        }
+    }
+
+    /// The latest finding on where database time goes, if any.
+    pub fn db_time_finding(&self) -> Option<db_time::DbTimeFinding> {
+        self.shared
+            .db_time
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finding
+            .clone()
     }
 
     fn publish(&self, snap: MonitorSnapshot) {
@@ -910,6 +980,66 @@ impl InflightSource for DbMonitor {
 
     fn refresh(&self, wait: Duration) {
         self.refresh_blocking(wait);
+    }
+}
+
+/// Where database time goes (dump section `db_time`), from [`DbMonitor::db_time_source`].
+#[derive(Debug, Clone)]
+pub struct DbTimeSource {
+    monitor: DbMonitor,
+}
+
+impl InflightSource for DbTimeSource {
+    fn section(&self) -> &'static str {
+        "db_time"
+    }
+
+    fn entries(&self) -> Vec<InflightEntry> {
+        let g = self
+            .monitor
+            .shared
+            .db_time
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(w) = &g.window else {
+            return Vec::new();
+        };
+        let mut e = InflightEntry::new(InflightKind::DbBackend, Duration::ZERO);
+        e.label = w.top_label.as_ref().map(|l| l.0.clone());
+        match &g.finding {
+            Some(f) => {
+                e.operation = Some(f.kind().into());
+                e.detail = f.text().to_owned();
+            }
+            None => {
+                e.operation = Some("db_time".into());
+                e.detail = format!(
+                    "last {:.0} s: {} statements, {:.1} s in statements (p50 {}), {} acquires \
+                     waited {:.1} s, round trip {}; {} of {} connections held, {} in statements",
+                    w.seconds,
+                    w.statements,
+                    w.statement_seconds,
+                    w.statement_p50_seconds
+                        .map(|p| format!("{:.1} ms", p * 1000.0))
+                        .unwrap_or_else(|| "-".into()),
+                    w.acquires,
+                    w.acquire_seconds,
+                    w.roundtrip_seconds
+                        .map(|p| format!("{:.1} ms", p * 1000.0))
+                        .unwrap_or_else(|| "unknown".into()),
+                    w.held,
+                    w.max_connections,
+                    w.in_statement
+                );
+            }
+        }
+        vec![e.bounded()]
+    }
+
+    fn observation(&self) -> Option<String> {
+        self.monitor
+            .db_time_finding()
+            .map(|f| format!("{}: {}", f.kind(), f.text()))
     }
 }
 

@@ -121,6 +121,11 @@ impl DbMetrics {
         );
     }
 
+    /// Cumulative statement and acquire-wait totals now (see [`super::db_time`]).
+    pub(crate) fn totals(&self, roundtrip: Option<f64>) -> super::db_time::DbTotals {
+        super::db_time::DbTotals::read(&self.statement, &self.acquire_wait, roundtrip)
+    }
+
     /// Counts a statement vpnbot cancelled on the server after its caller gave up.
     pub(crate) fn count_abandoned_cancel(&self, label: &str) {
         self.cancelled
@@ -207,6 +212,7 @@ pub struct DbPool {
     health: Arc<ConnectHealth>,
     held: Arc<AtomicUsize>,
     abandoned: Arc<AtomicUsize>,
+    in_statement: Arc<AtomicUsize>,
     cfg: Arc<DbConfig>,
     pids: super::monitor::BackendPids,
     canceller: Arc<std::sync::OnceLock<super::monitor::Canceller>>,
@@ -268,6 +274,7 @@ impl DbPool {
             health: Arc::new(ConnectHealth::register(registry)),
             held,
             abandoned,
+            in_statement: Arc::default(),
             cfg: Arc::new(cfg.clone()),
             pids,
             canceller: Arc::default(),
@@ -528,6 +535,15 @@ impl DbPool {
         &self.cfg
     }
 
+    /// Connections held by a caller now, and of those, running a statement now (taken for a
+    /// query and its result not checked yet).
+    pub fn held_and_in_statement(&self) -> (usize, usize) {
+        (
+            self.held.load(Ordering::Acquire),
+            self.in_statement.load(Ordering::Acquire),
+        )
+    }
+
     /// Configured acquire timeout.
     pub fn acquire_timeout(&self) -> Duration {
         self.acquire_timeout
@@ -599,6 +615,7 @@ impl DbConn {
     /// The mapped error.
     pub fn check<T>(&mut self, res: Result<T, sqlx::Error>) -> Result<T, DbError> {
         if let Some(t) = self.statement_started.take() {
+            self.pool.in_statement.fetch_sub(1, Ordering::AcqRel);
             self.pool.metrics.observe_statement(self.label, t.elapsed());
         }
         res.map_err(|e| {
@@ -638,7 +655,9 @@ impl DbConn {
 
     fn conn_mut(&mut self) -> &mut PgConnection {
         // Every query takes the connection mutably right before it runs; `check` reads this.
-        self.statement_started = Some(Instant::now());
+        if self.statement_started.replace(Instant::now()).is_none() {
+            self.pool.in_statement.fetch_add(1, Ordering::AcqRel);
+        }
         self.conn.as_mut().expect("connection present until drop")
     }
 }
@@ -664,6 +683,9 @@ impl Drop for DbConn {
             .hold
             .with_label_values(&[self.label])
             .observe(held.as_secs_f64());
+        if self.statement_started.take().is_some() {
+            self.pool.in_statement.fetch_sub(1, Ordering::AcqRel);
+        }
         self.pool.inflight.end(self.slot);
         if let Some(mut conn) = self.conn.take() {
             let close = self.tx_open || self.discard;

@@ -289,6 +289,7 @@ impl NodeClient {
             .map_err(|e| NodeError::Config(format!("node {name}: {}", transport_detail(e))))?;
 
         let name: Arc<str> = Arc::from(name);
+        inflight.register_node(&name);
         let ops = Operation::ALL.map(|op| Arc::new(metrics.for_op(&name, op)));
         let transitions = [
             BreakerState::Closed,
@@ -470,6 +471,9 @@ impl NodeClient {
                     after: inner.limits.total,
                 }),
             };
+            if let Err(e) = &res {
+                inner.inflight.record_failure(&call, e);
+            }
             let failure = res.as_ref().err().is_some_and(NodeError::is_node_failure);
             inner.breaker.record(permit, failure);
             drop(guard);

@@ -20,7 +20,9 @@ pub mod wire;
 pub use breaker::BreakerState;
 pub use client::{BlockingResolve, NodeClient};
 pub use error::NodeError;
-pub use inflight::{InflightCall, InflightCalls, Phase};
+pub use inflight::{
+    InflightCall, InflightCalls, Phase, RecentFailure, RECENT_FAILURES_PER_OPERATION,
+};
 pub use metrics::NodeApiMetrics;
 pub use settings::*;
 

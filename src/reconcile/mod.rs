@@ -341,6 +341,16 @@ pub struct NodeStatus {
     pub last_success: Option<SystemTime>,
     /// The last outcome.
     pub last_outcome: Outcome,
+    /// Bounded error kind of the last run, when it failed or timed out.
+    pub last_error_type: Option<&'static str>,
+    /// Phase the last run failed or timed out in.
+    pub last_failed_phase: Option<Phase>,
+    /// Why the last run failed (no secrets, no URLs), cut to the dump's detail bound.
+    pub last_error: Option<String>,
+    /// Wall time of the last run, seconds.
+    pub last_seconds: f64,
+    #[serde(skip)]
+    at: Instant,
 }
 
 #[derive(Debug)]
@@ -449,6 +459,19 @@ impl ReconcileStatus {
                             prev
                         },
                         last_outcome: r.outcome,
+                        last_error_type: r.error_type,
+                        last_failed_phase: r.failed_phase,
+                        last_error: r.error.as_ref().map(|e| {
+                            let mut e = e.clone();
+                            let mut cut = crate::diagnostics::MAX_DETAIL_LEN.min(e.len());
+                            while !e.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            e.truncate(cut);
+                            e
+                        }),
+                        last_seconds: r.seconds,
+                        at: Instant::now(),
                     },
                 );
             }
@@ -457,6 +480,41 @@ impl ReconcileStatus {
             .last_completed_ms
             .store(unix_ms(now), Ordering::Relaxed);
         self.inner.runs_completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The last reconcile outcome per node in every dump (section `reconcile`), so a dump taken
+/// between two runs still says how the last one ended and why.
+impl crate::diagnostics::InflightSource for ReconcileStatus {
+    fn section(&self) -> &'static str {
+        "reconcile"
+    }
+
+    fn entries(&self) -> Vec<crate::diagnostics::InflightEntry> {
+        Vec::new()
+    }
+
+    fn recent(&self) -> Vec<crate::diagnostics::RecentEvent> {
+        self.lock()
+            .iter()
+            .map(|(node, st)| crate::diagnostics::RecentEvent {
+                what: "reconcile",
+                node: Some(node.clone()),
+                operation: None,
+                phase: st.last_failed_phase.map(|p| p.as_str().to_owned()),
+                outcome: match st.last_error_type {
+                    Some(t) => format!("{} ({t})", st.last_outcome.as_str()),
+                    None => st.last_outcome.as_str().to_owned(),
+                },
+                bytes_received: None,
+                since_last_byte_seconds: None,
+                attempts: None,
+                took_seconds: Some(st.last_seconds),
+                age_seconds: st.at.elapsed().as_secs_f64(),
+                count: 1,
+                detail: st.last_error.clone().unwrap_or_default(),
+            })
+            .collect()
     }
 }
 

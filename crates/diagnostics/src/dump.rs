@@ -47,6 +47,9 @@ pub struct Dump {
     pub worker_overdue: Vec<String>,
     /// Every in-flight entry, by source section.
     pub inflight: BTreeMap<String, Vec<InflightEntry>>,
+    /// Recent history by source section: the last failures per node and operation, the last
+    /// reconcile outcome per node (see [`super::RecentEvent`]).
+    pub recent: BTreeMap<String, Vec<super::RecentEvent>>,
     /// Runtime metrics at dump time.
     pub runtime: RuntimeSnapshot,
     /// Live tasks counted by name (largest first).
@@ -323,8 +326,9 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
         task_dump(inner, s.task_dump_timeout())
     };
 
+    let recent = super::recent::collect(&sources);
     let workers_ref = &workers;
-    let verdict = match kind.and_then(|k| source_verdicts.iter().find(|(sk, _)| *sk == k)) {
+    let mut verdict = match kind.and_then(|k| source_verdicts.iter().find(|(sk, _)| *sk == k)) {
         Some((StallKind::ServiceStarved, v)) => {
             format!("service_starved: {v}; {}", super::service_cause(&sources).1)
         }
@@ -341,6 +345,9 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
             &runtime,
         ),
     };
+    if kind.is_none() {
+        verdict.push_str(&super::recent::verdict_suffix(&sources, &recent));
+    }
     let now = SystemTime::now();
     Dump {
         verdict,
@@ -360,6 +367,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
         pool_starved,
         worker_overdue,
         inflight,
+        recent,
         runtime,
         tasks: TaskCensus { live, by_name },
         task_dump,

@@ -178,6 +178,19 @@ pub trait InflightSource: Send + Sync {
         None
     }
 
+    /// A standing finding that is not an episode (e.g. "database time dominates: ..."), shown
+    /// in a healthy dump's verdict. Called by dumps (and the `service_starved` cause), not by
+    /// every watchdog tick.
+    fn observation(&self) -> Option<String> {
+        None
+    }
+
+    /// Recent history (bounded): e.g. the last failures per node and operation, so that a dump
+    /// taken between two attempts still explains a repeating fault. Dump section `recent`.
+    fn recent(&self) -> Vec<super::recent::RecentEvent> {
+        Vec::new()
+    }
+
     /// Called before a dump reads [`Self::entries`]: a source that reads its evidence
     /// asynchronously may refresh it, blocking the calling (dump) thread up to `wait`.
     fn refresh(&self, _wait: Duration) {}

@@ -40,6 +40,7 @@ pub mod lateness;
 pub mod metrics;
 mod open_spans;
 mod poll_tracking;
+mod recent;
 pub mod runtime;
 mod runtime_metrics;
 mod settings;
@@ -67,6 +68,7 @@ pub use open_spans::{
     OpenSpans, OpenSpansLayer, SpanTargets, MAX_OPEN_SPANS, SHARDS as OPEN_SPAN_SHARDS,
     TRACKED_LEVEL,
 };
+pub use recent::RecentEvent;
 pub use runtime_metrics::POLL_TIME_HISTOGRAM;
 pub use settings::*;
 pub use worker_watch::{run_every, WorkerWatch};
@@ -1029,7 +1031,9 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
 }
 
 /// What busy work waits on, most specific first: own database backends waiting on a lock (the
-/// database monitor's episode), pool waiters by label, own backends in another wait, node
+/// database monitor's episode), a slow database (the monitor's `slow_database` finding: every
+/// statement slow, the pool's waiters only a symptom), pool waiters by label, own backends in
+/// another wait, node
 /// calls by phase. Returns the culprit labels `[task, node, operation, phase, label]` (task
 /// empty) and a phrase for verdicts.
 pub(crate) fn service_cause(sources: &[Arc<dyn InflightSource>]) -> ([String; 5], String) {
@@ -1044,6 +1048,22 @@ pub(crate) fn service_cause(sources: &[Arc<dyn InflightSource>]) -> ([String; 5]
         );
     }
     let entries: Vec<InflightEntry> = sources.iter().flat_map(|s| s.entries()).collect();
+    // A slow database fills the pool too: its waiters are a symptom, not the cause.
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.operation.as_deref() == Some("slow_database"))
+    {
+        return (
+            [
+                String::new(),
+                String::new(),
+                "slow_database".into(),
+                String::new(),
+                e.label.clone().unwrap_or_default(),
+            ],
+            format!("busy handlers wait on a slow database: {}", e.detail),
+        );
+    }
     let oldest = |k: InflightKind| {
         entries
             .iter()
