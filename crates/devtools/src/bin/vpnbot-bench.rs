@@ -5,7 +5,7 @@ use clap::Parser;
 /// Runs one benchmark and prints its figures with their spread; exits 1 when it misses its
 /// target.
 #[derive(Debug, Parser)]
-#[command(name = "vpnbot-bench", version, about)]
+#[command(name = "vpnbot-bench", version)]
 struct Cli {
     #[command(flatten)]
     args: vpnbot_devtools::bench::BenchArgs,

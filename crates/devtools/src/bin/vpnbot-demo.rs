@@ -6,7 +6,7 @@ use clap::Parser;
 /// simulated nodes and Telegram, injected faults, and a report; exits 0 only when every
 /// expectation held.
 #[derive(Debug, Parser)]
-#[command(name = "vpnbot-demo", version, about)]
+#[command(name = "vpnbot-demo", version)]
 struct Cli {
     /// TOML config file, as for `vpnbot` (`VPNBOT_<SECTION>__<KEY>` variables override it).
     #[arg(long, env = "VPNBOT_CONFIG")]

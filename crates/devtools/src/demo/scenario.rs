@@ -435,7 +435,7 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
     let spawned_here = worker
         .as_ref()
         .and_then(|w| w.polling.as_ref())
-        .is_some_and(|p| p.spawned_at.starts_with("src/demo/scenario.rs"));
+        .is_some_and(|p| p.spawned_at.starts_with(file!()));
     let sleep_frame = worker
         .as_ref()
         .and_then(|w| w.native_stack.as_ref())
