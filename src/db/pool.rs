@@ -296,18 +296,15 @@ impl DbPool {
             pool: self,
             slot: Some(slot),
         };
-        self.metrics.pending.inc();
+        self.metrics.waiting_started();
         let deadline = tokio::time::Instant::now() + self.acquire_timeout;
         let res = self.acquire_conn(label, deadline).await;
         let waited = started.elapsed();
-        self.metrics
-            .acquire_wait
-            .with_label_values(&[label])
-            .observe(waited.as_secs_f64());
+        self.metrics.acquire_waited(label, waited);
         let err = match res {
             Ok(conn) => {
                 let slot = waiter.slot.take().expect("slot set above");
-                self.metrics.pending.dec();
+                self.metrics.waiting_ended();
                 let pid = self.pids.pid_of(&conn);
                 self.inflight.acquired(slot, pid);
                 self.held.fetch_add(1, Ordering::AcqRel);
@@ -324,17 +321,11 @@ impl DbPool {
                 });
             }
             Err(DbError::AcquireTimeout { .. }) if self.health.refusing() => {
-                self.metrics
-                    .acquire_timeouts
-                    .with_label_values(&[label])
-                    .inc();
+                self.metrics.acquire_timed_out(label);
                 self.refused(label)
             }
             Err(DbError::AcquireTimeout { .. }) => {
-                self.metrics
-                    .acquire_timeouts
-                    .with_label_values(&[label])
-                    .inc();
+                self.metrics.acquire_timed_out(label);
                 DbError::AcquireTimeout { label, waited }
             }
             Err(DbError::PoolClosed { .. }) => DbError::PoolClosed { label },
@@ -585,7 +576,7 @@ struct WaitGuard<'a> {
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            self.pool.metrics.pending.dec();
+            self.pool.metrics.waiting_ended();
             self.pool.inflight.end(slot);
         }
     }
@@ -677,12 +668,9 @@ impl DerefMut for DbConn {
 
 impl Drop for DbConn {
     fn drop(&mut self) {
-        let held = self.acquired_at.elapsed();
         self.pool
             .metrics
-            .hold
-            .with_label_values(&[self.label])
-            .observe(held.as_secs_f64());
+            .released(self.label, self.acquired_at.elapsed());
         if self.statement_started.take().is_some() {
             self.pool.in_statement.fetch_sub(1, Ordering::AcqRel);
         }
@@ -803,30 +791,32 @@ impl DerefMut for Tx<'_> {
 }
 
 impl DbMetrics {
-    /// What one acquire+release records, without the pool (for `vpnbot bench pool`).
-    #[doc(hidden)]
-    pub fn bookkeeping_for_bench(&self, d: Duration) {
+    /// An acquire starts waiting (`vpnbot_db_pool_pending_acquires` up).
+    pub fn waiting_started(&self) {
         self.pending.inc();
-        self.acquire_wait
-            .with_label_values(&["bench"])
-            .observe(d.as_secs_f64());
-        self.pending.dec();
-        self.hold
-            .with_label_values(&["bench"])
-            .observe(d.as_secs_f64());
     }
 
-    /// Fills 20 labels with observations (for `vpnbot bench metrics-render`).
-    #[doc(hidden)]
-    pub fn populate_for_bench(&self) {
-        const LABELS: [&str; 20] = [
-            "l00", "l01", "l02", "l03", "l04", "l05", "l06", "l07", "l08", "l09", "l10", "l11",
-            "l12", "l13", "l14", "l15", "l16", "l17", "l18", "l19",
-        ];
-        for l in LABELS {
-            self.acquire_wait.with_label_values(&[l]).observe(0.001);
-            self.hold.with_label_values(&[l]).observe(0.01);
-            self.acquire_timeouts.with_label_values(&[l]).inc();
-        }
+    /// An acquire stopped waiting, with or without a connection.
+    pub fn waiting_ended(&self) {
+        self.pending.dec();
+    }
+
+    /// How long an acquire labelled `label` waited, connection or not.
+    pub fn acquire_waited(&self, label: &str, waited: Duration) {
+        self.acquire_wait
+            .with_label_values(&[label])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// A connection acquired with `label` went back after being held for `held`.
+    pub fn released(&self, label: &str, held: Duration) {
+        self.hold
+            .with_label_values(&[label])
+            .observe(held.as_secs_f64());
+    }
+
+    /// An acquire labelled `label` gave up at its timeout.
+    pub fn acquire_timed_out(&self, label: &str) {
+        self.acquire_timeouts.with_label_values(&[label]).inc();
     }
 }
