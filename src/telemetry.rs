@@ -60,3 +60,10 @@ pub fn init_for_tests() {
         init(&cfg, Vec::new());
     }
 }
+
+/// `s` as a log field value that is left out when empty: `tracing` records an `Option` field
+/// only when it is `Some`, so `field = non_empty(x)` never prints `field=""` (a label-style
+/// "empty means not applicable" string reads as a missing value in a log line).
+pub fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}

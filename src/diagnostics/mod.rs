@@ -29,6 +29,7 @@ mod poll_tracking;
 mod runtime_metrics;
 mod settings;
 pub mod stack;
+mod trace_barrier;
 mod worker_watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +58,7 @@ pub use worker_watch::{run_every, WorkerWatch};
 
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 use crate::tasks::Tasks;
+use crate::telemetry::non_empty;
 use dump::WorkerView;
 use poll_tracking::{with_spawn_name, PollTracker};
 use runtime_metrics::{PollTimeCollector, RuntimeMetricsExporter};
@@ -498,6 +500,19 @@ impl Diagnostics {
         d
     }
 
+    /// Finds workers left waiting in tokio's task-dump barrier after a task dump (a tokio 1.54
+    /// barrier that keeps a timed-out arrival; see the `trace_barrier` module) and releases
+    /// them with one more dump, as every dump does after its task dump. Returns the workers
+    /// found (tokio indices). Takes about 100 ms, more when one is found; call it from a
+    /// thread outside the runtime.
+    pub fn release_task_dump_barrier(&self) -> Vec<usize> {
+        let Some(h) = self.inner.handle.get() else {
+            return Vec::new();
+        };
+        let timeout = self.inner.settings.task_dump_timeout();
+        trace_barrier::release(&self.inner, h, timeout).0
+    }
+
     /// Watchdog ticks so far and CPU time the watchdog thread used, seconds.
     pub fn watchdog_cost(&self) -> (u64, f64) {
         (
@@ -754,8 +769,19 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
         let cpu0 = thread_cpu_ns();
         let now = Instant::now();
 
-        // Per-worker poll tracking.
+        // Per-worker poll tracking. Slots are numbered in the order threads first polled;
+        // dumps name a worker by tokio's worker index (the `worker` label of the runtime
+        // metrics and the number in its thread name, see `crate::runtime`).
         let samples = inner.tracker.sample();
+        let worker_ids: Vec<Option<std::thread::ThreadId>> = match inner.handle.get() {
+            Some(h) => {
+                let m = h.metrics();
+                (0..m.num_workers())
+                    .map(|i| m.worker_thread_id(i))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let mut view = Vec::with_capacity(samples.len());
         let mut live = Vec::with_capacity(samples.len());
         for s in samples {
@@ -778,7 +804,9 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                 Duration::ZERO
             };
             view.push(WorkerView {
-                worker: s.index,
+                worker: s
+                    .thread_id
+                    .and_then(|id| worker_ids.iter().position(|w| *w == Some(id))),
                 thread_name: s.thread_name,
                 tid: s.tid,
                 polls: s.polls,
@@ -1119,9 +1147,11 @@ fn start_episode(inner: &Inner, kind: StallKind, labels: &[String; 5]) -> usize 
     tracing::warn!(
         target: "vpnbot::diagnostics::watchdog",
         kind = kind.as_str(),
-        task = %labels[0],
-        node = %labels[1],
-        operation = %labels[2],
+        task = non_empty(&labels[0]),
+        node = non_empty(&labels[1]),
+        operation = non_empty(&labels[2]),
+        phase = non_empty(&labels[3]),
+        label = non_empty(&labels[4]),
         "stall episode started"
     );
     let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -1155,7 +1185,7 @@ fn end_episode(inner: &Inner, kind: StallKind, ep: Episode) {
         target: "vpnbot::diagnostics::watchdog",
         kind = kind.as_str(),
         duration_seconds = d.as_secs_f64(),
-        task = %ep.labels[0],
+        task = non_empty(&ep.labels[0]),
         "stall episode ended"
     );
     let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
