@@ -60,3 +60,5 @@ pub fn init_for_tests() {
         init(&cfg, Vec::new());
     }
 }
+
+pub use diagnostics::non_empty;

@@ -533,7 +533,7 @@ impl BotService {
                     user_id = input.user_id,
                     plan = %input.plan,
                     amount = input.amount,
-                    provider_charge_id = input.provider_charge_id.as_deref().unwrap_or(""),
+                    provider_charge_id = input.provider_charge_id.as_deref(),
                     telegram_charge_id = %input.telegram_charge_id,
                     "payment NOT credited after retries: credit it manually"
                 );

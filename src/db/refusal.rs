@@ -123,7 +123,7 @@ impl ConnectHealth {
         if log {
             tracing::warn!(
                 kind = kind.as_str(),
-                sqlstate = sqlstate.as_deref().unwrap_or(""),
+                sqlstate = sqlstate.as_deref(),
                 source,
                 repeats_not_logged = repeats,
                 error = %cause,

@@ -760,9 +760,11 @@ impl Reconciler {
                     seconds = rep.seconds,
                     "reconcile: node done"
                 ),
+                // Only the fields that apply: a guarded run has no error, a failed one no guard.
                 _ => tracing::warn!(
-                    error = rep.error.as_deref().unwrap_or(""),
-                    guard = rep.guard.as_ref().map(|g| g.detail.as_str()).unwrap_or(""),
+                    outcome = rep.outcome.as_str(),
+                    error = rep.error.as_deref(),
+                    guard = rep.guard.as_ref().map(|g| g.detail.as_str()),
                     "reconcile: node not reconciled"
                 ),
             }

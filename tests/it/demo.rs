@@ -59,13 +59,19 @@ fn readme_first_command_runs_the_demo_and_every_expectation_holds() {
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let log_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
         s
     });
     let start = Instant::now();
@@ -81,6 +87,7 @@ fn readme_first_command_runs_the_demo_and_every_expectation_holds() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let out = reader.join().unwrap();
+    let log = log_reader.join().unwrap();
     println!("{out}");
     let status = status.unwrap_or_else(|| panic!("`{cmd}` did not finish within {limit:?}"));
     assert!(status.success(), "`{cmd}` exited {status:?}:\n{out}");
@@ -92,4 +99,69 @@ fn readme_first_command_runs_the_demo_and_every_expectation_holds() {
     for step in ["old_freeze", "blocked_worker", "pool_pressure", "recovery"] {
         assert!(out.contains(&format!("[ok] {step}")), "step {step}:\n{out}");
     }
+    // Wording for a person (issue 17): no Rust Debug forms and no empty fields, in the report
+    // and in the log (RUST_LOG=warn above: every warning, the watchdog's dumps included).
+    let problems = [("report", &out), ("log", &log)]
+        .into_iter()
+        .flat_map(|(what, text)| {
+            unreadable_lines(text)
+                .into_iter()
+                .map(move |l| format!("{what}: {l}"))
+        })
+        .collect::<Vec<_>>();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Worker numbers match thread names: "worker N (vpnbot-wrk-N)".
+    let verdict = out
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with("verdict:  blocked_worker: worker ")
+        })
+        .unwrap_or_else(|| panic!("no blocked_worker verdict:\n{out}"));
+    let n = verdict
+        .split("worker ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap();
+    assert!(
+        verdict.contains(&format!("worker {n} (vpnbot-wrk-{n})")),
+        "{verdict}"
+    );
+}
+
+/// Lines with a Debug form (`Some(..)`, `Ok(..)`, `Err(..)`) or an empty field (`key=""`, a
+/// `key=` with nothing after it, a report line ending in `: `).
+fn unreadable_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| {
+            let debug = ["Some(", "Ok(", "Err("].iter().any(|p| l.contains(p));
+            let empty_quoted = l.contains("=\"\"") || l.contains("\": \"\"");
+            let empty_bare = l.split(' ').any(|tok| {
+                tok.len() > 1
+                    && tok.ends_with('=')
+                    && tok[..tok.len() - 1]
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '_' || c == '.')
+            });
+            debug || empty_quoted || empty_bare || l.ends_with(": ")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn unreadable_lines_finds_debug_forms_and_empty_fields() {
+    let bad = "a Some(Failed)\nb Ok(503)\nwarn x error=\"\" guard=y\nwarn node= op=a\nfailed: \n{\"k\": \"\"}";
+    assert_eq!(
+        unreadable_lines(bad).len(),
+        6,
+        "{:?}",
+        unreadable_lines(bad)
+    );
+    let good = "WARN reconcile: node not reconciled outcome=\"guarded\" guard=\"x\"\n    [ok] /healthz during the stall: 503\nbase64 aGk=";
+    assert!(
+        unreadable_lines(good).is_empty(),
+        "{:?}",
+        unreadable_lines(good)
+    );
 }

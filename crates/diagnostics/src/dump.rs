@@ -14,6 +14,9 @@ use super::stack::{self, ProcEvidence};
 use super::{Inner, StallKind};
 
 const MAX_TASK_TRACES: usize = 200;
+/// A worker found in the same poll twice this far apart holds back a task dump (see
+/// [`long_poll`]).
+const LONG_POLL_GUARD: Duration = Duration::from_millis(5);
 const MAX_TRACE_LEN: usize = 4096;
 
 /// A diagnostic dump. Serialize with [`Dump::to_json`].
@@ -63,8 +66,11 @@ pub struct Dump {
 /// One worker thread in a dump.
 #[derive(Debug, Clone, Serialize)]
 pub struct WorkerDump {
-    /// Slot index (stable while the thread lives), the "worker N" of the verdict.
-    pub worker: usize,
+    /// tokio's worker index (0-based, the `worker` label of the runtime metrics and the
+    /// number in the thread name `vpnbot-wrk-N`), the "worker N" of the verdict; `None` for a
+    /// thread that polls tasks but does not run a worker now (it left one through
+    /// `block_in_place`).
+    pub worker: Option<usize>,
     /// Thread name.
     pub thread_name: String,
     /// OS thread id.
@@ -168,7 +174,8 @@ impl Dump {
 /// Per-slot view the watchdog keeps current.
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerView {
-    pub(crate) worker: usize,
+    /// tokio's worker index of the thread, when it runs one.
+    pub(crate) worker: Option<usize>,
     pub(crate) thread_name: String,
     pub(crate) tid: u32,
     pub(crate) polls: u64,
@@ -186,12 +193,22 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     let s = &inner.settings;
     let threshold = s.stall_threshold();
     let view = inner.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // The polled tasks' table entries as of the view: native stacks below can take seconds
+    // (debug build, busy machine), and a task that ends meanwhile leaves the table, which
+    // made a blocked task read as "<unnamed>" with no age in the dump (issue 17).
+    let view_at = Instant::now();
+    let entries: Vec<Option<super::poll_tracking::TaskEntry>> = view
+        .iter()
+        .map(|w| (w.task != 0).then(|| inner.tracker.task(w.task)).flatten())
+        .collect();
     let heartbeat_age = inner.heartbeat_age();
     let probe_pending = inner.probe_pending_age();
     // Taken with the worker view, before stacks and the task dump (which take up to seconds),
     // so the verdict's poll age and episode age describe the same moment.
     let open_kinds = inner.open_kinds();
     let kind = open_kinds.first().copied();
+    // An earlier task dump still waiting in tokio's barrier (read before this dump starts one).
+    let task_dump_pending = inner.task_dump_in_flight.load(Ordering::Acquire);
     let elapsed = kind.and_then(|k| inner.episode_age(k));
 
     // Sources.
@@ -260,7 +277,8 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     }
     let workers: Vec<WorkerDump> = view
         .iter()
-        .map(|w| {
+        .zip(entries)
+        .map(|(w, entry)| {
             let (native_stack, stack_unavailable) = if stack_tids.contains(&w.tid) {
                 match &stacks {
                     Ok(m) => match m.get(&w.tid) {
@@ -276,19 +294,17 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
                 (None, None)
             };
             let blocking_call = native_stack.as_deref().and_then(stack::blocking_call);
-            let polling = (w.task != 0).then(|| {
-                let entry = inner.tracker.task(w.task);
-                PollingTask {
-                    task_id: w.task,
-                    name: entry.and_then(|e| e.name).map(str::to_owned),
-                    spawned_at: w
-                        .location
-                        .or(entry.map(|e| e.location))
-                        .map(|l| l.to_string())
-                        .unwrap_or_default(),
-                    for_seconds: w.poll_age.as_secs_f64(),
-                    task_age_seconds: entry.map(|e| e.spawned.elapsed().as_secs_f64()),
-                }
+            let polling = (w.task != 0).then(|| PollingTask {
+                task_id: w.task,
+                name: entry.and_then(|e| e.name).map(str::to_owned),
+                spawned_at: w
+                    .location
+                    .or(entry.map(|e| e.location))
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                for_seconds: w.poll_age.as_secs_f64(),
+                task_age_seconds: entry
+                    .map(|e| view_at.saturating_duration_since(e.spawned).as_secs_f64()),
             });
             let mut open_spans = spans_by_tid.remove(&w.tid).unwrap_or_default();
             open_spans.sort_by_key(|e| std::cmp::Reverse(e.age));
@@ -322,6 +338,13 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
                 .into(),
             tasks: vec![],
         }
+    } else if !s.task_dumps {
+        TaskDumpSection {
+            status: "skipped: off (diagnostics.task_dumps; tokio 1.54's task-dump barrier can \
+                     leave a worker waiting inside tokio)"
+                .into(),
+            tasks: vec![],
+        }
     } else {
         task_dump(inner, s.task_dump_timeout())
     };
@@ -343,6 +366,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
             heartbeat_age,
             probe_pending,
             &runtime,
+            task_dump_pending,
         ),
     };
     if kind.is_none() {
@@ -375,17 +399,25 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     }
 }
 
+/// `worker N (thread name)`, or `thread name (not a worker now)`.
+fn worker_name(w: &WorkerDump) -> String {
+    match w.worker {
+        Some(i) => format!("worker {i} ({})", w.thread_name),
+        None => format!("thread {} (not running a worker now)", w.thread_name),
+    }
+}
+
 fn worker_phrase(w: &WorkerDump) -> String {
     let Some(p) = &w.polling else {
-        return format!(
-            "worker {} ({}) is not polling a task",
-            w.worker, w.thread_name
-        );
+        return format!("{} is not polling a task", worker_name(w));
     };
     let name = p.name.as_deref().unwrap_or("<unnamed>");
     let mut s = format!(
-        "worker {} has polled task \"{}\" ({}) for {:.1} s",
-        w.worker, name, p.spawned_at, p.for_seconds
+        "{} has polled task \"{}\" ({}) for {:.1} s",
+        worker_name(w),
+        name,
+        p.spawned_at,
+        p.for_seconds
     );
     if let Some(span) = w
         .open_spans
@@ -425,6 +457,7 @@ fn verdict(
     heartbeat_age: Duration,
     probe_pending: Option<Duration>,
     rt: &RuntimeSnapshot,
+    task_dump_pending: bool,
 ) -> String {
     let blocked: Vec<&WorkerDump> = workers.iter().filter(|w| w.blocked).collect();
     match kind {
@@ -440,6 +473,12 @@ fn verdict(
             for w in &blocked {
                 s.push_str(": ");
                 s.push_str(&worker_phrase(w));
+            }
+            if task_dump_pending && !blocked.is_empty() {
+                s.push_str(
+                    "; a task dump is in flight: tokio holds the other workers in its trace \
+                     barrier until the blocked poll returns",
+                );
             }
             s
         }
@@ -519,6 +558,16 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
             tasks: vec![],
         };
     }
+    if let Some((thread, at_least)) = long_poll(inner) {
+        return TaskDumpSection {
+            status: format!(
+                "skipped: {thread} has been in one poll for at least {} ms (tokio's task dump \
+                 holds every worker until all join, so the others would wait for that poll)",
+                at_least.as_millis()
+            ),
+            tasks: vec![],
+        };
+    }
     if inner
         .task_dump_in_flight
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -561,13 +610,28 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
                     trace,
                 });
             }
-            let status = if total == 0 {
+            let mut status = if total == 0 {
                 "incomplete: zero tasks listed (a worker may be blocked)".to_owned()
             } else if total > MAX_TASK_TRACES {
                 format!("complete: {total} tasks, first {MAX_TASK_TRACES} shown")
             } else {
                 format!("complete: {total} tasks")
             };
+            // A worker that joined late can leave another in tokio's barrier (see
+            // `trace_barrier`): find it and release it before the runtime needs it.
+            let (left, clear) = super::trace_barrier::release(inner, &handle, timeout);
+            if !left.is_empty() {
+                let names: Vec<String> = left.iter().map(|i| format!("worker {i}")).collect();
+                status.push_str(&format!(
+                    "; {} left waiting in tokio's task-dump barrier, {}",
+                    names.join(", "),
+                    if clear {
+                        "released by another dump"
+                    } else {
+                        "NOT released yet"
+                    }
+                ));
+            }
             TaskDumpSection { status, tasks }
         }
         Err(_) => TaskDumpSection {
@@ -581,6 +645,40 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
     }
 }
 
+/// A worker thread inside one poll for at least [`LONG_POLL_GUARD`] (the same poll in two
+/// samples that far apart, or a poll the watchdog has already seen last that long): its name
+/// and the age known.
+///
+/// `Handle::dump` stops every worker in a barrier until all have joined, and a worker joins
+/// only between polls. A dump started while one worker is inside a blocking poll keeps the
+/// other workers in the barrier until that poll returns: one blocked worker becomes a stalled
+/// runtime (no heartbeat, no probe, no timers; `runtime_stalled` instead of `blocked_worker`,
+/// reproduced in `tests/diagnostics_stalls.rs`). The watchdog's own check only skips the dump
+/// once a poll has passed the stall threshold; this closes the window before it, leaving only
+/// a poll that starts within these 5 ms or while the request is on its way to the workers.
+fn long_poll(inner: &Inner) -> Option<(String, Duration)> {
+    let view = inner.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(w) = view
+        .iter()
+        .filter(|w| w.task != 0 && w.poll_age >= LONG_POLL_GUARD)
+        .max_by_key(|w| w.poll_age)
+    {
+        return Some((w.thread_name.clone(), w.poll_age));
+    }
+    let first = inner.tracker.sample();
+    if first.iter().all(|s| s.task == 0) {
+        return None;
+    }
+    std::thread::sleep(LONG_POLL_GUARD);
+    let second = inner.tracker.sample();
+    second.into_iter().find_map(|s| {
+        let same = first
+            .iter()
+            .any(|f| f.index == s.index && f.task != 0 && f.task == s.task && f.polls == s.polls);
+        same.then_some((s.thread_name, LONG_POLL_GUARD))
+    })
+}
+
 /// Waits up to `timeout` for the task dump, nudging the runtime every 50 ms meanwhile.
 ///
 /// `Handle::dump` parks every worker in a barrier until all of them have joined it. A worker
@@ -590,7 +688,7 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
 /// from this thread goes through the injection queue and unparks an idle worker, which then
 /// sees the request and joins. When the wait times out, a short-lived thread keeps nudging
 /// until the dump finishes (at most 30 s), so a late dump still releases the workers.
-fn recv_nudging(
+pub(crate) fn recv_nudging(
     rx: &mpsc::Receiver<tokio::runtime::Dump>,
     handle: &tokio::runtime::Handle,
     in_flight: &Arc<AtomicBool>,

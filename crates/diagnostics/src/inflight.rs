@@ -65,7 +65,9 @@ pub struct InflightEntry {
     pub deadline: Option<Duration>,
     /// OS thread id where it is being polled right now, if known (spans record it on enter).
     pub thread: Option<u32>,
-    /// Free text evidence, e.g. `headers after 12 ms, 0 body bytes, last read 9.8 s ago`.
+    /// Free text evidence, e.g. `headers after 12 ms, 0 body bytes, last read 9.8 s ago`;
+    /// left out of the JSON when there is none (no empty fields in dumps).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
 }
 

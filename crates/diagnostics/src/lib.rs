@@ -46,6 +46,7 @@ mod runtime_metrics;
 mod settings;
 pub mod stack;
 pub mod tasks;
+mod trace_barrier;
 mod worker_watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -524,6 +525,19 @@ impl Diagnostics {
         d
     }
 
+    /// Finds workers left waiting in tokio's task-dump barrier after a task dump (a tokio 1.54
+    /// barrier that keeps a timed-out arrival; see the `trace_barrier` module) and releases
+    /// them with one more dump, as every dump does after its task dump. Returns the workers
+    /// found (tokio indices). Takes about 100 ms, more when one is found; call it from a
+    /// thread outside the runtime.
+    pub fn release_task_dump_barrier(&self) -> Vec<usize> {
+        let Some(h) = self.inner.handle.get() else {
+            return Vec::new();
+        };
+        let timeout = self.inner.settings.task_dump_timeout();
+        trace_barrier::release(&self.inner, h, timeout).0
+    }
+
     /// Watchdog ticks so far and CPU time the watchdog thread used, seconds.
     pub fn watchdog_cost(&self) -> (u64, f64) {
         (
@@ -780,8 +794,19 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
         let cpu0 = thread_cpu_ns();
         let now = Instant::now();
 
-        // Per-worker poll tracking.
+        // Per-worker poll tracking. Slots are numbered in the order threads first polled;
+        // dumps name a worker by tokio's worker index (the `worker` label of the runtime
+        // metrics and the number in its thread name, see `crate::runtime`).
         let samples = inner.tracker.sample();
+        let worker_ids: Vec<Option<std::thread::ThreadId>> = match inner.handle.get() {
+            Some(h) => {
+                let m = h.metrics();
+                (0..m.num_workers())
+                    .map(|i| m.worker_thread_id(i))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let mut view = Vec::with_capacity(samples.len());
         let mut live = Vec::with_capacity(samples.len());
         for s in samples {
@@ -804,7 +829,9 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                 Duration::ZERO
             };
             view.push(WorkerView {
-                worker: s.index,
+                worker: s
+                    .thread_id
+                    .and_then(|id| worker_ids.iter().position(|w| *w == Some(id))),
                 thread_name: s.thread_name,
                 tid: s.tid,
                 polls: s.polls,
@@ -1163,9 +1190,11 @@ fn start_episode(inner: &Inner, kind: StallKind, labels: &[String; 5]) -> usize 
     tracing::warn!(
         target: "vpnbot::diagnostics::watchdog",
         kind = kind.as_str(),
-        task = %labels[0],
-        node = %labels[1],
-        operation = %labels[2],
+        task = non_empty(&labels[0]),
+        node = non_empty(&labels[1]),
+        operation = non_empty(&labels[2]),
+        phase = non_empty(&labels[3]),
+        label = non_empty(&labels[4]),
         "stall episode started"
     );
     let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -1199,7 +1228,7 @@ fn end_episode(inner: &Inner, kind: StallKind, ep: Episode) {
         target: "vpnbot::diagnostics::watchdog",
         kind = kind.as_str(),
         duration_seconds = d.as_secs_f64(),
-        task = %ep.labels[0],
+        task = non_empty(&ep.labels[0]),
         "stall episode ended"
     );
     let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -1262,4 +1291,11 @@ pub fn spawn_with_name<R>(name: &'static str, spawn: impl FnOnce() -> R) -> R {
 /// withdraws it). Prefer [`spawn_with_name`]; this form keeps `#[track_caller]` intact.
 pub fn offer_spawn_name(name: Option<&'static str>) {
     poll_tracking::offer_spawn_name(name);
+}
+
+/// `s` as a log field value that is left out when empty: `tracing` records an `Option` field
+/// only when it is `Some`, so `field = non_empty(x)` never prints `field=""` (a label-style
+/// "empty means not applicable" string reads as a missing value in a log line).
+pub fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }

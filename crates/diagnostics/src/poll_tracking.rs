@@ -88,7 +88,9 @@ pub(crate) struct WorkerSlot {
     polls: AtomicU64,
     task: AtomicU64,
     loc: AtomicPtr<Location<'static>>,
-    thread_name: Mutex<String>,
+    /// Name and std id of the thread holding the slot (the id maps it to tokio's worker
+    /// index, see `RuntimeMetrics::worker_thread_id`).
+    thread: Mutex<(String, Option<std::thread::ThreadId>)>,
 }
 
 /// What the watchdog reads from one slot.
@@ -97,6 +99,7 @@ pub(crate) struct SlotSample {
     pub(crate) index: usize,
     pub(crate) tid: u32,
     pub(crate) thread_name: String,
+    pub(crate) thread_id: Option<std::thread::ThreadId>,
     pub(crate) polls: u64,
     /// Task being polled (0 = none).
     pub(crate) task: u64,
@@ -147,10 +150,18 @@ impl PollTracker {
                 .is_ok()
             {
                 s.tid.store(current_tid(), Ordering::Relaxed);
-                *s.thread_name.lock().unwrap_or_else(|e| e.into_inner()) = std::thread::current()
-                    .name()
-                    .unwrap_or("<unnamed>")
-                    .to_owned();
+                let me = std::thread::current();
+                // A worker's thread takes its worker's number (crate::runtime explains why
+                // here and not when the thread starts).
+                let name = match tokio::runtime::worker_index() {
+                    Some(i) => {
+                        let name = crate::runtime::worker_thread_name(i);
+                        crate::runtime::set_os_thread_name(&name);
+                        name
+                    }
+                    None => me.name().unwrap_or("<unnamed>").to_owned(),
+                };
+                *s.thread.lock().unwrap_or_else(|e| e.into_inner()) = (name, Some(me.id()));
                 SLOT.with(|c| c.set((self.key(), i as u32)));
                 return Some(s);
             }
@@ -256,14 +267,13 @@ impl PollTracker {
             let polls = s.polls.load(Ordering::Acquire);
             let task = s.task.load(Ordering::Acquire);
             let loc = s.loc.load(Ordering::Relaxed);
+            let (thread_name, thread_id) =
+                s.thread.lock().unwrap_or_else(|e| e.into_inner()).clone();
             out.push(SlotSample {
                 index,
                 tid: s.tid.load(Ordering::Relaxed),
-                thread_name: s
-                    .thread_name
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
+                thread_name,
+                thread_id,
                 polls,
                 task,
                 // SAFETY: only ever stored from `&'static Location` or null.

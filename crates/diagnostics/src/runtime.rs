@@ -6,13 +6,58 @@ use tokio::runtime::{HistogramConfiguration, LogHistogram, Runtime};
 
 use crate::Diagnostics;
 
-/// Prefix of the main runtime's thread names (`vpnbot-rt-0`, `vpnbot-rt-1`, ...). tokio
-/// starts workers and blocking-pool threads alike from this name; dumps tell workers apart by
-/// the tasks they poll.
-pub const THREAD_NAME_PREFIX: &str = "vpnbot-rt";
+/// Prefix of the main runtime's worker thread names: worker `N` (tokio's 0-based worker
+/// index, the `worker` label of the runtime metrics and the "worker N" of dumps) runs on
+/// thread `vpnbot-wrk-N` (see [`worker_thread_name`]). Short because Linux keeps 15 bytes of a
+/// thread name (`ps`, `top`, `/proc/<pid>/task/<tid>/comm`): `vpnbot-worker-10` would read as
+/// `vpnbot-worker-1` there.
+pub const WORKER_THREAD_PREFIX: &str = "vpnbot-wrk";
 
-/// Builds the main multi-thread runtime with `worker_threads` workers (default: one per CPU),
-/// all drivers enabled, named threads, the poll-time histogram when
+/// The name of the thread that runs worker `index`: `vpnbot-wrk-<index>`.
+///
+/// tokio starts its workers through the blocking pool's shared queue, so the `n`-th thread
+/// started does not necessarily run worker `n` (seen here: worker 1 on the first thread). A
+/// worker thread therefore starts as plain `vpnbot-wrk` and is renamed at the OS level
+/// (`pthread_setname_np`: `ps`, `top`, `/proc`, debuggers, native stacks) by the diagnostics'
+/// poll hook on its first poll, when tokio reports its index; dumps use this name. Rust's own
+/// name of the thread (panic messages) stays `vpnbot-wrk`.
+pub fn worker_thread_name(index: usize) -> String {
+    format!("{WORKER_THREAD_PREFIX}-{index}")
+}
+
+/// Sets the calling thread's OS-level name (at most 15 bytes are kept; longer names are cut).
+pub(crate) fn set_os_thread_name(name: &str) {
+    let mut bytes: Vec<u8> = name.bytes().filter(|b| *b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: a NUL-terminated buffer of at most 16 bytes naming the calling thread.
+    unsafe {
+        libc::pthread_setname_np(libc::pthread_self(), bytes.as_ptr().cast());
+    }
+}
+
+/// Prefix of the main runtime's blocking-pool thread names (`vpnbot-blk-0`, ...), numbered
+/// in the order they start.
+pub const BLOCKING_THREAD_PREFIX: &str = "vpnbot-blk";
+
+/// The number of workers tokio starts when none is configured: `TOKIO_WORKER_THREADS` when it
+/// holds a positive number, else one per CPU (tokio's own default, resolved here so thread
+/// names can tell workers from blocking threads).
+pub fn default_worker_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+/// Builds the main multi-thread runtime with `worker_threads` workers (default:
+/// [`default_worker_threads`]), all drivers enabled, worker threads named after tokio's worker
+/// index ([`worker_thread_name`]; the first `worker_threads` threads started are the workers)
+/// and [`BLOCKING_THREAD_PREFIX`] for the rest, the poll-time histogram when
 /// `diagnostics.poll_time_histogram` (log buckets 16 µs .. ~4 s), the
 /// LIFO slot disabled (a task in a blocked worker's LIFO slot cannot be stolen, so one blocked
 /// worker would strand it), eager driver hand-off (a blocked worker must not strand the I/O and
@@ -26,15 +71,20 @@ pub fn build_main_runtime(
 ) -> std::io::Result<Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
     b.enable_all();
-    if let Some(n) = worker_threads {
-        b.worker_threads(n.max(1));
-    }
+    let workers = worker_threads
+        .map(|n| n.max(1))
+        .unwrap_or_else(default_worker_threads);
+    b.worker_threads(workers);
+    // Called once per thread started, in start order: `build` starts the workers first (in
+    // no fixed index order), the blocking pool's threads come later.
     let counter = AtomicUsize::new(0);
     b.thread_name_fn(move || {
-        format!(
-            "{THREAD_NAME_PREFIX}-{}",
-            counter.fetch_add(1, Ordering::Relaxed)
-        )
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        if n < workers {
+            WORKER_THREAD_PREFIX.to_owned()
+        } else {
+            format!("{BLOCKING_THREAD_PREFIX}-{}", n - workers)
+        }
     });
     b.disable_lifo_slot();
     // A worker that was parked on the I/O and time drivers and wakes to run a task hands the

@@ -72,6 +72,17 @@ pub struct DiagnosticsSettings {
     pub dump_min_interval_seconds: f64,
     /// Deadline for tokio's async task dump, enforced from an OS thread (default 2 s).
     pub task_dump_timeout_seconds: f64,
+    /// Include tokio's async task dump (`Handle::dump`) in dumps (default false).
+    ///
+    /// Off by default because of a tokio 1.54 defect (its task-dump start barrier keeps the
+    /// arrival of a worker whose 250 ms wait timed out; fix proposed upstream in tokio pull
+    /// request 8370): after a dump in which one worker joins more than 250 ms late, another
+    /// worker stays waiting inside tokio until the next task dump, and with two workers a
+    /// single blocked poll then stalls the whole runtime (`runtime_stalled`, issue 17). When
+    /// on, a dump skips the task dump while a worker is inside a long poll, and after each task
+    /// dump releases a worker left waiting with one more dump; a timed-out arrival with nobody
+    /// waiting can still be left for the next dump to trip on.
+    pub task_dumps: bool,
     /// Capture native stacks of blocked workers with a ptrace helper (default true).
     pub native_stacks: bool,
     /// Record tokio's per-poll time histogram (`vpnbot_runtime_poll_duration_seconds`).
@@ -105,6 +116,7 @@ impl Default for DiagnosticsSettings {
             dump_max_files: DEFAULT_DUMP_MAX_FILES,
             dump_min_interval_seconds: DEFAULT_DUMP_MIN_INTERVAL_SECONDS,
             task_dump_timeout_seconds: DEFAULT_TASK_DUMP_TIMEOUT_SECONDS,
+            task_dumps: false,
             native_stacks: true,
             poll_time_histogram: false,
             exit_after_stall_seconds: None,

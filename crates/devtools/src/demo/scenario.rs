@@ -342,11 +342,13 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
             let b = rep.node("b");
             r.check(
                 format!(
-                    "reconcile of node a failed within the node deadline ({:.1} s, bound {:.0} s): {}: {}",
+                    "reconcile of node a failed within the node deadline ({:.1} s, bound {:.0} s): {}{}",
                     took.as_secs_f64(),
                     bound.as_secs_f64(),
                     a.map(|n| n.outcome.as_str()).unwrap_or("no report"),
-                    a.and_then(|n| n.error.clone()).unwrap_or_default()
+                    a.and_then(|n| n.error.as_deref())
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 ),
                 a.is_some_and(|n| matches!(n.outcome, Outcome::Failed))
                     && took <= bound + Duration::from_secs(1),
@@ -404,7 +406,11 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
     let ep = stage
         .wait_episode(StallKind::BlockedWorker, since, Duration::from_secs(6))
         .await;
-    let latency = ep.as_ref().map(|_| t0.elapsed());
+    // The watchdog's own detection time, not when this task got round to looking: a starved
+    // runtime delays this task too, and would read as a late detection.
+    let latency = ep
+        .as_ref()
+        .map(|e| Duration::from_secs_f64((e.detected_unix_seconds - since).max(0.0)));
     // Asked while the worker is still blocked (the block lasts 3 s, detection about 1 s).
     let during = stage.healthz().await;
     r.detected = latency.is_some_and(|l| l <= bound);
@@ -487,6 +493,27 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
     r.check(
         format!("/healthz after the stall: {}", show_status(&after)),
         after == Ok(200),
+    );
+    // One blocked worker of two must leave the runtime running: the other worker keeps the
+    // lag probe, timers and the bot going, so runtime_stalled must not open at all.
+    let stalled: Vec<f64> = stage
+        .app
+        .diagnostics
+        .episodes()
+        .iter()
+        .filter(|e| e.kind == StallKind::RuntimeStalled && e.detected_unix_seconds >= since)
+        .map(|e| e.detected_unix_seconds - since)
+        .collect();
+    r.check(
+        match stalled.first() {
+            None => "no runtime_stalled episode: the other worker kept the runtime going".into(),
+            Some(at) => format!(
+                "runtime_stalled opened {:.2} s after the block began: one blocked worker \
+                 starved the whole runtime",
+                at
+            ),
+        },
+        stalled.is_empty(),
     );
     r.users = stage.users.summary(t0, Instant::now());
     r
