@@ -9,4 +9,7 @@ if [ -n "${RUSTFLAGS:-}" ] && [[ "$RUSTFLAGS" != *tokio_unstable* ]]; then
 fi
 bash scripts/install-deps.sh
 . scripts/ensure-postgres.sh
+# The workspace's binaries (vpnbot-demo, vpnbot-sim, vpnbot-node) as users run them: tests that
+# drive another package's binary find it next to the test binary (tests/it/helpers).
+cargo build --workspace --bins --locked
 cargo test --workspace --all-targets --locked "$@"

@@ -131,13 +131,7 @@ impl InflightSource for ServiceProgress {
     fn episode(&self) -> Option<SourceEpisode> {
         self.starved().map(|verdict| SourceEpisode {
             kind: StallKind::ServiceStarved,
-            labels: [
-                "bot_handler".into(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ],
+            culprit: diagnostics::Culprit::task("bot_handler"),
             verdict,
         })
     }

@@ -967,13 +967,12 @@ impl InflightSource for DbMonitor {
         }
         Some(SourceEpisode {
             kind: StallKind::DbLockWait,
-            labels: [
-                String::new(),
-                String::new(),
-                "Lock".into(),
-                seen.relation.clone(),
-                seen.label.clone(),
-            ],
+            culprit: diagnostics::Culprit {
+                operation: "Lock".into(),
+                phase: seen.relation.clone(),
+                label: seen.label.clone(),
+                ..diagnostics::Culprit::default()
+            },
             verdict: seen.verdict.clone(),
         })
     }

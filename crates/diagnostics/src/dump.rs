@@ -8,10 +8,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::inflight::{InflightEntry, InflightKind};
+use super::inflight::InflightEntry;
 use super::poll_tracking::with_spawn_name;
 use super::stack::{self, ProcEvidence};
 use super::{Inner, StallKind};
+use crate::detect;
 
 const MAX_TASK_TRACES: usize = 200;
 /// A worker found in the same poll twice this far apart holds back a task dump (see
@@ -191,8 +192,11 @@ fn fmt_secs(d: Duration) -> String {
 pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     let t0 = Instant::now();
     let s = &inner.settings;
-    let threshold = s.stall_threshold();
-    let view = inner.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // The watchdog's latest observation (at most one period old): the verdict's predicates
+    // (blocked, runtime stalled, overdue, starved) are read from it, so a dump cannot disagree
+    // with what the watchdog detected. The sections below add fresh evidence.
+    let obs = inner.latest_observation();
+    let view = obs.workers.clone();
     // The polled tasks' table entries as of the view: native stacks below can take seconds
     // (debug build, busy machine), and a task that ends meanwhile leaves the table, which
     // made a blocked task read as "<unnamed>" with no age in the dump (issue 17).
@@ -201,8 +205,8 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
         .iter()
         .map(|w| (w.task != 0).then(|| inner.tracker.task(w.task)).flatten())
         .collect();
-    let heartbeat_age = inner.heartbeat_age();
-    let probe_pending = inner.probe_pending_age();
+    let heartbeat_age = obs.heartbeat_age;
+    let probe_pending = obs.probe_pending;
     // Taken with the worker view, before stacks and the task dump (which take up to seconds),
     // so the verdict's poll age and episode age describe the same moment.
     let open_kinds = inner.open_kinds();
@@ -220,34 +224,29 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     for src in &sources {
         src.refresh(Duration::from_millis(500));
     }
-    let source_verdicts: Vec<(StallKind, String)> = sources
+    let fresh = inner.observe_sources();
+    let source_verdicts: Vec<(StallKind, String)> = fresh
         .iter()
-        .filter_map(|s| s.episode().map(|e| (e.kind, e.verdict)))
+        .filter_map(|s| s.episode.as_ref().map(|e| (e.kind, e.verdict.clone())))
         .collect();
     let mut inflight: BTreeMap<String, Vec<InflightEntry>> = BTreeMap::new();
-    for src in &sources {
+    for src in &fresh {
         inflight
-            .entry(src.section().to_owned())
+            .entry(src.section.clone())
             .or_default()
-            .extend(src.entries());
+            .extend(src.entries.iter().cloned());
     }
-    let overdue: Vec<InflightEntry> = inflight
-        .values()
-        .flatten()
-        .filter(|e| inner.is_overdue(e))
-        .cloned()
-        .collect();
-    let pool_starved = inner.pool_starved(&sources);
-    let worker_overdue = inner.workers_overdue();
+    let overdue = detect::overdue(&obs, s);
+    let pool_starved = detect::pool_starved(&obs, s);
+    let worker_overdue = detect::workers_overdue(&obs, s);
 
     // Workers.
     let blocked_tids: Vec<u32> = view
         .iter()
-        .filter(|w| w.task != 0 && w.poll_age >= threshold)
+        .filter(|w| detect::is_blocked(w, s))
         .map(|w| w.tid)
         .collect();
-    let runtime_stalled =
-        heartbeat_age >= threshold && probe_pending.is_some_and(|p| p >= threshold);
+    let runtime_stalled = detect::runtime_stalled(&obs, s);
     // Stacks of blocked workers; when the whole runtime is stalled, of every worker.
     let stack_tids: Vec<u32> = if runtime_stalled {
         view.iter().map(|w| w.tid).collect()
@@ -313,7 +312,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
                 thread_name: w.thread_name.clone(),
                 tid: w.tid,
                 polls: w.polls,
-                blocked: w.task != 0 && w.poll_age >= threshold,
+                blocked: detect::is_blocked(w, s),
                 polling,
                 proc: procs.get(&w.tid).cloned(),
                 native_stack,
@@ -353,7 +352,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     let workers_ref = &workers;
     let mut verdict = match kind.and_then(|k| source_verdicts.iter().find(|(sk, _)| *sk == k)) {
         Some((StallKind::ServiceStarved, v)) => {
-            format!("service_starved: {v}; {}", super::service_cause(&sources).1)
+            format!("service_starved: {v}; {}", detect::service_cause(&fresh).1)
         }
         Some((k, v)) => format!("{k}: {v}"),
         None => verdict(
@@ -657,8 +656,9 @@ fn task_dump(inner: &Inner, timeout: Duration) -> TaskDumpSection {
 /// once a poll has passed the stall threshold; this closes the window before it, leaving only
 /// a poll that starts within these 5 ms or while the request is on its way to the workers.
 fn long_poll(inner: &Inner) -> Option<(String, Duration)> {
-    let view = inner.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if let Some(w) = view
+    let obs = inner.latest_observation();
+    if let Some(w) = obs
+        .workers
         .iter()
         .filter(|w| w.task != 0 && w.poll_age >= LONG_POLL_GUARD)
         .max_by_key(|w| w.poll_age)
@@ -740,12 +740,4 @@ pub(crate) fn write_file(dir: &Path, max_files: usize, dump: &Dump) -> std::io::
         let _ = std::fs::remove_file(files.remove(0));
     }
     Ok(path)
-}
-
-/// Entries of kind [`InflightKind::PoolWait`] older than `threshold`.
-pub(crate) fn old_waiters(entries: &[InflightEntry], threshold: Duration) -> Vec<&InflightEntry> {
-    entries
-        .iter()
-        .filter(|e| e.kind == InflightKind::PoolWait && e.age >= threshold)
-        .collect()
 }

@@ -35,8 +35,8 @@ pub enum InflightKind {
 pub struct SourceEpisode {
     /// Kind.
     pub kind: super::StallKind,
-    /// Culprit labels `[task, node, operation, phase, label]` (bounded values only).
-    pub labels: [String; 5],
+    /// Who it blames (bounded values only).
+    pub culprit: super::Culprit,
     /// The verdict after `<kind>: `.
     pub verdict: String,
 }

@@ -34,6 +34,7 @@ compile_error!(
 );
 
 pub mod bench;
+mod detect;
 mod dump;
 mod inflight;
 pub mod lateness;
@@ -59,6 +60,7 @@ use prometheus::{Gauge, Histogram, HistogramVec, IntCounterVec, IntGauge, IntGau
 use serde::Serialize;
 use tokio::runtime::Handle;
 
+pub use detect::Culprit;
 pub use dump::{
     Dump, PollingTask, RuntimeSnapshot, TaskCensus, TaskDumpSection, TaskTrace, WorkerDump,
 };
@@ -153,8 +155,8 @@ pub trait ProgressSink: Send + Sync + std::fmt::Debug {
 pub struct EpisodeRecord {
     /// Kind.
     pub kind: StallKind,
-    /// Culprit labels `[task, node, operation, phase, label]` as exported.
-    pub labels: [String; 5],
+    /// Who it blames, as exported in `vpnbot_stall_episode_info`'s labels.
+    pub culprit: Culprit,
     /// Unix seconds when the watchdog detected it.
     pub detected_unix_seconds: f64,
     /// Duration, seconds (`None` while open).
@@ -164,8 +166,7 @@ pub struct EpisodeRecord {
 #[derive(Debug)]
 struct Episode {
     started: Instant,
-    labels: [String; 5],
-    record_index: usize,
+    culprit: Culprit,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -201,7 +202,9 @@ struct Inner {
     /// Set when the lag-probe task is dropped: the runtime shut down.
     runtime_gone: Arc<AtomicBool>,
     task_dump_in_flight: Arc<AtomicBool>,
-    view: Mutex<Vec<WorkerView>>,
+    /// The watchdog's latest observation: what detection saw on its last tick, and what
+    /// dumps read, so a dump's verdict matches what was detected.
+    observation: Mutex<Arc<detect::Observation>>,
     episodes: Mutex<BTreeMap<StallKind, Episode>>,
     history: Mutex<Vec<EpisodeRecord>>,
     latest: Mutex<Option<Arc<Dump>>>,
@@ -314,7 +317,7 @@ impl Diagnostics {
                 probe_sent_ns: Arc::new(AtomicU64::new(0)),
                 runtime_gone: Arc::new(AtomicBool::new(false)),
                 task_dump_in_flight: Arc::new(AtomicBool::new(false)),
-                view: Mutex::new(Vec::new()),
+                observation: Mutex::new(Arc::new(detect::Observation::default())),
                 episodes: Mutex::new(BTreeMap::new()),
                 history: Mutex::new(Vec::new()),
                 latest: Mutex::new(None),
@@ -474,19 +477,14 @@ impl Diagnostics {
         if !self.inner.open_kinds().contains(&StallKind::ServiceStarved) {
             return None;
         }
-        let sources = self
-            .inner
-            .sources
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let sources = self.inner.observe_sources();
         let starved = sources
             .iter()
-            .filter_map(|s| s.episode())
+            .filter_map(|s| s.episode.as_ref())
             .find(|e| e.kind == StallKind::ServiceStarved)
-            .map(|e| e.verdict)
+            .map(|e| e.verdict.clone())
             .unwrap_or_else(|| "handlers made no progress (just recovering)".into());
-        let (_, cause) = service_cause(&sources);
+        let (_, cause) = detect::service_cause(&sources);
         Some(format!("service_starved: {starved}; {cause}"))
     }
 
@@ -598,84 +596,54 @@ impl Inner {
             .map(|e| e.started.elapsed())
     }
 
-    fn is_overdue(&self, e: &InflightEntry) -> bool {
-        let s = &self.settings;
-        let grace = Duration::from_secs_f64(s.operation_grace_seconds.max(0.0));
-        match (e.kind, e.deadline) {
-            (_, Some(_)) => e.past_deadline(grace),
-            (InflightKind::Span | InflightKind::DbBackend, None) => false,
-            (_, None) => e.age.as_secs_f64() > s.operation_max_age_seconds,
-        }
+    /// The in-flight registries as they are now.
+    fn observe_sources(&self) -> Vec<detect::SourceObservation> {
+        let sources = self
+            .sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        sources
+            .iter()
+            .map(|src| detect::SourceObservation {
+                section: src.section().to_owned(),
+                entries: src.entries(),
+                since_last_success: src.last_success().map(|t| t.elapsed()),
+                episode: src.episode(),
+            })
+            .collect()
     }
 
-    fn pool_starved(&self, sources: &[Arc<dyn InflightSource>]) -> Vec<String> {
-        let threshold = Duration::from_secs_f64(self.settings.pool_starved_seconds.max(0.0));
-        let mut out = Vec::new();
-        for src in sources {
-            let entries = src.entries();
-            let waiters = dump::old_waiters(&entries, threshold);
-            if waiters.is_empty() {
-                continue;
-            }
-            let since = src.last_success().map(|t| t.elapsed());
-            if since.is_some_and(|s| s < threshold) {
-                continue;
-            }
-            let oldest = waiters.iter().max_by_key(|e| e.age).expect("non-empty");
-            let holders: Vec<String> = entries
-                .iter()
-                .filter(|e| e.kind == InflightKind::PoolHold)
-                .take(8)
-                .map(|e| {
-                    format!(
-                        "{} {:.1} s",
-                        e.label.as_deref().unwrap_or("?"),
-                        e.age.as_secs_f64()
-                    )
-                })
-                .collect();
-            out.push(format!(
-                "{} waiters on {}, oldest {} for {:.1} s; no acquire succeeded for {}; \
-                 holders: [{}]",
-                waiters.len(),
-                src.section(),
-                oldest.describe(),
-                oldest.age.as_secs_f64(),
-                since
-                    .map(|s| format!("{:.1} s", s.as_secs_f64()))
-                    .unwrap_or_else(|| "ever (unknown)".into()),
-                holders.join(", ")
-            ));
-        }
-        out
-    }
-
-    /// Overdue after `factor × interval`, plus the stall threshold as slack for scheduling.
-    fn worker_is_overdue(&self, r: &WorkerRun) -> bool {
-        r.last.elapsed().as_secs_f64()
-            > r.interval.as_secs_f64() * self.settings.worker_overdue_factor
-                + self.settings.stall_threshold_seconds
-    }
-
-    fn workers_overdue(&self) -> Vec<String> {
-        let factor = self.settings.worker_overdue_factor;
-        let mut out: Vec<String> = self
+    /// Everything detection needs, read now, around the workers' view of this tick.
+    fn observe(&self, workers: Vec<WorkerView>) -> detect::Observation {
+        let task_names = workers.iter().map(|w| task_label(self, w)).collect();
+        let worker_runs = self
             .workers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, r)| self.worker_is_overdue(r))
-            .map(|(name, r)| {
-                format!(
-                    "worker \"{name}\" last completed a run {:.1} s ago; interval {:.1} s \
-                     (overdue after {factor}x)",
-                    r.last.elapsed().as_secs_f64(),
-                    r.interval.as_secs_f64()
-                )
+            .map(|(name, r)| detect::WorkerRunObservation {
+                name,
+                since_last: r.last.elapsed(),
+                interval: r.interval,
             })
             .collect();
-        out.sort();
-        out
+        detect::Observation {
+            workers,
+            task_names,
+            heartbeat_age: self.heartbeat_age(),
+            probe_pending: self.probe_pending_age(),
+            sources: self.observe_sources(),
+            worker_runs,
+        }
+    }
+
+    /// The watchdog's latest observation.
+    fn latest_observation(&self) -> Arc<detect::Observation> {
+        self.observation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn runtime_snapshot(&self) -> RuntimeSnapshot {
@@ -763,15 +731,10 @@ fn thread_cpu_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-struct Culprit {
-    labels: [String; 5],
-}
-
 fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
-    let (period, threshold, metrics_every) = match weak.upgrade() {
+    let (period, metrics_every) = match weak.upgrade() {
         Some(i) => (
             i.settings.watchdog_period(),
-            i.settings.stall_threshold(),
             i.settings.runtime_metrics_interval(),
         ),
         None => return,
@@ -841,10 +804,6 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
             });
         }
         tracks.retain(|k, _| live.contains(k));
-        let blocked: Vec<&WorkerView> = view
-            .iter()
-            .filter(|w| w.task != 0 && w.poll_age >= threshold)
-            .collect();
 
         // Heartbeat and spawned probe.
         let hb_age = inner.heartbeat_age();
@@ -868,116 +827,16 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                 });
             }
         }
-        let probe_age = inner.probe_pending_age();
-        let runtime_stalled = hb_age >= threshold && probe_age.is_some_and(|p| p >= threshold);
-
-        // Operation-level checks only while the runtime itself is fine.
-        let mut found: BTreeMap<StallKind, Culprit> = BTreeMap::new();
-        if runtime_stalled {
-            let w = blocked.first();
-            found.insert(
-                StallKind::RuntimeStalled,
-                Culprit {
-                    labels: [
-                        w.map(|w| task_label(&inner, w)).unwrap_or_default(),
-                        String::new(),
-                        String::new(),
-                        String::new(),
-                        String::new(),
-                    ],
-                },
-            );
-        }
-        if let Some(w) = blocked.first() {
-            found.insert(
-                StallKind::BlockedWorker,
-                Culprit {
-                    labels: [
-                        task_label(&inner, w),
-                        String::new(),
-                        String::new(),
-                        String::new(),
-                        String::new(),
-                    ],
-                },
-            );
-        }
-        if found.is_empty() {
-            let sources = inner
-                .sources
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let mut overdue: Vec<InflightEntry> = Vec::new();
-            for src in &sources {
-                overdue.extend(src.entries().into_iter().filter(|e| inner.is_overdue(e)));
-            }
-            overdue.sort_by_key(|e| std::cmp::Reverse(e.age));
-            if let Some(e) = overdue.first() {
-                found.insert(
-                    StallKind::OperationOverdue,
-                    Culprit {
-                        labels: [
-                            e.task.clone().unwrap_or_default(),
-                            e.node.clone().unwrap_or_default(),
-                            e.operation.clone().unwrap_or_default(),
-                            e.phase.clone().unwrap_or_default(),
-                            e.label.clone().unwrap_or_default(),
-                        ],
-                    },
-                );
-            }
-            for src in &sources {
-                if let Some(ep) = src.episode() {
-                    found
-                        .entry(ep.kind)
-                        .or_insert(Culprit { labels: ep.labels });
-                }
-            }
-            if let Some(c) = found.get(&StallKind::ServiceStarved) {
-                let task = c.labels[0].clone();
-                let (mut labels, _) = service_cause(&sources);
-                labels[0] = task;
-                found.insert(StallKind::ServiceStarved, Culprit { labels });
-            }
-            if !inner.pool_starved(&sources).is_empty() {
-                found.insert(
-                    StallKind::PoolStarved,
-                    Culprit {
-                        labels: Default::default(),
-                    },
-                );
-            }
-            let overdue_workers: Vec<&'static str> = {
-                inner
-                    .workers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .filter(|(_, r)| inner.worker_is_overdue(r))
-                    .map(|(n, _)| *n)
-                    .collect()
-            };
-            if let Some(n) = overdue_workers.first() {
-                found.insert(
-                    StallKind::WorkerOverdue,
-                    Culprit {
-                        labels: [
-                            n.to_string(),
-                            String::new(),
-                            String::new(),
-                            String::new(),
-                            String::new(),
-                        ],
-                    },
-                );
-            }
-        }
+        // One observation, one detection: the dump reads the same observation.
+        let obs = Arc::new(inner.observe(view));
+        let found = detect::detect(&obs, &inner.settings);
+        let runtime_stalled = found.iter().any(|d| d.kind == StallKind::RuntimeStalled);
+        let any_blocked = found.iter().any(|d| d.kind == StallKind::BlockedWorker);
         inner
             .metrics
             .stalled
-            .set(i64::from(runtime_stalled || !blocked.is_empty()));
-        *inner.view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+            .set(i64::from(runtime_stalled || any_blocked));
+        *inner.observation.lock().unwrap_or_else(|e| e.into_inner()) = obs;
 
         // Episodes.
         let mut opened: Vec<StallKind> = Vec::new();
@@ -985,22 +844,21 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
             let mut eps = inner.episodes.lock().unwrap_or_else(|e| e.into_inner());
             let ended: Vec<StallKind> = eps
                 .keys()
-                .filter(|k| !found.contains_key(k))
+                .filter(|k| !found.iter().any(|d| d.kind == **k))
                 .copied()
                 .collect();
             for k in ended {
                 let ep = eps.remove(&k).expect("present");
                 end_episode(&inner, k, ep);
             }
-            for (k, c) in found {
-                if let std::collections::btree_map::Entry::Vacant(v) = eps.entry(k) {
-                    let record_index = start_episode(&inner, k, &c.labels);
+            for d in found {
+                if let std::collections::btree_map::Entry::Vacant(v) = eps.entry(d.kind) {
+                    start_episode(&inner, d.kind, &d.culprit);
                     v.insert(Episode {
                         started: now,
-                        labels: c.labels,
-                        record_index,
+                        culprit: d.culprit,
                     });
-                    opened.push(k);
+                    opened.push(d.kind);
                 }
             }
         }
@@ -1057,105 +915,6 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
     }
 }
 
-/// What busy work waits on, most specific first: own database backends waiting on a lock (the
-/// database monitor's episode), a slow database (the monitor's `slow_database` finding: every
-/// statement slow, the pool's waiters only a symptom), pool waiters by label, own backends in
-/// another wait, node
-/// calls by phase. Returns the culprit labels `[task, node, operation, phase, label]` (task
-/// empty) and a phrase for verdicts.
-pub(crate) fn service_cause(sources: &[Arc<dyn InflightSource>]) -> ([String; 5], String) {
-    if let Some(ep) = sources
-        .iter()
-        .filter_map(|s| s.episode())
-        .find(|e| e.kind == StallKind::DbLockWait)
-    {
-        return (
-            ep.labels,
-            format!("busy handlers wait on the database: {}", ep.verdict),
-        );
-    }
-    let entries: Vec<InflightEntry> = sources.iter().flat_map(|s| s.entries()).collect();
-    // A slow database fills the pool too: its waiters are a symptom, not the cause.
-    if let Some(e) = entries
-        .iter()
-        .find(|e| e.operation.as_deref() == Some("slow_database"))
-    {
-        return (
-            [
-                String::new(),
-                String::new(),
-                "slow_database".into(),
-                String::new(),
-                e.label.clone().unwrap_or_default(),
-            ],
-            format!("busy handlers wait on a slow database: {}", e.detail),
-        );
-    }
-    let oldest = |k: InflightKind| {
-        entries
-            .iter()
-            .filter(|e| e.kind == k)
-            .max_by_key(|e| e.age)
-            .cloned()
-    };
-    if let Some(w) = oldest(InflightKind::PoolWait) {
-        let n = entries
-            .iter()
-            .filter(|e| e.kind == InflightKind::PoolWait)
-            .count();
-        return (
-            [
-                String::new(),
-                String::new(),
-                "db_pool.waiting".into(),
-                String::new(),
-                w.label.clone().unwrap_or_default(),
-            ],
-            format!(
-                "busy handlers wait for a pool connection: {n} waiting, oldest {} for {:.1} s",
-                w.describe(),
-                w.age.as_secs_f64()
-            ),
-        );
-    }
-    if let Some(b) = entries
-        .iter()
-        .filter(|e| e.kind == InflightKind::DbBackend && e.detail.contains("waiting on"))
-        .max_by_key(|e| e.age)
-    {
-        return (
-            [
-                String::new(),
-                String::new(),
-                "db_backend".into(),
-                String::new(),
-                b.label.clone().unwrap_or_default(),
-            ],
-            format!("busy handlers wait on the database: {}", b.detail),
-        );
-    }
-    if let Some(n) = oldest(InflightKind::NodeCall) {
-        return (
-            [
-                String::new(),
-                n.node.clone().unwrap_or_default(),
-                n.operation.clone().unwrap_or_default(),
-                n.phase.clone().unwrap_or_default(),
-                String::new(),
-            ],
-            format!(
-                "busy handlers wait on a node: {} for {:.1} s",
-                n.describe(),
-                n.age.as_secs_f64()
-            ),
-        );
-    }
-    (
-        Default::default(),
-        "no database or node wait seen (see the task dump)".into(),
-    )
-}
-
 fn task_label(inner: &Inner, w: &WorkerView) -> String {
     inner
         .tracker
@@ -1165,18 +924,18 @@ fn task_label(inner: &Inner, w: &WorkerView) -> String {
         .to_owned()
 }
 
-fn label_values(kind: StallKind, labels: &[String; 5]) -> [&str; 6] {
+fn label_values(kind: StallKind, c: &Culprit) -> [&str; 6] {
     [
         kind.as_str(),
-        &labels[0],
-        &labels[1],
-        &labels[2],
-        &labels[3],
-        &labels[4],
+        &c.task,
+        &c.node,
+        &c.operation,
+        &c.phase,
+        &c.label,
     ]
 }
 
-fn start_episode(inner: &Inner, kind: StallKind, labels: &[String; 5]) -> usize {
+fn start_episode(inner: &Inner, kind: StallKind, culprit: &Culprit) {
     inner
         .metrics
         .stalls_total
@@ -1185,16 +944,16 @@ fn start_episode(inner: &Inner, kind: StallKind, labels: &[String; 5]) -> usize 
     inner
         .metrics
         .episode_info
-        .with_label_values(&label_values(kind, labels))
+        .with_label_values(&label_values(kind, culprit))
         .set(1);
     tracing::warn!(
         target: "vpnbot::diagnostics::watchdog",
         kind = kind.as_str(),
-        task = non_empty(&labels[0]),
-        node = non_empty(&labels[1]),
-        operation = non_empty(&labels[2]),
-        phase = non_empty(&labels[3]),
-        label = non_empty(&labels[4]),
+        task = non_empty(&culprit.task),
+        node = non_empty(&culprit.node),
+        operation = non_empty(&culprit.operation),
+        phase = non_empty(&culprit.phase),
+        label = non_empty(&culprit.label),
         "stall episode started"
     );
     let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -1203,14 +962,13 @@ fn start_episode(inner: &Inner, kind: StallKind, labels: &[String; 5]) -> usize 
     }
     h.push(EpisodeRecord {
         kind,
-        labels: labels.clone(),
+        culprit: culprit.clone(),
         detected_unix_seconds: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64(),
         duration_seconds: None,
     });
-    h.len() - 1
 }
 
 fn end_episode(inner: &Inner, kind: StallKind, ep: Episode) {
@@ -1223,12 +981,12 @@ fn end_episode(inner: &Inner, kind: StallKind, ep: Episode) {
     let _ = inner
         .metrics
         .episode_info
-        .remove_label_values(&label_values(kind, &ep.labels));
+        .remove_label_values(&label_values(kind, &ep.culprit));
     tracing::warn!(
         target: "vpnbot::diagnostics::watchdog",
         kind = kind.as_str(),
         duration_seconds = d.as_secs_f64(),
-        task = non_empty(&ep.labels[0]),
+        task = non_empty(&ep.culprit.task),
         "stall episode ended"
     );
     let mut h = inner.history.lock().unwrap_or_else(|e| e.into_inner());
@@ -1240,7 +998,6 @@ fn end_episode(inner: &Inner, kind: StallKind, ep: Episode) {
     {
         r.duration_seconds = Some(d.as_secs_f64());
     }
-    let _ = ep.record_index;
 }
 
 fn close_all(inner: &Inner) {

@@ -453,7 +453,7 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
                 })
                 .cloned()
         });
-    r.culprit_named = ep.as_ref().is_some_and(|e| e.labels[0] == "expiry")
+    r.culprit_named = ep.as_ref().is_some_and(|e| e.culprit.task == "expiry")
         && spawned_here
         && sleep_frame.is_some();
     r.check(
