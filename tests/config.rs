@@ -326,7 +326,8 @@ fn a_bad_configuration_variable_is_named() {
         "VPNBOT_DB_STATEMENT_TIMEOUT_SECONDS: not a configuration variable",
         "did you mean VPNBOT_DB__STATEMENT_TIMEOUT_SECONDS?",
         "VPNBOT_TELEGRAMM__TOKEN: unknown section telegramm; did you mean VPNBOT_TELEGRAM__TOKEN?",
-        "(set by environment variable VPNBOT_OBSERVABILITY__LOG_FORMAT)",
+        "VPNBOT_OBSERVABILITY__LOG_FORMAT (observability.log_format): unknown variant, \
+         expected one of: human, json",
         "invalid configuration (5 problems)",
     ] {
         assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");

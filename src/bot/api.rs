@@ -11,7 +11,7 @@ use teloxide::prelude::Requester;
 use teloxide::types::{ChatId, InlineKeyboardMarkup, InputFile, Message};
 use teloxide::{ApiError, Bot, RequestError};
 
-use super::metrics::BotMetrics;
+use super::metrics::{BotErrorKind, BotMetrics};
 use super::settings::BotSettings;
 use crate::config::{secs, TelegramConfig};
 
@@ -279,7 +279,7 @@ impl BotApi {
             }
             match e {
                 RequestError::RetryAfter(s) => {
-                    self.metrics.error("rate_limited");
+                    self.metrics.error(BotErrorKind::RateLimited);
                     let wait = s.duration();
                     if wait > max_wait || attempt >= 3 {
                         return Err(BotApiError::RateLimited {

@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod commands;
 mod handlers;
 pub mod i18n;
 pub mod keys;
@@ -33,7 +34,7 @@ pub mod store;
 mod typed_updates;
 
 pub use api::{BotApi, BotApiError};
-pub use metrics::BotMetrics;
+pub use metrics::{BotErrorKind, BotMetrics, PaymentOutcome};
 pub use polling_op::{PollPhase, PollingOperation};
 pub use settings::{BotSettings, Plan};
 
@@ -200,17 +201,7 @@ impl BotService {
     async fn set_commands(&self) {
         let api = &self.inner.api;
         for lang in [i18n::Lang::En, i18n::Lang::Ru] {
-            let cmds: Vec<BotCommand> = [
-                ("start", "Main menu", "Главное меню"),
-                ("trial", "Free trial", "Пробный период"),
-                ("buy", "Plans and payment", "Тарифы и оплата"),
-                ("status", "My subscription", "Моя подписка"),
-                ("key", "My key and QR code", "Мой ключ и QR-код"),
-                ("help", "Help", "Помощь"),
-            ]
-            .into_iter()
-            .map(|(c, en, ru)| BotCommand::new(c, if lang == i18n::Lang::Ru { ru } else { en }))
-            .collect();
+            let cmds: Vec<BotCommand> = commands::Command::menu(lang == i18n::Lang::Ru);
             let res = api
                 .call("setMyCommands", || {
                     let req = api.bot.set_my_commands(cmds.clone());
@@ -344,7 +335,7 @@ impl BotService {
                     failures += 1;
                     match e {
                         RequestError::RetryAfter(sec) => {
-                            self.metrics().error("rate_limited");
+                            self.metrics().error(BotErrorKind::RateLimited);
                             // Bounded like sends: a bogus hour-long retry_after must not stop
                             // the bot for an hour.
                             let cap = secs(s.retry_after_max_seconds);
@@ -356,7 +347,7 @@ impl BotService {
                             Some(sec.duration().min(cap))
                         }
                         RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => {
-                            self.metrics().error("conflict");
+                            self.metrics().error(BotErrorKind::Conflict);
                             let wait =
                                 secs(s.conflict_backoff_seconds * rand::random_range(0.9..=1.1));
                             tracing::error!(
@@ -370,7 +361,7 @@ impl BotService {
                             // 401 on every poll: the token was revoked (or replaced). The bot
                             // is dead until someone acts; polling goes on (capped backoff) so
                             // a restored token is picked up.
-                            self.metrics().error("unauthorized");
+                            self.metrics().error(BotErrorKind::Unauthorized);
                             let wait = s.backoff(failures);
                             tracing::error!(
                                 failures,
@@ -382,10 +373,10 @@ impl BotService {
                         }
                         _ => {
                             self.metrics().error(match outcome {
-                                "timeout" => "poll_timeout",
-                                "api_error" => "api",
-                                "invalid_json" => "invalid_json",
-                                _ => "network",
+                                "timeout" => BotErrorKind::PollTimeout,
+                                "api_error" => BotErrorKind::Api,
+                                "invalid_json" => BotErrorKind::InvalidJson,
+                                _ => BotErrorKind::Network,
                             });
                             let wait = s.backoff(failures);
                             tracing::warn!(error = %detail, failures, pause_s = wait.as_secs_f64(), "getUpdates failed; backing off");
@@ -395,7 +386,7 @@ impl BotService {
                 }
                 Err(_) => {
                     api.count("getUpdates", "timeout");
-                    self.metrics().error("poll_timeout");
+                    self.metrics().error(BotErrorKind::PollTimeout);
                     failures += 1;
                     let wait = s.backoff(failures);
                     tracing::warn!(
@@ -452,13 +443,13 @@ impl BotService {
             Ok(Ok(())) => false,
             Ok(Err(_)) => {
                 cut("panic");
-                self.metrics().error("panic");
+                self.metrics().error(BotErrorKind::Panic);
                 tracing::error!("bot: an update handler panicked");
                 true
             }
             Err(_) => {
                 cut("timeout");
-                self.metrics().error("handler_timeout");
+                self.metrics().error(BotErrorKind::HandlerTimeout);
                 tracing::error!(
                     bound_s = bound.as_secs_f64(),
                     "bot: an update handler timed out"
@@ -514,7 +505,7 @@ impl BotService {
                     }
                     Some(PaymentSeen::ByThisHandler) => i18n::payment_credited_key_later(lang),
                     None => {
-                        self.metrics().payments.with_label_values(&["failed"]).inc();
+                        self.metrics().payment(PaymentOutcome::Failed);
                         tracing::error!(
                             user_id = chat,
                             amount,

@@ -202,7 +202,7 @@ pub struct ObservabilityConfig {
     /// Address of the observability server (default [`d::OBS_LISTEN`], loopback only).
     pub listen: String,
     /// `human` or `json` (default [`d::LOG_FORMAT`]).
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// `tracing` filter directives for logs (default [`d::LOG_FILTER`]); `RUST_LOG` overrides it.
     pub log_filter: String,
     /// Listener for the debug endpoints (`/debug/*`: task names, spawn locations, native
@@ -231,11 +231,34 @@ impl Default for ObservabilityConfig {
     fn default() -> Self {
         Self {
             listen: d::OBS_LISTEN.to_string(),
-            log_format: d::LOG_FORMAT.to_string(),
+            log_format: d::LOG_FORMAT,
             log_filter: d::LOG_FILTER.to_string(),
             debug_listen: String::new(),
             debug_token: SecretString::default(),
             otlp_endpoint: SecretString::default(),
+        }
+    }
+}
+
+/// `observability.log_format`: how log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event (colour only on a terminal).
+    Human,
+    /// One JSON object per event, with the current span.
+    Json,
+}
+
+impl LogFormat {
+    /// Every format.
+    pub const ALL: &'static [LogFormat] = &[LogFormat::Human, LogFormat::Json];
+
+    /// The configuration value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
         }
     }
 }
@@ -457,12 +480,6 @@ impl Config {
             e.push(format!(
                 "observability.listen `{}` is not an IP:port address",
                 o.listen
-            ));
-        }
-        if !matches!(o.log_format.as_str(), "human" | "json") {
-            e.push(format!(
-                "observability.log_format `{}` must be `human` or `json`",
-                o.log_format
             ));
         }
         if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&o.log_filter) {
