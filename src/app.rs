@@ -49,7 +49,7 @@ pub enum StartError {
     Pooler(#[from] db::pooler::PoolerError),
     /// The Bot API client could not be built (bad `telegram.api_url`).
     #[error("telegram bot: {0}")]
-    Bot(String),
+    Bot(#[from] crate::bot::BotApiBuildError),
     /// A node's client could not be built from its configuration.
     #[error("node {node}: {source}")]
     Node {
@@ -560,14 +560,15 @@ impl crate::bot::ReconcileTrigger for Reconciler {
         &self,
         node: Option<String>,
         dry_run: bool,
-    ) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+    ) -> futures_util::future::BoxFuture<'static, Result<String, crate::bot::ReconcileTriggerError>>
+    {
         let me = self.clone();
         Box::pin(async move {
             let opts = crate::reconcile::RunOptions { node, dry_run };
             me.reconcile_once(&opts)
                 .await
                 .map(|rep| crate::reconcile::cli::render_table(&rep))
-                .map_err(|e| e.to_string())
+                .map_err(|e| crate::bot::ReconcileTriggerError(Box::new(e)))
         })
     }
 }

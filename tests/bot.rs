@@ -338,7 +338,7 @@ impl ReconcileTrigger for FakeReconcile {
         &self,
         node: Option<String>,
         dry_run: bool,
-    ) -> BoxFuture<'static, Result<String, String>> {
+    ) -> BoxFuture<'static, Result<String, vpnbot::bot::ReconcileTriggerError>> {
         Box::pin(async move { Ok(format!("node={node:?} dry={dry_run} orphans=0 removed=0")) })
     }
 }

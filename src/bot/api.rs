@@ -15,6 +15,17 @@ use super::metrics::{BotErrorKind, BotMetrics};
 use super::settings::BotSettings;
 use crate::config::{secs, TelegramConfig};
 
+/// Why the Bot API clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BotApiBuildError {
+    /// `telegram.api_url` is not a URL.
+    #[error("telegram.api_url is not a URL: {0}")]
+    Url(#[from] url::ParseError),
+    /// An HTTP client could not be built (TLS backend, resolver).
+    #[error("HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
 /// Why a Bot API request failed, without the token or URL.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BotApiError {
@@ -160,14 +171,14 @@ impl BotApi {
     /// Builds the clients for `telegram` (token and base URL) with the timeouts of `settings`.
     ///
     /// # Errors
-    /// A message when `telegram.api_url` is not a URL or an HTTP client cannot be built.
+    /// [`BotApiBuildError`] when `telegram.api_url` is not a URL or an HTTP client cannot be
+    /// built.
     pub fn new(
         telegram: &TelegramConfig,
         settings: &BotSettings,
         metrics: BotMetrics,
-    ) -> Result<BotApi, String> {
-        let url = reqwest::Url::parse(&telegram.api_url)
-            .map_err(|e| format!("telegram.api_url is not a URL: {e}"))?;
+    ) -> Result<BotApi, BotApiBuildError> {
+        let url = reqwest::Url::parse(&telegram.api_url)?;
         let client = |total: Duration, max_idle: usize| {
             reqwest::Client::builder()
                 .timeout(total)
@@ -187,7 +198,7 @@ impl BotApi {
                 .tcp_keepalive_retries(3)
                 .tcp_user_timeout(secs(settings.tcp_user_timeout_seconds))
                 .build()
-                .map_err(|e| format!("HTTP client: {e}"))
+                .map_err(BotApiBuildError::Client)
         };
         let token = telegram.token.expose_secret().to_string();
         let request = secs(settings.request_timeout_seconds);

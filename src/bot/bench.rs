@@ -275,7 +275,8 @@ async fn burst(
     }
     cfg.telegram.token = SecretString::from(sim.token().to_string());
     cfg.telegram.api_url = sim.api_url();
-    let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(registry))?;
+    let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(registry))
+        .map_err(|e| e.to_string())?;
     let bot = BotService::new(api.clone(), pool.clone(), fleet, &cfg, None, None);
     // As `run` does before its first poll.
     bot.warm().await.map_err(|e| e.to_string())?;

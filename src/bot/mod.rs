@@ -33,7 +33,7 @@ pub mod settings;
 pub mod store;
 mod typed_updates;
 
-pub use api::{BotApi, BotApiError};
+pub use api::{BotApi, BotApiBuildError, BotApiError};
 pub use metrics::{BotErrorKind, BotMetrics, PaymentOutcome};
 pub use polling_op::{PollPhase, PollingOperation};
 pub use settings::{BotSettings, Plan};
@@ -69,8 +69,13 @@ pub trait ReconcileTrigger: Send + Sync + std::fmt::Debug {
         &self,
         node: Option<String>,
         dry_run: bool,
-    ) -> BoxFuture<'static, Result<String, String>>;
+    ) -> BoxFuture<'static, Result<String, ReconcileTriggerError>>;
 }
+
+/// Why a `/reconcile` pass could not run (its Display is what the admin is told).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ReconcileTriggerError(#[from] pub Box<dyn std::error::Error + Send + Sync>);
 
 /// Public parameters of a node's VLESS inbound (for links).
 #[derive(Debug, Clone)]
