@@ -18,6 +18,7 @@ use vpnbot::bot::ReconcileTrigger;
 use vpnbot::node::Operation;
 use vpnbot::sim::botapi::SimUser;
 use vpnbot::sim::node::Fault;
+use vpnbot::tasks::Tasks;
 
 fn has(t: &str) -> impl Fn(&vpnbot::sim::botapi::SentMessage) -> bool + '_ {
     move |m| m.text.contains(t)
@@ -28,6 +29,10 @@ async fn start_help_status_in_english_and_russian(_p: PgPoolOptions, opts: PgCon
     let e = env(&opts).await;
     let en = SimUser::new(1001, "en");
     let ru = SimUser::new(1002, "ru-RU");
+
+    // No reconcile runner in this instance.
+    let admin = SimUser::new(ADMIN, "en");
+    e.say(&admin, "/reconcile", has("not available")).await;
 
     let m = e.say(&en, "/start", has("Welcome")).await;
     assert_eq!(m.method, "sendMessage");
@@ -345,7 +350,7 @@ impl ReconcileTrigger for FakeReconcile {
 
 #[sqlx::test(migrations = false)]
 async fn admin_commands_answer_admins_only(_p: PgPoolOptions, opts: PgConnectOptions) {
-    let e = env(&opts).await;
+    let e = bot_common::env_with_reconcile(&opts, |_| {}, Some(Arc::new(FakeReconcile))).await;
     let admin = SimUser::new(ADMIN, "en");
     let user = SimUser::new(5001, "en");
     e.say(&user, "/trial", |m| m.method == "sendPhoto").await;
@@ -373,9 +378,7 @@ async fn admin_commands_answer_admins_only(_p: PgPoolOptions, opts: PgConnectOpt
     ] {
         assert!(diag.text.contains(part), "{part} in {}", diag.text);
     }
-    e.say(&admin, "/reconcile", has("not available")).await;
     e.say(&admin, "/reconcile zz", has("Unknown node")).await;
-    e.bot.set_reconcile(Arc::new(FakeReconcile));
     let r = e
         .say(&admin, "/reconcile a dry", has("Reconcile (dry run)"))
         .await;
@@ -649,7 +652,8 @@ async fn least_loaded_picks_the_emptiest_node_and_reloads_counts_in_the_backgrou
     .unwrap();
     let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
     let refresh = Duration::from_millis(300);
-    let picker = NodePicker::new(abc(), "least_loaded", pool.clone()).with_refresh(refresh);
+    let picker =
+        NodePicker::new(abc(), "least_loaded", pool.clone(), &Tasks::new()).with_refresh(refresh);
     let mut picks = Vec::new();
     for _ in 0..6 {
         picks.push(picker.pick(&mut c).await.unwrap().unwrap());
@@ -680,8 +684,8 @@ async fn least_loaded_picks_the_emptiest_node_and_reloads_counts_in_the_backgrou
     assert_eq!(picker.pick(&mut c).await.unwrap().as_deref(), Some("b"));
     assert_eq!(picker.pick(&mut c).await.unwrap().as_deref(), Some("a"));
 
-    let first = NodePicker::new(abc(), "first", pool.clone());
+    let first = NodePicker::new(abc(), "first", pool.clone(), &Tasks::new());
     assert_eq!(first.pick(&mut c).await.unwrap().as_deref(), Some("a"));
-    let none = NodePicker::new(vec![], "least_loaded", pool.clone());
+    let none = NodePicker::new(vec![], "least_loaded", pool.clone(), &Tasks::new());
     assert_eq!(none.pick(&mut c).await.unwrap(), None);
 }

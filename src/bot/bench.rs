@@ -277,7 +277,16 @@ async fn burst(
     cfg.telegram.api_url = sim.api_url();
     let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(registry))
         .map_err(|e| e.to_string())?;
-    let bot = BotService::new(api.clone(), pool.clone(), fleet, &cfg, None, None);
+    let bot = BotService::new(
+        api.clone(),
+        pool.clone(),
+        fleet,
+        crate::bot::BotDeps {
+            nodes: crate::bot::public_nodes(&cfg.nodes),
+            admin_ids: cfg.telegram.admin_ids.clone(),
+            ..Default::default()
+        },
+    );
     // As `run` does before its first poll.
     bot.warm().await.map_err(|e| e.to_string())?;
 

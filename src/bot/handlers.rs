@@ -1049,13 +1049,24 @@ impl BotService {
                     .await;
             }
         }
-        let Some(trigger) = self.inner.reconcile.get().cloned() else {
+        let Some(trigger) = self.inner.reconcile.clone() else {
             return self
                 .reply(ctx, "Reconcile is not available in this instance.", None)
                 .await;
         };
-        // A pass over a big node can outlast the handler bound: it runs as its own task (the
-        // reconcile iteration timeout bounds it) and reports when done, freeing the slot.
+        // One pass at a time: a second /reconcile while one runs is told so.
+        let Ok(permit) = self.inner.admin_reconcile.clone().try_acquire_owned() else {
+            return self
+                .reply(
+                    ctx,
+                    "A reconcile pass is already running; its summary follows.",
+                    None,
+                )
+                .await;
+        };
+        // A pass over a big node can outlast the handler bound: it runs as its own tracked
+        // task (shutdown waits for it, within the drain bound), cut off at the trigger's bound
+        // or when the process shuts down, and reports when done, freeing the handler slot.
         self.reply(
             ctx,
             "Starting a pass; the summary follows when it ends.",
@@ -1063,11 +1074,22 @@ impl BotService {
         )
         .await?;
         let bot = self.clone();
-        tokio::spawn(async move {
-            let text = match trigger.run_once(node, dry).await {
-                Ok(s) => format!("Reconcile{}:\n{s}", if dry { " (dry run)" } else { "" }),
-                Err(e) => format!("Reconcile failed: {e}"),
+        let root = self.inner.tasks.root().clone();
+        let bound = trigger.bound();
+        self.inner.tasks.spawn_named("admin_reconcile", async move {
+            let text = tokio::select! {
+                _ = root.cancelled() => "Reconcile interrupted: the bot is shutting down.".to_string(),
+                r = tokio::time::timeout(bound, trigger.run_once(node, dry)) => match r {
+                    Ok(Ok(s)) => format!("Reconcile{}:\n{s}", if dry { " (dry run)" } else { "" }),
+                    Ok(Err(e)) => format!("Reconcile failed: {e}"),
+                    Err(_) => format!(
+                        "Reconcile did not finish within {} s; it was stopped.",
+                        bound.as_secs()
+                    ),
+                },
             };
+            drop(permit);
+            // The reply is bounded by the Bot API request timeout.
             if let Err(e) = bot.reply(ctx, &text, None).await {
                 tracing::warn!(error = %e, "could not send the /reconcile summary");
             }

@@ -366,17 +366,18 @@ impl ExpiryWorker {
             .max(1);
         let (tx, rx) = mpsc::channel::<Notice>(capacity);
         self.notices = Some(tx);
-        let notifier = tokio::spawn(self.clone().notifier(rx, cancel.clone()));
-        run_every(
+        // The notifier runs beside the passes in this task (no spawn of its own): both end
+        // with `cancel`.
+        let notifier = self.clone().notifier(rx, cancel.clone());
+        let passes = run_every(
             "expiry",
             interval,
             self.diagnostics.as_ref(),
             &cancel,
             || self.run_logged(),
-        )
-        .await;
+        );
+        tokio::join!(passes, notifier);
         self.notices = None;
-        let _ = notifier.await;
     }
 
     /// Sends what passes queue, `bot.notify_concurrency` at once, until `cancel` (sends in

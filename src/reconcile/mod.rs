@@ -468,7 +468,7 @@ struct Inner {
     settings: ReconcileSettings,
     metrics: ReconcileMetrics,
     status: ReconcileStatus,
-    diagnostics: std::sync::OnceLock<crate::diagnostics::Diagnostics>,
+    diagnostics: Option<crate::diagnostics::Diagnostics>,
 }
 
 /// The reconcile worker. Cheap to clone.
@@ -478,19 +478,25 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Reports every completed run (ok or not) to the watchdog's `worker_overdue` check.
-    pub fn with_diagnostics(self, diagnostics: crate::diagnostics::Diagnostics) -> Self {
-        let _ = self.inner.diagnostics.set(diagnostics);
-        self
-    }
-
     /// A worker over `pool` and `fleet`; registers the `vpnbot_reconcile_*` families into
-    /// `registry`.
+    /// `registry`. Not watched by the watchdog (CLI, tests); see [`Reconciler::watched`].
     pub fn new(
         pool: DbPool,
         fleet: Fleet,
         registry: &Registry,
         settings: ReconcileSettings,
+    ) -> Self {
+        Self::watched(pool, fleet, registry, settings, None)
+    }
+
+    /// As [`Reconciler::new`], reporting every completed run (ok or not) to the watchdog's
+    /// `worker_overdue` check of `diagnostics`.
+    pub fn watched(
+        pool: DbPool,
+        fleet: Fleet,
+        registry: &Registry,
+        settings: ReconcileSettings,
+        diagnostics: Option<crate::diagnostics::Diagnostics>,
     ) -> Self {
         let status = ReconcileStatus::new(settings.overdue_after());
         Self {
@@ -500,7 +506,7 @@ impl Reconciler {
                 metrics: ReconcileMetrics::register(registry),
                 settings,
                 status,
-                diagnostics: std::sync::OnceLock::new(),
+                diagnostics,
             }),
         }
     }
@@ -578,8 +584,11 @@ impl Reconciler {
     /// (and which must not exceed the interval).
     pub async fn run(self, cancel: CancellationToken) {
         self.inner.status.worker_started_now();
-        let watch =
-            WorkerWatch::start(self.inner.diagnostics.get(), "reconcile", self.run_budget());
+        let watch = WorkerWatch::start(
+            self.inner.diagnostics.as_ref(),
+            "reconcile",
+            self.run_budget(),
+        );
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {

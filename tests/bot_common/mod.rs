@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
-use vpnbot::bot::{BotApi, BotMetrics, BotService};
+use vpnbot::bot::{BotApi, BotDeps, BotMetrics, BotService, ReconcileTrigger};
 use vpnbot::config::Config;
 use vpnbot::db::DbPool;
 use vpnbot::expiry::{ExpiryMetrics, ExpiryWorker};
@@ -78,6 +78,15 @@ pub async fn env(opts: &PgConnectOptions) -> Env {
 }
 
 pub async fn env_with(opts: &PgConnectOptions, tweak: impl FnOnce(&mut Config)) -> Env {
+    env_with_reconcile(opts, tweak, None).await
+}
+
+/// As [`env_with`], with `reconcile` behind `/reconcile`.
+pub async fn env_with_reconcile(
+    opts: &PgConnectOptions,
+    tweak: impl FnOnce(&mut Config),
+    reconcile: Option<std::sync::Arc<dyn ReconcileTrigger>>,
+) -> Env {
     let (sim, node) = start_sims().await;
     let mut cfg = bot_config(opts, &sim, &node);
     tweak(&mut cfg);
@@ -90,9 +99,13 @@ pub async fn env_with(opts: &PgConnectOptions, tweak: impl FnOnce(&mut Config)) 
         api.clone(),
         pool.clone(),
         fleet.clone(),
-        &cfg,
-        None,
-        Some(registry.clone()),
+        BotDeps {
+            nodes: vpnbot::bot::public_nodes(&cfg.nodes),
+            admin_ids: cfg.telegram.admin_ids.clone(),
+            registry: Some(registry.clone()),
+            reconcile,
+            ..Default::default()
+        },
     );
     let outbox = Outbox::new(
         pool.clone(),
