@@ -316,7 +316,7 @@ impl App {
             pool.connect_health().clone(),
         );
         let _ = health.leader.set(leader.clone());
-        let drain = secs(config.runtime.shutdown_drain_seconds);
+        let drain = config.runtime.shutdown_drain_seconds;
         let outbox = Outbox::new(
             pool.clone(),
             fleet.clone(),
@@ -466,7 +466,7 @@ impl App {
     /// Cancels every task, waits up to the drain bound, closes the pool (bounded) and stops the
     /// observability server.
     pub async fn shutdown(mut self) {
-        let drain = secs(self.config.runtime.shutdown_drain_seconds);
+        let drain = self.config.runtime.shutdown_drain_seconds;
         self.supervisor
             .stopping(&format!("draining (at most {} s)", drain.as_secs_f64()));
         if !self.tasks.shutdown(drain).await {
@@ -604,6 +604,13 @@ impl DiagnosticsView for Diagnostics {
 }
 
 impl crate::bot::ReconcileTrigger for Reconciler {
+    /// The iteration timeout, plus the audit record's bound and 10 s for the report.
+    fn bound(&self) -> Duration {
+        self.settings().iteration_timeout_seconds
+            + Duration::from_secs_f64(crate::reconcile::RECORD_TIMEOUT_SECONDS)
+            + Duration::from_secs(10)
+    }
+
     fn run_once(
         &self,
         node: Option<String>,

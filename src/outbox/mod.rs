@@ -17,7 +17,7 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::secs;
+use crate::config::seconds;
 use crate::db::{DbError, DbPool};
 use crate::diagnostics::run_every;
 use crate::fleet::Fleet;
@@ -39,26 +39,30 @@ pub const DEFAULT_BACKOFF_MAX_SECONDS: f64 = 300.0;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutboxSettings {
-    /// Interval between passes, seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
-    pub interval_seconds: f64,
+    /// Interval between passes, written in seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub interval_seconds: Duration,
     /// Most intents applied per pass (default [`DEFAULT_BATCH`]).
     pub batch: u32,
     /// Node calls in flight at once (default [`DEFAULT_CONCURRENCY`]).
     pub concurrency: usize,
-    /// First retry delay, seconds, doubled per failed attempt (default [`DEFAULT_BACKOFF_BASE_SECONDS`]).
-    pub backoff_base_seconds: f64,
-    /// Retry delay cap, seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
-    pub backoff_max_seconds: f64,
+    /// First retry delay, written in seconds, doubled per failed attempt (default
+    /// [`DEFAULT_BACKOFF_BASE_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub backoff_base_seconds: Duration,
+    /// Retry delay cap, written in seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub backoff_max_seconds: Duration,
 }
 
 impl Default for OutboxSettings {
     fn default() -> Self {
         Self {
-            interval_seconds: DEFAULT_INTERVAL_SECONDS,
+            interval_seconds: Duration::from_secs_f64(DEFAULT_INTERVAL_SECONDS),
             batch: DEFAULT_BATCH,
             concurrency: DEFAULT_CONCURRENCY,
-            backoff_base_seconds: DEFAULT_BACKOFF_BASE_SECONDS,
-            backoff_max_seconds: DEFAULT_BACKOFF_MAX_SECONDS,
+            backoff_base_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_BASE_SECONDS),
+            backoff_max_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_MAX_SECONDS),
         }
     }
 }
@@ -67,14 +71,15 @@ impl OutboxSettings {
     /// Every problem, each naming its key.
     pub fn validate(&self) -> Vec<String> {
         let mut e = Vec::new();
+        // Negative, NaN and out-of-range values are refused while parsing (config::seconds).
         for (k, v) in [
             ("interval_seconds", self.interval_seconds),
             ("backoff_base_seconds", self.backoff_base_seconds),
             ("backoff_max_seconds", self.backoff_max_seconds),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if v.is_zero() {
                 e.push(format!(
-                    "outbox.{k} must be a positive number of seconds, got {v}"
+                    "outbox.{k} must be a positive number of seconds, got 0"
                 ));
             }
         }
@@ -89,9 +94,11 @@ impl OutboxSettings {
 
     /// Delay before attempt `attempts + 1`: base·2^attempts capped, with ±20 % jitter.
     pub fn backoff(&self, attempts: i32) -> Duration {
-        let exp = self.backoff_base_seconds * 2f64.powi(attempts.clamp(0, 30));
-        let capped = exp.min(self.backoff_max_seconds);
-        secs(capped * rand::random_range(0.8..=1.2))
+        let exp = self
+            .backoff_base_seconds
+            .saturating_mul(1u32 << attempts.clamp(0, 30));
+        exp.min(self.backoff_max_seconds)
+            .mul_f64(rand::random_range(0.8..=1.2))
     }
 }
 
@@ -512,7 +519,7 @@ impl Outbox {
 
     /// Runs a pass every `interval_seconds` until `cancel` (only on the leader).
     pub async fn run(self, cancel: CancellationToken) {
-        let interval = secs(self.settings.interval_seconds);
+        let interval = self.settings.interval_seconds;
         run_every(
             "outbox",
             interval,

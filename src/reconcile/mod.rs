@@ -55,7 +55,6 @@ use tracing::field::Empty;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::config::secs;
 use crate::db::{DbConn, DbError, DbPool};
 use crate::diagnostics::WorkerWatch;
 use crate::fleet::Fleet;
@@ -546,8 +545,7 @@ impl Reconciler {
         );
         let started_at = chrono::Utc::now();
         let t0 = Instant::now();
-        let deadline =
-            tokio::time::Instant::now() + secs(self.inner.settings.iteration_timeout_seconds);
+        let deadline = tokio::time::Instant::now() + self.inner.settings.iteration_timeout_seconds;
         let mut nodes: Vec<NodeReport> = stream::iter(clients)
             .map(|c| self.node_run(c, opts, deadline))
             .buffer_unordered(self.inner.settings.node_concurrency)
@@ -574,8 +572,7 @@ impl Reconciler {
     /// factor counts whole runs.
     fn run_budget(&self) -> std::time::Duration {
         let s = &self.inner.settings;
-        s.jittered_interval()
-            .max(crate::config::secs(s.interval_seconds))
+        s.jittered_interval().max(s.interval_seconds)
     }
 
     /// Runs [`Reconciler::reconcile_once`] at a jittered fixed rate until `cancel` (only on the
@@ -661,7 +658,7 @@ impl Reconciler {
                     rep.error_type = Some("timeout");
                     rep.error = Some(format!(
                         "iteration timeout of {} s reached in phase {}",
-                        this.inner.settings.iteration_timeout_seconds,
+                        this.inner.settings.iteration_timeout_seconds.as_secs_f64(),
                         failed_phase.map_or("-", Phase::as_str)
                     ));
                     rep.failed_phase = failed_phase;
@@ -671,7 +668,7 @@ impl Reconciler {
 
             this.begin(&mut rep, Phase::Record);
             let rec = tokio::time::timeout(
-                secs(RECORD_TIMEOUT_SECONDS),
+                Duration::from_secs_f64(RECORD_TIMEOUT_SECONDS),
                 record::insert(&this.inner.pool, &stats, &rep, started_at),
             )
             .instrument(tracing::info_span!("reconcile.record", node = %node))
@@ -841,7 +838,7 @@ impl Reconciler {
             queries = Empty
         );
         let missing: &[Uuid] = if s.readd_missing { &d.missing } else { &[] };
-        let window = secs(s.grace_seconds) + t0.elapsed();
+        let window = s.grace_seconds + t0.elapsed();
         let rc = recheck::recheck(pool, stats, &node, &d.orphans, missing, window, batch)
             .instrument(span.clone())
             .await?;

@@ -112,8 +112,8 @@ pub async fn env_with_reconcile(
         fleet,
         OutboxMetrics::register(&registry),
         OutboxSettings {
-            backoff_base_seconds: 0.05,
-            backoff_max_seconds: 0.1,
+            backoff_base_seconds: std::time::Duration::from_secs_f64(0.05),
+            backoff_max_seconds: std::time::Duration::from_secs_f64(0.1),
             ..Default::default()
         },
     );
