@@ -199,6 +199,12 @@ pub enum CallbackError {
     /// A plan button with an empty plan id.
     #[error("plan button without a plan id")]
     NoPlan,
+    /// A plan button for a plan that is not configured (any more).
+    #[error("plan button for an unknown plan")]
+    UnknownPlan,
+    /// A button pressed outside the user's private chat with the bot.
+    #[error("button outside the user's own private chat")]
+    ForeignChat,
 }
 
 impl Callback {

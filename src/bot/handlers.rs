@@ -206,10 +206,10 @@ impl BotService {
         let data = q.data.as_deref().unwrap_or("");
         let parsed = Callback::parse(data).and_then(|cb| {
             if !own_chat {
-                Err(super::commands::CallbackError::Unknown)
+                Err(super::commands::CallbackError::ForeignChat)
             } else if cb.action == CallbackAction::Plan && self.settings().plan(&cb.plan).is_none()
             {
-                Err(super::commands::CallbackError::Unknown)
+                Err(super::commands::CallbackError::UnknownPlan)
             } else {
                 Ok(cb)
             }
