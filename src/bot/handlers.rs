@@ -539,7 +539,7 @@ impl BotService {
         Fut: std::future::Future<Output = Result<T, DbError>>,
     {
         use backon::{ExponentialBuilder, Retryable};
-        let bound = crate::config::secs(self.settings().handler_timeout_seconds);
+        let bound = self.settings().handler_timeout_seconds;
         let reserve = self.inner.pool.acquire_timeout() + std::time::Duration::from_secs(2);
         let budget = bound.saturating_sub(reserve);
         let started = Instant::now();
@@ -773,7 +773,7 @@ impl BotService {
 
     /// How long the outbox leaves a new key's add to the handler: the node bound plus a margin.
     fn add_grace(&self) -> std::time::Duration {
-        crate::config::secs(self.settings().key_issue_timeout_seconds + 2.0)
+        self.settings().key_issue_timeout_seconds + std::time::Duration::from_secs(2)
     }
 
     /// Adds the subscription's user on its node: outside any transaction and with no pooled
@@ -781,7 +781,7 @@ impl BotService {
     /// retries until the node confirms. Returns whether the node confirmed now.
     pub(crate) async fn issue_key(&self, sub: &Subscription) -> bool {
         let user = NodeUser::owned(sub.vless_uuid);
-        let bound = crate::config::secs(self.settings().key_issue_timeout_seconds);
+        let bound = self.settings().key_issue_timeout_seconds;
         let err = match self.inner.fleet.get(&sub.node) {
             // Cut short, the call may still have reached the node: the outbox's add is
             // idempotent ("already present" counts as done).

@@ -54,7 +54,6 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::secs;
 use crate::db::DbPool;
 use crate::diagnostics::{Diagnostics, WorkerWatch};
 use crate::fleet::Fleet;
@@ -175,7 +174,7 @@ impl BotService {
             .collect();
         let settings = api.settings.clone();
         let polling = PollingOperation::default();
-        let progress = service_watch::ServiceProgress::new(secs(settings.starved_after_seconds));
+        let progress = service_watch::ServiceProgress::new(settings.starved_after_seconds);
         if let Some(d) = &deps.diagnostics {
             d.add_source(Arc::new(polling.clone()));
             d.add_source(Arc::new(progress.clone()));
@@ -265,7 +264,7 @@ impl BotService {
         let op = &self.inner.polling;
         let _clear = polling_op::ClearOnDrop(op.clone());
         // Startup makes three bounded calls, each possibly retried once after a 429.
-        let call_bound = secs(s.request_timeout_seconds + s.retry_after_max_seconds);
+        let call_bound = s.request_timeout_seconds + s.retry_after_max_seconds;
         op.enter(PollPhase::Startup, call_bound * 3);
         tracing::info!(
             poll_timeout_s = s.poll_timeout_seconds,
@@ -305,7 +304,7 @@ impl BotService {
         let mut offset: Option<i32> = None;
         let mut failures: u32 = 0;
         let bound = s.poll_request_timeout() + Duration::from_secs(1);
-        let slot_bound = secs(s.handler_timeout_seconds) + Duration::from_secs(1);
+        let slot_bound = s.handler_timeout_seconds + Duration::from_secs(1);
         let watch = WorkerWatch::start(self.inner.diagnostics.as_ref(), "bot_polling", bound);
         loop {
             op.enter(PollPhase::LongPoll, bound);
@@ -375,7 +374,7 @@ impl BotService {
                             self.metrics().error(BotErrorKind::RateLimited);
                             // Bounded like sends: a bogus hour-long retry_after must not stop
                             // the bot for an hour.
-                            let cap = secs(s.retry_after_max_seconds);
+                            let cap = s.retry_after_max_seconds;
                             tracing::warn!(
                                 retry_after_s = sec.seconds(),
                                 wait_s = sec.duration().min(cap).as_secs_f64(),
@@ -385,8 +384,9 @@ impl BotService {
                         }
                         RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => {
                             self.metrics().error(BotErrorKind::Conflict);
-                            let wait =
-                                secs(s.conflict_backoff_seconds * rand::random_range(0.9..=1.1));
+                            let wait = s
+                                .conflict_backoff_seconds
+                                .mul_f64(rand::random_range(0.9..=1.1));
                             tracing::error!(
                                 pause_s = wait.as_secs_f64(),
                                 "getUpdates: 409 Conflict: another process is polling this bot \
@@ -447,7 +447,7 @@ impl BotService {
         ordinary.finish().await;
         priority.finish().await;
         handlers.close();
-        let drain = secs(s.handler_timeout_seconds.min(5.0));
+        let drain = s.handler_timeout_seconds.min(Duration::from_secs(5));
         op.enter(PollPhase::Drain, drain + Duration::from_secs(3));
         if tokio::time::timeout(drain, handlers.wait()).await.is_err() {
             tracing::warn!("bot: handlers still running at shutdown were abandoned");
@@ -463,7 +463,7 @@ impl BotService {
     /// Handles one update with the per-update bound, counting a timeout or a panic. A handler
     /// cut off or panicking still answers the user honestly (see [`Owed`]).
     async fn handle_guarded(&self, u: Update) {
-        let bound = secs(self.settings().handler_timeout_seconds);
+        let bound = self.settings().handler_timeout_seconds;
         self.metrics().in_flight.inc();
         self.inner.progress.started();
         let started = std::time::Instant::now();

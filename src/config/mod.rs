@@ -331,9 +331,9 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// Seconds as a [`Duration`], for the sections whose durations are still `f64` (`db`,
-/// `leader`, `node_client`, `bot`, `diagnostics`); [`Config::validate`] keeps every `*_seconds`
-/// value within [`seconds::checked`]'s range, so this never panics on a loaded configuration.
-/// Sections converted to `Duration` (`runtime`, `outbox`, `reconcile`) use [`seconds`].
+/// `leader`, `node_client`, `diagnostics`); [`Config::validate`] keeps every `*_seconds` value
+/// within [`seconds::checked`]'s range, so this never panics on a loaded configuration.
+/// Sections converted to `Duration` (`runtime`, `outbox`, `reconcile`, `bot`) use [`seconds`].
 pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }

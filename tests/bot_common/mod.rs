@@ -53,13 +53,13 @@ pub fn bot_config(opts: &PgConnectOptions, sim: &BotApiSimHandle, node: &SimNode
     cfg.node_client.retry_max_attempts = 1;
     let b = &mut cfg.bot;
     b.poll_timeout_seconds = 1;
-    b.poll_margin_seconds = 0.5;
-    b.request_timeout_seconds = 2.0;
-    b.backoff_base_seconds = 0.05;
-    b.backoff_max_seconds = 0.2;
-    b.conflict_backoff_seconds = 0.4;
-    b.retry_after_max_seconds = 3.0;
-    b.handler_timeout_seconds = 5.0;
+    b.poll_margin_seconds = std::time::Duration::from_secs_f64(0.5);
+    b.request_timeout_seconds = std::time::Duration::from_secs_f64(2.0);
+    b.backoff_base_seconds = std::time::Duration::from_secs_f64(0.05);
+    b.backoff_max_seconds = std::time::Duration::from_secs_f64(0.2);
+    b.conflict_backoff_seconds = std::time::Duration::from_secs_f64(0.4);
+    b.retry_after_max_seconds = std::time::Duration::from_secs_f64(3.0);
+    b.handler_timeout_seconds = std::time::Duration::from_secs_f64(5.0);
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     cfg
 }
