@@ -9,7 +9,7 @@ use std::time::Duration;
 use prometheus::Registry;
 use secrecy::ExposeSecret;
 
-use crate::bot::{BotApi, BotMetrics, BotService};
+use crate::bot::{BotApi, BotDeps, BotMetrics, BotService};
 use crate::config::{secs, Config};
 use crate::db::leader::{spawn_leadership, LeaderHandle};
 use crate::db::{self, DbError, DbPool};
@@ -26,7 +26,27 @@ use crate::reconcile::{ReconcileStatus, Reconciler};
 use crate::signals::ShutdownSignal;
 use crate::sources::{NodeCallSource, PoolSource};
 use crate::supervisor::Supervisor;
-use crate::tasks::Tasks;
+use crate::tasks::{CriticalExit, Tasks};
+
+/// Task families whose end (a return before shutdown, or a panic) shuts the process down
+/// (see [`crate::tasks`]): leadership, the database monitor (it runs `/readyz`'s writability
+/// check) and the observability servers' watchers.
+pub const CRITICAL_TASKS: [&str; 4] =
+    ["leadership", "db_monitor", "obs_server", "obs_debug_server"];
+
+/// A critical task that ends when the observability server's thread ends: a server that dies
+/// on its own (its runtime failed, a panic) takes the process down instead of leaving it
+/// unobservable. At shutdown the root token is cancelled before the server is stopped.
+fn watch_obs_server(tasks: &Tasks, family: &'static str, server: &ObsServer) {
+    let exited = server.exited();
+    let root = tasks.root().clone();
+    tasks.spawn_critical(family, async move {
+        tokio::select! {
+            _ = root.cancelled() => {}
+            _ = exited => {}
+        }
+    });
+}
 
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +69,7 @@ pub enum StartError {
     Pooler(#[from] db::pooler::PoolerError),
     /// The Bot API client could not be built (bad `telegram.api_url`).
     #[error("telegram bot: {0}")]
-    Bot(String),
+    Bot(#[from] crate::bot::BotApiBuildError),
     /// A node's client could not be built from its configuration.
     #[error("node {node}: {source}")]
     Node {
@@ -194,6 +214,12 @@ impl App {
     pub async fn start_with(config: Config, instruments: &Instruments) -> Result<App, StartError> {
         let registry = instruments.registry.clone();
         let diagnostics = instruments.diagnostics.clone();
+        let tasks = Tasks::new();
+        // Their end means the process is broken: leadership (spawned by db::leader), the
+        // database monitor behind /readyz, and the watchers of the observability servers.
+        for family in CRITICAL_TASKS {
+            tasks.mark_critical(family);
+        }
         let health = Arc::new(HealthState::default());
         let _ = health
             .db_max_age
@@ -261,7 +287,10 @@ impl App {
         tracing::info!("database migrations applied");
 
         let _ = health.db_connect.set(pool.connect_health().clone());
-        let tasks = Tasks::new();
+        watch_obs_server(&tasks, "obs_server", &obs);
+        if let Some(o) = &obs_debug {
+            watch_obs_server(&tasks, "obs_debug_server", o);
+        }
         diagnostics.add_source(Arc::new(PoolSource::new(
             pool.inflight().clone(),
             pool.acquire_timeout(),
@@ -288,7 +317,7 @@ impl App {
             pool.connect_health().clone(),
         );
         let _ = health.leader.set(leader.clone());
-        let drain = secs(config.runtime.shutdown_drain_seconds);
+        let drain = config.runtime.shutdown_drain_seconds;
         let outbox = Outbox::new(
             pool.clone(),
             fleet.clone(),
@@ -299,13 +328,13 @@ impl App {
         leader.run_while_leader(&tasks, "outbox", drain, move |token| {
             outbox.clone().run(token)
         });
-        let reconciler = Reconciler::new(
+        let reconciler = Reconciler::watched(
             pool.clone(),
             fleet.clone(),
             &registry,
             config.reconcile.clone(),
-        )
-        .with_diagnostics(diagnostics.clone());
+            Some(diagnostics.clone()),
+        );
         let reconcile = reconciler.status();
         diagnostics.add_source(Arc::new(reconcile.clone()));
         if config.reconcile.enabled {
@@ -321,15 +350,20 @@ impl App {
             None
         } else {
             let metrics = BotMetrics::register(&registry);
-            let api =
-                BotApi::new(&config.telegram, &config.bot, metrics).map_err(StartError::Bot)?;
+            let api = BotApi::new(&config.telegram, &config.bot, metrics)?;
             Some(BotService::new(
                 api,
                 pool.clone(),
                 fleet.clone(),
-                &config,
-                Some(health.clone()),
-                Some(registry.clone()),
+                BotDeps {
+                    nodes: crate::bot::public_nodes(&config.nodes),
+                    admin_ids: config.telegram.admin_ids.clone(),
+                    tasks: tasks.clone(),
+                    health: Some(health.clone()),
+                    registry: Some(registry.clone()),
+                    reconcile: Some(Arc::new(reconciler.clone())),
+                    diagnostics: Some(diagnostics.clone()),
+                },
             ))
         };
         let expiry = ExpiryWorker::new(
@@ -343,8 +377,6 @@ impl App {
             expiry.clone().run(token)
         });
         if let Some(b) = bot.clone() {
-            b.set_reconcile(Arc::new(reconciler.clone()));
-            b.set_diagnostics(&diagnostics);
             leader.run_while_leader(&tasks, "bot_polling", drain, move |token| {
                 b.clone().run(token)
             });
@@ -395,10 +427,13 @@ impl App {
 
     /// Waits for SIGINT/SIGTERM or for the root token to be cancelled, then shuts down.
     /// Registers the signal listeners now; use [`Self::run_until`] with listeners registered
-    /// before startup so that a signal during startup is not lost.
+    /// before startup so that a signal during startup is not lost. A critical task's end is
+    /// logged (by [`crate::tasks`]) but not returned; use [`Self::run_until`] for it.
     pub async fn run_until_signal(self) {
         match ShutdownSignal::install() {
-            Ok(signal) => self.run_until(signal).await,
+            Ok(signal) => {
+                let _ = self.run_until(signal).await;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot install signal handlers; shutting down");
                 self.shutdown().await;
@@ -408,19 +443,32 @@ impl App {
 
     /// Waits for a signal from `signal` (possibly one already delivered during startup) or for
     /// the root token to be cancelled, then shuts down.
-    pub async fn run_until(self, mut signal: ShutdownSignal) {
+    ///
+    /// # Errors
+    /// [`CriticalExit`] naming the critical task whose end cancelled the root token (or that
+    /// ended during the shutdown itself): the process must exit non-zero
+    /// ([`crate::tasks::EXIT_CRITICAL_TASK`]).
+    pub async fn run_until(self, mut signal: ShutdownSignal) -> Result<(), CriticalExit> {
         let root = self.tasks.root().clone();
         tokio::select! {
             _ = root.cancelled() => tracing::warn!("root token cancelled; shutting down"),
             s = signal.recv() => tracing::info!(signal = s, "signal received; shutting down"),
         }
+        let tasks = self.tasks.clone();
         self.shutdown().await;
+        match tasks.critical_exit() {
+            Some(exit) => {
+                tracing::error!(task = exit.task, "exiting non-zero: {exit}");
+                Err(exit)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Cancels every task, waits up to the drain bound, closes the pool (bounded) and stops the
     /// observability server.
     pub async fn shutdown(mut self) {
-        let drain = secs(self.config.runtime.shutdown_drain_seconds);
+        let drain = self.config.runtime.shutdown_drain_seconds;
         self.supervisor
             .stopping(&format!("draining (at most {} s)", drain.as_secs_f64()));
         if !self.tasks.shutdown(drain).await {
@@ -558,18 +606,26 @@ impl DiagnosticsView for Diagnostics {
 }
 
 impl crate::bot::ReconcileTrigger for Reconciler {
+    /// The iteration timeout, plus the audit record's bound and 10 s for the report.
+    fn bound(&self) -> Duration {
+        self.settings().iteration_timeout_seconds
+            + Duration::from_secs_f64(crate::reconcile::RECORD_TIMEOUT_SECONDS)
+            + Duration::from_secs(10)
+    }
+
     fn run_once(
         &self,
         node: Option<String>,
         dry_run: bool,
-    ) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+    ) -> futures_util::future::BoxFuture<'static, Result<String, crate::bot::ReconcileTriggerError>>
+    {
         let me = self.clone();
         Box::pin(async move {
             let opts = crate::reconcile::RunOptions { node, dry_run };
             me.reconcile_once(&opts)
                 .await
                 .map(|rep| crate::reconcile::cli::render_table(&rep))
-                .map_err(|e| e.to_string())
+                .map_err(|e| crate::bot::ReconcileTriggerError(Box::new(e)))
         })
     }
 }

@@ -69,10 +69,14 @@ pub fn main() -> ExitCode {
                 };
                 tracing::info!("vpnbot starting; SIGTERM/SIGINT from now on drain and exit 0");
                 match App::start_with(cfg, &instruments).await {
-                    Ok(app) => {
-                        app.run_until(signal).await;
-                        ExitCode::SUCCESS
-                    }
+                    Ok(app) => match app.run_until(signal).await {
+                        Ok(()) => ExitCode::SUCCESS,
+                        // Logged at ERROR naming the task; stderr gets it even without logs.
+                        Err(exit) => {
+                            eprintln!("vpnbot: {exit}; exited");
+                            ExitCode::from(crate::tasks::EXIT_CRITICAL_TASK)
+                        }
+                    },
                     Err(e) => fail(&e, e.exit_code()),
                 }
             });

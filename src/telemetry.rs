@@ -25,7 +25,7 @@ pub fn init(cfg: &ObservabilityConfig, extra: Vec<BoxedLayer>) -> bool {
                 .parse(&cfg.log_filter)
                 .unwrap_or_else(|_| EnvFilter::new("info"))
         });
-    let fmt: BoxedLayer = if cfg.log_format == "json" {
+    let fmt: BoxedLayer = if cfg.log_format == crate::config::LogFormat::Json {
         tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)

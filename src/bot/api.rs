@@ -11,9 +11,20 @@ use teloxide::prelude::Requester;
 use teloxide::types::{ChatId, InlineKeyboardMarkup, InputFile, Message};
 use teloxide::{ApiError, Bot, RequestError};
 
-use super::metrics::BotMetrics;
+use super::metrics::{BotErrorKind, BotMetrics};
 use super::settings::BotSettings;
-use crate::config::{secs, TelegramConfig};
+use crate::config::TelegramConfig;
+
+/// Why the Bot API clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BotApiBuildError {
+    /// `telegram.api_url` is not a URL.
+    #[error("telegram.api_url is not a URL: {0}")]
+    Url(#[from] url::ParseError),
+    /// An HTTP client could not be built (TLS backend, resolver).
+    #[error("HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
 
 /// Why a Bot API request failed, without the token or URL.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -161,14 +172,14 @@ impl BotApi {
     /// Builds the clients for `telegram` (token and base URL) with the timeouts of `settings`.
     ///
     /// # Errors
-    /// A message when `telegram.api_url` is not a URL or an HTTP client cannot be built.
+    /// [`BotApiBuildError`] when `telegram.api_url` is not a URL or an HTTP client cannot be
+    /// built.
     pub fn new(
         telegram: &TelegramConfig,
         settings: &BotSettings,
         metrics: BotMetrics,
-    ) -> Result<BotApi, String> {
-        let url = reqwest::Url::parse(&telegram.api_url)
-            .map_err(|e| format!("telegram.api_url is not a URL: {e}"))?;
+    ) -> Result<BotApi, BotApiBuildError> {
+        let url = reqwest::Url::parse(&telegram.api_url)?;
         let client = |total: Duration, max_idle: usize| {
             reqwest::Client::builder()
                 .timeout(total)
@@ -181,17 +192,17 @@ impl BotApi {
                 // pooled connection dead: recycle idle ones before that, find dead idle ones
                 // with keep-alive probes, and abort one whose request bytes stay
                 // unacknowledged instead of waiting for the whole request timeout.
-                .pool_idle_timeout(secs(settings.pool_idle_timeout_seconds))
+                .pool_idle_timeout(settings.pool_idle_timeout_seconds)
                 .pool_max_idle_per_host(max_idle)
                 .tcp_keepalive(Duration::from_secs(15))
                 .tcp_keepalive_interval(Duration::from_secs(5))
                 .tcp_keepalive_retries(3)
-                .tcp_user_timeout(secs(settings.tcp_user_timeout_seconds))
+                .tcp_user_timeout(settings.tcp_user_timeout_seconds)
                 .build()
-                .map_err(|e| format!("HTTP client: {e}"))
+                .map_err(BotApiBuildError::Client)
         };
         let token = telegram.token.expose_secret().to_string();
-        let request = secs(settings.request_timeout_seconds);
+        let request = settings.request_timeout_seconds;
         let bot =
             Bot::with_client(token.clone(), client(request, usize::MAX)?).set_api_url(url.clone());
         // Keeps no connection: a retry on it always opens a fresh one.
@@ -242,8 +253,8 @@ impl BotApi {
     {
         // The client's own timeout bounds the HTTP exchange; this one also bounds teloxide's
         // fixed 10 s pause after a 5xx.
-        let bound = secs(self.settings.request_timeout_seconds + 1.0);
-        let max_wait = secs(self.settings.retry_after_max_seconds);
+        let bound = self.settings.request_timeout_seconds + Duration::from_secs(1);
+        let max_wait = self.settings.retry_after_max_seconds;
         let mut attempt = 0;
         let mut bot = &self.bot;
         loop {
@@ -280,7 +291,7 @@ impl BotApi {
             }
             match e {
                 RequestError::RetryAfter(s) => {
-                    self.metrics.error("rate_limited");
+                    self.metrics.error(BotErrorKind::RateLimited);
                     let wait = s.duration();
                     if wait > max_wait || attempt >= 3 {
                         return Err(BotApiError::RateLimited {

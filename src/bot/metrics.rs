@@ -29,8 +29,112 @@ const PRECHECKOUT_BUCKETS_SECONDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0,
 ];
 
-/// Error kinds exported at 0 from start-up (the ones alerts use).
-const ERROR_KINDS_ALWAYS_EXPORTED: [&str; 3] = ["conflict", "rate_limited", "unauthorized"];
+/// Declares a closed set of label values: the enum, `ALL`, `as_str()` and a help-text list
+/// generated from the per-variant descriptions, so the help text cannot drift from the code.
+macro_rules! label_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $label:literal : $help:literal ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant ),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order (zero-initialised series are exported from it).
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The label value.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label),+
+                }
+            }
+
+            /// What the value means, for the metric's help text.
+            pub const fn help(self) -> &'static str {
+                match self {
+                    $($name::$variant => $help),+
+                }
+            }
+
+            /// `label (meaning), label (meaning), ...` over [`Self::ALL`].
+            pub fn help_list() -> String {
+                Self::ALL
+                    .iter()
+                    .map(|v| format!("{} ({})", v.as_str(), v.help()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// The `kind` label of `vpnbot_bot_errors_total`: every error the bot counts.
+    pub enum BotErrorKind {
+        /// getUpdates answered 409: another process polls this token.
+        Conflict => "conflict": "409 from getUpdates: another process polls this bot token",
+        /// A Bot API call answered 429.
+        RateLimited => "rate_limited": "429 from the Bot API",
+        /// getUpdates answered 401.
+        Unauthorized => "unauthorized": "401: the token is revoked or wrong",
+        /// getUpdates did not answer within its bound.
+        PollTimeout => "poll_timeout": "getUpdates gave no answer within its bound",
+        /// getUpdates failed on the network.
+        Network => "network": "getUpdates failed on the network",
+        /// getUpdates answered another API error.
+        Api => "api": "getUpdates answered another Bot API error",
+        /// getUpdates answered something that is not the expected JSON.
+        InvalidJson => "invalid_json": "getUpdates answered unparseable JSON",
+        /// A handler ran past `bot.handler_timeout_seconds`.
+        HandlerTimeout => "handler_timeout": "a handler was cut off by bot.handler_timeout_seconds",
+        /// A handler panicked.
+        Panic => "panic": "a handler panicked",
+        /// A handler's database call failed.
+        Db => "db": "a handler's database call failed",
+        /// A handler's reply could not be sent.
+        SendFailed => "send_failed": "a handler's Bot API call failed",
+        /// No node could take a new key.
+        NoNode => "no_node": "no node could take a new subscription",
+        /// The node did not confirm a new key in time; the outbox retries it.
+        NodePending => "node_pending": "a new key was not confirmed by its node in time and went to the outbox",
+        /// A payment for a plan that is not configured (recorded for manual credit).
+        PaymentUnknownPlan => "payment_unknown_plan": "a payment named an unknown plan; recorded for manual credit",
+        /// A payment's database write failed once and is retried.
+        PaymentRetry => "payment_retry": "a payment or refund database write failed and is retried",
+        /// The QR code could not be rendered (the link is sent as text).
+        Qr => "qr": "the QR code could not be rendered; the link went as text",
+        /// A button press carried callback data the bot does not know.
+        UnknownCallback => "unknown_callback": "a button press carried unknown or foreign callback data",
+    }
+}
+
+label_enum! {
+    /// The `outcome` label of `vpnbot_bot_payments_total`.
+    pub enum PaymentOutcome {
+        /// The first `successful_payment` of a charge, credited.
+        Credited => "credited": "first successful_payment of a charge",
+        /// A repeated `successful_payment`, not credited again.
+        Duplicate => "duplicate": "a repeated one, not credited again",
+        /// Refused at pre-checkout.
+        Rejected => "rejected": "pre-checkout refused",
+        /// Not recorded; retried by Telegram's redelivery or support.
+        Failed => "failed": "not recorded; retried by Telegram's redelivery or support",
+        /// The charge's refund was recorded first: recorded, not credited.
+        RefundedBeforeCredit => "refunded_before_credit": "the charge's refund was recorded first: recorded, not credited",
+    }
+}
 
 /// Refund sources (`source` label of `vpnbot_bot_refunds_total`).
 pub const REFUND_SOURCES: [&str; 2] = ["telegram", "admin"];
@@ -65,7 +169,7 @@ impl BotMetrics {
             errors: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_errors_total",
-                "Bot errors by kind (conflict, rate_limited, unauthorized (401: the token is revoked or wrong), poll_timeout, network, api, invalid_json, handler_timeout, db, node_pending, send_failed, panic).",
+                &format!("Bot errors by kind: {}.", BotErrorKind::help_list()),
                 &["kind"],
             ),
             polling_last_success: metrics::gauge(
@@ -82,7 +186,7 @@ impl BotMetrics {
             payments: metrics::counter_vec(
                 registry,
                 "vpnbot_bot_payments_total",
-                "Payments by outcome: credited (first successful_payment of a charge), duplicate (a repeated one, not credited again), rejected (pre-checkout refused), failed (not recorded; retried by Telegram's redelivery or support), refunded_before_credit (the charge's refund was recorded first: recorded, not credited).",
+                &format!("Payments by outcome: {}.", PaymentOutcome::help_list()),
                 &["outcome"],
             ),
             refunds: metrics::counter_vec(
@@ -133,10 +237,13 @@ impl BotMetrics {
         for lane in ["ordinary", "priority"] {
             m.queue_depth.with_label_values(&[lane]);
         }
-        // Export the error kinds alerts watch (409 conflict, 429) at 0 from the start, so
-        // `increase()` sees the first one and the series exist before anything went wrong.
-        for kind in ERROR_KINDS_ALWAYS_EXPORTED {
-            m.errors.with_label_values(&[kind]);
+        // Every error kind and payment outcome at 0 from the start, so `increase()` sees the
+        // first one and the series exist before anything went wrong.
+        for kind in BotErrorKind::ALL {
+            m.errors.with_label_values(&[kind.as_str()]);
+        }
+        for outcome in PaymentOutcome::ALL {
+            m.payments.with_label_values(&[outcome.as_str()]);
         }
         for source in REFUND_SOURCES {
             for outcome in REFUND_OUTCOMES {
@@ -146,8 +253,59 @@ impl BotMetrics {
         m
     }
 
-    /// Counts one error of `kind` (a fixed name).
-    pub fn error(&self, kind: &'static str) {
-        self.errors.with_label_values(&[kind]).inc();
+    /// Counts one error of `kind`.
+    pub fn error(&self, kind: BotErrorKind) {
+        self.errors.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// Counts one payment with `outcome`.
+    pub fn payment(&self, outcome: PaymentOutcome) {
+        self.payments.with_label_values(&[outcome.as_str()]).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_kind_and_payment_outcome_is_exported_at_zero_and_in_the_help() {
+        let registry = Registry::new();
+        let _m = BotMetrics::register(&registry);
+        let families = registry.gather();
+        for (family, label, values) in [
+            (
+                "vpnbot_bot_errors_total",
+                "kind",
+                BotErrorKind::ALL
+                    .iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "vpnbot_bot_payments_total",
+                "outcome",
+                PaymentOutcome::ALL.iter().map(|k| k.as_str()).collect(),
+            ),
+        ] {
+            let f = families.iter().find(|f| f.name() == family).unwrap();
+            for v in &values {
+                assert!(
+                    f.help().contains(&format!("{v} (")),
+                    "{family} help lacks {v}"
+                );
+                assert!(
+                    f.get_metric().iter().any(|m| m
+                        .get_label()
+                        .iter()
+                        .any(|l| l.name() == label && l.value() == *v)),
+                    "{family}{{{label}=\"{v}\"}} not exported at 0"
+                );
+            }
+            let mut sorted = values.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), values.len(), "{family}: duplicate label");
+        }
     }
 }

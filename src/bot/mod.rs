@@ -20,6 +20,7 @@
 //!   delay their fetching nor take their slots (`vpnbot_bot_precheckout_answer_seconds`).
 
 pub mod api;
+pub mod commands;
 mod handlers;
 pub mod i18n;
 pub mod keys;
@@ -31,14 +32,14 @@ pub mod settings;
 pub mod store;
 mod typed_updates;
 
-pub use api::{BotApi, BotApiError};
-pub use metrics::BotMetrics;
+pub use api::{BotApi, BotApiBuildError, BotApiError};
+pub use metrics::{BotErrorKind, BotMetrics, PaymentOutcome};
 pub use polling_op::{PollPhase, PollingOperation};
 pub use settings::{BotSettings, Plan};
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::IntoFuture;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
@@ -52,14 +53,14 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{secs, Config};
 use crate::db::DbPool;
 use crate::diagnostics::{Diagnostics, WorkerWatch};
 use crate::fleet::Fleet;
 use crate::obs::health::HealthState;
+use crate::tasks::Tasks;
 
 /// Runs one reconcile pass for `/reconcile`; implemented by the reconcile subsystem and
-/// attached with [`BotService::set_reconcile`].
+/// passed in [`BotDeps::reconcile`].
 pub trait ReconcileTrigger: Send + Sync + std::fmt::Debug {
     /// Runs one pass over `node` (every node when `None`), removing nothing when `dry_run`,
     /// and returns a short human-readable summary.
@@ -67,14 +68,71 @@ pub trait ReconcileTrigger: Send + Sync + std::fmt::Debug {
         &self,
         node: Option<String>,
         dry_run: bool,
-    ) -> BoxFuture<'static, Result<String, String>>;
+    ) -> BoxFuture<'static, Result<String, ReconcileTriggerError>>;
+
+    /// The longest one pass may take; the `/reconcile` task is cut off after it
+    /// (default [`DEFAULT_ADMIN_RECONCILE_BOUND`]).
+    fn bound(&self) -> Duration {
+        DEFAULT_ADMIN_RECONCILE_BOUND
+    }
 }
 
+/// Bound of one `/reconcile` pass when its trigger names none.
+pub const DEFAULT_ADMIN_RECONCILE_BOUND: Duration = Duration::from_secs(600);
+
+/// Why a `/reconcile` pass could not run (its Display is what the admin is told).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ReconcileTriggerError(#[from] pub Box<dyn std::error::Error + Send + Sync>);
+
 /// Public parameters of a node's VLESS inbound (for links).
-#[derive(Debug, Clone)]
-pub(crate) struct NodePublic {
-    pub(crate) host: String,
-    pub(crate) port: u16,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePublic {
+    /// Host clients connect to.
+    pub host: String,
+    /// Port clients connect to.
+    pub port: u16,
+}
+
+/// The public side of every configured node (`nodes.NAME.public_host`/`public_port`).
+pub fn public_nodes(
+    nodes: &BTreeMap<String, crate::config::NodeConfig>,
+) -> BTreeMap<String, NodePublic> {
+    nodes
+        .iter()
+        .map(|(n, c)| {
+            (
+                n.clone(),
+                NodePublic {
+                    host: c.public_host.clone(),
+                    port: c.public_port,
+                },
+            )
+        })
+        .collect()
+}
+
+/// What the bot needs besides its API client, pool and fleet; all given at construction.
+#[derive(Debug, Default)]
+pub struct BotDeps {
+    /// Public host and port per node, for links ([`public_nodes`]); nodes missing from the
+    /// fleet are left out.
+    pub nodes: BTreeMap<String, NodePublic>,
+    /// Telegram user ids allowed to use admin commands (`telegram.admin_ids`).
+    pub admin_ids: Vec<i64>,
+    /// Where the bot's background work runs (`/reconcile` passes, node-load reloads, the
+    /// receive loop's dispatchers): tracked, so shutdown waits for it.
+    pub tasks: Tasks,
+    /// Health sources for `/diag`.
+    pub health: Option<Arc<HealthState>>,
+    /// The metrics registry, for `/diag`'s scheduler-lag quantile.
+    pub registry: Option<Registry>,
+    /// The runner behind `/reconcile` (`None`: "not available in this instance").
+    pub reconcile: Option<Arc<dyn ReconcileTrigger>>,
+    /// Makes the receive loop visible to the watchdog: its phase as an in-flight operation
+    /// (dump section `bot_polling`, `operation_overdue` past a phase's deadline) and its polls
+    /// as the periodic worker `bot_polling` (`worker_overdue` when polls stop completing).
+    pub diagnostics: Option<Diagnostics>,
 }
 
 #[derive(Debug)]
@@ -89,8 +147,11 @@ pub(crate) struct Inner {
     pub(crate) pool_max: u32,
     pub(crate) health: Option<Arc<HealthState>>,
     pub(crate) registry: Option<Registry>,
-    pub(crate) reconcile: OnceLock<Arc<dyn ReconcileTrigger>>,
-    pub(crate) diagnostics: OnceLock<Diagnostics>,
+    pub(crate) reconcile: Option<Arc<dyn ReconcileTrigger>>,
+    pub(crate) diagnostics: Option<Diagnostics>,
+    pub(crate) tasks: Tasks,
+    /// One `/reconcile` pass at a time.
+    pub(crate) admin_reconcile: Arc<Semaphore>,
     pub(crate) polling: PollingOperation,
     pub(crate) progress: service_watch::ServiceProgress,
 }
@@ -102,69 +163,45 @@ pub struct BotService {
 }
 
 impl BotService {
-    /// A bot over `api`, using `pool` and `fleet`, with nodes, admins and settings from
-    /// `config`. `health` and `registry` feed `/diag` (optional in tests).
-    pub fn new(
-        api: BotApi,
-        pool: DbPool,
-        fleet: Fleet,
-        config: &Config,
-        health: Option<Arc<HealthState>>,
-        registry: Option<Registry>,
-    ) -> BotService {
-        let nodes: BTreeMap<String, NodePublic> = config
+    /// A bot over `api` (which carries the bot's settings), using `pool` and `fleet`, with
+    /// everything else in `deps`.
+    pub fn new(api: BotApi, pool: DbPool, fleet: Fleet, deps: BotDeps) -> BotService {
+        let nodes: BTreeMap<String, NodePublic> = deps
             .nodes
-            .iter()
+            .into_iter()
             .filter(|(name, _)| fleet.get(name).is_some())
-            .map(|(n, c)| {
-                (
-                    n.clone(),
-                    NodePublic {
-                        host: c.public_host.clone(),
-                        port: c.public_port,
-                    },
-                )
-            })
             .collect();
+        let settings = api.settings.clone();
+        let polling = PollingOperation::default();
+        let progress = service_watch::ServiceProgress::new(settings.starved_after_seconds);
+        if let Some(d) = &deps.diagnostics {
+            d.add_source(Arc::new(polling.clone()));
+            d.add_source(Arc::new(progress.clone()));
+        }
         BotService {
             inner: Arc::new(Inner {
                 api,
                 node_names: nodes.keys().cloned().collect(),
                 node_picker: node_picker::NodePicker::new(
                     nodes.keys().cloned().collect(),
-                    &config.bot.node_policy,
+                    &settings.node_policy,
                     pool.clone(),
+                    &deps.tasks,
                 ),
                 nodes,
+                pool_max: pool.raw().options().get_max_connections(),
                 pool,
                 fleet,
-                admins: config.telegram.admin_ids.iter().copied().collect(),
-                pool_max: config.db.max_connections,
-                health,
-                registry,
-                reconcile: OnceLock::new(),
-                diagnostics: OnceLock::new(),
-                polling: PollingOperation::default(),
-                progress: service_watch::ServiceProgress::new(secs(
-                    config.bot.starved_after_seconds,
-                )),
+                admins: deps.admin_ids.into_iter().collect(),
+                health: deps.health,
+                registry: deps.registry,
+                reconcile: deps.reconcile,
+                diagnostics: deps.diagnostics,
+                tasks: deps.tasks,
+                admin_reconcile: Arc::new(Semaphore::new(1)),
+                polling,
+                progress,
             }),
-        }
-    }
-
-    /// Attaches the reconcile runner behind `/reconcile` (once; later calls are ignored).
-    pub fn set_reconcile(&self, trigger: Arc<dyn ReconcileTrigger>) {
-        let _ = self.inner.reconcile.set(trigger);
-    }
-
-    /// Makes the receive loop visible to the watchdog (once; later calls are ignored): its
-    /// phase as an in-flight operation (dump section `bot_polling`, `operation_overdue` past a
-    /// phase's deadline) and its polls as the periodic worker `bot_polling`
-    /// (`worker_overdue` when polls stop completing).
-    pub fn set_diagnostics(&self, diagnostics: &Diagnostics) {
-        if self.inner.diagnostics.set(diagnostics.clone()).is_ok() {
-            diagnostics.add_source(Arc::new(self.inner.polling.clone()));
-            diagnostics.add_source(Arc::new(self.inner.progress.clone()));
         }
     }
 
@@ -199,17 +236,7 @@ impl BotService {
     async fn set_commands(&self) {
         let api = &self.inner.api;
         for lang in [i18n::Lang::En, i18n::Lang::Ru] {
-            let cmds: Vec<BotCommand> = [
-                ("start", "Main menu", "Главное меню"),
-                ("trial", "Free trial", "Пробный период"),
-                ("buy", "Plans and payment", "Тарифы и оплата"),
-                ("status", "My subscription", "Моя подписка"),
-                ("key", "My key and QR code", "Мой ключ и QR-код"),
-                ("help", "Help", "Помощь"),
-            ]
-            .into_iter()
-            .map(|(c, en, ru)| BotCommand::new(c, if lang == i18n::Lang::Ru { ru } else { en }))
-            .collect();
+            let cmds: Vec<BotCommand> = commands::Command::menu(lang == i18n::Lang::Ru);
             let res = api
                 .call("setMyCommands", || {
                     let req = api.bot.set_my_commands(cmds.clone());
@@ -236,7 +263,7 @@ impl BotService {
         let op = &self.inner.polling;
         let _clear = polling_op::ClearOnDrop(op.clone());
         // Startup makes three bounded calls, each possibly retried once after a 429.
-        let call_bound = secs(s.request_timeout_seconds + s.retry_after_max_seconds);
+        let call_bound = s.request_timeout_seconds + s.retry_after_max_seconds;
         op.enter(PollPhase::Startup, call_bound * 3);
         tracing::info!(
             poll_timeout_s = s.poll_timeout_seconds,
@@ -276,8 +303,8 @@ impl BotService {
         let mut offset: Option<i32> = None;
         let mut failures: u32 = 0;
         let bound = s.poll_request_timeout() + Duration::from_secs(1);
-        let slot_bound = secs(s.handler_timeout_seconds) + Duration::from_secs(1);
-        let watch = WorkerWatch::start(self.inner.diagnostics.get(), "bot_polling", bound);
+        let slot_bound = s.handler_timeout_seconds + Duration::from_secs(1);
+        let watch = WorkerWatch::start(self.inner.diagnostics.as_ref(), "bot_polling", bound);
         loop {
             op.enter(PollPhase::LongPoll, bound);
             let req =
@@ -343,10 +370,10 @@ impl BotService {
                     failures += 1;
                     match e {
                         RequestError::RetryAfter(sec) => {
-                            self.metrics().error("rate_limited");
+                            self.metrics().error(BotErrorKind::RateLimited);
                             // Bounded like sends: a bogus hour-long retry_after must not stop
                             // the bot for an hour.
-                            let cap = secs(s.retry_after_max_seconds);
+                            let cap = s.retry_after_max_seconds;
                             tracing::warn!(
                                 retry_after_s = sec.seconds(),
                                 wait_s = sec.duration().min(cap).as_secs_f64(),
@@ -355,9 +382,10 @@ impl BotService {
                             Some(sec.duration().min(cap))
                         }
                         RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => {
-                            self.metrics().error("conflict");
-                            let wait =
-                                secs(s.conflict_backoff_seconds * rand::random_range(0.9..=1.1));
+                            self.metrics().error(BotErrorKind::Conflict);
+                            let wait = s
+                                .conflict_backoff_seconds
+                                .mul_f64(rand::random_range(0.9..=1.1));
                             tracing::error!(
                                 pause_s = wait.as_secs_f64(),
                                 "getUpdates: 409 Conflict: another process is polling this bot \
@@ -369,7 +397,7 @@ impl BotService {
                             // 401 on every poll: the token was revoked (or replaced). The bot
                             // is dead until someone acts; polling goes on (capped backoff) so
                             // a restored token is picked up.
-                            self.metrics().error("unauthorized");
+                            self.metrics().error(BotErrorKind::Unauthorized);
                             let wait = s.backoff(failures);
                             tracing::error!(
                                 failures,
@@ -381,10 +409,10 @@ impl BotService {
                         }
                         _ => {
                             self.metrics().error(match outcome {
-                                "timeout" => "poll_timeout",
-                                "api_error" => "api",
-                                "invalid_json" => "invalid_json",
-                                _ => "network",
+                                "timeout" => BotErrorKind::PollTimeout,
+                                "api_error" => BotErrorKind::Api,
+                                "invalid_json" => BotErrorKind::InvalidJson,
+                                _ => BotErrorKind::Network,
                             });
                             let wait = s.backoff(failures);
                             tracing::warn!(error = %detail, failures, pause_s = wait.as_secs_f64(), "getUpdates failed; backing off");
@@ -394,7 +422,7 @@ impl BotService {
                 }
                 Err(_) => {
                     api.count("getUpdates", "timeout");
-                    self.metrics().error("poll_timeout");
+                    self.metrics().error(BotErrorKind::PollTimeout);
                     failures += 1;
                     let wait = s.backoff(failures);
                     tracing::warn!(
@@ -418,7 +446,7 @@ impl BotService {
         ordinary.finish().await;
         priority.finish().await;
         handlers.close();
-        let drain = secs(s.handler_timeout_seconds.min(5.0));
+        let drain = s.handler_timeout_seconds.min(Duration::from_secs(5));
         op.enter(PollPhase::Drain, drain + Duration::from_secs(3));
         if tokio::time::timeout(drain, handlers.wait()).await.is_err() {
             tracing::warn!("bot: handlers still running at shutdown were abandoned");
@@ -434,7 +462,7 @@ impl BotService {
     /// Handles one update with the per-update bound, counting a timeout or a panic. A handler
     /// cut off or panicking still answers the user honestly (see [`Owed`]).
     async fn handle_guarded(&self, u: Update) {
-        let bound = secs(self.settings().handler_timeout_seconds);
+        let bound = self.settings().handler_timeout_seconds;
         self.metrics().in_flight.inc();
         self.inner.progress.started();
         let started = std::time::Instant::now();
@@ -451,13 +479,13 @@ impl BotService {
             Ok(Ok(())) => false,
             Ok(Err(_)) => {
                 cut("panic");
-                self.metrics().error("panic");
+                self.metrics().error(BotErrorKind::Panic);
                 tracing::error!("bot: an update handler panicked");
                 true
             }
             Err(_) => {
                 cut("timeout");
-                self.metrics().error("handler_timeout");
+                self.metrics().error(BotErrorKind::HandlerTimeout);
                 tracing::error!(
                     bound_s = bound.as_secs_f64(),
                     "bot: an update handler timed out"
@@ -513,7 +541,7 @@ impl BotService {
                     }
                     Some(PaymentSeen::ByThisHandler) => i18n::payment_credited_key_later(lang),
                     None => {
-                        self.metrics().payments.with_label_values(&["failed"]).inc();
+                        self.metrics().payment(PaymentOutcome::Failed);
                         tracing::error!(
                             user_id = chat,
                             amount,
@@ -674,36 +702,40 @@ impl Lane {
         let depth = bot.metrics().queue_depth.with_label_values(&[name]);
         depth.set(0);
         let sem = Arc::new(Semaphore::new(slots));
+        let spawner = bot.clone();
         let (bot, handlers, cancel, d) =
             (bot.clone(), handlers.clone(), cancel.clone(), depth.clone());
-        let dispatcher = tokio::spawn(async move {
-            loop {
-                let permit = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break,
-                    p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
-                };
-                let q = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => break,
-                    q = rx.recv() => match q {
-                        Some(q) => q,
-                        None => break,
-                    },
-                };
-                d.dec();
-                bot.inner.progress.dequeued(q.received);
-                bot.spawn_handler(&handlers, q, Some(permit));
-            }
-            // Shutdown: what is queued was confirmed to Telegram; start it now, slot or not,
-            // under the loop's bounded drain.
-            rx.close();
-            while let Ok(q) = rx.try_recv() {
-                d.dec();
-                bot.inner.progress.dequeued(q.received);
-                bot.spawn_handler(&handlers, q, None);
-            }
-        });
+        let dispatcher = spawner
+            .inner
+            .tasks
+            .spawn_named("bot_dispatcher", async move {
+                loop {
+                    let permit = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        p = sem.clone().acquire_owned() => p.expect("semaphore never closed"),
+                    };
+                    let q = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        q = rx.recv() => match q {
+                            Some(q) => q,
+                            None => break,
+                        },
+                    };
+                    d.dec();
+                    bot.inner.progress.dequeued(q.received);
+                    bot.spawn_handler(&handlers, q, Some(permit));
+                }
+                // Shutdown: what is queued was confirmed to Telegram; start it now, slot or not,
+                // under the loop's bounded drain.
+                rx.close();
+                while let Ok(q) = rx.try_recv() {
+                    d.dec();
+                    bot.inner.progress.dequeued(q.received);
+                    bot.spawn_handler(&handlers, q, None);
+                }
+            });
         Lane {
             name,
             tx,
@@ -766,7 +798,8 @@ impl BotService {
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
         let bot = self.clone();
-        handlers.spawn(async move {
+        // Tracked twice: by the loop's own tracker (its bounded drain) and by the app's tasks.
+        let fut = handlers.track_future(async move {
             let pre_checkout = matches!(q.update.kind, UpdateKind::PreCheckoutQuery(_));
             bot.handle_guarded(q.update).await;
             if pre_checkout {
@@ -776,6 +809,7 @@ impl BotService {
             }
             drop(permit);
         });
+        self.inner.tasks.spawn_named("bot_handler", fut);
     }
 }
 

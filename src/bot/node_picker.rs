@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgConnection;
 
 use crate::db::{DbError, DbPool};
+use crate::tasks::Tasks;
 
 /// How long per-node counts are used before a background reload.
 pub const NODE_LOAD_REFRESH: Duration = Duration::from_secs(30);
@@ -27,7 +28,13 @@ pub struct NodePicker {
     cache: Arc<Mutex<Cache>>,
     /// Serialises the first load so concurrent first picks run one count, not one each.
     first_load: tokio::sync::Mutex<()>,
+    /// Background reloads run as tracked tasks (`node_load_reload`): shutdown waits for them.
+    tasks: Tasks,
 }
+
+/// Bound on one background reload of the node load (one pooled acquire and one count query,
+/// each bounded by its own timeout; this is the backstop).
+pub const RELOAD_BOUND: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Cache {
@@ -38,8 +45,9 @@ struct Cache {
 
 impl NodePicker {
     /// A picker over `nodes` (configured names; ties go to the first) with `policy`
-    /// `least_loaded` or `first` (validated by the config); background reloads use `pool`.
-    pub fn new(nodes: Vec<String>, policy: &str, pool: DbPool) -> NodePicker {
+    /// `least_loaded` or `first` (validated by the config); background reloads use `pool` and
+    /// run as tasks of `tasks` (bounded by [`RELOAD_BOUND`], cancelled with its root token).
+    pub fn new(nodes: Vec<String>, policy: &str, pool: DbPool, tasks: &Tasks) -> NodePicker {
         NodePicker {
             nodes,
             least_loaded: policy == "least_loaded",
@@ -47,6 +55,7 @@ impl NodePicker {
             refresh: NODE_LOAD_REFRESH,
             cache: Arc::default(),
             first_load: tokio::sync::Mutex::new(()),
+            tasks: tasks.clone(),
         }
     }
 
@@ -96,9 +105,20 @@ impl NodePicker {
         if g.loaded.is_some_and(|t| t.elapsed() >= self.refresh) && !g.reloading {
             g.reloading = true;
             let (pool, nodes, cache) = (self.pool.clone(), self.nodes.clone(), self.cache.clone());
-            tokio::spawn(async move {
-                if let Err(e) = reload(&pool, &nodes, &cache).await {
-                    tracing::warn!(error = %e, "node load reload failed; using older counts");
+            let root = self.tasks.root().clone();
+            self.tasks.spawn_named("node_load_reload", async move {
+                tokio::select! {
+                    _ = root.cancelled() => {}
+                    r = tokio::time::timeout(RELOAD_BOUND, reload(&pool, &nodes, &cache)) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "node load reload failed; using older counts")
+                        }
+                        Err(_) => tracing::warn!(
+                            bound_s = RELOAD_BOUND.as_secs_f64(),
+                            "node load reload did not finish within its bound; using older counts"
+                        ),
+                    },
                 }
                 cache.lock().unwrap_or_else(|e| e.into_inner()).reloading = false;
             });

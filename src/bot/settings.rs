@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::secs;
-
 /// Default long-poll timeout sent to `getUpdates`, seconds.
 pub const DEFAULT_POLL_TIMEOUT_SECONDS: u32 = 25;
 /// Default margin added to the poll timeout for the HTTP client's total timeout, seconds.
@@ -101,22 +99,28 @@ fn default_plans() -> Vec<Plan> {
 pub struct BotSettings {
     /// Long-poll timeout sent to `getUpdates`, seconds (default [`DEFAULT_POLL_TIMEOUT_SECONDS`]).
     pub poll_timeout_seconds: u32,
-    /// Added to the poll timeout for the HTTP total timeout of `getUpdates`, seconds
+    /// Added to the poll timeout for the HTTP total timeout of `getUpdates`, written in seconds
     /// (default [`DEFAULT_POLL_MARGIN_SECONDS`]).
-    pub poll_margin_seconds: f64,
-    /// Total timeout of every other Bot API request, seconds
+    #[serde(with = "crate::config::seconds")]
+    pub poll_margin_seconds: Duration,
+    /// Total timeout of every other Bot API request, written in seconds
     /// (default [`DEFAULT_REQUEST_TIMEOUT_SECONDS`]).
-    pub request_timeout_seconds: f64,
+    #[serde(with = "crate::config::seconds")]
+    pub request_timeout_seconds: Duration,
     /// First receive-loop backoff, doubled per failure, jittered
     /// (default [`DEFAULT_BACKOFF_BASE_SECONDS`]).
-    pub backoff_base_seconds: f64,
-    /// Receive-loop backoff cap, seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
-    pub backoff_max_seconds: f64,
-    /// Pause after `409 Conflict`, seconds (default [`DEFAULT_CONFLICT_BACKOFF_SECONDS`]).
-    pub conflict_backoff_seconds: f64,
-    /// Longest `retry_after` a send waits for; longer ones fail the send, seconds
+    #[serde(with = "crate::config::seconds")]
+    pub backoff_base_seconds: Duration,
+    /// Receive-loop backoff cap, written in seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
+    #[serde(with = "crate::config::seconds")]
+    pub backoff_max_seconds: Duration,
+    /// Pause after `409 Conflict`, written in seconds (default [`DEFAULT_CONFLICT_BACKOFF_SECONDS`]).
+    #[serde(with = "crate::config::seconds")]
+    pub conflict_backoff_seconds: Duration,
+    /// Longest `retry_after` a send waits for; longer ones fail the send, written in seconds
     /// (default [`DEFAULT_RETRY_AFTER_MAX_SECONDS`]).
-    pub retry_after_max_seconds: f64,
+    #[serde(with = "crate::config::seconds")]
+    pub retry_after_max_seconds: Duration,
     /// Updates handled at once; polling waits when all slots are busy
     /// (default [`DEFAULT_MAX_CONCURRENT_UPDATES`]).
     pub max_concurrent_updates: usize,
@@ -127,21 +131,26 @@ pub struct BotSettings {
     /// Time-critical updates (pre-checkout queries, successful payments) handled at once, on
     /// slots ordinary updates never take (default [`DEFAULT_PRIORITY_CONCURRENT_UPDATES`]).
     pub priority_concurrent_updates: usize,
-    /// Longest a pooled Bot API connection stays idle before it is closed, seconds (default
+    /// Longest a pooled Bot API connection stays idle before it is closed, written in seconds (default
     /// [`DEFAULT_POOL_IDLE_TIMEOUT_SECONDS`]).
-    pub pool_idle_timeout_seconds: f64,
+    #[serde(with = "crate::config::seconds")]
+    pub pool_idle_timeout_seconds: Duration,
     /// Unacknowledged request bytes abort a Bot API connection after this long (Linux
-    /// `TCP_USER_TIMEOUT`), seconds (default [`DEFAULT_TCP_USER_TIMEOUT_SECONDS`]).
-    pub tcp_user_timeout_seconds: f64,
-    /// Bound on handling one update, seconds (default [`DEFAULT_HANDLER_TIMEOUT_SECONDS`]).
-    pub handler_timeout_seconds: f64,
+    /// `TCP_USER_TIMEOUT`), written in seconds (default [`DEFAULT_TCP_USER_TIMEOUT_SECONDS`]).
+    #[serde(with = "crate::config::seconds")]
+    pub tcp_user_timeout_seconds: Duration,
+    /// Bound on handling one update, written in seconds (default [`DEFAULT_HANDLER_TIMEOUT_SECONDS`]).
+    #[serde(with = "crate::config::seconds")]
+    pub handler_timeout_seconds: Duration,
     /// An update waiting this long for a handler slot, or busy handlers completing nothing for
-    /// this long, opens a `service_starved` episode, seconds
+    /// this long, opens a `service_starved` episode, written in seconds
     /// (default [`DEFAULT_STARVED_AFTER_SECONDS`]).
-    pub starved_after_seconds: f64,
+    #[serde(with = "crate::config::seconds")]
+    pub starved_after_seconds: Duration,
     /// Wait for the node to confirm a new key before answering "not confirmed yet" and
-    /// leaving the add to the outbox, seconds (default [`DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS`]).
-    pub key_issue_timeout_seconds: f64,
+    /// leaving the add to the outbox, written in seconds (default [`DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS`]).
+    #[serde(with = "crate::config::seconds")]
+    pub key_issue_timeout_seconds: Duration,
     /// Trial length, days; 0 disables the trial (default [`DEFAULT_TRIAL_DAYS`]).
     pub trial_days: u32,
     /// Node for a new subscription: `least_loaded` (fewest active subscriptions) or `first`
@@ -151,9 +160,10 @@ pub struct BotSettings {
     pub link_params: String,
     /// Fragment (display name) of `vless://` links (default [`DEFAULT_LINK_LABEL`]).
     pub link_label: String,
-    /// Interval of the expiry and reminder worker, seconds
+    /// Interval of the expiry and reminder worker, written in seconds
     /// (default [`DEFAULT_EXPIRY_INTERVAL_SECONDS`]).
-    pub expiry_interval_seconds: f64,
+    #[serde(with = "crate::config::seconds")]
+    pub expiry_interval_seconds: Duration,
     /// Most subscriptions expired or reminded per pass (default [`DEFAULT_EXPIRY_BATCH`]).
     pub expiry_batch: u32,
     /// Expiry reminders and notices sent at once; sending never holds up enforcement
@@ -167,25 +177,25 @@ impl Default for BotSettings {
     fn default() -> Self {
         Self {
             poll_timeout_seconds: DEFAULT_POLL_TIMEOUT_SECONDS,
-            poll_margin_seconds: DEFAULT_POLL_MARGIN_SECONDS,
-            request_timeout_seconds: DEFAULT_REQUEST_TIMEOUT_SECONDS,
-            backoff_base_seconds: DEFAULT_BACKOFF_BASE_SECONDS,
-            backoff_max_seconds: DEFAULT_BACKOFF_MAX_SECONDS,
-            conflict_backoff_seconds: DEFAULT_CONFLICT_BACKOFF_SECONDS,
-            retry_after_max_seconds: DEFAULT_RETRY_AFTER_MAX_SECONDS,
+            poll_margin_seconds: Duration::from_secs_f64(DEFAULT_POLL_MARGIN_SECONDS),
+            request_timeout_seconds: Duration::from_secs_f64(DEFAULT_REQUEST_TIMEOUT_SECONDS),
+            backoff_base_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_BASE_SECONDS),
+            backoff_max_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_MAX_SECONDS),
+            conflict_backoff_seconds: Duration::from_secs_f64(DEFAULT_CONFLICT_BACKOFF_SECONDS),
+            retry_after_max_seconds: Duration::from_secs_f64(DEFAULT_RETRY_AFTER_MAX_SECONDS),
             max_concurrent_updates: DEFAULT_MAX_CONCURRENT_UPDATES,
             update_queue_capacity: DEFAULT_UPDATE_QUEUE_CAPACITY,
             priority_concurrent_updates: DEFAULT_PRIORITY_CONCURRENT_UPDATES,
-            handler_timeout_seconds: DEFAULT_HANDLER_TIMEOUT_SECONDS,
-            starved_after_seconds: DEFAULT_STARVED_AFTER_SECONDS,
-            pool_idle_timeout_seconds: DEFAULT_POOL_IDLE_TIMEOUT_SECONDS,
-            tcp_user_timeout_seconds: DEFAULT_TCP_USER_TIMEOUT_SECONDS,
-            key_issue_timeout_seconds: DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS,
+            handler_timeout_seconds: Duration::from_secs_f64(DEFAULT_HANDLER_TIMEOUT_SECONDS),
+            starved_after_seconds: Duration::from_secs_f64(DEFAULT_STARVED_AFTER_SECONDS),
+            pool_idle_timeout_seconds: Duration::from_secs_f64(DEFAULT_POOL_IDLE_TIMEOUT_SECONDS),
+            tcp_user_timeout_seconds: Duration::from_secs_f64(DEFAULT_TCP_USER_TIMEOUT_SECONDS),
+            key_issue_timeout_seconds: Duration::from_secs_f64(DEFAULT_KEY_ISSUE_TIMEOUT_SECONDS),
             trial_days: DEFAULT_TRIAL_DAYS,
             node_policy: DEFAULT_NODE_POLICY.into(),
             link_params: DEFAULT_LINK_PARAMS.into(),
             link_label: DEFAULT_LINK_LABEL.into(),
-            expiry_interval_seconds: DEFAULT_EXPIRY_INTERVAL_SECONDS,
+            expiry_interval_seconds: Duration::from_secs_f64(DEFAULT_EXPIRY_INTERVAL_SECONDS),
             expiry_batch: DEFAULT_EXPIRY_BATCH,
             notify_concurrency: DEFAULT_NOTIFY_CONCURRENCY,
             plans: default_plans(),
@@ -197,6 +207,7 @@ impl BotSettings {
     /// Every problem, each naming its key.
     pub fn validate(&self) -> Vec<String> {
         let mut e = Vec::new();
+        // Negative, NaN and out-of-range values are refused while parsing (config::seconds).
         for (k, v) in [
             ("poll_margin_seconds", self.poll_margin_seconds),
             ("request_timeout_seconds", self.request_timeout_seconds),
@@ -211,9 +222,9 @@ impl BotSettings {
             ("key_issue_timeout_seconds", self.key_issue_timeout_seconds),
             ("expiry_interval_seconds", self.expiry_interval_seconds),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if v.is_zero() {
                 e.push(format!(
-                    "bot.{k} must be a positive number of seconds, got {v}"
+                    "bot.{k} must be a positive number of seconds, got 0"
                 ));
             }
         }
@@ -284,13 +295,16 @@ impl BotSettings {
 
     /// Total HTTP timeout of one `getUpdates`: poll timeout plus margin.
     pub fn poll_request_timeout(&self) -> Duration {
-        secs(self.poll_timeout_seconds as f64 + self.poll_margin_seconds)
+        Duration::from_secs(u64::from(self.poll_timeout_seconds)) + self.poll_margin_seconds
     }
 
     /// Receive-loop delay after `failures` failures in a row: base·2^(n-1) capped, ±20 % jitter.
     pub fn backoff(&self, failures: u32) -> Duration {
-        let exp = self.backoff_base_seconds * 2f64.powi(failures.saturating_sub(1).min(30) as i32);
-        secs(exp.min(self.backoff_max_seconds) * rand::random_range(0.8..=1.2))
+        let exp = self
+            .backoff_base_seconds
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(30));
+        exp.min(self.backoff_max_seconds)
+            .mul_f64(rand::random_range(0.8..=1.2))
     }
 }
 
@@ -302,8 +316,8 @@ mod tests {
     fn defaults_are_valid_and_backoff_is_capped() {
         let s = BotSettings::default();
         assert!(s.validate().is_empty(), "{:?}", s.validate());
-        assert!(s.backoff(100) <= secs(s.backoff_max_seconds * 1.2));
-        assert!(s.backoff(1) >= secs(s.backoff_base_seconds * 0.8));
+        assert!(s.backoff(100) <= s.backoff_max_seconds.mul_f64(1.2));
+        assert!(s.backoff(1) >= s.backoff_base_seconds.mul_f64(0.8));
     }
 
     #[test]

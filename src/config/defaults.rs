@@ -44,7 +44,7 @@ pub const LEADER_TAKEOVER_DELAY_SECONDS: f64 = 3.0;
 /// Observability server address: loopback only unless configured.
 pub const OBS_LISTEN: &str = "127.0.0.1:9187";
 /// Log format.
-pub const LOG_FORMAT: &str = "human";
+pub const LOG_FORMAT: super::LogFormat = super::LogFormat::Human;
 /// Log filter directives.
 pub const LOG_FILTER: &str = "info,sqlx=warn";
 /// Bound on draining tasks at shutdown, seconds.

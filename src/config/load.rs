@@ -647,7 +647,8 @@ mod tests {
             "environment variable VPNBOT_DB__MAX_CONECTIONS (db.max_conections): unknown key; \
              did you mean VPNBOT_DB__MAX_CONNECTIONS?",
             "environment variable VPNBOT_DB__MIN_CONNECTIONS (db.min_connections): invalid type",
-            "(set by environment variable VPNBOT_OBSERVABILITY__LOG_FORMAT)",
+            "environment variable VPNBOT_OBSERVABILITY__LOG_FORMAT (observability.log_format): \
+             unknown variant, expected one of: human, json",
         ] {
             assert!(all.contains(needle), "no {needle:?} in:\n{all}");
         }

@@ -9,6 +9,7 @@
 
 pub mod defaults;
 pub mod load;
+pub mod seconds;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -202,7 +203,7 @@ pub struct ObservabilityConfig {
     /// Address of the observability server (default [`d::OBS_LISTEN`], loopback only).
     pub listen: String,
     /// `human` or `json` (default [`d::LOG_FORMAT`]).
-    pub log_format: String,
+    pub log_format: LogFormat,
     /// `tracing` filter directives for logs (default [`d::LOG_FILTER`]); `RUST_LOG` overrides it.
     pub log_filter: String,
     /// Listener for the debug endpoints (`/debug/*`: task names, spawn locations, native
@@ -231,11 +232,34 @@ impl Default for ObservabilityConfig {
     fn default() -> Self {
         Self {
             listen: d::OBS_LISTEN.to_string(),
-            log_format: d::LOG_FORMAT.to_string(),
+            log_format: d::LOG_FORMAT,
             log_filter: d::LOG_FILTER.to_string(),
             debug_listen: String::new(),
             debug_token: SecretString::default(),
             otlp_endpoint: SecretString::default(),
+        }
+    }
+}
+
+/// `observability.log_format`: how log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event (colour only on a terminal).
+    Human,
+    /// One JSON object per event, with the current span.
+    Json,
+}
+
+impl LogFormat {
+    /// Every format.
+    pub const ALL: &'static [LogFormat] = &[LogFormat::Human, LogFormat::Json];
+
+    /// The configuration value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
         }
     }
 }
@@ -246,15 +270,17 @@ impl Default for ObservabilityConfig {
 pub struct RuntimeConfig {
     /// Worker threads of the main runtime; 0 means one per core (default 0).
     pub worker_threads: usize,
-    /// Bound on draining tasks at shutdown, seconds (default [`d::SHUTDOWN_DRAIN_SECONDS`]).
-    pub shutdown_drain_seconds: f64,
+    /// Bound on draining tasks at shutdown, written in seconds (default
+    /// [`d::SHUTDOWN_DRAIN_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub shutdown_drain_seconds: Duration,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             worker_threads: 0,
-            shutdown_drain_seconds: d::SHUTDOWN_DRAIN_SECONDS,
+            shutdown_drain_seconds: Duration::from_secs_f64(d::SHUTDOWN_DRAIN_SECONDS),
         }
     }
 }
@@ -317,7 +343,10 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Seconds as a [`Duration`]; callers pass validated, non-negative finite values.
+/// Seconds as a [`Duration`], for the sections whose durations are still `f64` (`db`,
+/// `leader`, `node_client`, `diagnostics`); [`Config::validate`] keeps every `*_seconds` value
+/// within [`seconds::checked`]'s range, so this never panics on a loaded configuration.
+/// Sections converted to `Duration` (`runtime`, `outbox`, `reconcile`, `bot`) use [`seconds`].
 pub fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s.max(0.0))
 }
@@ -472,12 +501,6 @@ impl Config {
                 o.listen
             ));
         }
-        if !matches!(o.log_format.as_str(), "human" | "json") {
-            e.push(format!(
-                "observability.log_format `{}` must be `human` or `json`",
-                o.log_format
-            ));
-        }
         if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&o.log_filter) {
             e.push(format!("observability.log_filter: {err}"));
         }
@@ -500,16 +523,15 @@ impl Config {
         if !otlp.is_empty() && url::Url::parse(otlp).is_err() {
             e.push("observability.otlp_endpoint is not a URL".to_string());
         }
-        positive(
-            &mut e,
-            "runtime.shutdown_drain_seconds",
-            self.runtime.shutdown_drain_seconds,
-        );
+        if self.runtime.shutdown_drain_seconds.is_zero() {
+            e.push("runtime.shutdown_drain_seconds must be a positive number of seconds".into());
+        }
         e.extend(self.node_client.validate());
         e.extend(self.outbox.validate());
         e.extend(self.diagnostics.validate());
         e.extend(self.reconcile.validate());
         e.extend(self.bot.validate());
+        check_all_seconds(self, &mut e);
         if !matches!(url::Url::parse(&self.telegram.api_url), Ok(u) if matches!(u.scheme(), "http" | "https"))
         {
             e.push("telegram.api_url must be an http(s) URL".to_string());
@@ -565,5 +587,58 @@ fn positive(errors: &mut Vec<String>, key: &str, v: f64) {
         errors.push(format!(
             "{key} must be a positive number of seconds, got {v}"
         ));
+    }
+}
+
+/// Every `*_seconds` key of the configuration, wherever its section keeps it (sections whose
+/// durations are still `f64` included): a finite number from 0 to [`seconds::MAX_SECONDS`].
+/// A section's own checks come first (`positive`, ordering); this adds what they let through
+/// (`1e30` passes "positive" and would overflow `Duration` at run time) and is silent for a key
+/// already reported.
+fn check_all_seconds(cfg: &Config, errors: &mut Vec<String>) {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, f64)>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    match v {
+                        toml::Value::Float(f) if k.ends_with("_seconds") => out.push((key, *f)),
+                        toml::Value::Integer(i) if k.ends_with("_seconds") => {
+                            out.push((key, *i as f64))
+                        }
+                        other => walk(&key, other, out),
+                    }
+                }
+            }
+            toml::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk(&format!("{prefix}.{i}"), v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let Ok(tree) = toml::Value::try_from(cfg) else {
+        return;
+    };
+    let mut all = Vec::new();
+    walk("", &tree, &mut all);
+    for (key, v) in all {
+        if seconds::checked(v).is_ok() {
+            continue;
+        }
+        let reported = errors.iter().any(|m| {
+            m.starts_with(&key)
+                && !m[key.len()..].starts_with(|c: char| c == '_' || c.is_ascii_alphanumeric())
+        });
+        if !reported {
+            errors.push(format!(
+                "{key} must be a number of seconds from 0 to 1e9 (about 31 years), got {v:e}"
+            ));
+        }
     }
 }

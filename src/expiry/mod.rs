@@ -32,12 +32,12 @@ use uuid::Uuid;
 
 use crate::bot::i18n::{self, Lang};
 use crate::bot::{BotApi, BotSettings};
-use crate::config::secs;
 use crate::db::{DbError, DbPool};
 use crate::diagnostics::run_every;
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 use crate::node::owned_email;
 use crate::outbox::{enqueue, NodeOp};
+use std::time::Duration;
 
 /// Metric families of the expiry worker.
 #[derive(Debug, Clone)]
@@ -360,23 +360,24 @@ impl ExpiryWorker {
     /// Runs a pass every `bot.expiry_interval_seconds` until `cancel` (leader only). Passes
     /// hand their messages to a notifier task and never wait for the sends.
     pub async fn run(mut self, cancel: CancellationToken) {
-        let interval = secs(self.settings.expiry_interval_seconds);
+        let interval = self.settings.expiry_interval_seconds;
         let capacity = (self.settings.expiry_batch as usize)
             .saturating_mul(2)
             .max(1);
         let (tx, rx) = mpsc::channel::<Notice>(capacity);
         self.notices = Some(tx);
-        let notifier = tokio::spawn(self.clone().notifier(rx, cancel.clone()));
-        run_every(
+        // The notifier runs beside the passes in this task (no spawn of its own): both end
+        // with `cancel`.
+        let notifier = self.clone().notifier(rx, cancel.clone());
+        let passes = run_every(
             "expiry",
             interval,
             self.diagnostics.as_ref(),
             &cancel,
             || self.run_logged(),
-        )
-        .await;
+        );
+        tokio::join!(passes, notifier);
         self.notices = None;
-        let _ = notifier.await;
     }
 
     /// Sends what passes queue, `bot.notify_concurrency` at once, until `cancel` (sends in
@@ -407,7 +408,7 @@ impl ExpiryWorker {
             });
         }
         sends.close();
-        let bound = secs(this.settings.request_timeout_seconds + 1.0);
+        let bound = this.settings.request_timeout_seconds + Duration::from_secs(1);
         let _ = tokio::time::timeout(bound, sends.wait()).await;
     }
 

@@ -19,7 +19,7 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
-use super::error::{transport_detail, NodeError};
+use super::error::{transport_detail, DecodeError, NodeError};
 use super::inflight::{CallState, InflightCalls, Phase};
 use super::metrics::{NodeApiMetrics, OpMetrics};
 use super::settings::NodeClientSettings;
@@ -351,11 +351,11 @@ impl NodeClient {
     /// Any [`NodeError`] variant but `Config`.
     pub async fn health(&self) -> Result<(), NodeError> {
         self.call(Operation::Health, self.url(wire::HEALTH_PATH), None, |b| {
-            let h: HealthResponse = serde_json::from_slice(b).map_err(|e| e.to_string())?;
+            let h: HealthResponse = serde_json::from_slice(b)?;
             if h.status == "ok" {
                 Ok(())
             } else {
-                Err(format!("status is {:?}, not \"ok\"", h.status))
+                Err(DecodeError::NotOk(h.status))
             }
         })
         .await
@@ -374,7 +374,7 @@ impl NodeClient {
             |b| {
                 serde_json::from_slice::<ListUsersResponse>(b)
                     .map(|r| r.users)
-                    .map_err(|e| e.to_string())
+                    .map_err(DecodeError::from)
             },
         )
         .await
@@ -430,7 +430,7 @@ impl NodeClient {
         op: Operation,
         url: Url,
         body: Option<Bytes>,
-        decode: fn(&[u8]) -> Result<T, String>,
+        decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<T, NodeError> {
         let inner = &*self.inner;
         let span = tracing::info_span!(
@@ -519,7 +519,7 @@ impl NodeClient {
         deadline: tokio::time::Instant,
         url: &Url,
         body: Option<&Bytes>,
-        decode: fn(&[u8]) -> Result<T, String>,
+        decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<T, NodeError> {
         let inner = &*self.inner;
         let attempt = || self.attempt_absorbing_stale(op, call, url, body, decode);
@@ -570,7 +570,7 @@ impl NodeClient {
         call: &CallState,
         url: &Url,
         body: Option<&Bytes>,
-        decode: fn(&[u8]) -> Result<T, String>,
+        decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<T, NodeError> {
         let inner = &*self.inner;
         let mut absorbed = false;
@@ -599,7 +599,7 @@ impl NodeClient {
         call: &CallState,
         url: &Url,
         body: Option<&Bytes>,
-        decode: fn(&[u8]) -> Result<T, String>,
+        decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<T, NodeError> {
         let inner = &*self.inner;
         call.begin_attempt();
@@ -654,13 +654,13 @@ impl NodeClient {
             let span = decode_span.clone();
             tokio::task::spawn_blocking(move || span.in_scope(|| decode(&body)))
                 .await
-                .unwrap_or_else(|_| Err("decoder panicked".to_owned()))
+                .unwrap_or(Err(DecodeError::Panicked))
         } else {
             decode_span.in_scope(|| decode(&body))
         };
-        decoded.map_err(|detail| NodeError::Decode {
+        decoded.map_err(|e| NodeError::Decode {
             operation: op.as_str(),
-            detail,
+            detail: e.to_string(),
         })
     }
 
@@ -751,10 +751,8 @@ fn user_body(user: &NodeUser) -> Bytes {
     )
 }
 
-fn decode_mutation(b: &[u8]) -> Result<MutationResult, String> {
-    serde_json::from_slice::<MutationResponse>(b)
-        .map(|r| r.result)
-        .map_err(|e| e.to_string())
+fn decode_mutation(b: &[u8]) -> Result<MutationResult, DecodeError> {
+    Ok(serde_json::from_slice::<MutationResponse>(b)?.result)
 }
 
 /// The origin (`scheme://host:port`) a redirect points to, resolved against the request URL;

@@ -124,6 +124,20 @@ pub enum NodeError {
     Config(String),
 }
 
+/// Why a 2xx body could not be decoded (its Display becomes [`NodeError::Decode`]'s `detail`).
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Not the contract's JSON (malformed, wrong schema, non-UUID entries).
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// `health` answered a status other than `ok`.
+    #[error("status is {0:?}, not \"ok\"")]
+    NotOk(String),
+    /// The decoder panicked on its blocking thread.
+    #[error("decoder panicked")]
+    Panicked,
+}
+
 impl NodeError {
     /// The bounded `error.type` / `outcome` label value of this error.
     pub fn error_type(&self) -> &'static str {

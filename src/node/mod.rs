@@ -19,7 +19,7 @@ pub mod wire;
 
 pub use breaker::BreakerState;
 pub use client::{BlockingResolve, NodeClient};
-pub use error::NodeError;
+pub use error::{DecodeError, NodeError};
 pub use inflight::{
     InflightCall, InflightCalls, Phase, RecentFailure, RECENT_FAILURES_PER_OPERATION,
 };

@@ -16,7 +16,18 @@ use super::health::DiagnosticsView;
 /// Shortest time between two on-demand dumps; requests inside it get the cached one.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(2);
 
-type Building = Shared<BoxFuture<'static, Result<Arc<str>, String>>>;
+type Building = Shared<BoxFuture<'static, Result<Arc<str>, DumpError>>>;
+
+/// Why an on-demand dump could not be built (cloneable: concurrent requests share it).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DumpError {
+    /// The `vpnbot-dump` thread could not be started.
+    #[error("cannot start the dump thread: {0}")]
+    ThreadStart(Arc<std::io::Error>),
+    /// The dump thread ended without a dump (it panicked).
+    #[error("dump thread died")]
+    ThreadDied,
+}
 
 #[derive(Default)]
 struct State {
@@ -56,12 +67,12 @@ impl OnDemandDumps {
     /// future (client gone) does not cancel the build: the next request gets its result.
     ///
     /// # Errors
-    /// The dump thread could not start or died.
+    /// [`DumpError`]: the dump thread could not start or died.
     pub async fn get(
         &self,
         view: Arc<dyn DiagnosticsView>,
         min_interval: Duration,
-    ) -> Result<Arc<str>, String> {
+    ) -> Result<Arc<str>, DumpError> {
         let fut = {
             let mut st = self.lock();
             if let Some((at, body)) = &st.last {
@@ -97,9 +108,9 @@ impl OnDemandDumps {
                 let _ = tx.send(body);
             });
         let me = self.clone();
-        let fut: BoxFuture<'static, Result<Arc<str>, String>> = match spawned {
+        let fut: BoxFuture<'static, Result<Arc<str>, DumpError>> = match spawned {
             Ok(_) => async move {
-                let r = rx.await.map_err(|_| "dump thread died".to_string());
+                let r = rx.await.map_err(|_| DumpError::ThreadDied);
                 if r.is_err() {
                     me.lock().building = None;
                 }
@@ -107,10 +118,10 @@ impl OnDemandDumps {
             }
             .boxed(),
             Err(e) => {
-                let msg = format!("cannot start the dump thread: {e}");
+                let err = DumpError::ThreadStart(Arc::new(e));
                 async move {
                     me.lock().building = None;
-                    Err(msg)
+                    Err(err)
                 }
                 .boxed()
             }

@@ -7,6 +7,7 @@
 //! bearer token ([`DebugPlacement`]); `/metrics`, `/healthz` and `/readyz` stay on the scrape
 //! listener.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,6 +101,16 @@ pub struct ObsServer {
     addr: SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    exited: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Sets the server's `exited` flag when its thread ends, whatever the way (return or panic).
+struct ExitFlag(tokio::sync::watch::Sender<bool>);
+
+impl Drop for ExitFlag {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl ObsServer {
@@ -122,10 +133,12 @@ impl ObsServer {
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (exited_tx, exited) = tokio::sync::watch::channel(false);
         let name = thread_name.to_string();
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
+                let _flag = ExitFlag(exited_tx);
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .thread_name(name)
@@ -152,12 +165,23 @@ impl ObsServer {
             addr,
             shutdown: Some(tx),
             thread: Some(thread),
+            exited,
         })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Resolves once the server thread has ended, for whatever reason (stopped, its runtime
+    /// failed, a panic). `App` watches it with a critical task: a server that dies on its own
+    /// shuts the process down instead of leaving it unobservable.
+    pub fn exited(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.exited.clone();
+        async move {
+            let _ = rx.wait_for(|done| *done).await;
+        }
     }
 
     /// Stops serving and joins the thread (bounded by in-flight requests finishing).

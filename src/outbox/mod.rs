@@ -17,7 +17,7 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::secs;
+use crate::config::seconds;
 use crate::db::{DbError, DbPool};
 use crate::diagnostics::run_every;
 use crate::fleet::Fleet;
@@ -39,26 +39,30 @@ pub const DEFAULT_BACKOFF_MAX_SECONDS: f64 = 300.0;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OutboxSettings {
-    /// Interval between passes, seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
-    pub interval_seconds: f64,
+    /// Interval between passes, written in seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub interval_seconds: Duration,
     /// Most intents applied per pass (default [`DEFAULT_BATCH`]).
     pub batch: u32,
     /// Node calls in flight at once (default [`DEFAULT_CONCURRENCY`]).
     pub concurrency: usize,
-    /// First retry delay, seconds, doubled per failed attempt (default [`DEFAULT_BACKOFF_BASE_SECONDS`]).
-    pub backoff_base_seconds: f64,
-    /// Retry delay cap, seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
-    pub backoff_max_seconds: f64,
+    /// First retry delay, written in seconds, doubled per failed attempt (default
+    /// [`DEFAULT_BACKOFF_BASE_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub backoff_base_seconds: Duration,
+    /// Retry delay cap, written in seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub backoff_max_seconds: Duration,
 }
 
 impl Default for OutboxSettings {
     fn default() -> Self {
         Self {
-            interval_seconds: DEFAULT_INTERVAL_SECONDS,
+            interval_seconds: Duration::from_secs_f64(DEFAULT_INTERVAL_SECONDS),
             batch: DEFAULT_BATCH,
             concurrency: DEFAULT_CONCURRENCY,
-            backoff_base_seconds: DEFAULT_BACKOFF_BASE_SECONDS,
-            backoff_max_seconds: DEFAULT_BACKOFF_MAX_SECONDS,
+            backoff_base_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_BASE_SECONDS),
+            backoff_max_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_MAX_SECONDS),
         }
     }
 }
@@ -67,14 +71,15 @@ impl OutboxSettings {
     /// Every problem, each naming its key.
     pub fn validate(&self) -> Vec<String> {
         let mut e = Vec::new();
+        // Negative, NaN and out-of-range values are refused while parsing (config::seconds).
         for (k, v) in [
             ("interval_seconds", self.interval_seconds),
             ("backoff_base_seconds", self.backoff_base_seconds),
             ("backoff_max_seconds", self.backoff_max_seconds),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if v.is_zero() {
                 e.push(format!(
-                    "outbox.{k} must be a positive number of seconds, got {v}"
+                    "outbox.{k} must be a positive number of seconds, got 0"
                 ));
             }
         }
@@ -89,9 +94,11 @@ impl OutboxSettings {
 
     /// Delay before attempt `attempts + 1`: base·2^attempts capped, with ±20 % jitter.
     pub fn backoff(&self, attempts: i32) -> Duration {
-        let exp = self.backoff_base_seconds * 2f64.powi(attempts.clamp(0, 30));
-        let capped = exp.min(self.backoff_max_seconds);
-        secs(capped * rand::random_range(0.8..=1.2))
+        let exp = self
+            .backoff_base_seconds
+            .saturating_mul(1u32 << attempts.clamp(0, 30));
+        exp.min(self.backoff_max_seconds)
+            .mul_f64(rand::random_range(0.8..=1.2))
     }
 }
 
@@ -108,8 +115,11 @@ pub enum NodeOp {
 }
 
 impl NodeOp {
+    /// Every operation.
+    pub const ALL: &'static [NodeOp] = &[NodeOp::Add, NodeOp::Remove, NodeOp::Update];
+
     /// The value stored in `pending_node_ops.op` and used as the `op` label.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             NodeOp::Add => "add",
             NodeOp::Remove => "remove",
@@ -118,12 +128,35 @@ impl NodeOp {
     }
 
     fn parse(s: &str) -> Option<NodeOp> {
-        match s {
-            "add" => Some(NodeOp::Add),
-            "remove" => Some(NodeOp::Remove),
-            "update" => Some(NodeOp::Update),
-            _ => None,
-        }
+        NodeOp::ALL.iter().copied().find(|op| op.as_str() == s)
+    }
+}
+
+// `pending_node_ops.op` is a TEXT column constrained to these values (migrations/0001): the
+// enum is encoded and decoded as its `as_str()` text, so no migration is needed.
+impl sqlx::Type<sqlx::Postgres> for NodeOp {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for NodeOp {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.as_str(), buf)
+    }
+}
+
+impl sqlx::Decode<'_, sqlx::Postgres> for NodeOp {
+    fn decode(value: sqlx::postgres::PgValueRef<'_>) -> Result<Self, sqlx::error::BoxDynError> {
+        let s = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        NodeOp::parse(s).ok_or_else(|| format!("unknown node operation {s:?}").into())
     }
 }
 
@@ -165,7 +198,7 @@ pub async fn enqueue_after(
              last_error_type = NULL",
     )
     .bind(node)
-    .bind(op.as_str())
+    .bind(op)
     .bind(uuid)
     .bind(email)
     .bind(delay.as_secs_f64())
@@ -192,7 +225,7 @@ pub async fn complete(
     )
     .bind(node)
     .bind(uuid)
-    .bind(op.as_str())
+    .bind(op)
     .execute(conn)
     .await?;
     Ok(r.rows_affected() > 0)
@@ -221,7 +254,7 @@ impl OutboxMetrics {
             failures: metrics::counter_vec(
                 registry,
                 "vpnbot_outbox_failures_total",
-                "Failed outbox attempts by node, op and error: the node client's error type (connect, headers_timeout, http_5xx, auth_rejected, circuit_open, ...), a 4xx refined by what the node API contract says it means for the op (uuid_conflict: add-user answered 409, the UUID exists under another email; not_found: update-user answered 404; bad_request: 400; else http_4xx), node_not_configured, or unknown_op.",
+                "Failed outbox attempts by node, op and error: the node client's error type (connect, headers_timeout, http_5xx, auth_rejected, circuit_open, ...), a 4xx refined by what the node API contract says it means for the op (uuid_conflict: add-user answered 409, the UUID exists under another email; not_found: update-user answered 404; bad_request: 400; else http_4xx) or node_not_configured.",
                 &["node", "op", "error"],
             ),
             pending: metrics::int_gauge(
@@ -264,7 +297,7 @@ type Failure = (&'static str, String);
 struct Intent {
     id: i64,
     node: String,
-    op: String,
+    op: NodeOp,
     vless_uuid: Uuid,
     email: String,
     attempts: i32,
@@ -333,7 +366,7 @@ impl Outbox {
         // Batched live re-check of removals, just before acting.
         let removal_uuids: Vec<Uuid> = due
             .iter()
-            .filter(|i| i.op == "remove")
+            .filter(|i| i.op == NodeOp::Remove)
             .map(|i| i.vless_uuid)
             .collect();
         let live: std::collections::HashSet<Uuid> = if removal_uuids.is_empty() {
@@ -352,7 +385,7 @@ impl Outbox {
 
         let outcomes: Vec<(Intent, Result<(), Failure>, bool)> = stream::iter(due)
             .map(|intent| async {
-                if intent.op == "remove" && live.contains(&intent.vless_uuid) {
+                if intent.op == NodeOp::Remove && live.contains(&intent.vless_uuid) {
                     return (intent, Ok(()), true);
                 }
                 let res = self.apply(&intent).await;
@@ -371,16 +404,16 @@ impl Outbox {
             };
             self.metrics
                 .ops
-                .with_label_values(&[intent.node.as_str(), op_label(&intent.op), outcome])
+                .with_label_values(&[intent.node.as_str(), intent.op.as_str(), outcome])
                 .inc();
             if let Err((error, reason)) = &res {
                 self.metrics
                     .failures
-                    .with_label_values(&[intent.node.as_str(), op_label(&intent.op), error])
+                    .with_label_values(&[intent.node.as_str(), intent.op.as_str(), error])
                     .inc();
                 tracing::warn!(
                     node = %intent.node,
-                    op = op_label(&intent.op),
+                    op = intent.op.as_str(),
                     error = *error,
                     attempts = intent.attempts + 1,
                     reason = %reason,
@@ -393,7 +426,7 @@ impl Outbox {
                      last_error = $3 WHERE id = $1 AND op = $2 AND done_at IS NULL",
                 )
                 .bind(intent.id)
-                .bind(&intent.op)
+                .bind(intent.op)
                 .bind(skipped.then_some("skipped: subscription is live")),
                 Err((error, reason)) => {
                     let delay = self.settings.backoff(intent.attempts);
@@ -404,7 +437,7 @@ impl Outbox {
                          WHERE id = $1 AND op = $2 AND done_at IS NULL",
                     )
                     .bind(intent.id)
-                    .bind(&intent.op)
+                    .bind(intent.op)
                     .bind(reason)
                     .bind(delay.as_secs_f64())
                     .bind(error)
@@ -435,16 +468,15 @@ impl Outbox {
             uuid: intent.vless_uuid,
             email: intent.email.clone(),
         };
-        let op = NodeOp::parse(&intent.op);
+        let op = intent.op;
         let res = match op {
-            Some(NodeOp::Add) => client.add_user(&user).await,
-            Some(NodeOp::Update) => client.update_user(&user).await,
-            Some(NodeOp::Remove) => client.remove_user(user.uuid).await,
-            None => return Err(("unknown_op", format!("unknown op {:?}", intent.op))),
+            NodeOp::Add => client.add_user(&user).await,
+            NodeOp::Update => client.update_user(&user).await,
+            NodeOp::Remove => client.remove_user(user.uuid).await,
         };
         // The node error's Display holds no secret (the client guarantees it).
         res.map(|_| ()).map_err(|e| {
-            let label = op.map_or(e.error_type(), |op| error_label(op, &e));
+            let label = error_label(op, &e);
             let meaning = match label {
                 "uuid_conflict" => " (the node has this UUID under another email)",
                 "not_found" => " (the node does not have this user)",
@@ -465,7 +497,7 @@ impl Outbox {
         let (n, age) = conn.check(res)?;
         self.metrics.pending.set(n);
         self.metrics.oldest_age.set(age.unwrap_or(0.0));
-        let res: Result<Vec<(String, String, String, f64)>, _> = sqlx::query_as(
+        let res: Result<Vec<(String, NodeOp, String, f64)>, _> = sqlx::query_as(
             "SELECT node, op, coalesce(last_error_type, 'none'), \
              EXTRACT(EPOCH FROM now() - min(created_at))::float8 \
              FROM pending_node_ops WHERE done_at IS NULL GROUP BY 1, 2, 3",
@@ -479,7 +511,7 @@ impl Outbox {
         for (node, op, error, age) in groups {
             self.metrics
                 .pending_age
-                .with_label_values(&[node.as_str(), op_label(&op), stored_error_label(&error)])
+                .with_label_values(&[node.as_str(), op.as_str(), stored_error_label(&error)])
                 .set(age);
         }
         Ok(())
@@ -487,7 +519,7 @@ impl Outbox {
 
     /// Runs a pass every `interval_seconds` until `cancel` (only on the leader).
     pub async fn run(self, cancel: CancellationToken) {
-        let interval = secs(self.settings.interval_seconds);
+        let interval = self.settings.interval_seconds;
         run_every(
             "outbox",
             interval,
@@ -552,8 +584,4 @@ fn stored_error_label(s: &str) -> &'static str {
         .find(|l| **l == s)
         .copied()
         .unwrap_or("other")
-}
-
-fn op_label(op: &str) -> &'static str {
-    NodeOp::parse(op).map(NodeOp::as_str).unwrap_or("unknown")
 }

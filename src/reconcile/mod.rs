@@ -54,7 +54,6 @@ use tracing::field::Empty;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::config::secs;
 use crate::db::{DbConn, DbError, DbPool};
 use crate::diagnostics::WorkerWatch;
 use crate::fleet::Fleet;
@@ -525,7 +524,7 @@ struct Inner {
     settings: ReconcileSettings,
     metrics: ReconcileMetrics,
     status: ReconcileStatus,
-    diagnostics: std::sync::OnceLock<crate::diagnostics::Diagnostics>,
+    diagnostics: Option<crate::diagnostics::Diagnostics>,
 }
 
 /// The reconcile worker. Cheap to clone.
@@ -535,19 +534,25 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    /// Reports every completed run (ok or not) to the watchdog's `worker_overdue` check.
-    pub fn with_diagnostics(self, diagnostics: crate::diagnostics::Diagnostics) -> Self {
-        let _ = self.inner.diagnostics.set(diagnostics);
-        self
-    }
-
     /// A worker over `pool` and `fleet`; registers the `vpnbot_reconcile_*` families into
-    /// `registry`.
+    /// `registry`. Not watched by the watchdog (CLI, tests); see [`Reconciler::watched`].
     pub fn new(
         pool: DbPool,
         fleet: Fleet,
         registry: &Registry,
         settings: ReconcileSettings,
+    ) -> Self {
+        Self::watched(pool, fleet, registry, settings, None)
+    }
+
+    /// As [`Reconciler::new`], reporting every completed run (ok or not) to the watchdog's
+    /// `worker_overdue` check of `diagnostics`.
+    pub fn watched(
+        pool: DbPool,
+        fleet: Fleet,
+        registry: &Registry,
+        settings: ReconcileSettings,
+        diagnostics: Option<crate::diagnostics::Diagnostics>,
     ) -> Self {
         let status = ReconcileStatus::new(settings.overdue_after());
         Self {
@@ -557,7 +562,7 @@ impl Reconciler {
                 metrics: ReconcileMetrics::register(registry),
                 settings,
                 status,
-                diagnostics: std::sync::OnceLock::new(),
+                diagnostics,
             }),
         }
     }
@@ -597,8 +602,7 @@ impl Reconciler {
         );
         let started_at = chrono::Utc::now();
         let t0 = Instant::now();
-        let deadline =
-            tokio::time::Instant::now() + secs(self.inner.settings.iteration_timeout_seconds);
+        let deadline = tokio::time::Instant::now() + self.inner.settings.iteration_timeout_seconds;
         let mut nodes: Vec<NodeReport> = stream::iter(clients)
             .map(|c| self.node_run(c, opts, deadline))
             .buffer_unordered(self.inner.settings.node_concurrency)
@@ -625,8 +629,7 @@ impl Reconciler {
     /// factor counts whole runs.
     fn run_budget(&self) -> std::time::Duration {
         let s = &self.inner.settings;
-        s.jittered_interval()
-            .max(crate::config::secs(s.interval_seconds))
+        s.jittered_interval().max(s.interval_seconds)
     }
 
     /// Runs [`Reconciler::reconcile_once`] at a jittered fixed rate until `cancel` (only on the
@@ -635,8 +638,11 @@ impl Reconciler {
     /// (and which must not exceed the interval).
     pub async fn run(self, cancel: CancellationToken) {
         self.inner.status.worker_started_now();
-        let watch =
-            WorkerWatch::start(self.inner.diagnostics.get(), "reconcile", self.run_budget());
+        let watch = WorkerWatch::start(
+            self.inner.diagnostics.as_ref(),
+            "reconcile",
+            self.run_budget(),
+        );
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -709,7 +715,7 @@ impl Reconciler {
                     rep.error_type = Some("timeout");
                     rep.error = Some(format!(
                         "iteration timeout of {} s reached in phase {}",
-                        this.inner.settings.iteration_timeout_seconds,
+                        this.inner.settings.iteration_timeout_seconds.as_secs_f64(),
                         failed_phase.map_or("-", Phase::as_str)
                     ));
                     rep.failed_phase = failed_phase;
@@ -719,7 +725,7 @@ impl Reconciler {
 
             this.begin(&mut rep, Phase::Record);
             let rec = tokio::time::timeout(
-                secs(RECORD_TIMEOUT_SECONDS),
+                Duration::from_secs_f64(RECORD_TIMEOUT_SECONDS),
                 record::insert(&this.inner.pool, &stats, &rep, started_at),
             )
             .instrument(tracing::info_span!("reconcile.record", node = %node))
@@ -891,7 +897,7 @@ impl Reconciler {
             queries = Empty
         );
         let missing: &[Uuid] = if s.readd_missing { &d.missing } else { &[] };
-        let window = secs(s.grace_seconds) + t0.elapsed();
+        let window = s.grace_seconds + t0.elapsed();
         let rc = recheck::recheck(pool, stats, &node, &d.orphans, missing, window, batch)
             .instrument(span.clone())
             .await?;

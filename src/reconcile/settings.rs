@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::secs;
+use crate::config::seconds;
 
 /// Default: the worker runs on the leader.
 pub const DEFAULT_ENABLED: bool = true;
@@ -43,22 +43,25 @@ pub struct ReconcileSettings {
     /// Run the periodic worker on the leader (default [`DEFAULT_ENABLED`]). `vpnbot reconcile
     /// --once` works either way.
     pub enabled: bool,
-    /// Interval between run starts, seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
-    pub interval_seconds: f64,
+    /// Interval between run starts, written in seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub interval_seconds: Duration,
     /// Share of the interval added or removed at random, 0 to 0.5 (default
     /// [`DEFAULT_JITTER_SHARE`]).
     pub jitter_share: f64,
-    /// Bound on one run, seconds; at most `interval_seconds` (default
+    /// Bound on one run, written in seconds; at most `interval_seconds` (default
     /// [`DEFAULT_ITERATION_TIMEOUT_SECONDS`]).
-    pub iteration_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub iteration_timeout_seconds: Duration,
     /// Rows per snapshot batch (default [`DEFAULT_BATCH_SIZE`]).
     pub batch_size: u32,
     /// UUIDs per re-check query and per outbox insert (default [`DEFAULT_RECHECK_BATCH_SIZE`]).
     pub recheck_batch_size: u32,
     /// Nodes reconciled at once (default [`DEFAULT_NODE_CONCURRENCY`]).
     pub node_concurrency: usize,
-    /// Grace window, seconds (default [`DEFAULT_GRACE_SECONDS`]).
-    pub grace_seconds: f64,
+    /// Grace window, written in seconds (default [`DEFAULT_GRACE_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub grace_seconds: Duration,
     /// Largest share of a node's owned users one run may remove, 0 to 1 (default
     /// [`DEFAULT_GUARD_MAX_REMOVE_SHARE`]).
     pub guard_max_remove_share: f64,
@@ -76,13 +79,13 @@ impl Default for ReconcileSettings {
     fn default() -> Self {
         Self {
             enabled: DEFAULT_ENABLED,
-            interval_seconds: DEFAULT_INTERVAL_SECONDS,
+            interval_seconds: Duration::from_secs_f64(DEFAULT_INTERVAL_SECONDS),
             jitter_share: DEFAULT_JITTER_SHARE,
-            iteration_timeout_seconds: DEFAULT_ITERATION_TIMEOUT_SECONDS,
+            iteration_timeout_seconds: Duration::from_secs_f64(DEFAULT_ITERATION_TIMEOUT_SECONDS),
             batch_size: DEFAULT_BATCH_SIZE,
             recheck_batch_size: DEFAULT_RECHECK_BATCH_SIZE,
             node_concurrency: DEFAULT_NODE_CONCURRENCY,
-            grace_seconds: DEFAULT_GRACE_SECONDS,
+            grace_seconds: Duration::from_secs_f64(DEFAULT_GRACE_SECONDS),
             guard_max_remove_share: DEFAULT_GUARD_MAX_REMOVE_SHARE,
             guard_max_remove_count: DEFAULT_GUARD_MAX_REMOVE_COUNT,
             guard_share_min_removals: DEFAULT_GUARD_SHARE_MIN_REMOVALS,
@@ -95,13 +98,14 @@ impl ReconcileSettings {
     /// Every problem, each naming its key; empty when valid.
     pub fn validate(&self) -> Vec<String> {
         let mut e = Vec::new();
+        // Negative, NaN and out-of-range values are refused while parsing (config::seconds).
         for (k, v) in [
             ("interval_seconds", self.interval_seconds),
             ("iteration_timeout_seconds", self.iteration_timeout_seconds),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if v.is_zero() {
                 e.push(format!(
-                    "reconcile.{k} must be a positive number of seconds, got {v}"
+                    "reconcile.{k} must be a positive number of seconds, got 0"
                 ));
             }
         }
@@ -109,13 +113,8 @@ impl ReconcileSettings {
             e.push(format!(
                 "reconcile.iteration_timeout_seconds ({}) must not exceed interval_seconds ({}), \
                  or a slow run would delay the next one",
-                self.iteration_timeout_seconds, self.interval_seconds
-            ));
-        }
-        if !(self.grace_seconds.is_finite() && self.grace_seconds >= 0.0) {
-            e.push(format!(
-                "reconcile.grace_seconds must be zero or more seconds, got {}",
-                self.grace_seconds
+                self.iteration_timeout_seconds.as_secs_f64(),
+                self.interval_seconds.as_secs_f64()
             ));
         }
         if !(0.0..=0.5).contains(&self.jitter_share) {
@@ -150,12 +149,14 @@ impl ReconcileSettings {
         } else {
             1.0
         };
-        secs(self.interval_seconds * f)
+        self.interval_seconds.mul_f64(f)
     }
 
     /// Longest normal gap between two completed runs: the longest jittered interval plus one
     /// iteration timeout. A worker whose last completed run is older is overdue.
     pub fn overdue_after(&self) -> Duration {
-        secs(self.interval_seconds * (1.0 + self.jitter_share) + self.iteration_timeout_seconds)
+        self.interval_seconds
+            .mul_f64(1.0 + self.jitter_share.clamp(0.0, 0.5))
+            + self.iteration_timeout_seconds
     }
 }

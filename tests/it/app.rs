@@ -283,3 +283,35 @@ fn observability_server_answers_while_every_worker_is_blocked() {
     );
     rt.block_on(app.shutdown());
 }
+
+/// A critical task that ends while the instance should run (here one that panics, as a
+/// leadership task losing an invariant would) shuts the instance down, and `run_until` names
+/// it: `vpnbot run` turns that into exit code `EXIT_CRITICAL_TASK` with the task's name on
+/// stderr (src/cli.rs).
+#[sqlx::test(migrations = false)]
+async fn a_critical_task_ending_shuts_the_instance_down_naming_it(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    let app = App::start(helpers::test_config(&opts)).await.unwrap();
+    for family in vpnbot::app::CRITICAL_TASKS {
+        assert!(app.tasks.is_critical(family), "{family} is not critical");
+    }
+    let addr = app.obs_addr();
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    app.tasks.spawn_critical("test_critical", async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        panic!("invariant lost");
+    });
+    let signal = vpnbot::signals::ShutdownSignal::install().unwrap();
+    let t0 = Instant::now();
+    let exit = tokio::time::timeout(Duration::from_secs(30), app.run_until(signal))
+        .await
+        .expect("the instance shut down by itself")
+        .unwrap_err();
+    assert_eq!(exit.task, "test_critical");
+    assert_eq!(exit.how, "panicked: invariant lost");
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    // Shut down for real: the observability server is gone.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 use vpnbot::bot::ReconcileTrigger;
 use vpnbot::node::Operation;
+use vpnbot::tasks::Tasks;
 use vpnbot_sim::botapi::SimUser;
 use vpnbot_sim::node::Fault;
 
@@ -24,6 +25,10 @@ async fn start_help_status_in_english_and_russian(_p: PgPoolOptions, opts: PgCon
     let e = env(&opts).await;
     let en = SimUser::new(1001, "en");
     let ru = SimUser::new(1002, "ru-RU");
+
+    // No reconcile runner in this instance.
+    let admin = SimUser::new(ADMIN, "en");
+    e.say(&admin, "/reconcile", has("not available")).await;
 
     let m = e.say(&en, "/start", has("Welcome")).await;
     assert_eq!(m.method, "sendMessage");
@@ -334,14 +339,14 @@ impl ReconcileTrigger for FakeReconcile {
         &self,
         node: Option<String>,
         dry_run: bool,
-    ) -> BoxFuture<'static, Result<String, String>> {
+    ) -> BoxFuture<'static, Result<String, vpnbot::bot::ReconcileTriggerError>> {
         Box::pin(async move { Ok(format!("node={node:?} dry={dry_run} orphans=0 removed=0")) })
     }
 }
 
 #[sqlx::test(migrations = false)]
 async fn admin_commands_answer_admins_only(_p: PgPoolOptions, opts: PgConnectOptions) {
-    let e = env(&opts).await;
+    let e = helpers::bot::env_with_reconcile(&opts, |_| {}, Some(Arc::new(FakeReconcile))).await;
     let admin = SimUser::new(ADMIN, "en");
     let user = SimUser::new(5001, "en");
     e.say(&user, "/trial", |m| m.method == "sendPhoto").await;
@@ -369,9 +374,7 @@ async fn admin_commands_answer_admins_only(_p: PgPoolOptions, opts: PgConnectOpt
     ] {
         assert!(diag.text.contains(part), "{part} in {}", diag.text);
     }
-    e.say(&admin, "/reconcile", has("not available")).await;
     e.say(&admin, "/reconcile zz", has("Unknown node")).await;
-    e.bot.set_reconcile(Arc::new(FakeReconcile));
     let r = e
         .say(&admin, "/reconcile a dry", has("Reconcile (dry run)"))
         .await;
@@ -439,7 +442,7 @@ async fn hung_node_during_key_issue_answers_within_the_key_issue_bound(
     let e = helpers::bot::env_with(&opts, |c| {
         c.node_client.total_deadline_seconds = 5.0;
         c.node_client.headers_timeout_seconds = 5.0;
-        c.bot.key_issue_timeout_seconds = 0.4;
+        c.bot.key_issue_timeout_seconds = std::time::Duration::from_secs_f64(0.4);
     })
     .await;
     e.node.set_fault(Operation::AddUser, Fault::NoHeaders);
@@ -645,7 +648,8 @@ async fn least_loaded_picks_the_emptiest_node_and_reloads_counts_in_the_backgrou
     .unwrap();
     let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
     let refresh = Duration::from_millis(300);
-    let picker = NodePicker::new(abc(), "least_loaded", pool.clone()).with_refresh(refresh);
+    let picker =
+        NodePicker::new(abc(), "least_loaded", pool.clone(), &Tasks::new()).with_refresh(refresh);
     let mut picks = Vec::new();
     for _ in 0..6 {
         picks.push(picker.pick(&mut c).await.unwrap().unwrap());
@@ -676,8 +680,8 @@ async fn least_loaded_picks_the_emptiest_node_and_reloads_counts_in_the_backgrou
     assert_eq!(picker.pick(&mut c).await.unwrap().as_deref(), Some("b"));
     assert_eq!(picker.pick(&mut c).await.unwrap().as_deref(), Some("a"));
 
-    let first = NodePicker::new(abc(), "first", pool.clone());
+    let first = NodePicker::new(abc(), "first", pool.clone(), &Tasks::new());
     assert_eq!(first.pick(&mut c).await.unwrap().as_deref(), Some("a"));
-    let none = NodePicker::new(vec![], "least_loaded", pool.clone());
+    let none = NodePicker::new(vec![], "least_loaded", pool.clone(), &Tasks::new());
     assert_eq!(none.pick(&mut c).await.unwrap(), None);
 }

@@ -182,7 +182,10 @@ async fn handler_timeout_during_key_issue_leaves_an_outbox_intent(
     _p: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let e = env_with(&opts, |c| c.bot.handler_timeout_seconds = 0.3).await;
+    let e = env_with(&opts, |c| {
+        c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(0.3)
+    })
+    .await;
     // The node reads the add and never answers (0.5 s headers timeout > 0.3 s handler bound).
     e.node.set_fault(Operation::AddUser, Fault::NoHeaders);
     let u = SimUser::new(7201, "en");
@@ -227,7 +230,10 @@ async fn timed_out_handlers_reach_the_duration_histogram(
     _p: PgPoolOptions,
     opts: PgConnectOptions,
 ) {
-    let e = env_with(&opts, |c| c.bot.handler_timeout_seconds = 0.3).await;
+    let e = env_with(&opts, |c| {
+        c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(0.3)
+    })
+    .await;
     e.node.set_fault(
         Operation::AddUser,
         Fault::Delay(Duration::from_millis(1200)),
@@ -421,7 +427,7 @@ async fn pre_checkout_does_not_queue_behind_slow_handlers(
 ) {
     let e = env_with(&opts, |c| {
         c.bot.max_concurrent_updates = 1;
-        c.bot.key_issue_timeout_seconds = 0.3;
+        c.bot.key_issue_timeout_seconds = std::time::Duration::from_secs_f64(0.3);
         c.node_client.headers_timeout_seconds = 5.0;
         c.node_client.total_deadline_seconds = 5.0;
     })

@@ -317,7 +317,8 @@ fn a_bad_configuration_variable_is_named() {
         "VPNBOT_DB_STATEMENT_TIMEOUT_SECONDS: not a configuration variable",
         "did you mean VPNBOT_DB__STATEMENT_TIMEOUT_SECONDS?",
         "VPNBOT_TELEGRAMM__TOKEN: unknown section telegramm; did you mean VPNBOT_TELEGRAM__TOKEN?",
-        "(set by environment variable VPNBOT_OBSERVABILITY__LOG_FORMAT)",
+        "VPNBOT_OBSERVABILITY__LOG_FORMAT (observability.log_format): unknown variant, \
+         expected one of: human, json",
         "invalid configuration (5 problems)",
     ] {
         assert!(stderr.contains(needle), "no {needle:?} in:\n{stderr}");
@@ -373,4 +374,87 @@ fn a_file_that_does_not_parse_is_named_without_its_content() {
         stderr.contains(&format!("{}: TOML parse error at line 2", file.display())),
         "{stderr}"
     );
+}
+
+/// Durations are parsed once and checked once: `1e30`, a negative value, NaN or infinity is
+/// refused by `check-config` naming each key (sections with `Duration` fields while parsing,
+/// the others by the range check over every `*_seconds` key), and `run` refuses the same
+/// configuration with 64 before starting anything instead of panicking in `Duration`
+/// arithmetic later.
+#[test]
+fn out_of_range_durations_are_refused_naming_each_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vpnbot.toml");
+    std::fs::write(
+        &file,
+        "[runtime]\nshutdown_drain_seconds = nan\n[leader]\ncheck_timeout_seconds = inf\n",
+    )
+    .unwrap();
+    let keys = [
+        (
+            "VPNBOT_DB__ACQUIRE_TIMEOUT_SECONDS",
+            "1e30",
+            "db.acquire_timeout_seconds",
+        ),
+        (
+            "VPNBOT_DIAGNOSTICS__STALL_THRESHOLD_SECONDS",
+            "1e30",
+            "diagnostics.stall_threshold_seconds",
+        ),
+        (
+            "VPNBOT_BOT__HANDLER_TIMEOUT_SECONDS",
+            "1e30",
+            "bot.handler_timeout_seconds",
+        ),
+        (
+            "VPNBOT_OUTBOX__INTERVAL_SECONDS",
+            "1e30",
+            "outbox.interval_seconds",
+        ),
+        (
+            "VPNBOT_RECONCILE__GRACE_SECONDS",
+            "-1",
+            "reconcile.grace_seconds",
+        ),
+    ];
+    for command in ["check-config", "run"] {
+        let mut c = helpers::vpnbot();
+        c.arg(command)
+            .arg("--config")
+            .arg(&file)
+            .env("VPNBOT_DB__URL", "postgres://bot@127.0.0.1:1/vpn");
+        for (var, value, _) in keys {
+            c.env(var, value);
+        }
+        let out = c.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_CONFIG), "{command}: {stderr}");
+        for key in keys.iter().map(|k| k.2).chain([
+            "runtime.shutdown_drain_seconds",
+            "leader.check_timeout_seconds",
+        ]) {
+            assert!(stderr.contains(key), "{command}: no {key} in:\n{stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+    }
+}
+
+#[test]
+fn durations_keep_their_seconds_form_in_toml() {
+    let cfg = Config::from_toml_str(
+        "[db]\nurl = \"postgres://u@h/d\"\n[outbox]\ninterval_seconds = 2\n\
+         [reconcile]\ngrace_seconds = 0.25\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.outbox.interval_seconds,
+        std::time::Duration::from_secs(2)
+    );
+    assert_eq!(
+        cfg.reconcile.grace_seconds,
+        std::time::Duration::from_millis(250)
+    );
+    let printed = cfg.to_redacted_toml();
+    assert!(printed.contains("interval_seconds = 2.0"), "{printed}");
+    assert!(printed.contains("grace_seconds = 0.25"), "{printed}");
 }

@@ -155,7 +155,7 @@ async fn lock_on_subscriptions_is_named_within_seconds_and_recovers(
     let mut cfg = helpers::bot::bot_config(&opts, &telegram, &node);
     cfg.diagnostics.dump_dir =
         std::env::temp_dir().join(format!("vpnbot-dbstall-{}", std::process::id()));
-    cfg.bot.starved_after_seconds = 2.0;
+    cfg.bot.starved_after_seconds = std::time::Duration::from_secs_f64(2.0);
     let app = vpnbot::app::App::start(cfg).await.unwrap();
     let telegram = std::sync::Arc::new(telegram);
     let stop = tokio_util::sync::CancellationToken::new();

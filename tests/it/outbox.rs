@@ -38,8 +38,8 @@ async fn env(opts: &PgConnectOptions) -> Env {
     vpnbot::db::migrate(&pool).await.unwrap();
     let fleet = Fleet::from_config(&cfg, &registry).unwrap();
     let settings = OutboxSettings {
-        backoff_base_seconds: 0.05,
-        backoff_max_seconds: 0.1,
+        backoff_base_seconds: std::time::Duration::from_secs_f64(0.05),
+        backoff_max_seconds: std::time::Duration::from_secs_f64(0.1),
         ..Default::default()
     };
     let outbox = Outbox::new(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
-use vpnbot::bot::{BotApi, BotMetrics, BotService};
+use vpnbot::bot::{BotApi, BotDeps, BotMetrics, BotService, ReconcileTrigger};
 use vpnbot::config::Config;
 use vpnbot::db::DbPool;
 use vpnbot::expiry::{ExpiryMetrics, ExpiryWorker};
@@ -54,13 +54,13 @@ pub fn bot_config(opts: &PgConnectOptions, sim: &BotApiSimHandle, node: &SimNode
     cfg.node_client.retry_max_attempts = 1;
     let b = &mut cfg.bot;
     b.poll_timeout_seconds = 1;
-    b.poll_margin_seconds = 0.5;
-    b.request_timeout_seconds = 2.0;
-    b.backoff_base_seconds = 0.05;
-    b.backoff_max_seconds = 0.2;
-    b.conflict_backoff_seconds = 0.4;
-    b.retry_after_max_seconds = 3.0;
-    b.handler_timeout_seconds = 5.0;
+    b.poll_margin_seconds = std::time::Duration::from_secs_f64(0.5);
+    b.request_timeout_seconds = std::time::Duration::from_secs_f64(2.0);
+    b.backoff_base_seconds = std::time::Duration::from_secs_f64(0.05);
+    b.backoff_max_seconds = std::time::Duration::from_secs_f64(0.2);
+    b.conflict_backoff_seconds = std::time::Duration::from_secs_f64(0.4);
+    b.retry_after_max_seconds = std::time::Duration::from_secs_f64(3.0);
+    b.handler_timeout_seconds = std::time::Duration::from_secs_f64(5.0);
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     cfg
 }
@@ -79,6 +79,15 @@ pub async fn env(opts: &PgConnectOptions) -> Env {
 }
 
 pub async fn env_with(opts: &PgConnectOptions, tweak: impl FnOnce(&mut Config)) -> Env {
+    env_with_reconcile(opts, tweak, None).await
+}
+
+/// As [`env_with`], with `reconcile` behind `/reconcile`.
+pub async fn env_with_reconcile(
+    opts: &PgConnectOptions,
+    tweak: impl FnOnce(&mut Config),
+    reconcile: Option<std::sync::Arc<dyn ReconcileTrigger>>,
+) -> Env {
     let (sim, node) = start_sims().await;
     let mut cfg = bot_config(opts, &sim, &node);
     tweak(&mut cfg);
@@ -91,17 +100,21 @@ pub async fn env_with(opts: &PgConnectOptions, tweak: impl FnOnce(&mut Config)) 
         api.clone(),
         pool.clone(),
         fleet.clone(),
-        &cfg,
-        None,
-        Some(registry.clone()),
+        BotDeps {
+            nodes: vpnbot::bot::public_nodes(&cfg.nodes),
+            admin_ids: cfg.telegram.admin_ids.clone(),
+            registry: Some(registry.clone()),
+            reconcile,
+            ..Default::default()
+        },
     );
     let outbox = Outbox::new(
         pool.clone(),
         fleet,
         OutboxMetrics::register(&registry),
         OutboxSettings {
-            backoff_base_seconds: 0.05,
-            backoff_max_seconds: 0.1,
+            backoff_base_seconds: std::time::Duration::from_secs_f64(0.05),
+            backoff_max_seconds: std::time::Duration::from_secs_f64(0.1),
             ..Default::default()
         },
     );

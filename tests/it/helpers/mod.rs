@@ -48,7 +48,7 @@ pub fn test_config(opts: &PgConnectOptions) -> Config {
     cfg.leader.check_timeout_seconds = 0.5;
     cfg.leader.retry_interval_seconds = 0.3;
     cfg.leader.takeover_delay_seconds = 1.0;
-    cfg.runtime.shutdown_drain_seconds = 3.0;
+    cfg.runtime.shutdown_drain_seconds = std::time::Duration::from_secs(3);
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     cfg
 }

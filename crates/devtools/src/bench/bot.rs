@@ -280,8 +280,18 @@ async fn burst(
     }
     cfg.telegram.token = SecretString::from(sim.token().to_string());
     cfg.telegram.api_url = sim.api_url();
-    let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(registry))?;
-    let bot = BotService::new(api.clone(), pool.clone(), fleet, &cfg, None, None);
+    let api = BotApi::new(&cfg.telegram, &cfg.bot, BotMetrics::register(registry))
+        .map_err(|e| e.to_string())?;
+    let bot = BotService::new(
+        api.clone(),
+        pool.clone(),
+        fleet,
+        vpnbot::bot::BotDeps {
+            nodes: vpnbot::bot::public_nodes(&cfg.nodes),
+            admin_ids: cfg.telegram.admin_ids.clone(),
+            ..Default::default()
+        },
+    );
     // As `run` does before its first poll.
     bot.warm().await.map_err(|e| e.to_string())?;
 
