@@ -21,7 +21,7 @@ if [ -n "${RUSTFLAGS:-}" ] && [[ "$RUSTFLAGS" != *tokio_unstable* ]]; then
   export RUSTFLAGS="$RUSTFLAGS --cfg tokio_unstable"
 fi
 bash scripts/install-deps.sh --demo
-cargo build --locked --quiet -p vpnbot-devtools --bin vpnbot-demo
+cargo build --locked --quiet --workspace --bins
 bin="${CARGO_TARGET_DIR:-target}/debug/vpnbot-demo"
 logs="$(mktemp -d /tmp/vpnbot-demo-repeat.XXXXXX)"
 declare -A kinds=()
