@@ -224,11 +224,7 @@ impl App {
         let _ = health
             .db_max_age
             .set(secs(config.db.readiness_interval_seconds * 3.0));
-        let listen: SocketAddr = config
-            .observability
-            .listen
-            .parse()
-            .expect("validated by Config::validate");
+        let listen: SocketAddr = config.observability.listen;
         let state = ObsState {
             registry: registry.clone(),
             health: health.clone(),
@@ -236,11 +232,7 @@ impl App {
         let o = &config.observability;
         let placement = DebugPlacement::decide(
             listen,
-            (!o.debug_listen.is_empty()).then(|| {
-                o.debug_listen
-                    .parse()
-                    .expect("validated by Config::validate")
-            }),
+            o.debug_listen,
             (!o.debug_token.expose_secret().is_empty()).then(|| o.debug_token.clone()),
         );
         if matches!(placement.on_scrape_listener, DebugAccess::Off)

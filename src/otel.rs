@@ -593,12 +593,8 @@ fn hostname() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-fn default_instance(listen: &str) -> String {
-    let port = listen
-        .parse::<std::net::SocketAddr>()
-        .map(|a| a.port().to_string())
-        .unwrap_or_default();
-    format!("{}:{port}", hostname())
+fn default_instance(listen: &std::net::SocketAddr) -> String {
+    format!("{}:{}", hostname(), listen.port())
 }
 
 /// The endpoint without credentials or query, for logs.

@@ -42,7 +42,10 @@ pub const LEADER_RETRY_INTERVAL_SECONDS: f64 = 2.0;
 /// Delay between winning the lock and starting singleton workers, seconds.
 pub const LEADER_TAKEOVER_DELAY_SECONDS: f64 = 3.0;
 /// Observability server address: loopback only unless configured.
-pub const OBS_LISTEN: &str = "127.0.0.1:9187";
+pub const OBS_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9187,
+));
 /// Log format.
 pub const LOG_FORMAT: super::LogFormat = super::LogFormat::Human;
 /// Log filter directives.

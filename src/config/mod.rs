@@ -201,7 +201,7 @@ impl Default for LeaderConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ObservabilityConfig {
     /// Address of the observability server (default [`d::OBS_LISTEN`], loopback only).
-    pub listen: String,
+    pub listen: std::net::SocketAddr,
     /// `human` or `json` (default [`d::LOG_FORMAT`]).
     pub log_format: LogFormat,
     /// `tracing` filter directives for logs (default [`d::LOG_FILTER`]); `RUST_LOG` overrides it.
@@ -210,7 +210,12 @@ pub struct ObservabilityConfig {
     /// frames, span fields). Empty (the default): they are served on `listen` only while that is
     /// a loopback address or `debug_token` is set, and not at all otherwise. An address: they
     /// are served there only, never on `listen`; a non-loopback one needs `debug_token`.
-    pub debug_listen: String,
+    /// Written as an `IP:port` string; `""` means none.
+    #[serde(
+        serialize_with = "addr::serialize_optional",
+        deserialize_with = "addr::deserialize_optional"
+    )]
+    pub debug_listen: Option<std::net::SocketAddr>,
     /// Bearer token `/debug/*` requires (`Authorization: Bearer <token>`) wherever it is
     /// served; empty (the default) = none. Secret: never printed; give it through
     /// `VPNBOT_OBSERVABILITY__DEBUG_TOKEN` from a secret store.
@@ -231,10 +236,10 @@ pub struct ObservabilityConfig {
 impl Default for ObservabilityConfig {
     fn default() -> Self {
         Self {
-            listen: d::OBS_LISTEN.to_string(),
+            listen: d::OBS_LISTEN,
             log_format: d::LOG_FORMAT,
             log_filter: d::LOG_FILTER.to_string(),
-            debug_listen: String::new(),
+            debug_listen: None,
             debug_token: SecretString::default(),
             otlp_endpoint: SecretString::default(),
         }
@@ -495,28 +500,16 @@ impl Config {
             ));
         }
         let o = &self.observability;
-        if o.listen.parse::<std::net::SocketAddr>().is_err() {
-            e.push(format!(
-                "observability.listen `{}` is not an IP:port address",
-                o.listen
-            ));
-        }
         if let Err(err) = tracing_subscriber::EnvFilter::builder().parse(&o.log_filter) {
             e.push(format!("observability.log_filter: {err}"));
         }
-        if !o.debug_listen.is_empty() {
-            match o.debug_listen.parse::<std::net::SocketAddr>() {
-                Err(_) => e.push(format!(
-                    "observability.debug_listen `{}` is not an IP:port address",
-                    o.debug_listen
-                )),
-                Ok(a) if !a.ip().is_loopback() && o.debug_token.expose_secret().is_empty() => e
-                    .push(format!(
-                        "observability.debug_listen `{a}` is not loopback: set \
-                         observability.debug_token, or the debug endpoints would be open to \
-                         anyone who reaches that address"
-                    )),
-                Ok(_) => {}
+        if let Some(a) = o.debug_listen {
+            if !a.ip().is_loopback() && o.debug_token.expose_secret().is_empty() {
+                e.push(format!(
+                    "observability.debug_listen `{a}` is not loopback: set \
+                     observability.debug_token, or the debug endpoints would be open to \
+                     anyone who reaches that address"
+                ));
             }
         }
         let otlp = o.otlp_endpoint.expose_secret();
@@ -640,5 +633,36 @@ fn check_all_seconds(cfg: &Config, errors: &mut Vec<String>) {
                 "{key} must be a number of seconds from 0 to 1e9 (about 31 years), got {v:e}"
             ));
         }
+    }
+}
+
+/// `Option<SocketAddr>` keys written as an `IP:port` string, `""` for none (the form
+/// operators' files already use).
+mod addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize_optional<S: Serializer>(
+        a: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize_optional<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("`{text}` is not an IP:port address")))
     }
 }

@@ -211,7 +211,7 @@ async fn unreachable_database_fails_start_with_a_typed_error() {
     let mut cfg = vpnbot::config::Config::default();
     cfg.db.url =
         secrecy::SecretString::from(format!("postgres://bot:pw-s3cret@127.0.0.1:{port}/x"));
-    cfg.observability.listen = "127.0.0.1:0".into();
+    cfg.observability.listen = "127.0.0.1:0".parse().unwrap();
     let t = Instant::now();
     let err = App::start(cfg).await.unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(7), "{:?}", t.elapsed());

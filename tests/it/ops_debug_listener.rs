@@ -20,7 +20,7 @@ async fn get(url: String, token: Option<&str>) -> u16 {
 #[sqlx::test(migrations = false)]
 async fn debug_endpoints_move_to_their_own_listener(_p: PgPoolOptions, opts: PgConnectOptions) {
     let mut cfg = helpers::test_config(&opts);
-    cfg.observability.debug_listen = "127.0.0.1:0".into();
+    cfg.observability.debug_listen = Some("127.0.0.1:0".parse().unwrap());
     let app = App::start(cfg).await.unwrap();
     let scrape = app.obs_addr();
     let debug = app.debug_addr().expect("debug listener");
@@ -46,7 +46,7 @@ async fn debug_endpoints_need_the_bearer_token_when_one_is_set(
 ) {
     let mut cfg = helpers::test_config(&opts);
     // Non-loopback scrape listener (all addresses), reached here over loopback.
-    cfg.observability.listen = "0.0.0.0:0".into();
+    cfg.observability.listen = "0.0.0.0:0".parse().unwrap();
     cfg.observability.debug_token = SecretString::from("t0ken-s3cret".to_string());
     let app = App::start(cfg).await.unwrap();
     let port = app.obs_addr().port();
@@ -72,7 +72,7 @@ async fn a_non_loopback_scrape_listener_without_a_token_serves_no_debug_endpoint
     opts: PgConnectOptions,
 ) {
     let mut cfg = helpers::test_config(&opts);
-    cfg.observability.listen = "0.0.0.0:0".into();
+    cfg.observability.listen = "0.0.0.0:0".parse().unwrap();
     let app = App::start(cfg).await.unwrap();
     let port = app.obs_addr().port();
     assert!(app.debug_addr().is_none());
@@ -91,7 +91,7 @@ async fn a_non_loopback_scrape_listener_without_a_token_serves_no_debug_endpoint
 fn a_non_loopback_debug_listener_needs_a_token_and_secrets_stay_out_of_debug_output() {
     let mut cfg = Config::default();
     cfg.db.url = SecretString::from("postgres://bot@db/vpn".to_string());
-    cfg.observability.debug_listen = "0.0.0.0:9188".into();
+    cfg.observability.debug_listen = Some("0.0.0.0:9188".parse().unwrap());
     let errors = cfg.validate();
     assert!(
         errors

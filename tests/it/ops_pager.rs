@@ -510,7 +510,7 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
         return;
     };
     let mut cfg = vpnbot::config::Config::default();
-    cfg.observability.listen = "127.0.0.1:0".into();
+    cfg.observability.listen = "127.0.0.1:0".parse().unwrap();
     cfg.diagnostics.stall_threshold_seconds = 0.3;
     cfg.diagnostics.dump_dir =
         std::env::temp_dir().join(format!("vpnbot-pager-{}", std::process::id()));

@@ -43,7 +43,7 @@ pub fn test_config(opts: &PgConnectOptions) -> Config {
     cfg.db.min_connections = 0;
     cfg.db.acquire_timeout_seconds = 2.0;
     cfg.db.readiness_interval_seconds = 0.2;
-    cfg.observability.listen = "127.0.0.1:0".into();
+    cfg.observability.listen = "127.0.0.1:0".parse().unwrap();
     cfg.leader.check_interval_seconds = 0.2;
     cfg.leader.check_timeout_seconds = 0.5;
     cfg.leader.retry_interval_seconds = 0.3;

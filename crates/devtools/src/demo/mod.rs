@@ -117,7 +117,7 @@ pub fn main(config_path: Option<&Path>, args: DemoArgs) -> ExitCode {
     };
     if !args.keep_running {
         // A one-shot run must not collide with a running instance's port.
-        cfg.observability.listen = "127.0.0.1:0".into();
+        cfg.observability.listen = "127.0.0.1:0".parse().unwrap();
     }
     let filled = demo_settings(&mut cfg);
     if !filled.is_empty() {
