@@ -3,12 +3,10 @@
 //! that dies mid-request; the node API contract checked against `openapi/node-api.json`; the
 //! streamed `list-users` of 100,000 ledger users.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::standin::{self, XrayUsers};
-use common::{config, start, Api};
+use crate::common::standin::{self, XrayUsers};
+use crate::common::{config, start, Api};
 use node_api::schema::{check, document, operation, resolve};
 use node_api::Operation;
 use serde_json::Value;
@@ -119,7 +117,7 @@ async fn v2ray_list_users_streams_100k_ledger_users() {
         let resp = api
             .http
             .get(format!("{}/v1/users", api.base))
-            .header("x-api-key", common::KEY)
+            .header("x-api-key", crate::common::KEY)
             .send()
             .await
             .unwrap();
@@ -196,7 +194,7 @@ async fn a_core_dying_mid_request_gives_a_typed_503_and_keeps_the_ledger() {
     );
     let text = api.get_text("/metrics").await.1;
     assert!(
-        common::metric(
+        crate::common::metric(
             &text,
             "vpnbot_node_core_request_duration_seconds_count",
             &[("operation", "add_user")]
@@ -240,7 +238,7 @@ async fn agent_answers_follow_the_document() {
             "GET",
             "/v1/health".into(),
             None,
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -248,7 +246,7 @@ async fn agent_answers_follow_the_document() {
             "GET",
             users_path.clone(),
             None,
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -256,7 +254,7 @@ async fn agent_answers_follow_the_document() {
             "POST",
             users_path.clone(),
             body(mine, &email),
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -264,7 +262,7 @@ async fn agent_answers_follow_the_document() {
             "POST",
             users_path.clone(),
             body(mine, &email),
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -272,7 +270,7 @@ async fn agent_answers_follow_the_document() {
             "POST",
             users_path.clone(),
             body(mine, "other"),
-            common::KEY,
+            crate::common::KEY,
             409,
         ),
         (
@@ -280,7 +278,7 @@ async fn agent_answers_follow_the_document() {
             "POST",
             users_path.clone(),
             Some(serde_json::json!({"uuid": 1})),
-            common::KEY,
+            crate::common::KEY,
             400,
         ),
         (
@@ -288,7 +286,7 @@ async fn agent_answers_follow_the_document() {
             "GET",
             users_path.clone(),
             None,
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -296,7 +294,7 @@ async fn agent_answers_follow_the_document() {
             "PUT",
             format!("/v1/users/{mine}"),
             body(mine, "other"),
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -304,7 +302,7 @@ async fn agent_answers_follow_the_document() {
             "PUT",
             format!("/v1/users/{absent}"),
             body(absent, "x"),
-            common::KEY,
+            crate::common::KEY,
             404,
         ),
         (
@@ -312,7 +310,7 @@ async fn agent_answers_follow_the_document() {
             "PUT",
             format!("/v1/users/{absent}"),
             body(mine, "x"),
-            common::KEY,
+            crate::common::KEY,
             400,
         ),
         (
@@ -320,7 +318,7 @@ async fn agent_answers_follow_the_document() {
             "DELETE",
             format!("/v1/users/{mine}"),
             None,
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -328,7 +326,7 @@ async fn agent_answers_follow_the_document() {
             "DELETE",
             format!("/v1/users/{mine}"),
             None,
-            common::KEY,
+            crate::common::KEY,
             200,
         ),
         (
@@ -336,7 +334,7 @@ async fn agent_answers_follow_the_document() {
             "DELETE",
             "/v1/users/not-a-uuid".into(),
             None,
-            common::KEY,
+            crate::common::KEY,
             400,
         ),
         (
@@ -440,7 +438,7 @@ async fn agent_answers_follow_the_document() {
             None,
         ),
     ] {
-        run(op, m, p, b, common::KEY, 503).await;
+        run(op, m, p, b, crate::common::KEY, 503).await;
         checked += 1;
     }
     run(
@@ -448,7 +446,7 @@ async fn agent_answers_follow_the_document() {
         "GET",
         users_path.clone(),
         None,
-        common::KEY,
+        crate::common::KEY,
         200,
     )
     .await;

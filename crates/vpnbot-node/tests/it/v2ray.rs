@@ -1,12 +1,10 @@
 //! The agent on a real V2Ray 4.34 core (Debian's `v2ray`), with real VLESS client traffic
 //! through a second `v2ray` as client. FAILS when `v2ray` is missing unless `ALLOW_SKIP_TESTS=1`.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{config, start, Api};
+use crate::common::{config, start, Api};
 use uuid::Uuid;
 use vpnbot_node::testkit::{self, V2ray, ORIGIN_BODY};
 use vpnbot_node::CoreKind;
@@ -185,7 +183,7 @@ async fn users_get_traffic_and_lose_it_on_removal_and_survive_core_restarts() {
     assert_eq!(api.list().await.len(), 2);
     let text = api.get_text("/metrics").await.1;
     assert!(
-        common::metric(
+        crate::common::metric(
             &text,
             "vpnbot_node_core_request_duration_seconds_count",
             &[("operation", "resync_add"), ("outcome", "ok")]
@@ -310,7 +308,7 @@ async fn start_resync_of_10k_users_into_v2ray() {
     eprintln!("start resync of 10,000 users into V2Ray 4.34: {resync:.2} s (ready after {took:?})");
     let text = api.get_text("/metrics").await.1;
     assert_eq!(
-        common::metric(
+        crate::common::metric(
             &text,
             "vpnbot_node_core_request_duration_seconds_count",
             &[("operation", "resync_add"), ("outcome", "ok")]
