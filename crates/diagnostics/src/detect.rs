@@ -13,19 +13,25 @@ use crate::dump::WorkerView;
 use crate::inflight::{InflightEntry, InflightKind, SourceEpisode};
 use crate::{DiagnosticsSettings, StallKind};
 
-/// Who an episode blames, as bounded label values (empty when not applicable): the task
-/// family, the node, the operation, its phase, and the pool/statement label.
+/// Who an episode blames, as bounded label values (empty when not applicable, and then left
+/// out of JSON): the task family, the node, the operation, its phase, and the pool/statement
+/// label.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Culprit {
     /// Task family (`Tasks::spawn_named` name) or a worker's name.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub task: String,
     /// Node name from the embedding service's config.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub node: String,
     /// Operation name (bounded set from code).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub operation: String,
     /// Phase of the operation (`connect`, `headers`, `body`, ...).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub phase: String,
     /// Pool acquire or statement label.
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub label: String,
 }
 

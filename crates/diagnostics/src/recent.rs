@@ -39,6 +39,7 @@ pub struct RecentEvent {
     /// How many such events (same node, operation) the ring holds, this one included.
     pub count: u32,
     /// The error's text (bounded to [`super::MAX_DETAIL_LEN`]).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub detail: String,
 }
 
