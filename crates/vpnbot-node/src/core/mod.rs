@@ -124,6 +124,59 @@ pub struct Core {
 /// in one message (about 100 bytes per user: 100,000 users ≈ 10 MB), beyond gRPC's 4 MiB default.
 pub const MAX_CORE_MESSAGE: usize = 256 * 1024 * 1024;
 
+/// `HandlerService.AlterInbound` with one operation, for either flavour: V2Ray's and Xray's
+/// generated modules differ only by package (`v2ray.core.` vs `xray.`), so one body serves both.
+macro_rules! alter_inbound {
+    ($self:ident, $operation:ident, $($m:ident)::+, $pkg:literal, $op_name:literal, $op:expr) => {{
+        use $($m)::+::app::proxyman::command as c;
+        let req = c::AlterInboundRequest {
+            tag: $self.tag.clone(),
+            operation: Some($($m)::+::common::serial::TypedMessage {
+                r#type: concat!($pkg, "app.proxyman.command.", $op_name).into(),
+                value: $op.encode_to_vec(),
+            }),
+        };
+        let mut client = c::handler_service_client::HandlerServiceClient::new($self.channel.clone())
+            .max_decoding_message_size(MAX_CORE_MESSAGE);
+        $self
+            .timed($operation, client.alter_inbound($self.request(req)))
+            .await
+            .map(|_| ())
+    }};
+}
+
+/// `AddUserOperation` of a VLESS user (see `alter_inbound!`).
+macro_rules! add_user {
+    ($self:ident, $operation:ident, $id:ident, $email:ident, $($m:ident)::+, $pkg:literal) => {{
+        let account = $($m)::+::proxy::vless::Account {
+            id: $id,
+            flow: String::new(),
+            encryption: "none".into(),
+        };
+        let op = $($m)::+::app::proxyman::command::AddUserOperation {
+            user: Some($($m)::+::common::protocol::User {
+                level: $self.level,
+                email: $email.to_owned(),
+                account: Some($($m)::+::common::serial::TypedMessage {
+                    r#type: concat!($pkg, "proxy.vless.Account").into(),
+                    value: account.encode_to_vec(),
+                }),
+            }),
+        };
+        alter_inbound!($self, $operation, $($m)::+, $pkg, "AddUserOperation", op)
+    }};
+}
+
+/// `RemoveUserOperation` by email (see `alter_inbound!`).
+macro_rules! remove_user {
+    ($self:ident, $operation:ident, $email:ident, $($m:ident)::+, $pkg:literal) => {{
+        let op = $($m)::+::app::proxyman::command::RemoveUserOperation {
+            email: $email.to_owned(),
+        };
+        alter_inbound!($self, $operation, $($m)::+, $pkg, "RemoveUserOperation", op)
+    }};
+}
+
 impl Core {
     /// A client of the core at `addr` (`host:port`, plaintext gRPC). Connects lazily: a core
     /// that is down at start makes calls fail with [`CoreError::Unavailable`], not the agent.
@@ -215,69 +268,8 @@ impl Core {
     ) -> Result<(), CoreError> {
         let id = id.hyphenated().to_string();
         match self.kind {
-            CoreKind::V2ray => {
-                use v2ray::core::app::proxyman::command as c;
-                use v2ray::core::common::{protocol, serial};
-                let account = v2ray::core::proxy::vless::Account {
-                    id,
-                    flow: String::new(),
-                    encryption: "none".into(),
-                };
-                let op = c::AddUserOperation {
-                    user: Some(protocol::User {
-                        level: self.level,
-                        email: email.to_owned(),
-                        account: Some(serial::TypedMessage {
-                            r#type: "v2ray.core.proxy.vless.Account".into(),
-                            value: account.encode_to_vec(),
-                        }),
-                    }),
-                };
-                let req = c::AlterInboundRequest {
-                    tag: self.tag.clone(),
-                    operation: Some(serial::TypedMessage {
-                        r#type: "v2ray.core.app.proxyman.command.AddUserOperation".into(),
-                        value: op.encode_to_vec(),
-                    }),
-                };
-                let mut client =
-                    c::handler_service_client::HandlerServiceClient::new(self.channel.clone());
-                self.timed(operation, client.alter_inbound(self.request(req)))
-                    .await
-                    .map(|_| ())
-            }
-            CoreKind::Xray => {
-                use xray::app::proxyman::command as c;
-                use xray::common::{protocol, serial};
-                let account = xray::proxy::vless::Account {
-                    id,
-                    flow: String::new(),
-                    encryption: "none".into(),
-                };
-                let op = c::AddUserOperation {
-                    user: Some(protocol::User {
-                        level: self.level,
-                        email: email.to_owned(),
-                        account: Some(serial::TypedMessage {
-                            r#type: "xray.proxy.vless.Account".into(),
-                            value: account.encode_to_vec(),
-                        }),
-                    }),
-                };
-                let req = c::AlterInboundRequest {
-                    tag: self.tag.clone(),
-                    operation: Some(serial::TypedMessage {
-                        r#type: "xray.app.proxyman.command.AddUserOperation".into(),
-                        value: op.encode_to_vec(),
-                    }),
-                };
-                let mut client =
-                    c::handler_service_client::HandlerServiceClient::new(self.channel.clone())
-                        .max_decoding_message_size(MAX_CORE_MESSAGE);
-                self.timed(operation, client.alter_inbound(self.request(req)))
-                    .await
-                    .map(|_| ())
-            }
+            CoreKind::V2ray => add_user!(self, operation, id, email, v2ray::core, "v2ray.core."),
+            CoreKind::Xray => add_user!(self, operation, id, email, xray, "xray."),
         }
     }
 
@@ -287,42 +279,8 @@ impl Core {
     /// [`CoreError::NotFound`] when absent; any other variant.
     pub async fn remove_user(&self, operation: &'static str, email: &str) -> Result<(), CoreError> {
         match self.kind {
-            CoreKind::V2ray => {
-                use v2ray::core::app::proxyman::command as c;
-                let op = c::RemoveUserOperation {
-                    email: email.to_owned(),
-                };
-                let req = c::AlterInboundRequest {
-                    tag: self.tag.clone(),
-                    operation: Some(v2ray::core::common::serial::TypedMessage {
-                        r#type: "v2ray.core.app.proxyman.command.RemoveUserOperation".into(),
-                        value: op.encode_to_vec(),
-                    }),
-                };
-                let mut client =
-                    c::handler_service_client::HandlerServiceClient::new(self.channel.clone());
-                self.timed(operation, client.alter_inbound(self.request(req)))
-                    .await
-                    .map(|_| ())
-            }
-            CoreKind::Xray => {
-                use xray::app::proxyman::command as c;
-                let op = c::RemoveUserOperation {
-                    email: email.to_owned(),
-                };
-                let req = c::AlterInboundRequest {
-                    tag: self.tag.clone(),
-                    operation: Some(xray::common::serial::TypedMessage {
-                        r#type: "xray.app.proxyman.command.RemoveUserOperation".into(),
-                        value: op.encode_to_vec(),
-                    }),
-                };
-                let mut client =
-                    c::handler_service_client::HandlerServiceClient::new(self.channel.clone());
-                self.timed(operation, client.alter_inbound(self.request(req)))
-                    .await
-                    .map(|_| ())
-            }
+            CoreKind::V2ray => remove_user!(self, operation, email, v2ray::core, "v2ray.core."),
+            CoreKind::Xray => remove_user!(self, operation, email, xray, "xray."),
         }
     }
 
