@@ -192,28 +192,25 @@ fn worker_is_overdue(r: &WorkerRunObservation, s: &DiagnosticsSettings) -> bool 
         > r.interval.as_secs_f64() * s.worker_overdue_factor + s.stall_threshold_seconds
 }
 
-/// The overdue periodic workers, by name.
-pub(crate) fn overdue_worker_names(
-    obs: &Observation,
+/// The overdue periodic workers, sorted by name.
+fn overdue_runs<'a>(
+    obs: &'a Observation,
     s: &DiagnosticsSettings,
-) -> Vec<&'static str> {
-    let mut out: Vec<&'static str> = obs
+) -> Vec<&'a WorkerRunObservation> {
+    let mut out: Vec<&WorkerRunObservation> = obs
         .worker_runs
         .iter()
         .filter(|r| worker_is_overdue(r, s))
-        .map(|r| r.name)
         .collect();
-    out.sort_unstable();
+    out.sort_unstable_by_key(|r| r.name);
     out
 }
 
 /// One sentence per overdue periodic worker.
 pub(crate) fn workers_overdue(obs: &Observation, s: &DiagnosticsSettings) -> Vec<String> {
     let factor = s.worker_overdue_factor;
-    let mut out: Vec<String> = obs
-        .worker_runs
-        .iter()
-        .filter(|r| worker_is_overdue(r, s))
+    overdue_runs(obs, s)
+        .into_iter()
         .map(|r| {
             format!(
                 "worker \"{}\" last completed a run {:.1} s ago; interval {:.1} s \
@@ -223,9 +220,7 @@ pub(crate) fn workers_overdue(obs: &Observation, s: &DiagnosticsSettings) -> Vec
                 r.interval.as_secs_f64()
             )
         })
-        .collect();
-    out.sort();
-    out
+        .collect()
 }
 
 /// What busy work waits on, most specific first: own database backends waiting on a lock (the
@@ -348,8 +343,8 @@ pub(crate) fn detect(obs: &Observation, s: &DiagnosticsSettings) -> Vec<Detected
         if !pool_starved(obs, s).is_empty() {
             found.insert(StallKind::PoolStarved, Culprit::default());
         }
-        if let Some(name) = overdue_worker_names(obs, s).first() {
-            found.insert(StallKind::WorkerOverdue, Culprit::task(*name));
+        if let Some(r) = overdue_runs(obs, s).first() {
+            found.insert(StallKind::WorkerOverdue, Culprit::task(r.name));
         }
     }
     found

@@ -124,20 +124,18 @@ pub fn workspace_bin(name: &str) -> std::process::Command {
          which `scripts/test.sh` does through `cargo test --workspace`)",
         path.display()
     );
-    let mut c = std::process::Command::new(path);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("VPNBOT_") || k == "DATABASE_URL" {
-            c.env_remove(k);
-        }
-    }
-    c
+    clean_env(std::process::Command::new(path))
 }
 
 /// The built `vpnbot` binary with a clean configuration environment: every `VPNBOT_*`
 /// variable and `DATABASE_URL` of the test runner removed, so a developer's shell cannot change
 /// what a test sees.
 pub fn vpnbot() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vpnbot"));
+    clean_env(std::process::Command::new(env!("CARGO_BIN_EXE_vpnbot")))
+}
+
+/// `c` without the test runner's `VPNBOT_*` variables and `DATABASE_URL`.
+fn clean_env(mut c: std::process::Command) -> std::process::Command {
     for (k, _) in std::env::vars() {
         if k.starts_with("VPNBOT_") || k == "DATABASE_URL" {
             c.env_remove(k);
