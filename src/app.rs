@@ -10,7 +10,7 @@ use prometheus::Registry;
 use secrecy::ExposeSecret;
 
 use crate::bot::{BotApi, BotDeps, BotMetrics, BotService};
-use crate::config::{secs, Config};
+use crate::config::Config;
 use crate::db::leader::{spawn_leadership, LeaderHandle};
 use crate::db::{self, DbError, DbPool};
 use crate::diagnostics::Diagnostics;
@@ -223,7 +223,7 @@ impl App {
         let health = Arc::new(HealthState::default());
         let _ = health
             .db_max_age
-            .set(secs(config.db.readiness_interval_seconds * 3.0));
+            .set(config.db.readiness_interval_seconds * 3);
         let listen: SocketAddr = config.observability.listen;
         let state = ObsState {
             registry: registry.clone(),
@@ -286,7 +286,7 @@ impl App {
         diagnostics.add_source(Arc::new(PoolSource::new(
             pool.inflight().clone(),
             pool.acquire_timeout(),
-            secs(config.db.statement_timeout_seconds),
+            config.db.statement_timeout_seconds,
         )));
         diagnostics.add_source(Arc::new(NodeCallSource::new(fleet.inflight().clone())));
         let db_monitor = db::monitor::DbMonitor::new(&pool, &registry);
@@ -542,13 +542,11 @@ fn check_watchdog_timeout(supervisor: &Supervisor, config: &Config) {
     let Some(timeout) = supervisor.watchdog_timeout() else {
         return;
     };
-    let d = &config.diagnostics;
-    let needed =
-        d.stall_threshold_seconds + d.watchdog_period_seconds + d.task_dump_timeout_seconds + 1.0;
-    if timeout.as_secs_f64() < needed {
+    let needed = config.diagnostics.min_service_watchdog();
+    if timeout < needed {
         tracing::warn!(
             watchdog_seconds = timeout.as_secs_f64(),
-            needed_seconds = needed,
+            needed_seconds = needed.as_secs_f64(),
             "WatchdogSec is shorter than stall detection plus the dump: a stalled process may \
              be killed before its dump is written"
         );

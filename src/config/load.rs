@@ -580,9 +580,10 @@ mod tests {
         assert_eq!(
             errs,
             vec![
+                "db.acquire_timeout_seconds: invalid value: found a number, expected a number \
+                 of seconds from 0 to 1e9",
                 "db.max_conections: unknown key; did you mean db.max_connections?",
                 "db.min_connections: invalid type: found a string, expected u32",
-                "db.acquire_timeout_seconds must be a positive number of seconds, got -1",
             ],
         );
     }

@@ -9,7 +9,9 @@
 
 pub mod defaults;
 pub mod load;
-pub mod seconds;
+/// Durations written as seconds; the module lives in the diagnostics crate, whose settings use
+/// it too.
+pub use diagnostics::seconds;
 pub mod secret;
 
 use std::collections::BTreeMap;
@@ -109,38 +111,48 @@ pub struct DbConfig {
     /// Pool size (default [`d::DB_MAX_CONNECTIONS`]); the leadership connection is extra.
     pub max_connections: u32,
     /// Longest wait for a pooled connection, seconds (default [`d::DB_ACQUIRE_TIMEOUT_SECONDS`]).
-    pub acquire_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub acquire_timeout_seconds: Duration,
     /// Server-side `statement_timeout`, seconds (default [`d::DB_STATEMENT_TIMEOUT_SECONDS`]).
-    pub statement_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub statement_timeout_seconds: Duration,
     /// Server-side `lock_timeout`, seconds (default [`d::DB_LOCK_TIMEOUT_SECONDS`]): a statement
     /// waiting this long for a lock fails with SQLSTATE 55P03 ([`crate::db::DbError::LockTimeout`]).
     /// Must be below `statement_timeout_seconds`; 0 disables it.
-    pub lock_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub lock_timeout_seconds: Duration,
     /// Server-side `idle_in_transaction_session_timeout`, seconds
     /// (default [`d::DB_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS`]).
-    pub idle_in_transaction_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub idle_in_transaction_timeout_seconds: Duration,
     /// Timeout for opening one connection, seconds (default [`d::DB_CONNECT_TIMEOUT_SECONDS`]).
-    pub connect_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub connect_timeout_seconds: Duration,
     /// `application_name` shown in `pg_stat_activity` (default [`d::DB_APPLICATION_NAME`]).
     pub application_name: String,
     /// How often the readiness check (on the database monitor's connection, outside the pool)
     /// checks that the database is writable, at most, seconds
     /// (default [`d::DB_READINESS_INTERVAL_SECONDS`]).
-    pub readiness_interval_seconds: f64,
+    #[serde(with = "seconds")]
+    pub readiness_interval_seconds: Duration,
     /// How often the database monitor (a connection outside the pool) pings the server and,
     /// when needed, reads what vpnbot's backends are doing, seconds
     /// (default [`d::DB_MONITOR_INTERVAL_SECONDS`]).
-    pub monitor_interval_seconds: f64,
+    #[serde(with = "seconds")]
+    pub monitor_interval_seconds: Duration,
     /// A connection held this long makes the monitor read `pg_stat_activity`; own backends
     /// waiting on a lock this long open a `db_lock_wait` episode, seconds
     /// (default [`d::DB_MONITOR_THRESHOLD_SECONDS`]).
-    pub monitor_threshold_seconds: f64,
+    #[serde(with = "seconds")]
+    pub monitor_threshold_seconds: Duration,
     /// `statement_timeout` of the monitoring connection and bound of each of its readings,
     /// seconds (default [`d::DB_MONITOR_STATEMENT_TIMEOUT_SECONDS`]).
-    pub monitor_statement_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub monitor_statement_timeout_seconds: Duration,
     /// A statement slower than this logs a WARN naming its call-site label (at most one line
     /// per 10 s), seconds (default [`d::DB_SLOW_STATEMENT_SECONDS`]).
-    pub slow_statement_seconds: f64,
+    #[serde(with = "seconds")]
+    pub slow_statement_seconds: Duration,
 }
 
 impl Default for DbConfig {
@@ -172,16 +184,20 @@ pub struct LeaderConfig {
     /// Advisory lock key shared by every instance of one deployment (default [`d::LEADER_LOCK_KEY`]).
     pub lock_key: i64,
     /// How often the leader checks its lock connection, seconds (default [`d::LEADER_CHECK_INTERVAL_SECONDS`]).
-    pub check_interval_seconds: f64,
+    #[serde(with = "seconds")]
+    pub check_interval_seconds: Duration,
     /// How long one check may take before leadership counts as lost, seconds
     /// (default [`d::LEADER_CHECK_TIMEOUT_SECONDS`]).
-    pub check_timeout_seconds: f64,
+    #[serde(with = "seconds")]
+    pub check_timeout_seconds: Duration,
     /// How often a follower retries the lock, seconds (default [`d::LEADER_RETRY_INTERVAL_SECONDS`]).
-    pub retry_interval_seconds: f64,
+    #[serde(with = "seconds")]
+    pub retry_interval_seconds: Duration,
     /// Wait after winning the lock before starting singleton workers, seconds
     /// (default [`d::LEADER_TAKEOVER_DELAY_SECONDS`]); longer than a previous leader needs to
     /// notice its loss (check interval + check timeout), so the two never overlap.
-    pub takeover_delay_seconds: f64,
+    #[serde(with = "seconds")]
+    pub takeover_delay_seconds: Duration,
 }
 
 impl Default for LeaderConfig {
@@ -285,7 +301,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             worker_threads: 0,
-            shutdown_drain_seconds: Duration::from_secs_f64(d::SHUTDOWN_DRAIN_SECONDS),
+            shutdown_drain_seconds: d::SHUTDOWN_DRAIN_SECONDS,
         }
     }
 }
@@ -346,14 +362,6 @@ impl fmt::Display for ConfigErrors {
         }
         Ok(())
     }
-}
-
-/// Seconds as a [`Duration`], for the sections whose durations are still `f64` (`db`,
-/// `leader`, `node_client`, `diagnostics`); [`Config::validate`] keeps every `*_seconds` value
-/// within [`seconds::checked`]'s range, so this never panics on a loaded configuration.
-/// Sections converted to `Duration` (`runtime`, `outbox`, `reconcile`, `bot`) use [`seconds`].
-pub fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
 }
 
 impl Config {
@@ -422,81 +430,56 @@ impl Config {
                 db.min_connections, db.max_connections
             ));
         }
-        positive(
-            &mut e,
-            "db.acquire_timeout_seconds",
-            db.acquire_timeout_seconds,
-        );
-        positive(
-            &mut e,
-            "db.statement_timeout_seconds",
-            db.statement_timeout_seconds,
-        );
-        if !(db.lock_timeout_seconds.is_finite() && db.lock_timeout_seconds >= 0.0) {
-            e.push("db.lock_timeout_seconds must be 0 (disabled) or positive".to_string());
-        } else if db.lock_timeout_seconds >= db.statement_timeout_seconds {
+        for (key, v) in [
+            ("db.acquire_timeout_seconds", db.acquire_timeout_seconds),
+            ("db.statement_timeout_seconds", db.statement_timeout_seconds),
+            (
+                "db.idle_in_transaction_timeout_seconds",
+                db.idle_in_transaction_timeout_seconds,
+            ),
+            ("db.connect_timeout_seconds", db.connect_timeout_seconds),
+            (
+                "db.readiness_interval_seconds",
+                db.readiness_interval_seconds,
+            ),
+            ("db.monitor_interval_seconds", db.monitor_interval_seconds),
+            ("db.slow_statement_seconds", db.slow_statement_seconds),
+            ("db.monitor_threshold_seconds", db.monitor_threshold_seconds),
+            (
+                "db.monitor_statement_timeout_seconds",
+                db.monitor_statement_timeout_seconds,
+            ),
+            (
+                "leader.check_interval_seconds",
+                self.leader.check_interval_seconds,
+            ),
+            (
+                "leader.check_timeout_seconds",
+                self.leader.check_timeout_seconds,
+            ),
+            (
+                "leader.retry_interval_seconds",
+                self.leader.retry_interval_seconds,
+            ),
+        ] {
+            positive(&mut e, key, v);
+        }
+        // 0 disables lock_timeout; otherwise a lock wait must end before the statement does.
+        if db.lock_timeout_seconds >= db.statement_timeout_seconds {
             e.push(format!(
                 "db.lock_timeout_seconds ({}) must be below db.statement_timeout_seconds ({})",
-                db.lock_timeout_seconds, db.statement_timeout_seconds
+                db.lock_timeout_seconds.as_secs_f64(),
+                db.statement_timeout_seconds.as_secs_f64()
             ));
         }
-        positive(
-            &mut e,
-            "db.idle_in_transaction_timeout_seconds",
-            db.idle_in_transaction_timeout_seconds,
-        );
-        positive(
-            &mut e,
-            "db.connect_timeout_seconds",
-            db.connect_timeout_seconds,
-        );
-        positive(
-            &mut e,
-            "db.readiness_interval_seconds",
-            db.readiness_interval_seconds,
-        );
-        positive(
-            &mut e,
-            "db.monitor_interval_seconds",
-            db.monitor_interval_seconds,
-        );
-        positive(
-            &mut e,
-            "db.slow_statement_seconds",
-            db.slow_statement_seconds,
-        );
-        positive(
-            &mut e,
-            "db.monitor_threshold_seconds",
-            db.monitor_threshold_seconds,
-        );
-        positive(
-            &mut e,
-            "db.monitor_statement_timeout_seconds",
-            db.monitor_statement_timeout_seconds,
-        );
         let l = &self.leader;
-        positive(
-            &mut e,
-            "leader.check_interval_seconds",
-            l.check_interval_seconds,
-        );
-        positive(
-            &mut e,
-            "leader.check_timeout_seconds",
-            l.check_timeout_seconds,
-        );
-        positive(
-            &mut e,
-            "leader.retry_interval_seconds",
-            l.retry_interval_seconds,
-        );
-        if l.takeover_delay_seconds <= l.check_interval_seconds + l.check_timeout_seconds {
+        let detect = l.check_interval_seconds + l.check_timeout_seconds;
+        if l.takeover_delay_seconds <= detect {
             e.push(format!(
                 "leader.takeover_delay_seconds ({}) must exceed check_interval_seconds + \
                  check_timeout_seconds ({}), or two leaders could overlap",
-                l.takeover_delay_seconds,
-                l.check_interval_seconds + l.check_timeout_seconds
+                l.takeover_delay_seconds.as_secs_f64(),
+                detect.as_secs_f64()
             ));
         }
         let o = &self.observability;
@@ -516,15 +499,16 @@ impl Config {
         if !otlp.is_empty() && url::Url::parse(otlp).is_err() {
             e.push("observability.otlp_endpoint is not a URL".to_string());
         }
-        if self.runtime.shutdown_drain_seconds.is_zero() {
-            e.push("runtime.shutdown_drain_seconds must be a positive number of seconds".into());
-        }
+        positive(
+            &mut e,
+            "runtime.shutdown_drain_seconds",
+            self.runtime.shutdown_drain_seconds,
+        );
         e.extend(self.node_client.validate());
         e.extend(self.outbox.validate());
         e.extend(self.diagnostics.validate());
         e.extend(self.reconcile.validate());
         e.extend(self.bot.validate());
-        check_all_seconds(self, &mut e);
         if !matches!(url::Url::parse(&self.telegram.api_url), Ok(u) if matches!(u.scheme(), "http" | "https"))
         {
             e.push("telegram.api_url must be an http(s) URL".to_string());
@@ -575,64 +559,9 @@ impl Config {
     }
 }
 
-fn positive(errors: &mut Vec<String>, key: &str, v: f64) {
-    if !(v.is_finite() && v > 0.0) {
-        errors.push(format!(
-            "{key} must be a positive number of seconds, got {v}"
-        ));
-    }
-}
-
-/// Every `*_seconds` key of the configuration, wherever its section keeps it (sections whose
-/// durations are still `f64` included): a finite number from 0 to [`seconds::MAX_SECONDS`].
-/// A section's own checks come first (`positive`, ordering); this adds what they let through
-/// (`1e30` passes "positive" and would overflow `Duration` at run time) and is silent for a key
-/// already reported.
-fn check_all_seconds(cfg: &Config, errors: &mut Vec<String>) {
-    fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, f64)>) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    match v {
-                        toml::Value::Float(f) if k.ends_with("_seconds") => out.push((key, *f)),
-                        toml::Value::Integer(i) if k.ends_with("_seconds") => {
-                            out.push((key, *i as f64))
-                        }
-                        other => walk(&key, other, out),
-                    }
-                }
-            }
-            toml::Value::Array(a) => {
-                for (i, v) in a.iter().enumerate() {
-                    walk(&format!("{prefix}.{i}"), v, out);
-                }
-            }
-            _ => {}
-        }
-    }
-    let Ok(tree) = toml::Value::try_from(cfg) else {
-        return;
-    };
-    let mut all = Vec::new();
-    walk("", &tree, &mut all);
-    for (key, v) in all {
-        if seconds::checked(v).is_ok() {
-            continue;
-        }
-        let reported = errors.iter().any(|m| {
-            m.starts_with(&key)
-                && !m[key.len()..].starts_with(|c: char| c == '_' || c.is_ascii_alphanumeric())
-        });
-        if !reported {
-            errors.push(format!(
-                "{key} must be a number of seconds from 0 to 1e9 (about 31 years), got {v:e}"
-            ));
-        }
+fn positive(errors: &mut Vec<String>, key: &str, v: Duration) {
+    if v.is_zero() {
+        errors.push(format!("{key} must be a positive number of seconds, got 0"));
     }
 }
 

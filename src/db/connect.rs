@@ -8,7 +8,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use super::error::DbError;
 use super::pool::connect_options;
-use crate::config::{secs, DbConfig};
+use crate::config::DbConfig;
 
 /// Exit code of every command when the database is unreachable or refuses connections
 /// (`EX_UNAVAILABLE` from sysexits.h).
@@ -115,7 +115,7 @@ pub async fn connect_direct(cfg: &DbConfig, app_suffix: &str) -> Result<PgConnec
     if !app_suffix.is_empty() {
         opts = opts.application_name(&format!("{}-{app_suffix}", cfg.application_name));
     }
-    let bound = secs(cfg.connect_timeout_seconds);
+    let bound = cfg.connect_timeout_seconds;
     match tokio::time::timeout(bound, PgConnection::connect_with(&opts)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(DbError::Unavailable(e)),
@@ -131,7 +131,7 @@ pub async fn connect_direct(cfg: &DbConfig, app_suffix: &str) -> Result<PgConnec
 /// [`DbError::Unavailable`].
 pub async fn preflight(cfg: &DbConfig) -> Result<(), DbError> {
     let conn = connect_direct(cfg, "").await?;
-    let _ = tokio::time::timeout(secs(cfg.connect_timeout_seconds), conn.close()).await;
+    let _ = tokio::time::timeout(cfg.connect_timeout_seconds, conn.close()).await;
     Ok(())
 }
 

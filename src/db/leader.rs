@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pool::connect_options;
 use super::refusal::ConnectHealth;
-use crate::config::{secs, DbConfig, LeaderConfig};
+use crate::config::{DbConfig, LeaderConfig};
 use crate::metrics;
 use crate::tasks::Tasks;
 
@@ -158,7 +158,7 @@ struct LeaderLoop {
 
 impl LeaderLoop {
     async fn run(self) {
-        let retry = secs(self.cfg.retry_interval_seconds);
+        let retry = self.cfg.retry_interval_seconds;
         while !self.cancel.is_cancelled() {
             match self.try_acquire().await {
                 Ok(Some(conn)) => {
@@ -180,7 +180,7 @@ impl LeaderLoop {
     }
 
     async fn try_acquire(&self) -> Result<Option<PgConnection>, String> {
-        let bound = secs(self.db.connect_timeout_seconds) + secs(self.cfg.check_timeout_seconds);
+        let bound = self.db.connect_timeout_seconds + self.cfg.check_timeout_seconds;
         let attempt = async {
             let mut opts = connect_options(&self.db).map_err(|e| e.to_string())?;
             opts = opts.application_name(&format!("{}-leader", self.db.application_name));
@@ -204,9 +204,9 @@ impl LeaderLoop {
     }
 
     async fn lead(&self, mut conn: PgConnection) {
-        let interval = secs(self.cfg.check_interval_seconds);
-        let timeout = secs(self.cfg.check_timeout_seconds);
-        let takeover_at = tokio::time::Instant::now() + secs(self.cfg.takeover_delay_seconds);
+        let interval = self.cfg.check_interval_seconds;
+        let timeout = self.cfg.check_timeout_seconds;
+        let takeover_at = tokio::time::Instant::now() + self.cfg.takeover_delay_seconds;
         tracing::info!(
             "leadership lock acquired; starting singleton workers after the takeover delay"
         );

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use super::db_time;
 use super::inflight::{PoolEntry, PoolInflight, PoolUse};
 use super::DbPool;
-use crate::config::{secs, DbConfig};
+use crate::config::DbConfig;
 use crate::diagnostics::{InflightEntry, InflightKind, InflightSource, SourceEpisode, StallKind};
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 
@@ -379,7 +379,7 @@ impl DbMonitor {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         pool.set_canceller(Canceller {
             tx,
-            bound: secs(pool.config().monitor_statement_timeout_seconds),
+            bound: pool.config().monitor_statement_timeout_seconds,
         });
         DbMonitor {
             shared: Arc::new(Shared {
@@ -439,13 +439,12 @@ impl DbMonitor {
     pub async fn run(self, cancel: CancellationToken) {
         let s = &self.shared;
         // Also the readiness check's period: at least every db.readiness_interval_seconds.
-        let interval = secs(
-            s.cfg
-                .monitor_interval_seconds
-                .min(s.cfg.readiness_interval_seconds),
-        );
-        let threshold = secs(s.cfg.monitor_threshold_seconds);
-        let bound = secs(s.cfg.monitor_statement_timeout_seconds);
+        let interval = s
+            .cfg
+            .monitor_interval_seconds
+            .min(s.cfg.readiness_interval_seconds);
+        let threshold = s.cfg.monitor_threshold_seconds;
+        let bound = s.cfg.monitor_statement_timeout_seconds;
         let mut conn: Option<PgConnection> = None;
         let mut tick: u64 = 0;
         let mut last_error_log: Option<Instant> = None;
@@ -706,7 +705,7 @@ impl DbMonitor {
     }
 
     fn track_lock(&self, backends: &[Backend]) {
-        let threshold = self.shared.cfg.monitor_threshold_seconds;
+        let threshold = self.shared.cfg.monitor_threshold_seconds.as_secs_f64();
         let waiting: Vec<&Backend> = backends
             .iter()
             .filter(|b| {
@@ -960,8 +959,8 @@ impl InflightSource for DbMonitor {
             .unwrap_or_else(|p| p.into_inner());
         let seen = g.as_ref()?;
         // Held over a few readings: waiters that hit lock_timeout are replaced by new ones.
-        let hold = secs(self.shared.cfg.monitor_interval_seconds * 3.0)
-            .max(secs(self.shared.cfg.monitor_threshold_seconds * 2.0));
+        let hold = (self.shared.cfg.monitor_interval_seconds * 3)
+            .max(self.shared.cfg.monitor_threshold_seconds * 2);
         if seen.at.elapsed() > hold {
             return None;
         }

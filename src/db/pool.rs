@@ -19,7 +19,7 @@ use sqlx::{Executor, PgConnection, PgPool, Postgres};
 use super::error::DbError;
 use super::inflight::PoolInflight;
 use super::refusal::ConnectHealth;
-use crate::config::{secs, DbConfig};
+use crate::config::DbConfig;
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
 
 /// Metric families of the pool and the data layer.
@@ -233,7 +233,7 @@ impl DbPool {
             .after_connect(pids.recorder())
             .min_connections(cfg.min_connections)
             .max_connections(cfg.max_connections)
-            .acquire_timeout(secs(cfg.acquire_timeout_seconds))
+            .acquire_timeout(cfg.acquire_timeout_seconds)
             .connect_lazy_with(opts);
         let connections = metrics::int_gauge_vec(
             registry,
@@ -265,12 +265,12 @@ impl DbPool {
             }))
             .expect("unique metric names");
         let mut metrics = DbMetrics::register(registry);
-        metrics.slow_after = secs(cfg.slow_statement_seconds);
+        metrics.slow_after = cfg.slow_statement_seconds;
         Ok(DbPool {
             pool,
             metrics,
             inflight: PoolInflight::default(),
-            acquire_timeout: secs(cfg.acquire_timeout_seconds),
+            acquire_timeout: cfg.acquire_timeout_seconds,
             health: Arc::new(ConnectHealth::register(registry)),
             held,
             abandoned,
@@ -556,7 +556,7 @@ pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, DbError> {
             "db.url is not a valid PostgreSQL URL".into(),
         ))
     })?;
-    let ms = |s: f64| ((s * 1000.0).round() as u64).to_string();
+    let ms = |d: std::time::Duration| d.as_millis().to_string();
     Ok(opts.application_name(&cfg.application_name).options([
         ("statement_timeout", ms(cfg.statement_timeout_seconds)),
         ("lock_timeout", ms(cfg.lock_timeout_seconds)),

@@ -106,7 +106,7 @@ pub async fn detect(cfg: &DbConfig) -> Result<Pooling, DbError> {
 /// `statement_timeout`: say so at start instead of running without the bound. Returns whether
 /// the server session has the configured value.
 pub async fn warn_if_session_settings_lost(cfg: &DbConfig, conn: &mut PgConnection) -> bool {
-    let want_ms = (cfg.statement_timeout_seconds * 1000.0).round() as i64;
+    let want_ms = cfg.statement_timeout_seconds.as_millis() as i64;
     let got: Option<String> =
         match sqlx::raw_sql("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")
             .fetch_optional(&mut *conn)

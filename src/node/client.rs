@@ -265,11 +265,10 @@ impl NodeClient {
         })?;
         api_key.set_sensitive(true);
 
-        let d = NodeClientSettings::dur;
         let max_resolve = settings.resolver_max_concurrent;
         let http = reqwest::Client::builder()
-            .connect_timeout(d(settings.connect_timeout_seconds))
-            .pool_idle_timeout(d(settings.pool_idle_timeout_seconds))
+            .connect_timeout(settings.connect_timeout_seconds)
+            .pool_idle_timeout(settings.pool_idle_timeout_seconds)
             .pool_max_idle_per_host(settings.pool_max_idle_per_node)
             .tcp_nodelay(true)
             // Node traffic goes straight to the node; an ambient HTTP(S)_PROXY would add a hop
@@ -304,7 +303,7 @@ impl NodeClient {
         let breaker = Breaker::new(
             name.clone(),
             settings.breaker_failure_threshold,
-            d(settings.breaker_cooldown_seconds),
+            settings.breaker_cooldown_seconds,
             metrics.circuit_state.with_label_values(&[&name]),
             transitions,
         );
@@ -317,15 +316,15 @@ impl NodeClient {
                 api_key,
                 http,
                 limits: Limits {
-                    connect: d(settings.connect_timeout_seconds),
-                    headers: d(settings.headers_timeout_seconds),
-                    body_idle: d(settings.body_idle_timeout_seconds),
-                    total: d(settings.total_deadline_seconds),
+                    connect: settings.connect_timeout_seconds,
+                    headers: settings.headers_timeout_seconds,
+                    body_idle: settings.body_idle_timeout_seconds,
+                    total: settings.total_deadline_seconds,
                     body_max: settings.body_max_bytes,
                     decode_inline_max: settings.decode_inline_max_bytes,
                     retry_attempts: settings.retry_max_attempts,
-                    retry_base: d(settings.retry_base_delay_seconds),
-                    retry_cap: d(settings.retry_max_delay_seconds),
+                    retry_base: settings.retry_base_delay_seconds,
+                    retry_cap: settings.retry_max_delay_seconds,
                 },
                 metrics,
                 ops,

@@ -5,32 +5,32 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Default connect deadline (TCP connect plus name resolution), seconds.
-pub const DEFAULT_CONNECT_TIMEOUT_SECONDS: f64 = 3.0;
+pub const DEFAULT_CONNECT_TIMEOUT_SECONDS: Duration = Duration::from_secs(3);
 /// Default headers deadline: request sent until the response head arrives, seconds.
-pub const DEFAULT_HEADERS_TIMEOUT_SECONDS: f64 = 5.0;
+pub const DEFAULT_HEADERS_TIMEOUT_SECONDS: Duration = Duration::from_secs(5);
 /// Default body idle timeout: longest gap without a body byte, seconds.
-pub const DEFAULT_BODY_IDLE_TIMEOUT_SECONDS: f64 = 2.0;
+pub const DEFAULT_BODY_IDLE_TIMEOUT_SECONDS: Duration = Duration::from_secs(2);
 /// Default total deadline of one call, retries included: resolution, connect, headers, the
 /// whole body and decoding, seconds.
-pub const DEFAULT_TOTAL_DEADLINE_SECONDS: f64 = 10.0;
+pub const DEFAULT_TOTAL_DEADLINE_SECONDS: Duration = Duration::from_secs(10);
 /// Default body cap: 64 MiB. A larger `Content-Length` is rejected before reading; a streamed
 /// body is cut at the cap.
 pub const DEFAULT_BODY_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Default lifetime of an idle pooled connection, seconds. Below the 5 s keep-alive of common
 /// Python servers (uvicorn) so that the client drops a connection before the node does.
-pub const DEFAULT_POOL_IDLE_TIMEOUT_SECONDS: f64 = 4.0;
+pub const DEFAULT_POOL_IDLE_TIMEOUT_SECONDS: Duration = Duration::from_secs(4);
 /// Default number of idle pooled connections kept per node.
 pub const DEFAULT_POOL_MAX_IDLE_PER_NODE: usize = 4;
 /// Default attempts per call, the first included (so 3 means up to 2 retries).
 pub const DEFAULT_RETRY_MAX_ATTEMPTS: u32 = 3;
 /// Default first backoff delay, seconds; doubles per retry, plus up to 100 % jitter.
-pub const DEFAULT_RETRY_BASE_DELAY_SECONDS: f64 = 0.2;
+pub const DEFAULT_RETRY_BASE_DELAY_SECONDS: Duration = Duration::from_millis(200);
 /// Default cap of the backoff delay before jitter, seconds.
-pub const DEFAULT_RETRY_MAX_DELAY_SECONDS: f64 = 2.0;
+pub const DEFAULT_RETRY_MAX_DELAY_SECONDS: Duration = Duration::from_secs(2);
 /// Default run of failed calls that opens a node's circuit breaker.
 pub const DEFAULT_BREAKER_FAILURE_THRESHOLD: u32 = 5;
 /// Default time an open breaker fails fast before letting one half-open probe through, seconds.
-pub const DEFAULT_BREAKER_COOLDOWN_SECONDS: f64 = 30.0;
+pub const DEFAULT_BREAKER_COOLDOWN_SECONDS: Duration = Duration::from_secs(30);
 /// Default body size above which decoding moves to the blocking pool, so that a large
 /// `list-users` never holds a runtime worker (256 KiB decodes in well under a millisecond).
 pub const DEFAULT_DECODE_INLINE_MAX_BYTES: u64 = 256 * 1024;
@@ -39,36 +39,45 @@ pub const DEFAULT_DECODE_INLINE_MAX_BYTES: u64 = 256 * 1024;
 pub const DEFAULT_RESOLVER_MAX_CONCURRENT: usize = 4;
 
 /// Settings of the node API client, one `[node_client]` section shared by all nodes.
-/// Durations are seconds as `f64`; every field has a named default constant.
+/// Durations are written as seconds (see [`diagnostics::seconds`]); every field has a named
+/// default constant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeClientSettings {
     /// Connect deadline incl. name resolution, seconds. Default [`DEFAULT_CONNECT_TIMEOUT_SECONDS`].
-    pub connect_timeout_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub connect_timeout_seconds: Duration,
     /// Headers deadline, seconds. Default [`DEFAULT_HEADERS_TIMEOUT_SECONDS`].
-    pub headers_timeout_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub headers_timeout_seconds: Duration,
     /// Body idle timeout, seconds. Default [`DEFAULT_BODY_IDLE_TIMEOUT_SECONDS`].
-    pub body_idle_timeout_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub body_idle_timeout_seconds: Duration,
     /// Total deadline of a call incl. retries, seconds. Default [`DEFAULT_TOTAL_DEADLINE_SECONDS`].
-    pub total_deadline_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub total_deadline_seconds: Duration,
     /// Body cap, bytes. Default [`DEFAULT_BODY_MAX_BYTES`].
     pub body_max_bytes: u64,
     /// Idle pooled connection lifetime, seconds; keep it below the node's keep-alive.
     /// Default [`DEFAULT_POOL_IDLE_TIMEOUT_SECONDS`].
-    pub pool_idle_timeout_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub pool_idle_timeout_seconds: Duration,
     /// Idle pooled connections per node. Default [`DEFAULT_POOL_MAX_IDLE_PER_NODE`].
     pub pool_max_idle_per_node: usize,
     /// Attempts per call incl. the first. Default [`DEFAULT_RETRY_MAX_ATTEMPTS`].
     pub retry_max_attempts: u32,
     /// First backoff delay, seconds. Default [`DEFAULT_RETRY_BASE_DELAY_SECONDS`].
-    pub retry_base_delay_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub retry_base_delay_seconds: Duration,
     /// Backoff cap before jitter, seconds. Default [`DEFAULT_RETRY_MAX_DELAY_SECONDS`].
-    pub retry_max_delay_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub retry_max_delay_seconds: Duration,
     /// Failed calls in a row that open the breaker. Default [`DEFAULT_BREAKER_FAILURE_THRESHOLD`].
     pub breaker_failure_threshold: u32,
     /// Open-breaker cooldown before a half-open probe, seconds.
     /// Default [`DEFAULT_BREAKER_COOLDOWN_SECONDS`].
-    pub breaker_cooldown_seconds: f64,
+    #[serde(with = "diagnostics::seconds")]
+    pub breaker_cooldown_seconds: Duration,
     /// Bodies larger than this are decoded on the blocking pool, bytes.
     /// Default [`DEFAULT_DECODE_INLINE_MAX_BYTES`].
     pub decode_inline_max_bytes: u64,
@@ -97,10 +106,10 @@ impl Default for NodeClientSettings {
     }
 }
 
-fn positive(problems: &mut Vec<String>, name: &str, v: f64) {
-    if !(v.is_finite() && v > 0.0) {
+fn positive(problems: &mut Vec<String>, name: &str, v: Duration) {
+    if v.is_zero() {
         problems.push(format!(
-            "node_client.{name} must be a positive number of seconds, got {v}"
+            "node_client.{name} must be a positive number of seconds, got 0"
         ));
     }
 }
@@ -110,46 +119,18 @@ impl NodeClientSettings {
     /// empty when valid.
     pub fn validate(&self) -> Vec<String> {
         let mut p = Vec::new();
-        positive(
-            &mut p,
-            "connect_timeout_seconds",
-            self.connect_timeout_seconds,
-        );
-        positive(
-            &mut p,
-            "headers_timeout_seconds",
-            self.headers_timeout_seconds,
-        );
-        positive(
-            &mut p,
-            "body_idle_timeout_seconds",
-            self.body_idle_timeout_seconds,
-        );
-        positive(
-            &mut p,
-            "total_deadline_seconds",
-            self.total_deadline_seconds,
-        );
-        positive(
-            &mut p,
-            "pool_idle_timeout_seconds",
-            self.pool_idle_timeout_seconds,
-        );
-        positive(
-            &mut p,
-            "retry_base_delay_seconds",
-            self.retry_base_delay_seconds,
-        );
-        positive(
-            &mut p,
-            "retry_max_delay_seconds",
-            self.retry_max_delay_seconds,
-        );
-        positive(
-            &mut p,
-            "breaker_cooldown_seconds",
-            self.breaker_cooldown_seconds,
-        );
+        for (name, v) in [
+            ("connect_timeout_seconds", self.connect_timeout_seconds),
+            ("headers_timeout_seconds", self.headers_timeout_seconds),
+            ("body_idle_timeout_seconds", self.body_idle_timeout_seconds),
+            ("total_deadline_seconds", self.total_deadline_seconds),
+            ("pool_idle_timeout_seconds", self.pool_idle_timeout_seconds),
+            ("retry_base_delay_seconds", self.retry_base_delay_seconds),
+            ("retry_max_delay_seconds", self.retry_max_delay_seconds),
+            ("breaker_cooldown_seconds", self.breaker_cooldown_seconds),
+        ] {
+            positive(&mut p, name, v);
+        }
         let total = self.total_deadline_seconds;
         for (name, v) in [
             ("connect_timeout_seconds", self.connect_timeout_seconds),
@@ -158,14 +139,17 @@ impl NodeClientSettings {
         ] {
             if v > total {
                 p.push(format!(
-                    "node_client.{name} ({v}) must not exceed total_deadline_seconds ({total})"
+                    "node_client.{name} ({}) must not exceed total_deadline_seconds ({})",
+                    v.as_secs_f64(),
+                    total.as_secs_f64()
                 ));
             }
         }
         if self.retry_base_delay_seconds > self.retry_max_delay_seconds {
             p.push(format!(
                 "node_client.retry_base_delay_seconds ({}) must not exceed retry_max_delay_seconds ({})",
-                self.retry_base_delay_seconds, self.retry_max_delay_seconds
+                self.retry_base_delay_seconds.as_secs_f64(),
+                self.retry_max_delay_seconds.as_secs_f64()
             ));
         }
         if self.body_max_bytes == 0 {
@@ -182,10 +166,6 @@ impl NodeClientSettings {
         }
         p
     }
-
-    pub(crate) fn dur(secs: f64) -> Duration {
-        Duration::from_secs_f64(secs.max(0.0))
-    }
 }
 
 #[cfg(test)]
@@ -196,18 +176,18 @@ mod tests {
     fn defaults_are_valid_and_match_faults_md() {
         let s = NodeClientSettings::default();
         assert!(s.validate().is_empty(), "{:?}", s.validate());
-        assert_eq!(s.total_deadline_seconds, 10.0);
-        assert_eq!(s.headers_timeout_seconds, 5.0);
-        assert_eq!(s.body_idle_timeout_seconds, 2.0);
+        assert_eq!(s.total_deadline_seconds, Duration::from_secs(10));
+        assert_eq!(s.headers_timeout_seconds, Duration::from_secs(5));
+        assert_eq!(s.body_idle_timeout_seconds, Duration::from_secs(2));
         assert_eq!(s.body_max_bytes, 64 * 1024 * 1024);
     }
 
     #[test]
     fn validate_reports_every_problem_at_once() {
         let s = NodeClientSettings {
-            connect_timeout_seconds: 0.0,
-            headers_timeout_seconds: 20.0,
-            body_idle_timeout_seconds: f64::NAN,
+            connect_timeout_seconds: Duration::ZERO,
+            headers_timeout_seconds: Duration::from_secs(20),
+            body_idle_timeout_seconds: Duration::from_secs(30),
             retry_max_attempts: 0,
             body_max_bytes: 0,
             ..Default::default()
@@ -220,7 +200,8 @@ mod tests {
     #[test]
     fn unknown_fields_are_rejected_and_missing_fields_default() {
         let s: NodeClientSettings = toml::from_str("total_deadline_seconds = 3.5").unwrap();
-        assert_eq!(s.total_deadline_seconds, 3.5);
+        assert_eq!(s.total_deadline_seconds, Duration::from_millis(3500));
+        assert!(toml::from_str::<NodeClientSettings>("total_deadline_seconds = 1e30").is_err());
         assert_eq!(s.headers_timeout_seconds, DEFAULT_HEADERS_TIMEOUT_SECONDS);
         assert!(toml::from_str::<NodeClientSettings>("total_deadline = 3").is_err());
     }

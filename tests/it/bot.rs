@@ -440,9 +440,9 @@ async fn hung_node_during_key_issue_answers_within_the_key_issue_bound(
     opts: PgConnectOptions,
 ) {
     let e = helpers::bot::env_with(&opts, |c| {
-        c.node_client.total_deadline_seconds = 5.0;
-        c.node_client.headers_timeout_seconds = 5.0;
-        c.bot.key_issue_timeout_seconds = std::time::Duration::from_secs_f64(0.4);
+        c.node_client.total_deadline_seconds = Duration::from_secs(5);
+        c.node_client.headers_timeout_seconds = Duration::from_secs(5);
+        c.bot.key_issue_timeout_seconds = std::time::Duration::from_millis(400);
     })
     .await;
     e.node.set_fault(Operation::AddUser, Fault::NoHeaders);

@@ -16,9 +16,9 @@ use crate::helpers::bot::has;
 
 /// Slow sends: each `sendMessage` takes 6 s (inside a 10 s request timeout).
 fn slow_sends(c: &mut vpnbot::config::Config) {
-    c.bot.request_timeout_seconds = std::time::Duration::from_secs_f64(10.0);
-    c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(12.0);
-    c.bot.retry_after_max_seconds = std::time::Duration::from_secs_f64(10.0);
+    c.bot.request_timeout_seconds = std::time::Duration::from_secs(10);
+    c.bot.handler_timeout_seconds = std::time::Duration::from_secs(12);
+    c.bot.retry_after_max_seconds = std::time::Duration::from_secs(10);
 }
 
 /// Nine `/start` against eight slots, each stuck in its `sendMessage`; then `n` pre-checkout
@@ -154,8 +154,8 @@ async fn enforced(e: &Env, owner: i64) -> bool {
 #[sqlx::test(migrations = false)]
 async fn expiry_enforcement_never_waits_for_slow_sends(_p: PgPoolOptions, opts: PgConnectOptions) {
     let e = env_with(&opts, |c| {
-        c.bot.request_timeout_seconds = std::time::Duration::from_secs_f64(3.0);
-        c.bot.expiry_interval_seconds = std::time::Duration::from_secs_f64(0.3);
+        c.bot.request_timeout_seconds = std::time::Duration::from_secs(3);
+        c.bot.expiry_interval_seconds = std::time::Duration::from_millis(300);
     })
     .await;
     e.exec(
@@ -217,7 +217,7 @@ async fn blocked_users_are_remembered_and_rate_limits_honoured(
     opts: PgConnectOptions,
 ) {
     let e = env_with(&opts, |c| {
-        c.bot.retry_after_max_seconds = std::time::Duration::from_secs_f64(3.0)
+        c.bot.retry_after_max_seconds = std::time::Duration::from_secs(3)
     })
     .await;
     let blocked = 12500;
@@ -321,7 +321,7 @@ async fn reply_after_a_silently_dropped_path_goes_out_on_a_fresh_connection(
     opts: PgConnectOptions,
 ) {
     let (e, proxy) = env_behind_proxy(&opts, |c| {
-        c.bot.pool_idle_timeout_seconds = std::time::Duration::from_secs_f64(0.5)
+        c.bot.pool_idle_timeout_seconds = std::time::Duration::from_millis(500)
     })
     .await;
     let u = SimUser::new(12600, "en");
@@ -447,8 +447,8 @@ async fn hog(pool: &vpnbot::db::DbPool, hold: Duration) -> tokio::task::JoinHand
 /// Handler bound 0.5 s, acquire timeout 3 s, a pool of two.
 fn short_bound(c: &mut vpnbot::config::Config) {
     c.db.max_connections = 2;
-    c.db.acquire_timeout_seconds = 3.0;
-    c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(0.5);
+    c.db.acquire_timeout_seconds = Duration::from_secs(3);
+    c.bot.handler_timeout_seconds = std::time::Duration::from_millis(500);
 }
 
 /// Item 6: a `/trial` cut off by the handler bound while it waits for the database gets an
@@ -514,7 +514,7 @@ async fn cut_off_duplicate_payment_is_not_answered_again(
     opts: PgConnectOptions,
 ) {
     let e = env_with(&opts, |c| {
-        c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(0.8)
+        c.bot.handler_timeout_seconds = std::time::Duration::from_millis(800)
     })
     .await;
     let u = SimUser::new(12702, "en");
@@ -555,8 +555,8 @@ async fn cut_off_duplicate_payment_is_not_answered_again(
 #[sqlx::test(migrations = false)]
 async fn cut_off_after_credit_says_credited(_p: PgPoolOptions, opts: PgConnectOptions) {
     let e = env_with(&opts, |c| {
-        c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(0.5);
-        c.bot.key_issue_timeout_seconds = std::time::Duration::from_secs_f64(3.0);
+        c.bot.handler_timeout_seconds = std::time::Duration::from_millis(500);
+        c.bot.key_issue_timeout_seconds = std::time::Duration::from_secs(3);
     })
     .await;
     e.node.set_fault(

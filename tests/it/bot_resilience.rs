@@ -49,7 +49,7 @@ async fn payment_during_pool_starvation_is_eventually_credited(
 ) {
     let e = env_with(&opts, |c| {
         c.db.max_connections = 2;
-        c.db.acquire_timeout_seconds = 0.3;
+        c.db.acquire_timeout_seconds = Duration::from_millis(300);
     })
     .await;
     let u = SimUser::new(7001, "en");
@@ -183,7 +183,7 @@ async fn handler_timeout_during_key_issue_leaves_an_outbox_intent(
     opts: PgConnectOptions,
 ) {
     let e = env_with(&opts, |c| {
-        c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(0.3)
+        c.bot.handler_timeout_seconds = std::time::Duration::from_millis(300)
     })
     .await;
     // The node reads the add and never answers (0.5 s headers timeout > 0.3 s handler bound).
@@ -231,7 +231,7 @@ async fn timed_out_handlers_reach_the_duration_histogram(
     opts: PgConnectOptions,
 ) {
     let e = env_with(&opts, |c| {
-        c.bot.handler_timeout_seconds = std::time::Duration::from_secs_f64(0.3)
+        c.bot.handler_timeout_seconds = std::time::Duration::from_millis(300)
     })
     .await;
     e.node.set_fault(
@@ -427,9 +427,9 @@ async fn pre_checkout_does_not_queue_behind_slow_handlers(
 ) {
     let e = env_with(&opts, |c| {
         c.bot.max_concurrent_updates = 1;
-        c.bot.key_issue_timeout_seconds = std::time::Duration::from_secs_f64(0.3);
-        c.node_client.headers_timeout_seconds = 5.0;
-        c.node_client.total_deadline_seconds = 5.0;
+        c.bot.key_issue_timeout_seconds = std::time::Duration::from_millis(300);
+        c.node_client.headers_timeout_seconds = Duration::from_secs(5);
+        c.node_client.total_deadline_seconds = Duration::from_secs(5);
     })
     .await;
     e.node.set_fault(Operation::AddUser, Fault::NoHeaders);

@@ -348,9 +348,10 @@ fn check_config_reports_a_typo_a_wrong_type_and_a_negative_timeout_in_one_run() 
     assert_eq!(
         stderr,
         "invalid configuration (3 problems):\n  \
+         - db.acquire_timeout_seconds: invalid value: found a number, expected a number of \
+         seconds from 0 to 1e9\n  \
          - db.max_conections: unknown key; did you mean db.max_connections?\n  \
-         - db.min_connections: invalid type: found a string, expected u32\n  \
-         - db.acquire_timeout_seconds must be a positive number of seconds, got -1\n"
+         - db.min_connections: invalid type: found a string, expected u32\n"
     );
 }
 

@@ -57,7 +57,7 @@ rusty_fork_test! {
         let settings = DiagnosticsSettings {
             console_enabled: true,
             console_listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            console_retention_seconds: 1.0,
+            console_retention_seconds: Duration::from_secs(1),
             ..Default::default()
         };
         let layer = vpnbot::diagnostics::console_layer::<tracing_subscriber::Registry>(&settings)

@@ -11,7 +11,7 @@ use vpnbot::db::{DbError, DbPool};
 fn pool(opts: &PgConnectOptions, max: u32, acquire_timeout: f64) -> (DbPool, prometheus::Registry) {
     let mut cfg = helpers::test_config(opts).db;
     cfg.max_connections = max;
-    cfg.acquire_timeout_seconds = acquire_timeout;
+    cfg.acquire_timeout_seconds = Duration::from_secs_f64(acquire_timeout);
     let registry = vpnbot::metrics::new_registry();
     (DbPool::connect(&cfg, &registry).unwrap(), registry)
 }
@@ -312,7 +312,7 @@ async fn read_only_error_discards_the_connection(_p: PgPoolOptions, opts: PgConn
 #[sqlx::test(migrations = false)]
 async fn statement_timeout_is_a_typed_error(_p: PgPoolOptions, opts: PgConnectOptions) {
     let mut cfg = helpers::test_config(&opts).db;
-    cfg.statement_timeout_seconds = 0.2;
+    cfg.statement_timeout_seconds = Duration::from_millis(200);
     let registry = vpnbot::metrics::new_registry();
     let pool = DbPool::connect(&cfg, &registry).unwrap();
     let mut conn = pool.acquire("slow_query").await.unwrap();

@@ -142,7 +142,7 @@ async fn refusing_server_fails_acquire_fast_and_the_pool_recovers(
         .port();
     let mut cfg = helpers::test_config(&opts).db;
     cfg.url = secrecy::SecretString::from(format!("postgres://bot:pw@127.0.0.1:{port}/x"));
-    cfg.acquire_timeout_seconds = 10.0;
+    cfg.acquire_timeout_seconds = Duration::from_secs(10);
     let registry = vpnbot::metrics::new_registry();
     let pool = vpnbot::db::DbPool::connect(&cfg, &registry).unwrap();
     let t = Instant::now();
@@ -184,7 +184,7 @@ async fn refusing_server_fails_acquire_fast_and_the_pool_recovers(
     u.set_username(&role).unwrap();
     let mut cfg = helpers::test_config(&opts).db;
     cfg.url = secrecy::SecretString::from(u.to_string());
-    cfg.acquire_timeout_seconds = 10.0;
+    cfg.acquire_timeout_seconds = Duration::from_secs(10);
     let registry = vpnbot::metrics::new_registry();
     let pool = vpnbot::db::DbPool::connect(&cfg, &registry).unwrap();
     let t = Instant::now();

@@ -47,8 +47,8 @@ async fn lock_wait_ends_at_lock_timeout_counted_by_label(
 ) {
     create_table(&opts).await;
     let mut cfg = helpers::test_config(&opts).db;
-    cfg.lock_timeout_seconds = 0.3;
-    cfg.statement_timeout_seconds = 5.0;
+    cfg.lock_timeout_seconds = Duration::from_millis(300);
+    cfg.statement_timeout_seconds = Duration::from_secs(5);
     let registry = vpnbot::metrics::new_registry();
     let pool = DbPool::connect(&cfg, &registry).unwrap();
     let (holder, _pid) = lock_holder(&opts).await;
@@ -155,7 +155,7 @@ async fn lock_on_subscriptions_is_named_within_seconds_and_recovers(
     let mut cfg = helpers::bot::bot_config(&opts, &telegram, &node);
     cfg.diagnostics.dump_dir =
         std::env::temp_dir().join(format!("vpnbot-dbstall-{}", std::process::id()));
-    cfg.bot.starved_after_seconds = std::time::Duration::from_secs_f64(2.0);
+    cfg.bot.starved_after_seconds = std::time::Duration::from_secs(2);
     let app = vpnbot::app::App::start(cfg).await.unwrap();
     let telegram = std::sync::Arc::new(telegram);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -289,8 +289,8 @@ async fn statement_of_a_cut_off_caller_stops_on_the_server_within_1s(
     create_table(&opts).await;
     let mut cfg = helpers::test_config(&opts).db;
     cfg.max_connections = 2;
-    cfg.statement_timeout_seconds = 30.0;
-    cfg.lock_timeout_seconds = 20.0;
+    cfg.statement_timeout_seconds = Duration::from_secs(30);
+    cfg.lock_timeout_seconds = Duration::from_secs(20);
     let registry = vpnbot::metrics::new_registry();
     let pool = DbPool::connect(&cfg, &registry).unwrap();
     let monitor = vpnbot::db::monitor::DbMonitor::new(&pool, &registry);
@@ -552,7 +552,7 @@ async fn slow_database_behind_a_delaying_proxy_is_named_and_alerts_within_a_minu
     cfg.db.direct_url = secrecy::SecretString::from(direct);
     cfg.db.max_connections = 15;
     cfg.db.min_connections = 10;
-    cfg.db.slow_statement_seconds = 0.25;
+    cfg.db.slow_statement_seconds = Duration::from_millis(250);
     cfg.diagnostics.dump_dir =
         std::env::temp_dir().join(format!("vpnbot-slowdb-{}", std::process::id()));
     let app = vpnbot::app::App::start(cfg).await.unwrap();

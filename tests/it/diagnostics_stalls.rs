@@ -69,13 +69,13 @@ impl App {
     fn with(f: impl FnOnce(&mut DiagnosticsSettings)) -> App {
         let dir = tempfile::tempdir().unwrap();
         let mut s = DiagnosticsSettings {
-            stall_threshold_seconds: THRESHOLD,
-            watchdog_period_seconds: 0.05,
-            lag_probe_interval_seconds: 0.05,
-            runtime_metrics_interval_seconds: 0.2,
-            operation_grace_seconds: 0.1,
-            dump_min_interval_seconds: 0.0,
-            pool_starved_seconds: 0.4,
+            stall_threshold_seconds: Duration::from_secs_f64(THRESHOLD),
+            watchdog_period_seconds: Duration::from_millis(50),
+            lag_probe_interval_seconds: Duration::from_millis(50),
+            runtime_metrics_interval_seconds: Duration::from_millis(200),
+            operation_grace_seconds: Duration::from_millis(100),
+            dump_min_interval_seconds: Duration::from_secs(0),
+            pool_starved_seconds: Duration::from_millis(400),
             poll_time_histogram: true,
             // On here: these tests check the task dump and its safeguards.
             task_dumps: true,
@@ -799,7 +799,7 @@ fn exit_policy_child() {
         return;
     };
     let app = App::with(|s| {
-        s.exit_after_stall_seconds = Some(0.5);
+        s.exit_after_stall_seconds = Some(Duration::from_millis(500));
         s.dump_dir = dir.into();
     });
     for _ in 0..2 {

@@ -21,13 +21,13 @@ async fn running_instance_exports_every_family_dashboards_and_alerts_use(
 ) {
     let (telegram, node) = helpers::bot::start_sims().await;
     let mut cfg = helpers::bot::bot_config(&opts, &telegram, &node);
-    cfg.diagnostics.stall_threshold_seconds = 0.3;
-    cfg.diagnostics.pool_starved_seconds = 0.3;
+    cfg.diagnostics.stall_threshold_seconds = Duration::from_millis(300);
+    cfg.diagnostics.pool_starved_seconds = Duration::from_millis(300);
     cfg.diagnostics.dump_dir =
         std::env::temp_dir().join(format!("vpnbot-contract-{}", std::process::id()));
-    cfg.db.acquire_timeout_seconds = 0.5;
+    cfg.db.acquire_timeout_seconds = Duration::from_millis(500);
     cfg.node_client.retry_max_attempts = 2;
-    cfg.leader.takeover_delay_seconds = 0.8;
+    cfg.leader.takeover_delay_seconds = Duration::from_millis(800);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

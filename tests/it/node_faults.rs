@@ -28,16 +28,16 @@ struct Env {
 /// calls and probes after 0.5 s.
 fn fast() -> NodeClientSettings {
     NodeClientSettings {
-        connect_timeout_seconds: 0.5,
-        headers_timeout_seconds: 0.4,
-        body_idle_timeout_seconds: 0.3,
-        total_deadline_seconds: 1.5,
+        connect_timeout_seconds: Duration::from_millis(500),
+        headers_timeout_seconds: Duration::from_millis(400),
+        body_idle_timeout_seconds: Duration::from_millis(300),
+        total_deadline_seconds: Duration::from_millis(1500),
         retry_max_attempts: 3,
-        retry_base_delay_seconds: 0.05,
-        retry_max_delay_seconds: 0.2,
+        retry_base_delay_seconds: Duration::from_millis(50),
+        retry_max_delay_seconds: Duration::from_millis(200),
         breaker_failure_threshold: 2,
-        breaker_cooldown_seconds: 0.5,
-        pool_idle_timeout_seconds: 10.0,
+        breaker_cooldown_seconds: Duration::from_millis(500),
+        pool_idle_timeout_seconds: Duration::from_secs(10),
         ..Default::default()
     }
 }
@@ -262,7 +262,7 @@ async fn n2_trickling_body_is_ended_by_the_total_deadline() {
 async fn n3_endless_chunked_body_stops_at_the_cap() {
     let settings = NodeClientSettings {
         body_max_bytes: 2 * 1024 * 1024,
-        total_deadline_seconds: 5.0,
+        total_deadline_seconds: Duration::from_secs(5),
         ..fast()
     };
     let e = env(settings, users(0)).await;
@@ -454,7 +454,7 @@ async fn n6_flaky_node_is_absorbed_by_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn n6_429_honours_retry_after_within_the_deadline() {
     let settings = NodeClientSettings {
-        total_deadline_seconds: 3.0,
+        total_deadline_seconds: Duration::from_secs(3),
         ..fast()
     };
     let e = env(settings, users(3)).await;

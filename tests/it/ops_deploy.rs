@@ -508,10 +508,9 @@ fn systemd_unit_passes_systemd_analyze_verify_and_fits_the_watchdog_and_drain() 
     );
     let secs = |k: &str| keys[k].trim_end_matches('s').parse::<f64>().unwrap();
     let d = vpnbot::diagnostics::DiagnosticsSettings::default();
-    let needed =
-        d.stall_threshold_seconds + d.watchdog_period_seconds + d.task_dump_timeout_seconds + 1.0;
+    let needed = d.min_service_watchdog().as_secs_f64();
     assert!(secs("WatchdogSec") >= needed, "WatchdogSec < {needed}");
-    let drain = vpnbot::config::defaults::SHUTDOWN_DRAIN_SECONDS;
+    let drain = vpnbot::config::defaults::SHUTDOWN_DRAIN_SECONDS.as_secs_f64();
     assert!(secs("TimeoutStopSec") >= drain + 5.0);
 
     let Some(analyze) = tool_any(&["systemd-analyze"]) else {

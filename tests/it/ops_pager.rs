@@ -511,14 +511,14 @@ fn real_freeze_and_blocked_worker_page_with_runbook_then_resolve() {
     };
     let mut cfg = vpnbot::config::Config::default();
     cfg.observability.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.diagnostics.stall_threshold_seconds = 0.3;
+    cfg.diagnostics.stall_threshold_seconds = Duration::from_millis(300);
     cfg.diagnostics.dump_dir =
         std::env::temp_dir().join(format!("vpnbot-pager-{}", std::process::id()));
     cfg.reconcile.enabled = false;
-    cfg.node_client.connect_timeout_seconds = 0.5;
-    cfg.node_client.headers_timeout_seconds = 1.0;
-    cfg.node_client.body_idle_timeout_seconds = 1.0;
-    cfg.node_client.total_deadline_seconds = 2.0;
+    cfg.node_client.connect_timeout_seconds = Duration::from_millis(500);
+    cfg.node_client.headers_timeout_seconds = Duration::from_secs(1);
+    cfg.node_client.body_idle_timeout_seconds = Duration::from_secs(1);
+    cfg.node_client.total_deadline_seconds = Duration::from_secs(2);
     let instruments = vpnbot::app::Instruments::bare(&cfg);
     let rt = vpnbot::runtime::build_main_runtime(Some(2), &instruments.diagnostics).unwrap();
     rt.block_on(async {

@@ -78,12 +78,12 @@ rusty_fork_test! {
 
         let dumps = dir.path().join("dumps");
         let settings = DiagnosticsSettings {
-            stall_threshold_seconds: THRESHOLD,
-            watchdog_period_seconds: PERIOD,
-            lag_probe_interval_seconds: PERIOD,
-            task_dump_timeout_seconds: 0.3,
+            stall_threshold_seconds: Duration::from_secs_f64(THRESHOLD),
+            watchdog_period_seconds: Duration::from_secs_f64(PERIOD),
+            lag_probe_interval_seconds: Duration::from_secs_f64(PERIOD),
+            task_dump_timeout_seconds: Duration::from_millis(300),
             native_stacks: false,
-            dump_min_interval_seconds: 0.0,
+            dump_min_interval_seconds: Duration::from_secs(0),
             dump_dir: dumps.clone(),
             ..Default::default()
         };

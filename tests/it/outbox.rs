@@ -28,18 +28,18 @@ async fn env(opts: &PgConnectOptions) -> Env {
         "a".into(),
         vpnbot::config::NodeConfig::new(&sim.base_url(), sim.api_key(), "a.example"),
     );
-    cfg.node_client.total_deadline_seconds = 2.0;
-    cfg.node_client.connect_timeout_seconds = 1.0;
-    cfg.node_client.headers_timeout_seconds = 1.0;
-    cfg.node_client.body_idle_timeout_seconds = 1.0;
+    cfg.node_client.total_deadline_seconds = Duration::from_secs(2);
+    cfg.node_client.connect_timeout_seconds = Duration::from_secs(1);
+    cfg.node_client.headers_timeout_seconds = Duration::from_secs(1);
+    cfg.node_client.body_idle_timeout_seconds = Duration::from_secs(1);
     cfg.node_client.retry_max_attempts = 1;
     let registry = vpnbot::metrics::new_registry();
     let pool = DbPool::connect(&cfg.db, &registry).unwrap();
     vpnbot::db::migrate(&pool).await.unwrap();
     let fleet = Fleet::from_config(&cfg, &registry).unwrap();
     let settings = OutboxSettings {
-        backoff_base_seconds: std::time::Duration::from_secs_f64(0.05),
-        backoff_max_seconds: std::time::Duration::from_secs_f64(0.1),
+        backoff_base_seconds: std::time::Duration::from_millis(50),
+        backoff_max_seconds: std::time::Duration::from_millis(100),
         ..Default::default()
     };
     let outbox = Outbox::new(

@@ -30,12 +30,12 @@ struct Env {
 
 fn quick_settings() -> ReconcileSettings {
     ReconcileSettings {
-        interval_seconds: std::time::Duration::from_secs_f64(60.0),
+        interval_seconds: std::time::Duration::from_secs(60),
         jitter_share: 0.0,
-        iteration_timeout_seconds: std::time::Duration::from_secs_f64(10.0),
+        iteration_timeout_seconds: std::time::Duration::from_secs(10),
         batch_size: 3,
         recheck_batch_size: 2,
-        grace_seconds: std::time::Duration::from_secs_f64(0.0),
+        grace_seconds: std::time::Duration::from_secs(0),
         ..Default::default()
     }
 }
@@ -53,12 +53,12 @@ async fn env(opts: &PgConnectOptions, nodes: usize, settings: ReconcileSettings)
         );
         sims.push(sim);
     }
-    cfg.node_client.total_deadline_seconds = 1.5;
-    cfg.node_client.connect_timeout_seconds = 0.5;
-    cfg.node_client.headers_timeout_seconds = 1.0;
-    cfg.node_client.body_idle_timeout_seconds = 0.5;
+    cfg.node_client.total_deadline_seconds = Duration::from_millis(1500);
+    cfg.node_client.connect_timeout_seconds = Duration::from_millis(500);
+    cfg.node_client.headers_timeout_seconds = Duration::from_secs(1);
+    cfg.node_client.body_idle_timeout_seconds = Duration::from_millis(500);
     cfg.node_client.retry_max_attempts = 1;
-    cfg.db.statement_timeout_seconds = 1.0;
+    cfg.db.statement_timeout_seconds = Duration::from_secs(1);
     let registry = vpnbot::metrics::new_registry();
     let pool = DbPool::connect(&cfg.db, &registry).unwrap();
     vpnbot::db::migrate(&pool).await.unwrap();
@@ -68,8 +68,8 @@ async fn env(opts: &PgConnectOptions, nodes: usize, settings: ReconcileSettings)
         fleet.clone(),
         OutboxMetrics::register(&registry),
         OutboxSettings {
-            backoff_base_seconds: std::time::Duration::from_secs_f64(0.05),
-            backoff_max_seconds: std::time::Duration::from_secs_f64(0.1),
+            backoff_base_seconds: std::time::Duration::from_millis(50),
+            backoff_max_seconds: std::time::Duration::from_millis(100),
             ..Default::default()
         },
     );
@@ -275,7 +275,7 @@ async fn orphans_removed_and_missing_readded_through_the_outbox(
 #[sqlx::test(migrations = false)]
 async fn s1_purchase_after_snapshot_is_kept(_p: PgPoolOptions, opts: PgConnectOptions) {
     let settings = ReconcileSettings {
-        grace_seconds: std::time::Duration::from_secs_f64(600.0),
+        grace_seconds: std::time::Duration::from_secs(600),
         ..quick_settings()
     };
     let e = env(&opts, 1, settings).await;
@@ -568,7 +568,7 @@ async fn unowned_users_are_never_removed(_p: PgPoolOptions, opts: PgConnectOptio
 #[sqlx::test(migrations = false)]
 async fn iteration_timeout_leaves_nothing_half_done(_p: PgPoolOptions, opts: PgConnectOptions) {
     let settings = ReconcileSettings {
-        iteration_timeout_seconds: std::time::Duration::from_secs_f64(0.8),
+        iteration_timeout_seconds: std::time::Duration::from_millis(800),
         ..quick_settings()
     };
     let e = env(&opts, 1, settings).await;
@@ -617,8 +617,8 @@ async fn list_hang_after_headers_fails_that_node_only_and_runs_stay_on_time(
     opts: PgConnectOptions,
 ) {
     let settings = ReconcileSettings {
-        interval_seconds: std::time::Duration::from_secs_f64(1.0),
-        iteration_timeout_seconds: std::time::Duration::from_secs_f64(1.0),
+        interval_seconds: std::time::Duration::from_secs(1),
+        iteration_timeout_seconds: std::time::Duration::from_secs(1),
         ..quick_settings()
     };
     let e = env(&opts, 3, settings).await;

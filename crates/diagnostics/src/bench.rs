@@ -171,8 +171,8 @@ pub fn bench_detection_latency(
     let mut out = Vec::new();
     for scenario in ["one_worker_sleep", "all_workers_blocked", "cpu_loop"] {
         let s = DiagnosticsSettings {
-            stall_threshold_seconds: threshold.as_secs_f64(),
-            watchdog_period_seconds: period.as_secs_f64(),
+            stall_threshold_seconds: threshold,
+            watchdog_period_seconds: period,
             dump_max_files: 0,
             native_stacks: false,
             ..Default::default()

@@ -103,24 +103,24 @@ pub(crate) struct Detected {
 
 /// A worker is blocked when it has been inside one poll for at least the stall threshold.
 pub(crate) fn is_blocked(w: &WorkerView, s: &DiagnosticsSettings) -> bool {
-    w.task != 0 && w.poll_age >= s.stall_threshold()
+    w.task != 0 && w.poll_age >= s.stall_threshold_seconds
 }
 
 /// The whole runtime is stalled when neither the heartbeat nor a freshly spawned probe has run
 /// for the stall threshold.
 pub(crate) fn runtime_stalled(obs: &Observation, s: &DiagnosticsSettings) -> bool {
-    let threshold = s.stall_threshold();
+    let threshold = s.stall_threshold_seconds;
     obs.heartbeat_age >= threshold && obs.probe_pending.is_some_and(|p| p >= threshold)
 }
 
 /// An entry is overdue past its own deadline plus `operation_grace_seconds`, or, without a
 /// deadline, past `operation_max_age_seconds` (spans and database backends are evidence only).
 pub(crate) fn is_overdue(e: &InflightEntry, s: &DiagnosticsSettings) -> bool {
-    let grace = Duration::from_secs_f64(s.operation_grace_seconds.max(0.0));
+    let grace = s.operation_grace_seconds;
     match (e.kind, e.deadline) {
         (_, Some(_)) => e.past_deadline(grace),
         (InflightKind::Span | InflightKind::DbBackend, None) => false,
-        (_, None) => e.age.as_secs_f64() > s.operation_max_age_seconds,
+        (_, None) => e.age > s.operation_max_age_seconds,
     }
 }
 
@@ -148,7 +148,7 @@ pub(crate) fn old_waiters(entries: &[InflightEntry], threshold: Duration) -> Vec
 /// One line per starved pool: waiters older than `pool_starved_seconds` and no acquire
 /// succeeded for as long.
 pub(crate) fn pool_starved(obs: &Observation, s: &DiagnosticsSettings) -> Vec<String> {
-    let threshold = Duration::from_secs_f64(s.pool_starved_seconds.max(0.0));
+    let threshold = s.pool_starved_seconds;
     let mut out = Vec::new();
     for src in &obs.sources {
         let waiters = old_waiters(&src.entries, threshold);
@@ -189,7 +189,8 @@ pub(crate) fn pool_starved(obs: &Observation, s: &DiagnosticsSettings) -> Vec<St
 /// threshold as slack for scheduling.
 fn worker_is_overdue(r: &WorkerRunObservation, s: &DiagnosticsSettings) -> bool {
     r.since_last.as_secs_f64()
-        > r.interval.as_secs_f64() * s.worker_overdue_factor + s.stall_threshold_seconds
+        > r.interval.as_secs_f64() * s.worker_overdue_factor
+            + s.stall_threshold_seconds.as_secs_f64()
 }
 
 /// The overdue periodic workers, sorted by name.
@@ -359,10 +360,10 @@ mod tests {
 
     fn settings() -> DiagnosticsSettings {
         DiagnosticsSettings {
-            stall_threshold_seconds: 1.0,
-            pool_starved_seconds: 5.0,
-            operation_grace_seconds: 2.0,
-            operation_max_age_seconds: 60.0,
+            stall_threshold_seconds: Duration::from_secs(1),
+            pool_starved_seconds: Duration::from_secs(5),
+            operation_grace_seconds: Duration::from_secs(2),
+            operation_max_age_seconds: Duration::from_secs(60),
             worker_overdue_factor: 3.0,
             ..DiagnosticsSettings::default()
         }

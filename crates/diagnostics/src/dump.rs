@@ -345,7 +345,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
             tasks: vec![],
         }
     } else {
-        task_dump(inner, s.task_dump_timeout())
+        task_dump(inner, s.task_dump_timeout_seconds)
     };
 
     let recent = super::recent::collect(&sources);

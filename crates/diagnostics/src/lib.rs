@@ -44,6 +44,7 @@ mod poll_tracking;
 mod recent;
 pub mod runtime;
 mod runtime_metrics;
+pub mod seconds;
 mod settings;
 pub mod stack;
 pub mod tasks;
@@ -376,7 +377,7 @@ impl Diagnostics {
         let hb = inner.heartbeat_ns.clone();
         let gone = RuntimeGone(inner.runtime_gone.clone());
         let lag = inner.metrics.scheduler_lag.clone();
-        let interval = inner.settings.lag_probe_interval();
+        let interval = inner.settings.lag_probe_interval_seconds;
         let epoch = inner.epoch;
         let root = tasks.root().clone();
         with_spawn_name("diag-lag-probe", || {
@@ -532,7 +533,7 @@ impl Diagnostics {
         let Some(h) = self.inner.handle.get() else {
             return Vec::new();
         };
-        let timeout = self.inner.settings.task_dump_timeout();
+        let timeout = self.inner.settings.task_dump_timeout_seconds;
         trace_barrier::release(&self.inner, h, timeout).0
     }
 
@@ -734,8 +735,8 @@ fn thread_cpu_ns() -> u64 {
 fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
     let (period, metrics_every) = match weak.upgrade() {
         Some(i) => (
-            i.settings.watchdog_period(),
-            i.settings.runtime_metrics_interval(),
+            i.settings.watchdog_period_seconds,
+            i.settings.runtime_metrics_interval_seconds,
         ),
         None => return,
     };
@@ -863,7 +864,7 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
             }
         }
         if let Some(k) = opened.iter().min().copied() {
-            let min_gap = Duration::from_secs_f64(inner.settings.dump_min_interval_seconds);
+            let min_gap = inner.settings.dump_min_interval_seconds;
             let due = match last_dump {
                 None => true,
                 Some((at, prev)) => k < prev || at.elapsed() >= min_gap,
@@ -883,7 +884,7 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
         // Exit-after-stall policy.
         if let Some(limit) = inner.settings.exit_after_stall_seconds {
             if let Some(age) = inner.episode_age(StallKind::RuntimeStalled) {
-                if age.as_secs_f64() >= limit {
+                if age >= limit {
                     let d = dump::build(&inner, "exit");
                     let d = inner.store_dump(d);
                     tracing::error!(
@@ -1030,9 +1031,11 @@ where
         console_subscriber::ConsoleLayer::builder()
             .server_addr(settings.console_listen)
             .event_buffer_capacity(CONSOLE_EVENT_BUFFER_CAPACITY)
-            .retention(Duration::from_secs_f64(
-                settings.console_retention_seconds.max(1.0),
-            ))
+            .retention(
+                settings
+                    .console_retention_seconds
+                    .max(Duration::from_secs(1)),
+            )
             .spawn::<S>(),
     )
 }

@@ -8,19 +8,19 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Default interval between runtime and task metric samples: 1 s.
-pub const DEFAULT_RUNTIME_METRICS_INTERVAL_SECONDS: f64 = 1.0;
+pub const DEFAULT_RUNTIME_METRICS_INTERVAL_SECONDS: Duration = Duration::from_secs(1);
 /// Default wake interval of the in-runtime scheduler-lag probe: 100 ms.
-pub const DEFAULT_LAG_PROBE_INTERVAL_SECONDS: f64 = 0.1;
+pub const DEFAULT_LAG_PROBE_INTERVAL_SECONDS: Duration = Duration::from_millis(100);
 /// Default period of the watchdog OS thread: 100 ms.
-pub const DEFAULT_WATCHDOG_PERIOD_SECONDS: f64 = 0.1;
+pub const DEFAULT_WATCHDOG_PERIOD_SECONDS: Duration = Duration::from_millis(100);
 /// Default stall threshold (one poll too long, heartbeat too old): 1 s.
-pub const DEFAULT_STALL_THRESHOLD_SECONDS: f64 = 1.0;
+pub const DEFAULT_STALL_THRESHOLD_SECONDS: Duration = Duration::from_secs(1);
 /// Default grace past an operation's own deadline before it counts as overdue: 1 s.
-pub const DEFAULT_OPERATION_GRACE_SECONDS: f64 = 1.0;
+pub const DEFAULT_OPERATION_GRACE_SECONDS: Duration = Duration::from_secs(1);
 /// Default age after which a tracked operation *without* a deadline counts as overdue: 300 s.
-pub const DEFAULT_OPERATION_MAX_AGE_SECONDS: f64 = 300.0;
+pub const DEFAULT_OPERATION_MAX_AGE_SECONDS: Duration = Duration::from_secs(300);
 /// Default time pool waiters may wait with no successful acquire before `pool_starved`: 5 s.
-pub const DEFAULT_POOL_STARVED_SECONDS: f64 = 5.0;
+pub const DEFAULT_POOL_STARVED_SECONDS: Duration = Duration::from_secs(5);
 /// Default factor: a periodic worker is overdue after this many of its intervals without a run.
 pub const DEFAULT_WORKER_OVERDUE_FACTOR: f64 = 3.0;
 /// Default directory for dump files.
@@ -28,39 +28,47 @@ pub const DEFAULT_DUMP_DIR: &str = "dumps";
 /// Default number of dump files kept in the dump directory (oldest removed first).
 pub const DEFAULT_DUMP_MAX_FILES: usize = 20;
 /// Default minimum time between two episode dumps of the same or lower severity: 10 s.
-pub const DEFAULT_DUMP_MIN_INTERVAL_SECONDS: f64 = 10.0;
+pub const DEFAULT_DUMP_MIN_INTERVAL_SECONDS: Duration = Duration::from_secs(10);
 /// Default deadline, enforced from an OS thread, for tokio's async task dump: 2 s.
-pub const DEFAULT_TASK_DUMP_TIMEOUT_SECONDS: f64 = 2.0;
+pub const DEFAULT_TASK_DUMP_TIMEOUT_SECONDS: Duration = Duration::from_secs(2);
 /// Default tokio-console listen address (loopback only).
 pub const DEFAULT_CONSOLE_LISTEN: &str = "127.0.0.1:6669";
 /// Default tokio-console retention of completed tasks: 60 s (keeps memory flat under churn).
-pub const DEFAULT_CONSOLE_RETENTION_SECONDS: f64 = 60.0;
+pub const DEFAULT_CONSOLE_RETENTION_SECONDS: Duration = Duration::from_secs(60);
 /// Process exit code used by the exit-after-stall policy, distinct from config (64) and
 /// panic (101) exits so a supervisor can tell a restart for a stall apart.
 pub const STALL_EXIT_CODE: i32 = 86;
 
 /// Settings of the runtime diagnostics (config section `[diagnostics]`).
 ///
-/// All `_seconds` fields are seconds as `f64`; see the `DEFAULT_*` constants for defaults.
+/// `_seconds` fields are durations written as seconds ([`crate::seconds`]: parsed and range-checked
+/// once, at load); see the `DEFAULT_*` constants for defaults.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DiagnosticsSettings {
     /// Interval between runtime/task metric samples (default 1 s).
-    pub runtime_metrics_interval_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub runtime_metrics_interval_seconds: Duration,
     /// Wake interval of the scheduler-lag probe (default 100 ms).
-    pub lag_probe_interval_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub lag_probe_interval_seconds: Duration,
     /// Period of the watchdog thread (default 100 ms).
-    pub watchdog_period_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub watchdog_period_seconds: Duration,
     /// A poll longer than this is `blocked_worker`; a heartbeat older than this with the
     /// spawned probe unanswered is `runtime_stalled` (default 1 s).
-    pub stall_threshold_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub stall_threshold_seconds: Duration,
     /// Grace past an entry's own deadline before `operation_overdue` (default 1 s).
-    pub operation_grace_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub operation_grace_seconds: Duration,
     /// Age at which a tracked operation without a deadline is overdue (default 300 s).
     /// Open spans without a deadline never count.
-    pub operation_max_age_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub operation_max_age_seconds: Duration,
     /// `pool_starved` when waiters exist and no acquire succeeded for this long (default 5 s).
-    pub pool_starved_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub pool_starved_seconds: Duration,
     /// `worker_overdue` after this many intervals without a completed run (default 3).
     pub worker_overdue_factor: f64,
     /// Directory for dump files (created on demand; default `dumps`).
@@ -69,9 +77,11 @@ pub struct DiagnosticsSettings {
     pub dump_max_files: usize,
     /// Minimum time between two episode dumps unless the new episode is more severe
     /// (default 10 s).
-    pub dump_min_interval_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub dump_min_interval_seconds: Duration,
     /// Deadline for tokio's async task dump, enforced from an OS thread (default 2 s).
-    pub task_dump_timeout_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub task_dump_timeout_seconds: Duration,
     /// Include tokio's async task dump (`Handle::dump`) in dumps (default false).
     ///
     /// Off by default because of a tokio 1.54 defect (its task-dump start barrier keeps the
@@ -92,13 +102,15 @@ pub struct DiagnosticsSettings {
     pub poll_time_histogram: bool,
     /// Exit the process with [`STALL_EXIT_CODE`] after the runtime has been totally stalled
     /// (`runtime_stalled`) for this long, after writing the dump. `None` (default) = never.
-    pub exit_after_stall_seconds: Option<f64>,
+    #[serde(default, with = "crate::seconds::option")]
+    pub exit_after_stall_seconds: Option<Duration>,
     /// Attach console-subscriber (default false).
     pub console_enabled: bool,
     /// Console gRPC listen address (default 127.0.0.1:6669).
     pub console_listen: SocketAddr,
     /// Console retention of completed tasks (default 60 s).
-    pub console_retention_seconds: f64,
+    #[serde(with = "crate::seconds")]
+    pub console_retention_seconds: Duration,
 }
 
 impl Default for DiagnosticsSettings {
@@ -129,10 +141,6 @@ impl Default for DiagnosticsSettings {
     }
 }
 
-fn secs(v: f64) -> Duration {
-    Duration::from_secs_f64(v.max(0.0))
-}
-
 impl DiagnosticsSettings {
     /// Every problem with these settings, as `diagnostics.<field>: <reason>` lines; empty when
     /// valid.
@@ -151,40 +159,33 @@ impl DiagnosticsSettings {
             ("stall_threshold_seconds", self.stall_threshold_seconds),
             ("operation_max_age_seconds", self.operation_max_age_seconds),
             ("pool_starved_seconds", self.pool_starved_seconds),
-            ("worker_overdue_factor", self.worker_overdue_factor),
             ("task_dump_timeout_seconds", self.task_dump_timeout_seconds),
             ("console_retention_seconds", self.console_retention_seconds),
-        ];
+        ]
+        .into_iter()
+        .chain(
+            self.exit_after_stall_seconds
+                .map(|v| ("exit_after_stall_seconds", v)),
+        );
         for (name, v) in positive {
-            if !(v.is_finite() && v > 0.0) {
+            if v.is_zero() {
                 errors.push(format!(
-                    "diagnostics.{name}: must be a positive number, got {v}"
+                    "diagnostics.{name}: must be a positive number of seconds, got 0"
                 ));
             }
         }
-        for (name, v) in [
-            ("operation_grace_seconds", self.operation_grace_seconds),
-            ("dump_min_interval_seconds", self.dump_min_interval_seconds),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                errors.push(format!("diagnostics.{name}: must be >= 0, got {v}"));
-            }
+        let factor = self.worker_overdue_factor;
+        if !(factor.is_finite() && factor > 0.0 && factor <= 1e6) {
+            errors.push(format!(
+                "diagnostics.worker_overdue_factor: must be a positive number up to 1e6, got {factor}"
+            ));
         }
-        if let Some(v) = self.exit_after_stall_seconds {
-            if !(v.is_finite() && v > 0.0) {
-                errors.push(format!(
-                    "diagnostics.exit_after_stall_seconds: must be a positive number, got {v}"
-                ));
-            }
-        }
-        if self.watchdog_period_seconds.is_finite()
-            && self.stall_threshold_seconds.is_finite()
-            && self.watchdog_period_seconds * 2.0 > self.stall_threshold_seconds
-        {
+        if self.watchdog_period_seconds * 2 > self.stall_threshold_seconds {
             errors.push(format!(
                 "diagnostics.watchdog_period_seconds: {} must be at most half of \
                  stall_threshold_seconds ({})",
-                self.watchdog_period_seconds, self.stall_threshold_seconds
+                self.watchdog_period_seconds.as_secs_f64(),
+                self.stall_threshold_seconds.as_secs_f64()
             ));
         }
         if self.console_enabled && !self.console_listen.ip().is_loopback() {
@@ -196,25 +197,14 @@ impl DiagnosticsSettings {
         errors
     }
 
-    /// [`Self::runtime_metrics_interval_seconds`] as a `Duration`.
-    pub fn runtime_metrics_interval(&self) -> Duration {
-        secs(self.runtime_metrics_interval_seconds)
-    }
-    /// [`Self::lag_probe_interval_seconds`] as a `Duration`.
-    pub fn lag_probe_interval(&self) -> Duration {
-        secs(self.lag_probe_interval_seconds)
-    }
-    /// [`Self::watchdog_period_seconds`] as a `Duration`.
-    pub fn watchdog_period(&self) -> Duration {
-        secs(self.watchdog_period_seconds)
-    }
-    /// [`Self::stall_threshold_seconds`] as a `Duration`.
-    pub fn stall_threshold(&self) -> Duration {
-        secs(self.stall_threshold_seconds)
-    }
-    /// [`Self::task_dump_timeout_seconds`] as a `Duration`.
-    pub fn task_dump_timeout(&self) -> Duration {
-        secs(self.task_dump_timeout_seconds)
+    /// The shortest service-manager watchdog timeout (systemd's `WatchdogSec`) that still lets
+    /// a total stall be detected and dumped before the kill: stall threshold + one watchdog
+    /// period to see it + the task dump deadline + 1 s for native stacks.
+    pub fn min_service_watchdog(&self) -> Duration {
+        self.stall_threshold_seconds
+            + self.watchdog_period_seconds
+            + self.task_dump_timeout_seconds
+            + Duration::from_secs(1)
     }
 }
 
@@ -237,12 +227,20 @@ mod tests {
     #[test]
     fn every_error_is_reported_and_unknown_fields_rejected() {
         let s = DiagnosticsSettings {
-            stall_threshold_seconds: -1.0,
-            watchdog_period_seconds: f64::NAN,
-            exit_after_stall_seconds: Some(0.0),
+            stall_threshold_seconds: Duration::ZERO,
+            watchdog_period_seconds: Duration::from_millis(100),
+            exit_after_stall_seconds: Some(Duration::ZERO),
+            worker_overdue_factor: f64::NAN,
             ..Default::default()
         };
-        assert_eq!(s.validate().len(), 3, "{:?}", s.validate());
+        // Zero threshold, a period above half of it, zero exit delay, a NaN factor.
+        assert_eq!(s.validate().len(), 4, "{:?}", s.validate());
+        assert!(toml::from_str::<DiagnosticsSettings>("stall_threshold_seconds = 1e30").is_err());
+        let d: DiagnosticsSettings = toml::from_str("exit_after_stall_seconds = 2.5").unwrap();
+        assert_eq!(
+            d.exit_after_stall_seconds,
+            Some(Duration::from_millis(2500))
+        );
         assert!(toml::from_str::<DiagnosticsSettings>("bogus = 1").is_err());
     }
 }

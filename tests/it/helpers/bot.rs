@@ -47,20 +47,20 @@ pub fn bot_config(opts: &PgConnectOptions, sim: &BotApiSimHandle, node: &SimNode
         "a".into(),
         vpnbot::config::NodeConfig::new(&node.base_url(), node.api_key(), "a.example"),
     );
-    cfg.node_client.total_deadline_seconds = 1.5;
-    cfg.node_client.connect_timeout_seconds = 0.5;
-    cfg.node_client.headers_timeout_seconds = 0.5;
-    cfg.node_client.body_idle_timeout_seconds = 0.5;
+    cfg.node_client.total_deadline_seconds = Duration::from_millis(1500);
+    cfg.node_client.connect_timeout_seconds = Duration::from_millis(500);
+    cfg.node_client.headers_timeout_seconds = Duration::from_millis(500);
+    cfg.node_client.body_idle_timeout_seconds = Duration::from_millis(500);
     cfg.node_client.retry_max_attempts = 1;
     let b = &mut cfg.bot;
     b.poll_timeout_seconds = 1;
-    b.poll_margin_seconds = std::time::Duration::from_secs_f64(0.5);
-    b.request_timeout_seconds = std::time::Duration::from_secs_f64(2.0);
-    b.backoff_base_seconds = std::time::Duration::from_secs_f64(0.05);
-    b.backoff_max_seconds = std::time::Duration::from_secs_f64(0.2);
-    b.conflict_backoff_seconds = std::time::Duration::from_secs_f64(0.4);
-    b.retry_after_max_seconds = std::time::Duration::from_secs_f64(3.0);
-    b.handler_timeout_seconds = std::time::Duration::from_secs_f64(5.0);
+    b.poll_margin_seconds = std::time::Duration::from_millis(500);
+    b.request_timeout_seconds = std::time::Duration::from_secs(2);
+    b.backoff_base_seconds = std::time::Duration::from_millis(50);
+    b.backoff_max_seconds = std::time::Duration::from_millis(200);
+    b.conflict_backoff_seconds = std::time::Duration::from_millis(400);
+    b.retry_after_max_seconds = std::time::Duration::from_secs(3);
+    b.handler_timeout_seconds = std::time::Duration::from_secs(5);
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     cfg
 }
@@ -113,8 +113,8 @@ pub async fn env_with_reconcile(
         fleet,
         OutboxMetrics::register(&registry),
         OutboxSettings {
-            backoff_base_seconds: std::time::Duration::from_secs_f64(0.05),
-            backoff_max_seconds: std::time::Duration::from_secs_f64(0.1),
+            backoff_base_seconds: std::time::Duration::from_millis(50),
+            backoff_max_seconds: std::time::Duration::from_millis(100),
             ..Default::default()
         },
     );

@@ -41,13 +41,13 @@ pub fn test_config(opts: &PgConnectOptions) -> Config {
     cfg.db.url = SecretString::from(url_for(opts));
     cfg.db.max_connections = 5;
     cfg.db.min_connections = 0;
-    cfg.db.acquire_timeout_seconds = 2.0;
-    cfg.db.readiness_interval_seconds = 0.2;
+    cfg.db.acquire_timeout_seconds = Duration::from_secs(2);
+    cfg.db.readiness_interval_seconds = Duration::from_millis(200);
     cfg.observability.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.leader.check_interval_seconds = 0.2;
-    cfg.leader.check_timeout_seconds = 0.5;
-    cfg.leader.retry_interval_seconds = 0.3;
-    cfg.leader.takeover_delay_seconds = 1.0;
+    cfg.leader.check_interval_seconds = Duration::from_millis(200);
+    cfg.leader.check_timeout_seconds = Duration::from_millis(500);
+    cfg.leader.retry_interval_seconds = Duration::from_millis(300);
+    cfg.leader.takeover_delay_seconds = Duration::from_secs(1);
     cfg.runtime.shutdown_drain_seconds = std::time::Duration::from_secs(3);
     assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
     cfg

@@ -127,12 +127,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
             );
             let d = diagnostics::DEFAULT_WATCHDOG_PERIOD_SECONDS;
             let t = diagnostics::DEFAULT_STALL_THRESHOLD_SECONDS;
-            let mut reports = diagnostics::bench::bench_detection_latency(
-                n,
-                Duration::from_secs_f64(t),
-                Duration::from_secs_f64(d),
-                "default",
-            );
+            let mut reports = diagnostics::bench::bench_detection_latency(n, t, d, "default");
             reports.extend(diagnostics::bench::bench_detection_latency(
                 n,
                 Duration::from_millis(300),

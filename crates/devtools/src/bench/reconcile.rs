@@ -134,7 +134,7 @@ impl ReconcileFixture {
 
         let mut cfg = Config::default();
         cfg.db.url = SecretString::from(url.to_string());
-        cfg.db.statement_timeout_seconds = 120.0;
+        cfg.db.statement_timeout_seconds = Duration::from_secs(120);
         // The node runs in a child process so that the peak RSS measured by the benchmark is
         // vpnbot's alone, and its CPU is not the measured runtime's.
         let users_file = tempfile::NamedTempFile::new().map_err(|x| e(&x))?;

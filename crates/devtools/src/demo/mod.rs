@@ -330,15 +330,15 @@ fn demo_settings(cfg: &mut Config) -> Vec<String> {
     fill!(observability.log_filter = "warn,sqlx=error,vpnbot::diagnostics::watchdog=off".into());
     fill!(db.max_connections = 5);
     fill!(db.min_connections = 1);
-    fill!(db.acquire_timeout_seconds = 2.0);
-    fill!(node_client.connect_timeout_seconds = 1.0);
-    fill!(node_client.headers_timeout_seconds = 2.0);
-    fill!(node_client.body_idle_timeout_seconds = 2.0);
-    fill!(node_client.total_deadline_seconds = 4.0);
-    fill!(diagnostics.pool_starved_seconds = 1.0);
-    fill!(diagnostics.dump_min_interval_seconds = 1.0);
+    fill!(db.acquire_timeout_seconds = Duration::from_secs(2));
+    fill!(node_client.connect_timeout_seconds = Duration::from_secs(1));
+    fill!(node_client.headers_timeout_seconds = Duration::from_secs(2));
+    fill!(node_client.body_idle_timeout_seconds = Duration::from_secs(2));
+    fill!(node_client.total_deadline_seconds = Duration::from_secs(4));
+    fill!(diagnostics.pool_starved_seconds = Duration::from_secs(1));
+    fill!(diagnostics.dump_min_interval_seconds = Duration::from_secs(1));
     fill!(diagnostics.console_enabled = true);
-    fill!(leader.takeover_delay_seconds = 2.5);
+    fill!(leader.takeover_delay_seconds = Duration::from_millis(2500));
     filled
 }
 

@@ -335,7 +335,7 @@ pub async fn old_freeze(stage: &Stage<'_>) -> StepReport {
     r.detection_latency = seen_body;
     r.culprit_named = r.verdict.contains("node \"a\"") && r.verdict.contains("phase body");
     let (rep, took) = run.await.expect("task");
-    let bound = vpnbot::config::secs(stage.app.config.node_client.total_deadline_seconds);
+    let bound = stage.app.config.node_client.total_deadline_seconds;
     match rep {
         Ok(rep) => {
             let a = rep.node("a");
@@ -396,7 +396,7 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
     let d = &stage.app.config.diagnostics;
     // Detection: the threshold, then up to two watchdog periods to see it, plus scheduling slack.
     let bound =
-        Duration::from_secs_f64(d.stall_threshold_seconds + 2.0 * d.watchdog_period_seconds + 0.5);
+        d.stall_threshold_seconds + 2 * d.watchdog_period_seconds + Duration::from_millis(500);
     let since = unix_now();
     let t0 = Instant::now();
     // The fault: sync code inside a named task, as a careless handler or worker would do.

@@ -1,5 +1,5 @@
 //! `Duration` fields written as seconds (`foo_seconds = 2.5`, `VPNBOT_SECTION__FOO_SECONDS=2.5`):
-//! `#[serde(with = "crate::config::seconds")]`. Parsed once, checked once: a value that is not
+//! `#[serde(with = "diagnostics::seconds")]`. Parsed once, checked once: a value that is not
 //! a finite number from 0 to [`MAX_SECONDS`] (negative, NaN, infinite, `1e30`) is refused while
 //! the configuration loads, naming the key, so nothing later converts or overflows at run time.
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Serializer;
 
-/// The largest accepted number of seconds (about 31.7 years): no timing of vpnbot means
+/// The largest accepted number of seconds (about 31.7 years): no timing of a service means
 /// anything beyond it, and sums and multiples of configured durations stay far inside
 /// [`Duration`]'s range.
 pub const MAX_SECONDS: f64 = 1e9;
@@ -63,6 +63,36 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
         }
     }
     d.deserialize_any(Secs)
+}
+
+/// `Option<Duration>` written as optional seconds:
+/// `#[serde(default, with = "diagnostics::seconds::option")]`; absent means `None`.
+pub mod option {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    struct Secs(#[serde(with = "super")] Duration);
+
+    /// Serializes `Some` as seconds (a float); `None` as nothing.
+    ///
+    /// # Errors
+    /// The serializer's.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Deserializes optional seconds, refusing what [`super::checked`] refuses.
+    ///
+    /// # Errors
+    /// As [`super::deserialize`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<Secs>::deserialize(d)?.map(|s| s.0))
+    }
 }
 
 #[cfg(test)]
