@@ -24,10 +24,25 @@ use tokio_util::sync::CancellationToken;
 
 use super::db_time;
 use super::inflight::{PoolEntry, PoolInflight, PoolUse};
+use super::readiness::DbNotReady;
 use super::DbPool;
 use crate::config::DbConfig;
 use crate::diagnostics::{InflightEntry, InflightKind, InflightSource, SourceEpisode, StallKind};
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
+
+/// Why the monitoring connection gave no reading this interval.
+#[derive(Debug, thiserror::Error)]
+enum MonitorError {
+    /// Opening the monitoring connection failed.
+    #[error(transparent)]
+    Connect(#[from] super::DbError),
+    /// A monitoring statement failed (the server's words, URL-free).
+    #[error("{}", super::connect::describe(.0))]
+    Query(#[from] sqlx::Error),
+    /// The reading took longer than its bound.
+    #[error("monitoring query took longer than {0:?}")]
+    TimedOut(Duration),
+}
 
 /// Longest query text kept for a blocker (string literals are replaced by `?` first).
 pub const MAX_QUERY_LEN: usize = 120;
@@ -138,6 +153,7 @@ struct CancelRequest {
 pub struct Canceller {
     tx: tokio::sync::mpsc::UnboundedSender<CancelRequest>,
     bound: Duration,
+    tasks: crate::tasks::Tasks,
 }
 
 impl Canceller {
@@ -151,7 +167,8 @@ impl Canceller {
         counted: super::pool::AbandonedGuard,
     ) {
         let me = self.clone();
-        tokio::spawn(async move {
+        // Bounded: two waits of `bound` each.
+        self.tasks.spawn_named("db_cancel_abandoned", async move {
             let _counted = counted;
             let (done, answered) = tokio::sync::oneshot::channel();
             let sent = me.tx.send(CancelRequest { pid, done }).is_ok();
@@ -380,6 +397,7 @@ impl DbMonitor {
         pool.set_canceller(Canceller {
             tx,
             bound: pool.config().monitor_statement_timeout_seconds,
+            tasks: pool.tasks().clone(),
         });
         DbMonitor {
             shared: Arc::new(Shared {
@@ -472,10 +490,7 @@ impl DbMonitor {
                     }
                     Err(_) => {
                         conn = None;
-                        self.failed(
-                            format!("monitoring query took longer than {bound:?}"),
-                            &mut last_error_log,
-                        );
+                        self.failed(MonitorError::TimedOut(bound), &mut last_error_log);
                     }
                 }
             }
@@ -507,10 +522,8 @@ impl DbMonitor {
         }
     }
 
-    async fn connect(&self, bound: Duration) -> Result<PgConnection, String> {
-        let mut c = super::connect::connect_direct(&self.shared.cfg, "monitor")
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn connect(&self, bound: Duration) -> Result<PgConnection, MonitorError> {
+        let mut c = super::connect::connect_direct(&self.shared.cfg, "monitor").await?;
         let ms = bound.as_millis().max(1).to_string();
         sqlx::query(
             "SELECT set_config('statement_timeout', $1, false), \
@@ -518,14 +531,14 @@ impl DbMonitor {
         )
         .bind(ms)
         .execute(&mut c)
-        .await
-        .map_err(|e| super::connect::describe(&e))?;
+        .await?;
         Ok(c)
     }
 
-    fn failed(&self, e: String, last_log: &mut Option<Instant>) {
+    fn failed(&self, e: MonitorError, last_log: &mut Option<Instant>) {
+        let e = e.to_string();
         if let Some(r) = self.shared.readiness.get() {
-            r.record_timed(Err(format!("database check failed: {e}")), Duration::ZERO);
+            r.record_timed(Err(DbNotReady::CheckFailed(e.clone())), Duration::ZERO);
         }
         if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             *last_log = Some(Instant::now());
@@ -538,7 +551,7 @@ impl DbMonitor {
         });
     }
 
-    async fn read(&self, c: &mut PgConnection, full: bool) -> Result<(), String> {
+    async fn read(&self, c: &mut PgConnection, full: bool) -> Result<(), MonitorError> {
         let s = &self.shared;
         let t0 = Instant::now();
         // The ping is the readiness check: reachable and writable (not a standby, and neither
@@ -554,14 +567,13 @@ impl DbMonitor {
                    AND s.setconfig @> ARRAY['default_transaction_read_only=on'])",
         )
         .fetch_one(&mut *c)
-        .await
-        .map_err(|e| super::connect::describe(&e));
+        .await;
         let rtt = t0.elapsed();
         if let Some(r) = s.readiness.get() {
             let res = match &writable {
                 Ok(true) => Ok(()),
-                Ok(false) => Err("database is read-only (standby or transaction_read_only)".into()),
-                Err(e) => Err(format!("database check failed: {e}")),
+                Ok(false) => Err(DbNotReady::ReadOnly),
+                Err(e) => Err(DbNotReady::CheckFailed(super::connect::describe(e))),
             };
             r.record_timed(res, rtt);
         }
@@ -574,9 +586,7 @@ impl DbMonitor {
             return Ok(());
         }
         let pids = s.pids.all();
-        let mut backends = read_backends(c, &pids)
-            .await
-            .map_err(|e| super::connect::describe(&e))?;
+        let mut backends = read_backends(c, &pids).await?;
         s.pids
             .retain(&backends.iter().map(|b| b.0.pid).collect::<Vec<_>>());
         let blocker_pids: Vec<i32> = {
@@ -588,9 +598,7 @@ impl DbMonitor {
         let blockers = if blocker_pids.is_empty() {
             Vec::new()
         } else {
-            read_blockers(c, &blocker_pids)
-                .await
-                .map_err(|e| super::connect::describe(&e))?
+            read_blockers(c, &blocker_pids).await?
         };
         let holders = s.inflight.snapshot();
         let out: Vec<Backend> = backends

@@ -216,6 +216,9 @@ pub struct DbPool {
     cfg: Arc<DbConfig>,
     pids: super::monitor::BackendPids,
     canceller: Arc<std::sync::OnceLock<super::monitor::Canceller>>,
+    /// The pool's own short tasks (connection probes, abandoned-statement cancels): named and
+    /// tracked like every task, and waited for by [`DbPool::close`].
+    tasks: crate::tasks::Tasks,
 }
 
 impl DbPool {
@@ -278,6 +281,7 @@ impl DbPool {
             cfg: Arc::new(cfg.clone()),
             pids,
             canceller: Arc::default(),
+            tasks: crate::tasks::Tasks::new(),
         })
     }
 
@@ -461,7 +465,8 @@ impl DbPool {
         }
         let health = self.health.clone();
         let cfg = self.cfg.clone();
-        tokio::spawn(async move {
+        // Bounded by the connect timeout.
+        self.tasks.spawn_named("db_connect_probe", async move {
             match super::connect::connect_direct(&cfg, "probe").await {
                 Ok(conn) => {
                     health.record_ok();
@@ -542,7 +547,22 @@ impl DbPool {
 
     /// Closes the pool: waits for held connections to be returned, then closes them all.
     pub async fn close(&self) {
+        // Probes end within the connect timeout, cancels within twice the monitor's bound.
+        let bound = self.cfg.connect_timeout_seconds
+            + self.cfg.monitor_statement_timeout_seconds * 2
+            + Duration::from_secs(1);
+        if !self.tasks.shutdown(bound).await {
+            tracing::warn!(
+                bound_seconds = bound.as_secs_f64(),
+                "db pool: probe or cancel tasks still running at close"
+            );
+        }
         self.pool.close().await;
+    }
+
+    /// The pool's own task set (see the field).
+    pub(crate) fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.tasks
     }
 }
 

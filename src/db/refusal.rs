@@ -20,6 +20,7 @@ use prometheus::{IntCounterVec, Registry};
 use tokio::sync::Notify;
 
 use super::connect::{describe, ConnectErrorKind};
+use super::readiness::DbNotReady;
 use crate::metrics;
 
 /// At most one warning per kind in this period; repeats are counted and reported with the next.
@@ -185,21 +186,27 @@ impl ConnectHealth {
         self.changed.notify_waiters();
     }
 
-    /// For `/readyz`: `Err(reason)` while the pool backs off because the server refused a
-    /// connection this instance needed within the last `window`.
-    pub fn status(&self, window: Duration) -> Result<(), String> {
+    /// For `/readyz`: whether the pool is free of a refusal seen within the last `window`.
+    ///
+    /// # Errors
+    /// [`DbNotReady::Refusing`] while the pool backs off because the server refused a
+    /// connection this instance needed within `window`.
+    pub fn status(&self, window: Duration) -> Result<(), DbNotReady> {
         if !self.refusing() {
             return Ok(());
         }
         match self.last() {
             Some(r) if r.at.elapsed() > window => Ok(()),
-            Some(r) => Err(format!(
-                "database refuses new connections ({}, {:.1} s ago): {}",
-                r.kind.as_str(),
-                r.at.elapsed().as_secs_f64(),
-                r.cause
-            )),
-            None => Err("database refuses new connections".into()),
+            Some(r) => Err(DbNotReady::Refusing {
+                kind: r.kind.as_str(),
+                ago: r.at.elapsed(),
+                cause: r.cause,
+            }),
+            None => Err(DbNotReady::Refusing {
+                kind: "unknown",
+                ago: Duration::ZERO,
+                cause: "no refusal recorded".into(),
+            }),
         }
     }
 }
@@ -216,7 +223,16 @@ mod tests {
         assert_eq!(h.record("pool", &refused), ConnectErrorKind::Refused);
         assert!(h.refusing());
         let why = h.status(Duration::from_secs(5)).unwrap_err();
-        assert!(why.contains("refused"), "{why}");
+        assert!(
+            matches!(
+                why,
+                DbNotReady::Refusing {
+                    kind: "refused",
+                    ..
+                }
+            ),
+            "{why}"
+        );
         // Within the back-off no probe may start; a stale refusal no longer makes it unready.
         assert!(!h.claim_probe(Duration::ZERO));
         assert!(h.status(Duration::ZERO).is_ok());

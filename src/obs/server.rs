@@ -320,9 +320,9 @@ async fn readyz(State(s): State<ObsState>) -> Response {
         && degraded.is_none();
     let body = serde_json::json!({
         "ready": ready,
-        "db": match &db { Ok(()) => "writable".to_string(), Err(e) => e.clone() },
+        "db": match &db { Ok(()) => "writable".to_string(), Err(e) => e.to_string() },
         "db_check_seconds": s.health.db.last_check_seconds(),
-        "db_connect": match &db_connect { Ok(()) => "ok".to_string(), Err(e) => e.clone() },
+        "db_connect": match &db_connect { Ok(()) => "ok".to_string(), Err(e) => e.to_string() },
         "stall": stall,
         "degraded": degraded,
         "leader": leader,

@@ -42,6 +42,35 @@ pub fn maybe_run_child() {
     }
 }
 
+/// Why native stacks could not be captured. Its text is a dump's `stack_unavailable`.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// An earlier capture has not returned (one runs at a time, so a stuck helper cannot pile
+    /// up more).
+    #[error("capture already running (an earlier one has not returned)")]
+    AlreadyRunning,
+    /// The capture thread could not be started.
+    #[error("cannot start the capture thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The helper did not answer within the bound; it was killed.
+    #[error("timed out after {:.1} s (helper killed: {killed})", .timeout.as_secs_f64())]
+    TimedOut {
+        /// The bound that passed.
+        timeout: Duration,
+        /// Helper processes killed.
+        killed: usize,
+    },
+    /// This process's own executable could not be found to start the helper.
+    #[error("current_exe: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    /// The ptrace helper failed (usually no ptrace permission).
+    #[error(
+        "ptrace helper failed: {0} (needs ptrace permission: CAP_SYS_PTRACE or Yama \
+         ptrace_scope <= 1, and main calling diagnostics::stack::maybe_run_child)"
+    )]
+    Helper(#[source] rstack_self::Error),
+}
+
 /// Longest a dump waits for native stacks (the helper normally answers within 100 ms).
 pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -59,16 +88,17 @@ pub fn captures_started() -> u64 {
 /// helper. On timeout the helper process is killed, which makes the capture thread return.
 ///
 /// # Errors
-/// As [`capture`]; `capture already running`; `timed out after ...`.
+/// As [`capture`]; [`CaptureError::AlreadyRunning`], [`CaptureError::Thread`],
+/// [`CaptureError::TimedOut`].
 pub fn capture_bounded(
     tids: &[u32],
     timeout: Duration,
-) -> Result<HashMap<u32, Vec<String>>, String> {
+) -> Result<HashMap<u32, Vec<String>>, CaptureError> {
     if CAPTURE_RUNNING
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {
-        return Err("capture already running (an earlier one has not returned)".into());
+        return Err(CaptureError::AlreadyRunning);
     }
     CAPTURES_STARTED.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -82,16 +112,13 @@ pub fn capture_bounded(
         });
     if let Err(e) = spawned {
         CAPTURE_RUNNING.store(false, Ordering::Release);
-        return Err(format!("cannot start the capture thread: {e}"));
+        return Err(CaptureError::Thread(e));
     }
     match rx.recv_timeout(timeout) {
         Ok(r) => r,
         Err(_) => {
             let killed = kill_helpers();
-            Err(format!(
-                "timed out after {:.1} s (helper killed: {killed})",
-                timeout.as_secs_f64()
-            ))
+            Err(CaptureError::TimedOut { timeout, killed })
         }
     }
 }
@@ -133,17 +160,13 @@ fn kill_helpers() -> usize {
 /// (`function (file:line)`), innermost first. Threads not found are absent from the map.
 ///
 /// # Errors
-/// A human-readable reason (helper failed to start, ptrace refused, ...).
-pub fn capture(tids: &[u32]) -> Result<HashMap<u32, Vec<String>>, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+/// [`CaptureError::CurrentExe`], [`CaptureError::Helper`] (helper failed to start, ptrace
+/// refused, ...).
+pub fn capture(tids: &[u32]) -> Result<HashMap<u32, Vec<String>>, CaptureError> {
+    let exe = std::env::current_exe().map_err(CaptureError::CurrentExe)?;
     let mut cmd = Command::new(exe);
     cmd.arg(CHILD_ARG).env(CHILD_ENV, "1");
-    let trace = rstack_self::trace(&mut cmd).map_err(|e| {
-        format!(
-            "ptrace helper failed: {e} (needs ptrace permission: CAP_SYS_PTRACE or Yama \
-             ptrace_scope <= 1, and main calling diagnostics::stack::maybe_run_child)"
-        )
-    })?;
+    let trace = rstack_self::trace(&mut cmd).map_err(CaptureError::Helper)?;
     let mut out = HashMap::new();
     for t in trace.threads() {
         if !tids.contains(&t.id()) {
