@@ -10,6 +10,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod proto;
+#[cfg(feature = "testkit")]
 pub mod testkit;
 
 use std::net::SocketAddr;
