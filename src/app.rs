@@ -220,10 +220,18 @@ impl App {
         for family in CRITICAL_TASKS {
             tasks.mark_critical(family);
         }
-        let health = Arc::new(HealthState::default());
-        let _ = health
-            .db_max_age
-            .set(config.db.readiness_interval_seconds * 3);
+        // Cheap and lazy (no connection yet), so the health state is whole before the server
+        // answers.
+        let fleet = Fleet::from_config(&config, &registry)
+            .map_err(|(node, source)| StartError::Node { node, source })?;
+        let pool = DbPool::connect(&config.db, &registry)?;
+        let health = Arc::new(HealthState {
+            db_max_age: config.db.readiness_interval_seconds * 3,
+            db_connect: Some(pool.connect_health().clone()),
+            diagnostics: Some(Arc::new(diagnostics.clone())),
+            breakers: Some(Arc::new(fleet.clone())),
+            ..HealthState::default()
+        });
         let listen: SocketAddr = config.observability.listen;
         let state = ObsState {
             registry: registry.clone(),
@@ -262,10 +270,6 @@ impl App {
             None => None,
         };
 
-        let fleet = Fleet::from_config(&config, &registry)
-            .map_err(|(node, source)| StartError::Node { node, source })?;
-        let _ = health.breakers.set(Arc::new(fleet.clone()));
-        let pool = DbPool::connect(&config.db, &registry)?;
         check_database(&config).await.inspect_err(|e| {
             if let StartError::Db(e) = e {
                 pool.metrics().count_error(e)
@@ -278,7 +282,6 @@ impl App {
         }
         tracing::info!("database migrations applied");
 
-        let _ = health.db_connect.set(pool.connect_health().clone());
         watch_obs_server(&tasks, "obs_server", &obs);
         if let Some(o) = &obs_debug {
             watch_obs_server(&tasks, "obs_debug_server", o);
@@ -289,7 +292,9 @@ impl App {
             config.db.statement_timeout_seconds,
         )));
         diagnostics.add_source(Arc::new(NodeCallSource::new(fleet.inflight().clone())));
-        let db_monitor = db::monitor::DbMonitor::new(&pool, &registry);
+        // /readyz's writability check runs on the monitoring connection (never waits for the
+        // pool); see db::monitor.
+        let db_monitor = db::monitor::DbMonitor::new(&pool, &registry, health.db.clone());
         diagnostics.add_source(Arc::new(db_monitor.clone()));
         diagnostics.add_source(Arc::new(db_monitor.db_time_source()));
         tasks.spawn_named("db_monitor", db_monitor.clone().run(tasks.root().clone()));
@@ -297,10 +302,6 @@ impl App {
             diagnostics.add_source(Arc::new(spans.clone()));
         }
         diagnostics.start(&tokio::runtime::Handle::current(), &tasks);
-        let _ = health.diagnostics.set(Arc::new(diagnostics.clone()));
-        // /readyz's writability check runs on the monitoring connection (never waits for the
-        // pool); see db::monitor.
-        db_monitor.set_readiness(health.db.clone());
         let leader = spawn_leadership(
             &config.leader,
             &db::pooler::direct_config(&config.db),

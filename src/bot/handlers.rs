@@ -1013,7 +1013,7 @@ impl BotService {
             }
         }
         let dump = health
-            .and_then(|h| h.diagnostics.get())
+            .and_then(|h| h.diagnostics.as_ref())
             .and_then(|d| d.latest_dump_json());
         match dump {
             Some(j) => {

@@ -337,7 +337,7 @@ struct Shared {
     lock_seen: Mutex<Option<LockSeen>>,
     metrics: MonitorMetrics,
     cancels: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<CancelRequest>>,
-    readiness: std::sync::OnceLock<Arc<super::readiness::DbReadiness>>,
+    readiness: Arc<super::readiness::DbReadiness>,
     pool: DbPool,
     db_time: Mutex<DbTimeState>,
 }
@@ -364,11 +364,16 @@ impl std::fmt::Debug for DbMonitor {
 
 impl DbMonitor {
     /// Registers the monitor's metrics for `pool` (its holders and recorded pids) and installs
-    /// its [`Canceller`] into the pool.
+    /// its [`Canceller`] into the pool. Its ping is the writability check behind `/readyz`,
+    /// published into `readiness`, so readiness never waits for the pool.
     ///
     /// # Panics
     /// If the metric names are already registered.
-    pub fn new(pool: &DbPool, registry: &Registry) -> DbMonitor {
+    pub fn new(
+        pool: &DbPool,
+        registry: &Registry,
+        readiness: Arc<super::readiness::DbReadiness>,
+    ) -> DbMonitor {
         let backends = metrics::int_gauge_vec(
             registry,
             "vpnbot_db_backends",
@@ -402,7 +407,7 @@ impl DbMonitor {
         DbMonitor {
             shared: Arc::new(Shared {
                 cancels: tokio::sync::Mutex::new(rx),
-                readiness: std::sync::OnceLock::new(),
+                readiness,
                 cfg: pool.config().clone(),
                 inflight: pool.inflight().clone(),
                 pids: pool.backend_pids().clone(),
@@ -416,12 +421,6 @@ impl DbMonitor {
                 db_time: Mutex::default(),
             }),
         }
-    }
-
-    /// Publishes the writability check behind `/readyz` from this connection (its ping is that
-    /// check), so readiness never waits for the pool. Once; later calls are ignored.
-    pub fn set_readiness(&self, r: Arc<super::readiness::DbReadiness>) {
-        let _ = self.shared.readiness.set(r);
     }
 
     /// The latest reading and its age.
@@ -537,9 +536,9 @@ impl DbMonitor {
 
     fn failed(&self, e: MonitorError, last_log: &mut Option<Instant>) {
         let e = e.to_string();
-        if let Some(r) = self.shared.readiness.get() {
-            r.record_timed(Err(DbNotReady::CheckFailed(e.clone())), Duration::ZERO);
-        }
+        self.shared
+            .readiness
+            .record_timed(Err(DbNotReady::CheckFailed(e.clone())), Duration::ZERO);
         if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             *last_log = Some(Instant::now());
             tracing::warn!(error = %e, "database monitor: no reading from the monitoring connection");
@@ -569,14 +568,12 @@ impl DbMonitor {
         .fetch_one(&mut *c)
         .await;
         let rtt = t0.elapsed();
-        if let Some(r) = s.readiness.get() {
-            let res = match &writable {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(DbNotReady::ReadOnly),
-                Err(e) => Err(DbNotReady::CheckFailed(super::connect::describe(e))),
-            };
-            r.record_timed(res, rtt);
-        }
+        let res = match &writable {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DbNotReady::ReadOnly),
+            Err(e) => Err(DbNotReady::CheckFailed(super::connect::describe(e))),
+        };
+        s.readiness.record_timed(res, rtt);
         writable?;
         s.metrics.roundtrip.observe(rtt.as_secs_f64());
         self.track_db_time(rtt.as_secs_f64());

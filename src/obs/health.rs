@@ -31,33 +31,51 @@ pub trait BreakerView: Send + Sync + std::fmt::Debug {
     fn breaker_states(&self) -> Vec<(String, &'static str)>;
 }
 
-/// Shared health state. Parts attach themselves once as the app starts.
-#[derive(Debug, Default)]
+/// Shared health state, built with its parts before the observability server starts (`None`:
+/// this process has no such part, e.g. a test server without a database).
+#[derive(Debug)]
 pub struct HealthState {
-    /// Outcome of the database writability probe.
+    /// Outcome of the database writability check (written by the database monitor).
     pub db: Arc<DbReadiness>,
     /// Bound on the age of the last database check for `/readyz` to trust it.
-    pub db_max_age: OnceLock<Duration>,
+    pub db_max_age: Duration,
     /// Connection refusals seen while running (pool back-off).
-    pub db_connect: OnceLock<Arc<ConnectHealth>>,
-    /// Leadership read side.
+    pub db_connect: Option<Arc<ConnectHealth>>,
+    /// Leadership read side. The one part attached later: leadership is only competed for
+    /// after migrations, while the server already answers; until then `/readyz` reports
+    /// `"leader": null`.
     pub leader: OnceLock<LeaderHandle>,
     /// Diagnostics (stall state and dumps).
-    pub diagnostics: OnceLock<Arc<dyn DiagnosticsView>>,
+    pub diagnostics: Option<Arc<dyn DiagnosticsView>>,
     /// Node breakers.
-    pub breakers: OnceLock<Arc<dyn BreakerView>>,
+    pub breakers: Option<Arc<dyn BreakerView>>,
     /// `/debug/dump?now=1`: single-flight, rate-limited, off the server's thread.
     pub on_demand: super::on_demand::OnDemandDumps,
+}
+
+impl Default for HealthState {
+    /// No parts; a database check trusted for 10 s.
+    fn default() -> Self {
+        Self {
+            db: Arc::default(),
+            db_max_age: Duration::from_secs(10),
+            db_connect: None,
+            leader: OnceLock::new(),
+            diagnostics: None,
+            breakers: None,
+            on_demand: Default::default(),
+        }
+    }
 }
 
 impl HealthState {
     /// The open stall's kind, if diagnostics are attached and report one.
     pub fn stall(&self) -> Option<String> {
-        self.diagnostics.get().and_then(|d| d.stall())
+        self.diagnostics.as_ref().and_then(|d| d.stall())
     }
 
     /// The service-level degradation, if diagnostics are attached and report one.
     pub fn degraded(&self) -> Option<String> {
-        self.diagnostics.get().and_then(|d| d.degraded())
+        self.diagnostics.as_ref().and_then(|d| d.degraded())
     }
 }

@@ -10,7 +10,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
@@ -285,17 +284,12 @@ async fn healthz(State(s): State<ObsState>) -> Response {
 }
 
 async fn readyz(State(s): State<ObsState>) -> Response {
-    let max_age = s
-        .health
-        .db_max_age
-        .get()
-        .copied()
-        .unwrap_or(Duration::from_secs(10));
+    let max_age = s.health.db_max_age;
     let db = s.health.db.status(max_age);
     let db_connect = s
         .health
         .db_connect
-        .get()
+        .as_ref()
         .map(|h| h.status(max_age))
         .unwrap_or(Ok(()));
     let stall = s.health.stall();
@@ -304,7 +298,7 @@ async fn readyz(State(s): State<ObsState>) -> Response {
     let breakers: serde_json::Map<String, serde_json::Value> = s
         .health
         .breakers
-        .get()
+        .as_ref()
         .map(|b| {
             b.breaker_states()
                 .into_iter()
@@ -343,7 +337,7 @@ struct DumpQuery {
 }
 
 async fn dump(State(s): State<ObsState>, Query(q): Query<DumpQuery>) -> Response {
-    let Some(d) = s.health.diagnostics.get() else {
+    let Some(d) = s.health.diagnostics.as_ref() else {
         return (StatusCode::NOT_FOUND, "diagnostics are not running\n").into_response();
     };
     let body = if q.now == Some(1) {

@@ -293,7 +293,7 @@ async fn statement_of_a_cut_off_caller_stops_on_the_server_within_1s(
     cfg.lock_timeout_seconds = Duration::from_secs(20);
     let registry = vpnbot::metrics::new_registry();
     let pool = DbPool::connect(&cfg, &registry).unwrap();
-    let monitor = vpnbot::db::monitor::DbMonitor::new(&pool, &registry);
+    let monitor = vpnbot::db::monitor::DbMonitor::new(&pool, &registry, Default::default());
     let stop = tokio_util::sync::CancellationToken::new();
     let mon = tokio::spawn(monitor.clone().run(stop.clone()));
     let (holder, _blocker) = lock_holder(&opts).await;

@@ -902,11 +902,10 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 fn on_demand_dumps_under_a_blocked_worker_are_single_flight_and_leave_healthz_answering() {
     let _g = serial();
     let app = App::new();
-    let health = Arc::new(vpnbot::obs::health::HealthState::default());
-    health
-        .diagnostics
-        .set(Arc::new(app.diag.clone()))
-        .expect("first set");
+    let health = Arc::new(vpnbot::obs::health::HealthState {
+        diagnostics: Some(Arc::new(app.diag.clone())),
+        ..Default::default()
+    });
     let obs = vpnbot::obs::server::ObsServer::start(
         "127.0.0.1:0".parse().unwrap(),
         vpnbot::obs::server::ObsState {
