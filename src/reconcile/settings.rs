@@ -35,6 +35,7 @@ pub const DEFAULT_GUARD_MAX_REMOVE_COUNT: u64 = 25_000;
 pub const DEFAULT_GUARD_SHARE_MIN_REMOVALS: u64 = 10;
 /// Default: live subscriptions missing on their node are re-added through the outbox.
 pub const DEFAULT_READD_MISSING: bool = true;
+pub use super::lease::{DEFAULT_LEASE_DURATION_SECONDS, DEFAULT_LEASE_RENEW_INTERVAL_SECONDS};
 
 /// `[reconcile]`: the reconcile worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,6 +74,15 @@ pub struct ReconcileSettings {
     pub guard_share_min_removals: u64,
     /// Re-add live subscriptions missing on their node (default [`DEFAULT_READD_MISSING`]).
     pub readd_missing: bool,
+    /// How long a node's reconcile lease lasts without renewal, written in seconds (default
+    /// [`DEFAULT_LEASE_DURATION_SECONDS`]); at least twice `lease_renew_interval_seconds`.
+    #[serde(with = "seconds")]
+    pub lease_duration_seconds: Duration,
+    /// Interval between lease renewals and takeover attempts (and instance heartbeats),
+    /// written in seconds (default [`DEFAULT_LEASE_RENEW_INTERVAL_SECONDS`]). A dead instance's
+    /// nodes get a new holder within `lease_duration_seconds + lease_renew_interval_seconds`.
+    #[serde(with = "seconds")]
+    pub lease_renew_interval_seconds: Duration,
 }
 
 impl Default for ReconcileSettings {
@@ -90,6 +100,10 @@ impl Default for ReconcileSettings {
             guard_max_remove_count: DEFAULT_GUARD_MAX_REMOVE_COUNT,
             guard_share_min_removals: DEFAULT_GUARD_SHARE_MIN_REMOVALS,
             readd_missing: DEFAULT_READD_MISSING,
+            lease_duration_seconds: Duration::from_secs_f64(DEFAULT_LEASE_DURATION_SECONDS),
+            lease_renew_interval_seconds: Duration::from_secs_f64(
+                DEFAULT_LEASE_RENEW_INTERVAL_SECONDS,
+            ),
         }
     }
 }
@@ -102,6 +116,8 @@ impl ReconcileSettings {
         for (k, v) in [
             ("interval_seconds", self.interval_seconds),
             ("iteration_timeout_seconds", self.iteration_timeout_seconds),
+            ("lease_duration_seconds", self.lease_duration_seconds),
+            ("lease_renew_interval_seconds", self.lease_renew_interval_seconds),
         ] {
             if v.is_zero() {
                 e.push(format!(
@@ -129,6 +145,16 @@ impl ReconcileSettings {
                 self.guard_max_remove_share
             ));
         }
+        if !self.lease_renew_interval_seconds.is_zero()
+            && self.lease_duration_seconds < self.lease_renew_interval_seconds * 2
+        {
+            e.push(format!(
+                "reconcile.lease_duration_seconds ({}) must be at least twice \
+                 lease_renew_interval_seconds ({}), or one late renewal would lose every lease",
+                self.lease_duration_seconds.as_secs_f64(),
+                self.lease_renew_interval_seconds.as_secs_f64()
+            ));
+        }
         if self.batch_size == 0 {
             e.push("reconcile.batch_size must be at least 1".into());
         }
@@ -150,6 +176,12 @@ impl ReconcileSettings {
             1.0
         };
         self.interval_seconds.mul_f64(f)
+    }
+
+    /// The bound on a node having no live lease holder after its holder died:
+    /// `lease_duration_seconds + lease_renew_interval_seconds` (see [`super::lease`]).
+    pub fn lease_takeover_bound(&self) -> Duration {
+        self.lease_duration_seconds + self.lease_renew_interval_seconds
     }
 
     /// Longest normal gap between two completed runs: the longest jittered interval plus one
