@@ -338,6 +338,10 @@ pub struct OutboxPass {
 /// A failed attempt: its bounded error label and a secret-free text.
 type Failure = (&'static str, String);
 
+/// What became of one claimed intent: `None` when it was released unstarted (too little of the
+/// claim left), else the attempt's result.
+type Attempt = Option<Result<(), Failure>>;
+
 #[derive(Debug, sqlx::FromRow)]
 struct Intent {
     id: i64,
@@ -464,7 +468,7 @@ impl Outbox {
             conn.check(res)?.into_iter().collect()
         };
 
-        let outcomes: Vec<(Intent, Option<Result<(), Failure>>, bool)> = stream::iter(due)
+        let outcomes: Vec<(Intent, Attempt, bool)> = stream::iter(due)
             .map(|intent| async {
                 if intent.op == NodeOp::Remove && live.contains(&intent.vless_uuid) {
                     return (intent, Some(Ok(())), true);

@@ -194,7 +194,9 @@ impl Leases {
         settings: &super::ReconcileSettings,
         metrics: LeaseMetrics,
     ) -> Self {
-        metrics.bound.set(settings.lease_takeover_bound().as_secs_f64());
+        metrics
+            .bound
+            .set(settings.lease_takeover_bound().as_secs_f64());
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -307,6 +309,13 @@ impl Leases {
         )
         .bind(me)
         .bind(dur)
+        .execute(&mut *conn)
+        .await;
+        conn.check(r)?;
+        // Heartbeat rows of instances gone for an hour are of no use to anyone.
+        let r = sqlx::query(
+            "DELETE FROM worker_instances WHERE expires_at < now() - interval '1 hour'",
+        )
         .execute(&mut *conn)
         .await;
         conn.check(r)?;
@@ -492,7 +501,13 @@ impl Leases {
             .await;
         conn.check(r)?;
         self.inner.metrics.releases.inc_by(n);
-        let _ = held;
+        if n < held.len() as u64 {
+            tracing::info!(
+                held = held.len(),
+                released = n,
+                "some leases had already been taken over"
+            );
+        }
         Ok(n)
     }
 }

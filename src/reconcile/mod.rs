@@ -609,7 +609,13 @@ impl Reconciler {
                     .clone(),
                 None,
             )],
-            None => self.inner.fleet.clients().cloned().map(|c| (c, None)).collect(),
+            None => self
+                .inner
+                .fleet
+                .clients()
+                .cloned()
+                .map(|c| (c, None))
+                .collect(),
         };
         Ok(self.run_clients(clients, opts).await)
     }
@@ -712,7 +718,8 @@ impl Reconciler {
             self.run_budget(),
         );
         let s = &self.inner.settings;
-        let tick = (s.interval_seconds / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let tick =
+            (s.interval_seconds / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
         // This instance's own schedule per node: the next start after its last run here.
         let mut next: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
         loop {
@@ -1049,17 +1056,10 @@ impl Reconciler {
                 return Err(PassError::LeaseLost);
             }
             let span = tracing::info_span!("reconcile.act", removed = Empty, readded = Empty);
-            let acted = act::enqueue_all(
-                pool,
-                stats,
-                &node,
-                &rep.removals,
-                &rep.readds,
-                batch,
-                fence,
-            )
-                .instrument(span.clone())
-                .await?;
+            let acted =
+                act::enqueue_all(pool, stats, &node, &rep.removals, &rep.readds, batch, fence)
+                    .instrument(span.clone())
+                    .await?;
             span.record("removed", acted.removed);
             span.record("readded", acted.readded);
             rep.removed = acted.removed;

@@ -117,7 +117,10 @@ impl ReconcileSettings {
             ("interval_seconds", self.interval_seconds),
             ("iteration_timeout_seconds", self.iteration_timeout_seconds),
             ("lease_duration_seconds", self.lease_duration_seconds),
-            ("lease_renew_interval_seconds", self.lease_renew_interval_seconds),
+            (
+                "lease_renew_interval_seconds",
+                self.lease_renew_interval_seconds,
+            ),
         ] {
             if v.is_zero() {
                 e.push(format!(

@@ -102,6 +102,7 @@ body_idle_timeout_seconds = 1.0
 total_deadline_seconds = 2.0
 [outbox]
 interval_seconds = 0.2
+batch = 16
 claim_seconds = 4.0
 backoff_base_seconds = 0.5
 [reconcile]
@@ -211,7 +212,7 @@ async fn burst(
             .unwrap();
             if live {
                 vpnbot::outbox::enqueue(
-                    &mut *tx,
+                    &mut tx,
                     &node,
                     vpnbot::outbox::NodeOp::Add,
                     uuid,
@@ -261,7 +262,10 @@ async fn assert_applied_once(db: &PgPool, sims: &[SimNodeHandle], what: &str) {
     .fetch_all(db)
     .await
     .unwrap();
-    assert!(bad.is_empty(), "{what}: intents not applied exactly once: {bad:?}");
+    assert!(
+        bad.is_empty(),
+        "{what}: intents not applied exactly once: {bad:?}"
+    );
     let overlaps: u64 = sims.iter().map(|s| s.overlapping_mutations()).sum();
     assert_eq!(overlaps, 0, "{what}: overlapping applications of one UUID");
 }
@@ -339,14 +343,23 @@ async fn three_instances_share_reconcile_outbox_and_expiry(
         }
         if t.elapsed() > Duration::from_secs(20) {
             let logs: Vec<String> = inst.iter().map(|i| i.log_tail()).collect();
-            panic!("leases not split 4/4/4: {held:?}\n{}", logs.join("\n----\n"));
+            panic!(
+                "leases not split 4/4/4: {held:?}\n{}",
+                logs.join("\n----\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // 2. Every node covered each interval, for two intervals; all three instances ran some.
     tokio::time::sleep(Duration::from_secs_f64(INTERVAL)).await;
-    assert_covered(&db, 2.0 * INTERVAL, "3 instances", &inst.iter().collect::<Vec<_>>()).await;
+    assert_covered(
+        &db,
+        2.0 * INTERVAL,
+        "3 instances",
+        &inst.iter().collect::<Vec<_>>(),
+    )
+    .await;
     let writers: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT instance_id) FROM reconcile_runs \
          WHERE finished_at > now() - interval '4 seconds'",
@@ -354,7 +367,10 @@ async fn three_instances_share_reconcile_outbox_and_expiry(
     .fetch_one(&db)
     .await
     .unwrap();
-    assert_eq!(writers, 3, "audit rows of the last 4 s come from every instance");
+    assert_eq!(
+        writers, 3,
+        "audit rows of the last 4 s come from every instance"
+    );
 
     // 3. A burst: 25 adds and 5 expiries per node (360 intents), applied once each.
     let t = Instant::now();
@@ -371,8 +387,14 @@ async fn three_instances_share_reconcile_outbox_and_expiry(
         .iter()
         .flat_map(|s| s.users().into_iter().map(|u| u.uuid))
         .collect();
-    assert!(added.iter().all(|u| on_nodes.contains(u)), "every add applied");
-    assert!(removed.iter().all(|u| !on_nodes.contains(u)), "every expired user removed");
+    assert!(
+        added.iter().all(|u| on_nodes.contains(u)),
+        "every add applied"
+    );
+    assert!(
+        removed.iter().all(|u| !on_nodes.contains(u)),
+        "every expired user removed"
+    );
     let mut claimed = Vec::new();
     for i in &inst {
         claimed.push(i.metric("vpnbot_outbox_claimed_total").await);
@@ -383,9 +405,13 @@ async fn three_instances_share_reconcile_outbox_and_expiry(
         "the burst was shared: {claimed:?}"
     );
 
-    // 4. A second burst, and one instance SIGKILLed at once.
-    let (added2, _) = burst(&db, &sims, 2, 10, 0).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // 4. A second, slower burst (mutations take 200 ms: about 2 s of work for three
+    // instances), and one instance SIGKILLed in the middle of it.
+    for s in &sims {
+        s.set_apply_delay(Duration::from_millis(200));
+    }
+    let (added2, _) = burst(&db, &sims, 2, 20, 0).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let victim = inst.remove(0);
     let pid = victim.child.id();
     let before = pid_holder(&holders(&db).await, pid);
@@ -410,15 +436,34 @@ async fn three_instances_share_reconcile_outbox_and_expiry(
         moved.as_secs_f64() <= bound + TAKEOVER_SLACK,
         "leases moved after {moved:?}, bound {bound} s + {TAKEOVER_SLACK} s slack"
     );
-    let took = drained(&db, Duration::from_secs(20)).await;
-    eprintln!("burst 2 ({} adds) drained {took:?} after the kill", added2.len());
+    drained(&db, Duration::from_secs(20)).await;
+    eprintln!(
+        "burst 2 ({} adds) drained {:?} after the kill",
+        added2.len(),
+        killed_at.elapsed()
+    );
     assert_applied_once(&db, &sims, "burst 2 with a SIGKILL").await;
-    let mut takeovers = 0.0;
+    let (mut takeovers, mut claim_takeovers) = (0.0, 0.0);
     for i in &inst {
         takeovers += i.metric("vpnbot_reconcile_lease_takeovers_total").await;
+        claim_takeovers += i.metric("vpnbot_outbox_claim_takeovers_total").await;
     }
+    eprintln!("lease takeovers {takeovers}, outbox claims taken over {claim_takeovers}");
     assert!(takeovers >= before as f64, "takeovers counted: {takeovers}");
-    assert_covered(&db, 2.0 * INTERVAL, "2 instances", &inst.iter().collect::<Vec<_>>()).await;
+    assert!(
+        claim_takeovers >= 1.0,
+        "the victim's claimed intents were taken over: {claim_takeovers}"
+    );
+    for s in &sims {
+        s.set_apply_delay(Duration::from_millis(40));
+    }
+    assert_covered(
+        &db,
+        2.0 * INTERVAL,
+        "2 instances",
+        &inst.iter().collect::<Vec<_>>(),
+    )
+    .await;
 
     // 5. SIGTERM one more: it releases its leases; the last instance takes all 12.
     let mut gone = inst.remove(0);
@@ -449,8 +494,11 @@ async fn three_instances_share_reconcile_outbox_and_expiry(
     let text = last.metrics().await.unwrap();
     for i in 0..NODES {
         let node = format!("n{i:02}");
-        let unheld =
-            helpers::metric(&text, "vpnbot_reconcile_node_unheld_seconds", &[("node", &node)]);
+        let unheld = helpers::metric(
+            &text,
+            "vpnbot_reconcile_node_unheld_seconds",
+            &[("node", &node)],
+        );
         assert_eq!(unheld, Some(0.0), "{node} held");
     }
     drop(gone);

@@ -170,7 +170,11 @@ pub(crate) struct Applying {
 
 impl Drop for Applying {
     fn drop(&mut self) {
-        let mut m = self.shared.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self
+            .shared
+            .applying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get_mut(&self.uuid) {
             *n -= 1;
             if *n == 0 {
