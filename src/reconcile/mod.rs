@@ -364,7 +364,7 @@ pub struct NodeStatus {
 struct StatusInner {
     /// Unix ms of the last completed run; 0 before the first.
     last_completed_ms: AtomicU64,
-    /// Unix ms when the worker loop last started (leadership gained); 0 when it never ran.
+    /// Unix ms when the worker loop last started; 0 when it never ran.
     worker_started_ms: AtomicU64,
     runs_completed: AtomicU64,
     overdue_after: Duration,
@@ -411,8 +411,7 @@ impl ReconcileStatus {
         from_ms(self.inner.last_completed_ms.load(Ordering::Relaxed))
     }
 
-    /// When the periodic worker last started (on gaining leadership); `None` if it never ran
-    /// in this process.
+    /// When the periodic worker last started; `None` if it never ran in this process.
     pub fn worker_started(&self) -> Option<SystemTime> {
         from_ms(self.inner.worker_started_ms.load(Ordering::Relaxed))
     }

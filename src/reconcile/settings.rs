@@ -41,8 +41,8 @@ pub use super::lease::{DEFAULT_LEASE_DURATION_SECONDS, DEFAULT_LEASE_RENEW_INTER
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconcileSettings {
-    /// Run the periodic worker on the leader (default [`DEFAULT_ENABLED`]). `vpnbot reconcile
-    /// --once` works either way.
+    /// Run the periodic worker (every instance, nodes split by lease; default
+    /// [`DEFAULT_ENABLED`]). `vpnbot reconcile --once` works either way.
     pub enabled: bool,
     /// Interval between run starts, written in seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
     #[serde(with = "seconds")]
@@ -193,5 +193,58 @@ impl ReconcileSettings {
         self.interval_seconds
             .mul_f64(1.0 + self.jitter_share.clamp(0.0, 0.5))
             + self.iteration_timeout_seconds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_timings_are_validated() {
+        let ok = ReconcileSettings::default();
+        assert!(ok.validate().is_empty(), "{:?}", ok.validate());
+        assert_eq!(ok.lease_takeover_bound(), Duration::from_secs(40));
+
+        let short = ReconcileSettings {
+            lease_duration_seconds: Duration::from_secs(15),
+            lease_renew_interval_seconds: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let e = short.validate();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("reconcile.lease_duration_seconds (15) must be at least twice"),
+            "{e:?}"
+        );
+
+        let zero = ReconcileSettings {
+            lease_renew_interval_seconds: Duration::ZERO,
+            ..Default::default()
+        };
+        let e = zero.validate();
+        assert_eq!(
+            e,
+            vec!["reconcile.lease_renew_interval_seconds must be a positive number of seconds, got 0"]
+        );
+    }
+
+    #[test]
+    fn outbox_claim_must_outlast_a_node_call() {
+        let mut cfg = crate::config::Config::default();
+        cfg.outbox.claim_seconds = Duration::from_secs(10);
+        let e = cfg.validate();
+        assert!(
+            e.iter().any(|p| p.starts_with(
+                "outbox.claim_seconds (10) must exceed node_client.total_deadline_seconds (10)"
+            )),
+            "{e:?}"
+        );
+        cfg.outbox.claim_seconds = Duration::from_secs(11);
+        assert!(
+            !cfg.validate().iter().any(|p| p.contains("claim_seconds")),
+            "{:?}",
+            cfg.validate()
+        );
     }
 }
