@@ -396,9 +396,19 @@ async fn three_instances_share_reconcile_outbox_and_expiry(
         "every expired user removed"
     );
     let mut claimed = Vec::new();
+    let mut expired_claims = 0.0;
     for i in &inst {
         claimed.push(i.metric("vpnbot_outbox_claimed_total").await);
+        let text = i.metrics().await.unwrap_or_default();
+        expired_claims +=
+            helpers::metric(&text, "vpnbot_expiry_claimed_total", &[("kind", "expired")])
+                .unwrap_or(0.0);
     }
+    assert_eq!(
+        expired_claims,
+        removed.len() as f64,
+        "each expired subscription claimed by exactly one instance"
+    );
     eprintln!("outbox intents claimed per instance: {claimed:?}");
     assert!(
         claimed.iter().filter(|c| **c > 0.0).count() >= 2,
