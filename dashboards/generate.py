@@ -95,6 +95,22 @@ class Board:
         self.row_h = max(self.row_h, h)
         return p
 
+    def row(self, title):
+        """A full-width row header; the panels after it start on a new line."""
+        if self.x > 0:
+            self.y += self.row_h
+        p = {
+            "id": len(self.panels) + 1,
+            "type": "row",
+            "title": title,
+            "collapsed": False,
+            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self.y},
+            "panels": [],
+        }
+        self.panels.append(p)
+        self.x, self.y, self.row_h = 0, self.y + 1, 0
+        return p
+
     def json(self):
         return {
             "__inputs": [],
@@ -203,7 +219,7 @@ def overview():
     b.panel("stat", "Heartbeat age", [(f"vpnbot_runtime_heartbeat_age_seconds{{{SEL}}}", "{{instance}}")],
             unit="s", w=4, h=5, thresholds=[(None, "green"), (0.5, "yellow"), (1, "red")])
     b.panel("stat", "Last reconcile success per node (age)", [
-        (f"time() - vpnbot_reconcile_last_success_timestamp_seconds{{{NODE}}}", "{{node}}")],
+        (f"min by (node) (vpnbot_reconcile_node_last_reconciled_age_seconds{{{NODE}}})", "{{node}}")],
         unit="s", w=12, h=6, thresholds=[(None, "green"), (1200, "yellow"), (1800, "red")])
     b.panel("state-timeline", "Node breakers", [(f"max by (node) (vpnbot_node_api_circuit_state{{{NODE}}})", "{{node}}")],
             w=12, h=6, mappings=BREAKER_MAP)
@@ -364,8 +380,9 @@ def reconcile():
         (f'sum by (node) (increase(vpnbot_reconcile_runs_total{{{NODE}, outcome="guarded"}}[1h]))', "{{node}}"),
     ])
     b.panel("timeseries", "Time since last success", [
-        (f"time() - vpnbot_reconcile_last_success_timestamp_seconds{{{NODE}}}", "{{node}} {{instance}}"),
-    ], unit="s", thresholds=[(None, "green"), (1200, "yellow"), (1800, "red")])
+        (f"min by (node) (vpnbot_reconcile_node_last_reconciled_age_seconds{{{NODE}}})", "{{node}}"),
+    ], unit="s", thresholds=[(None, "green"), (1200, "yellow"), (1800, "red")],
+        description="Since the node's last ok run by any instance (from the database; VpnbotReconcileNotSucceeding at 30 min).")
     b.panel("timeseries", "Outbox: oldest waiting operation by last error", [
         (f"max by (node, op, error) (vpnbot_outbox_pending_age_seconds{{{NODE}}})", "{{node}} {{op}} {{error}}"),
     ], unit="s", thresholds=[(None, "green"), (300, "yellow"), (900, "red")],
@@ -373,6 +390,31 @@ def reconcile():
     b.panel("timeseries", "Outbox failures by error (per hour)", [
         (f"sum by (node, op, error) (increase(vpnbot_outbox_failures_total{{{NODE}}}[1h]))", "{{node}} {{op}} {{error}}"),
     ], description="The node client's error type; 4xx by the node API contract: uuid_conflict, not_found, bad_request.")
+    b.row("Work spread across instances")
+    b.panel("timeseries", "Reconcile leases held per instance", [
+        (f"sum by (instance) (vpnbot_reconcile_leases_held{{{SEL}}})", "{{instance}}"),
+        (f"max(vpnbot_reconcile_live_instances{{{SEL}}})", "live instances"),
+    ], w=8, description="Each instance aims at ceil(nodes / live instances) node leases.")
+    b.panel("timeseries", "Lease acquisitions, takeovers, losses (per 5 min)", [
+        (f"sum by (instance) (increase(vpnbot_reconcile_lease_acquisitions_total{{{SEL}}}[5m]))", "{{instance}} acquired"),
+        (f"sum by (instance) (increase(vpnbot_reconcile_lease_takeovers_total{{{SEL}}}[5m]))", "{{instance}} takeover"),
+        (f"sum by (instance) (increase(vpnbot_reconcile_lease_losses_total{{{SEL}}}[5m]))", "{{instance}} lost"),
+        (f"sum by (instance) (increase(vpnbot_reconcile_lease_releases_total{{{SEL}}}[5m]))", "{{instance}} released"),
+    ], w=8, description="Takeover: a lease taken after its holder stopped renewing (died). Released: given up above the fair share or at shutdown.")
+    b.panel("timeseries", "Seconds without a lease holder", [
+        (f"max by (node) (vpnbot_reconcile_node_unheld_seconds{{{NODE}}})", "{{node}}"),
+        (f"max(vpnbot_reconcile_lease_takeover_bound_seconds{{{SEL}}})", "bound"),
+    ], unit="s", w=8, description="0 while a live instance holds the node's lease; VpnbotReconcileNodeUnheld above the bound.")
+    b.panel("timeseries", "Reconcile runs per instance (per hour)", [
+        (f"sum by (instance) (increase(vpnbot_reconcile_runs_total{{{SEL}}}[1h]))", "{{instance}}"),
+    ], w=8)
+    b.panel("timeseries", "Outbox intents claimed per instance", [
+        (f"sum by (instance) (rate(vpnbot_outbox_claimed_total{{{SEL}}}[{RI}]))", "{{instance}}"),
+        (f"sum by (instance) (rate(vpnbot_outbox_claim_takeovers_total{{{SEL}}}[{RI}]))", "{{instance}} takeovers"),
+    ], unit="ops", w=8, description="Intents claimed with FOR UPDATE SKIP LOCKED; takeovers: claims of a dead instance.")
+    b.panel("timeseries", "Expiry claims per instance", [
+        (f"sum by (instance, kind) (rate(vpnbot_expiry_claimed_total{{{SEL}}}[{RI}]))", "{{instance}} {{kind}}"),
+    ], unit="ops", w=8)
     return b
 
 

@@ -311,16 +311,21 @@ impl App {
         );
         let _ = health.leader.set(leader.clone());
         let drain = config.runtime.shutdown_drain_seconds;
+        // Reconcile, the outbox and expiry run on every instance, sharing the work through
+        // PostgreSQL (node leases, claimed intents and batches); only the bot's getUpdates
+        // consumer stays with the leader.
+        let instance_id = crate::reconcile::lease::new_instance_id();
+        tracing::info!(instance_id = %instance_id, "instance id for shared work");
         let outbox = Outbox::new(
             pool.clone(),
             fleet.clone(),
             OutboxMetrics::register(&registry),
             config.outbox.clone(),
         )
-        .with_diagnostics(diagnostics.clone());
-        leader.run_while_leader(&tasks, "outbox", drain, move |token| {
-            outbox.clone().run(token)
-        });
+        .with_diagnostics(diagnostics.clone())
+        .with_instance_id(&instance_id)
+        .with_call_bound(secs(config.node_client.total_deadline_seconds));
+        tasks.spawn_named("outbox", outbox.run(tasks.root().child_token()));
         let reconciler = Reconciler::watched(
             pool.clone(),
             fleet.clone(),
@@ -331,13 +336,26 @@ impl App {
         let reconcile = reconciler.status();
         diagnostics.add_source(Arc::new(reconcile.clone()));
         if config.reconcile.enabled {
-            let r = reconciler.clone();
-            leader.run_while_leader(&tasks, "reconcile", drain, move |token| {
-                r.clone().run(token)
-            });
+            let leases = crate::reconcile::lease::Leases::new(
+                pool.clone(),
+                instance_id.clone(),
+                fleet.names().map(str::to_owned).collect(),
+                &config.reconcile,
+                crate::reconcile::lease::LeaseMetrics::register(&registry),
+            );
+            tasks.spawn_named(
+                "reconcile_leases",
+                leases.clone().run(tasks.root().child_token()),
+            );
+            tasks.spawn_named(
+                "reconcile",
+                reconciler
+                    .clone()
+                    .run_leased(leases, tasks.root().child_token()),
+            );
         }
         // The bot polls only when a token is set, and only on the leader (one poller per
-        // token); the expiry worker runs on the leader either way.
+        // token); the expiry worker runs on every instance either way.
         let bot = if config.telegram.token.expose_secret().is_empty() {
             tracing::warn!("telegram.token is empty: the bot is off");
             None
@@ -366,9 +384,7 @@ impl App {
             ExpiryMetrics::register(&registry),
         )
         .with_diagnostics(diagnostics.clone());
-        leader.run_while_leader(&tasks, "expiry", drain, move |token| {
-            expiry.clone().run(token)
-        });
+        tasks.spawn_named("expiry", expiry.run(tasks.root().child_token()));
         if let Some(b) = bot.clone() {
             leader.run_while_leader(&tasks, "bot_polling", drain, move |token| {
                 b.clone().run(token)

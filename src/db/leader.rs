@@ -1,5 +1,8 @@
 //! Leadership: one dedicated connection, outside the pool, holds a session advisory lock. Only
-//! the holder runs the singleton workers (reconcile, expiry, outbox).
+//! the holder runs the singleton workers: polling mode's `getUpdates` consumer (`bot_polling`),
+//! the one piece of work that cannot be split (one long poll per bot token). Reconcile, expiry
+//! and the outbox run on every instance and share their work through PostgreSQL (see
+//! [`crate::reconcile::lease`] and [`crate::outbox`]).
 //!
 //! Loss is detected by checking the lock connection every `check_interval` with a
 //! `check_timeout` bound; the `false` is published before anything else happens so singleton

@@ -1,4 +1,12 @@
-//! The expiry and reminder worker (leader only).
+//! The expiry and reminder worker (every instance runs it).
+//!
+//! **Several instances.** Each batch is claimed with `FOR UPDATE SKIP LOCKED`: the expiry batch
+//! inside the transaction that marks it expired and queues its removals (the row locks are the
+//! claim's lease: they end with the transaction, committed or rolled back, so a dead
+//! instance's batch is simply due again), the reminder batches by committing their
+//! `reminded_*` flag before any send. Two instances therefore never take the same
+//! subscription, and a reminder is sent at most once whichever instance claimed it. Claimed
+//! rows are counted in `vpnbot_expiry_claimed_total{kind}`.
 //!
 //! Each pass:
 //! 1. marks active subscriptions past their expiry `expired` and, in the same transaction,
@@ -46,6 +54,7 @@ pub struct ExpiryMetrics {
     reminders: IntCounterVec,
     pass: HistogramVec,
     queue: IntGauge,
+    claimed: IntCounterVec,
 }
 
 impl ExpiryMetrics {
@@ -75,6 +84,12 @@ impl ExpiryMetrics {
                 registry,
                 "vpnbot_expiry_notify_queue_depth",
                 "Expiry reminders and notices claimed and waiting to be sent.",
+            ),
+            claimed: metrics::counter_vec(
+                registry,
+                "vpnbot_expiry_claimed_total",
+                "Subscriptions this instance claimed (FOR UPDATE SKIP LOCKED) by kind: expired (marked expired, removal queued), reminder_1d, reminder_3d.",
+                &["kind"],
             ),
         }
     }
@@ -277,6 +292,16 @@ impl ExpiryWorker {
         let due_3d: Vec<Due> = claim("reminded_3d", "3 days", limit(room)).await?;
         pass.reminded_1d = due_1d.len();
         pass.reminded_3d = due_3d.len();
+        for (kind, n) in [
+            ("expired", expired.len()),
+            ("reminder_1d", due_1d.len()),
+            ("reminder_3d", due_3d.len()),
+        ] {
+            self.metrics
+                .claimed
+                .with_label_values(&[kind])
+                .inc_by(n as u64);
+        }
 
         // 3. The messages, for the notifier.
         let mut notices = Vec::with_capacity(expired.len() + due_1d.len() + due_3d.len());
@@ -357,7 +382,8 @@ impl ExpiryWorker {
         Ok(())
     }
 
-    /// Runs a pass every `bot.expiry_interval_seconds` until `cancel` (leader only). Passes
+    /// Runs a pass every `bot.expiry_interval_seconds` until `cancel` (on every instance:
+    /// batches are claimed, see the module docs). Passes
     /// hand their messages to a notifier task and never wait for the sends.
     pub async fn run(mut self, cancel: CancellationToken) {
         let interval = self.settings.expiry_interval_seconds;

@@ -7,6 +7,17 @@
 //!
 //! A removal is re-checked against the database just before it is applied: a UUID whose
 //! subscription is live again (renewed, re-bought) is never removed.
+//!
+//! **Several instances.** Every instance runs the outbox. A pass claims its due intents with
+//! `FOR UPDATE SKIP LOCKED` and a lease (`claimed_by` = the instance id, `claimed_until` = now +
+//! `outbox.claim_seconds`), so instances never claim the same intent at once; an intent whose
+//! claim expired (its instance died) is taken over by the next pass of any instance. A claimed
+//! intent is started only while at least one node call's total deadline
+//! (`node_client.total_deadline_seconds`) remains of the claim, and every call is cut off at
+//! the claim's end, so no intent is applied twice at once; the rest are released unapplied for
+//! the next pass. Outcomes are recorded only under this instance's claim, which they release.
+//! An intent replaced while claimed (a newer state change) keeps the claim until it is
+//! released, so the newer operation is never applied alongside the older one.
 
 use std::time::Duration;
 
@@ -34,6 +45,13 @@ pub const DEFAULT_CONCURRENCY: usize = 8;
 pub const DEFAULT_BACKOFF_BASE_SECONDS: f64 = 1.0;
 /// Default retry delay cap, seconds.
 pub const DEFAULT_BACKOFF_MAX_SECONDS: f64 = 300.0;
+/// Default claim lease of a pass's intents, seconds: how long other instances leave them
+/// alone. Must exceed `node_client.total_deadline_seconds` (10 s by default).
+pub const DEFAULT_CLAIM_SECONDS: f64 = 60.0;
+/// The node call bound assumed when none is given ([`Outbox::with_call_bound`]): the node
+/// client's default total deadline.
+const DEFAULT_CALL_BOUND: Duration =
+    Duration::from_secs(crate::node::DEFAULT_TOTAL_DEADLINE_SECONDS as u64);
 
 /// `[outbox]`: the node-operation outbox worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +71,11 @@ pub struct OutboxSettings {
     /// Retry delay cap, written in seconds (default [`DEFAULT_BACKOFF_MAX_SECONDS`]).
     #[serde(with = "seconds")]
     pub backoff_max_seconds: Duration,
+    /// How long a pass's claim on its intents lasts, written in seconds (default
+    /// [`DEFAULT_CLAIM_SECONDS`]); must exceed `node_client.total_deadline_seconds`. An
+    /// instance that dies leaves its claimed intents to the others after this long.
+    #[serde(with = "seconds")]
+    pub claim_seconds: Duration,
 }
 
 impl Default for OutboxSettings {
@@ -63,6 +86,7 @@ impl Default for OutboxSettings {
             concurrency: DEFAULT_CONCURRENCY,
             backoff_base_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_BASE_SECONDS),
             backoff_max_seconds: Duration::from_secs_f64(DEFAULT_BACKOFF_MAX_SECONDS),
+            claim_seconds: Duration::from_secs_f64(DEFAULT_CLAIM_SECONDS),
         }
     }
 }
@@ -76,6 +100,7 @@ impl OutboxSettings {
             ("interval_seconds", self.interval_seconds),
             ("backoff_base_seconds", self.backoff_base_seconds),
             ("backoff_max_seconds", self.backoff_max_seconds),
+            ("claim_seconds", self.claim_seconds),
         ] {
             if v.is_zero() {
                 e.push(format!(
@@ -239,6 +264,9 @@ pub struct OutboxMetrics {
     pending: IntGauge,
     oldest_age: prometheus::Gauge,
     pending_age: prometheus::GaugeVec,
+    claimed: prometheus::IntCounter,
+    claim_takeovers: prometheus::IntCounter,
+    released: prometheus::IntCounter,
 }
 
 impl OutboxMetrics {
@@ -273,6 +301,21 @@ impl OutboxMetrics {
                 "Age of the oldest unconfirmed node operation by node, op and the error type of its last attempt (`none`: not attempted yet); series only while such operations wait.",
                 &["node", "op", "error"],
             ),
+            claimed: metrics::counter(
+                registry,
+                "vpnbot_outbox_claimed_total",
+                "Intents this instance claimed (FOR UPDATE SKIP LOCKED, with a claim lease) to apply.",
+            ),
+            claim_takeovers: metrics::counter(
+                registry,
+                "vpnbot_outbox_claim_takeovers_total",
+                "Intents this instance claimed whose previous claim had expired unreleased (its instance died or stalled).",
+            ),
+            released: metrics::counter(
+                registry,
+                "vpnbot_outbox_claims_released_unapplied_total",
+                "Claimed intents this instance released without attempting them: too little of the claim was left for a node call.",
+            ),
         }
     }
 }
@@ -288,10 +331,16 @@ pub struct OutboxPass {
     pub skipped_live: usize,
     /// Failed; rescheduled with backoff.
     pub failed: usize,
+    /// Claimed but released unattempted (too little of the claim left).
+    pub released: usize,
 }
 
 /// A failed attempt: its bounded error label and a secret-free text.
 type Failure = (&'static str, String);
+
+/// What became of one claimed intent: `None` when it was released unstarted (too little of the
+/// claim left), else the attempt's result.
+type Attempt = Option<Result<(), Failure>>;
 
 #[derive(Debug, sqlx::FromRow)]
 struct Intent {
@@ -301,6 +350,7 @@ struct Intent {
     vless_uuid: Uuid,
     email: String,
     attempts: i32,
+    takeover: bool,
 }
 
 /// The outbox worker's state.
@@ -311,9 +361,25 @@ pub struct Outbox {
     metrics: OutboxMetrics,
     settings: OutboxSettings,
     diagnostics: Option<crate::diagnostics::Diagnostics>,
+    instance_id: std::sync::Arc<str>,
+    call_bound: Duration,
 }
 
 impl Outbox {
+    /// Claims intents as `instance_id` (default: a new id per worker,
+    /// [`crate::reconcile::lease::new_instance_id`]).
+    pub fn with_instance_id(mut self, instance_id: &str) -> Self {
+        self.instance_id = instance_id.into();
+        self
+    }
+
+    /// The longest a node call can take (`node_client.total_deadline_seconds`; default 10 s):
+    /// an intent is started only while this much of its claim remains.
+    pub fn with_call_bound(mut self, bound: Duration) -> Self {
+        self.call_bound = bound;
+        self
+    }
+
     /// Reports every completed pass to the watchdog's `worker_overdue` check.
     pub fn with_diagnostics(mut self, diagnostics: crate::diagnostics::Diagnostics) -> Self {
         self.diagnostics = Some(diagnostics);
@@ -333,6 +399,8 @@ impl Outbox {
             metrics,
             settings,
             diagnostics: None,
+            instance_id: crate::reconcile::lease::new_instance_id().into(),
+            call_bound: DEFAULT_CALL_BOUND,
         }
     }
 
@@ -342,18 +410,35 @@ impl Outbox {
     /// # Errors
     /// A database error; node errors are recorded per intent, not returned.
     pub async fn process_once(&self) -> Result<OutboxPass, DbError> {
+        let me: &str = &self.instance_id;
+        let claim = self.settings.claim_seconds;
+        // Measured before the claim statement: the local end of the claim is never later
+        // than the database's.
+        let claim_end = tokio::time::Instant::now() + claim;
         let due: Vec<Intent> = {
             let mut conn = self.pool.acquire("outbox_claim").await?;
             let res = sqlx::query_as(
-                "SELECT id, node, op, vless_uuid, email, attempts FROM pending_node_ops \
-                 WHERE done_at IS NULL AND next_attempt_at <= now() \
-                 ORDER BY next_attempt_at, id LIMIT $1",
+                "WITH c AS (SELECT id, claimed_until FROM pending_node_ops \
+                   WHERE done_at IS NULL AND next_attempt_at <= now() \
+                     AND (claimed_until IS NULL OR claimed_until <= now()) \
+                   ORDER BY next_attempt_at, id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 UPDATE pending_node_ops p SET claimed_by = $2, \
+                   claimed_until = now() + make_interval(secs => $3) \
+                 FROM c WHERE p.id = c.id \
+                 RETURNING p.id, p.node, p.op, p.vless_uuid, p.email, p.attempts, \
+                   c.claimed_until IS NOT NULL AS takeover",
             )
             .bind(self.settings.batch as i64)
+            .bind(me)
+            .bind(claim.as_secs_f64())
             .fetch_all(&mut *conn)
             .await;
             conn.check(res)?
         };
+        self.metrics.claimed.inc_by(due.len() as u64);
+        self.metrics
+            .claim_takeovers
+            .inc_by(due.iter().filter(|i| i.takeover).count() as u64);
         let mut pass = OutboxPass {
             due: due.len(),
             ..Default::default()
@@ -383,13 +468,24 @@ impl Outbox {
             conn.check(res)?.into_iter().collect()
         };
 
-        let outcomes: Vec<(Intent, Result<(), Failure>, bool)> = stream::iter(due)
+        let outcomes: Vec<(Intent, Attempt, bool)> = stream::iter(due)
             .map(|intent| async {
                 if intent.op == NodeOp::Remove && live.contains(&intent.vless_uuid) {
-                    return (intent, Ok(()), true);
+                    return (intent, Some(Ok(())), true);
                 }
-                let res = self.apply(&intent).await;
-                (intent, res, false)
+                // Too little of the claim left for a whole node call: leave it for the next
+                // pass rather than risk the claim expiring while the call runs.
+                if tokio::time::Instant::now() + self.call_bound >= claim_end {
+                    return (intent, None, false);
+                }
+                let res = match tokio::time::timeout_at(claim_end, self.apply(&intent)).await {
+                    Ok(r) => r,
+                    Err(_) => Err((
+                        "claim_expired",
+                        "the outbox claim ran out during the node call".to_owned(),
+                    )),
+                };
+                (intent, Some(res), false)
             })
             .buffer_unordered(self.settings.concurrency)
             .collect()
@@ -397,6 +493,20 @@ impl Outbox {
 
         let mut conn = self.pool.acquire("outbox_record").await?;
         for (intent, res, skipped) in outcomes {
+            let Some(res) = res else {
+                let r = sqlx::query(
+                    "UPDATE pending_node_ops SET claimed_by = NULL, claimed_until = NULL \
+                     WHERE id = $1 AND claimed_by = $2",
+                )
+                .bind(intent.id)
+                .bind(me)
+                .execute(&mut *conn)
+                .await;
+                conn.check(r)?;
+                self.metrics.released.inc();
+                pass.released += 1;
+                continue;
+            };
             let outcome = match (&res, skipped) {
                 (_, true) => "skipped_live",
                 (Ok(()), false) => "applied",
@@ -423,28 +533,43 @@ impl Outbox {
             let q = match res {
                 Ok(()) => sqlx::query(
                     "UPDATE pending_node_ops SET done_at = now(), attempts = attempts + 1, \
-                     last_error = $3 WHERE id = $1 AND op = $2 AND done_at IS NULL",
+                     last_error = $3, claimed_by = NULL, claimed_until = NULL \
+                     WHERE id = $1 AND op = $2 AND done_at IS NULL AND claimed_by = $4",
                 )
                 .bind(intent.id)
                 .bind(intent.op)
-                .bind(skipped.then_some("skipped: subscription is live")),
+                .bind(skipped.then_some("skipped: subscription is live"))
+                .bind(me),
                 Err((error, reason)) => {
                     let delay = self.settings.backoff(intent.attempts);
                     sqlx::query(
                         "UPDATE pending_node_ops SET attempts = attempts + 1, last_error = $3, \
                          next_attempt_at = now() + make_interval(secs => $4), \
-                         last_error_type = $5 \
-                         WHERE id = $1 AND op = $2 AND done_at IS NULL",
+                         last_error_type = $5, claimed_by = NULL, claimed_until = NULL \
+                         WHERE id = $1 AND op = $2 AND done_at IS NULL AND claimed_by = $6",
                     )
                     .bind(intent.id)
                     .bind(intent.op)
                     .bind(reason)
                     .bind(delay.as_secs_f64())
                     .bind(error)
+                    .bind(me)
                 }
             };
             let r = q.execute(&mut *conn).await;
-            conn.check(r)?;
+            if conn.check(r)?.rows_affected() == 0 {
+                // Replaced by a newer intent while claimed: release the claim so the newer
+                // operation is applied by the next pass.
+                let r = sqlx::query(
+                    "UPDATE pending_node_ops SET claimed_by = NULL, claimed_until = NULL \
+                     WHERE id = $1 AND claimed_by = $2",
+                )
+                .bind(intent.id)
+                .bind(me)
+                .execute(&mut *conn)
+                .await;
+                conn.check(r)?;
+            }
             match outcome {
                 "applied" => pass.applied += 1,
                 "skipped_live" => pass.skipped_live += 1,
@@ -517,7 +642,8 @@ impl Outbox {
         Ok(())
     }
 
-    /// Runs a pass every `interval_seconds` until `cancel` (only on the leader).
+    /// Runs a pass every `interval_seconds` until `cancel` (on every instance: intents are
+    /// claimed, see the module docs).
     pub async fn run(self, cancel: CancellationToken) {
         let interval = self.settings.interval_seconds;
         run_every(
@@ -553,12 +679,13 @@ pub fn error_label(op: NodeOp, e: &NodeError) -> &'static str {
 
 /// Every label the outbox stores in `last_error_type`: its own, then the node client's error
 /// types ([`NodeError::error_type`]); a stored value outside this list is shown as `other`.
-const ERROR_LABELS: [&str; 21] = [
+const ERROR_LABELS: [&str; 22] = [
     "uuid_conflict",
     "not_found",
     "bad_request",
     "node_not_configured",
     "unknown_op",
+    "claim_expired",
     "none",
     "connect",
     "headers_timeout",

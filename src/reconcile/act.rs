@@ -8,11 +8,16 @@
 //! re-added), and never replaces an open intent: an intent written by a state change (a
 //! purchase's `add`, an expiry's `remove`) wins over the reconcile's view.
 //!
+//! A leased pass (see [`super::lease`]) first locks its lease row `FOR SHARE` with its fencing
+//! token (no takeover can commit until this transaction ends) and every insert requires the
+//! token again in its `WHERE`: a pass whose lease was lost writes no intent.
+//!
 //! The rows are the ones [`crate::outbox::enqueue`] writes, inserted in batches through
 //! `UNNEST` because one statement per UUID would be 20,000 round trips at a million users.
 
 use uuid::Uuid;
 
+use super::lease::Fence;
 use super::{ConnStats, PassError};
 use crate::db::DbPool;
 use crate::node::owned_email;
@@ -22,6 +27,8 @@ const REMOVE_SQL: &str = "INSERT INTO pending_node_ops (node, op, vless_uuid, em
      SELECT $1, $2, t.u, t.e FROM UNNEST($3::uuid[], $4::text[]) AS t(u, e) \
      WHERE NOT EXISTS (SELECT 1 FROM subscriptions s \
                        WHERE s.vless_uuid = t.u AND s.node = $1 AND s.status = 'active') \
+       AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM node_leases l WHERE l.node = $1 \
+            AND l.holder = $5 AND l.fencing_token = $6 AND l.expires_at > now())) \
      ON CONFLICT (node, vless_uuid) WHERE done_at IS NULL DO NOTHING";
 
 const READD_SQL: &str = "INSERT INTO pending_node_ops (node, op, vless_uuid, email) \
@@ -29,6 +36,8 @@ const READD_SQL: &str = "INSERT INTO pending_node_ops (node, op, vless_uuid, ema
      WHERE EXISTS (SELECT 1 FROM subscriptions s \
                    WHERE s.vless_uuid = t.u AND s.node = $1 AND s.status = 'active' \
                      AND s.expires_at > now()) \
+       AND ($5::text IS NULL OR EXISTS (SELECT 1 FROM node_leases l WHERE l.node = $1 \
+            AND l.holder = $5 AND l.fencing_token = $6 AND l.expires_at > now())) \
      ON CONFLICT (node, vless_uuid) WHERE done_at IS NULL DO NOTHING";
 
 /// Intents written, per kind.
@@ -46,6 +55,7 @@ pub(crate) async fn enqueue_all(
     remove: &[Uuid],
     readd: &[Uuid],
     batch: usize,
+    fence: Option<&Fence>,
 ) -> Result<Acted, PassError> {
     let mut acted = Acted::default();
     if remove.is_empty() && readd.is_empty() {
@@ -54,6 +64,25 @@ pub(crate) async fn enqueue_all(
     let mut conn = stats.acquire(pool, "reconcile_act").await?;
     let mut tx = conn.begin().await?;
     stats.round_trip();
+    let (holder, token) = match fence {
+        Some(f) => (Some(f.instance_id()), Some(f.token)),
+        None => (None, None),
+    };
+    if let Some(f) = fence {
+        let res = sqlx::query_scalar::<_, i32>(
+            "SELECT 1 FROM node_leases WHERE node = $1 AND holder = $2 AND fencing_token = $3 \
+             AND expires_at > now() FOR SHARE",
+        )
+        .bind(node)
+        .bind(f.instance_id())
+        .bind(f.token)
+        .fetch_optional(&mut *tx)
+        .await;
+        stats.round_trip();
+        if tx.check(res)?.is_none() {
+            return Err(PassError::LeaseLost);
+        }
+    }
     for (ids, op, sql) in [
         (remove, NodeOp::Remove, REMOVE_SQL),
         (readd, NodeOp::Add, READD_SQL),
@@ -65,6 +94,8 @@ pub(crate) async fn enqueue_all(
                 .bind(op.as_str())
                 .bind(chunk)
                 .bind(&emails)
+                .bind(holder)
+                .bind(token)
                 .execute(&mut *tx)
                 .await;
             stats.round_trip();

@@ -21,15 +21,20 @@
 //! ownership marker are never touched. `--dry-run` runs phases 1 to 5 and reports exactly what
 //! phase 6 would write (S3).
 //!
-//! The periodic loop ([`Reconciler::run`]) runs on the leader only, never overlaps itself,
-//! bounds each run by the iteration timeout and schedules starts at a jittered fixed rate, so
-//! a slow or hung node does not push the next run back. [`ReconcileStatus`] tells the
-//! watchdog when a run last completed.
+//! The periodic loop ([`Reconciler::run`]) never overlaps itself, bounds each run by the
+//! iteration timeout and schedules starts at a jittered fixed rate, so a slow or hung node
+//! does not push the next run back. [`ReconcileStatus`] tells the watchdog when a run last
+//! completed.
+//!
+//! `vpnbot run` uses [`Reconciler::run_leased`] on every instance: each node is reconciled by
+//! the instance holding its lease ([`lease`]), each held node once per jittered interval, and
+//! every write of a pass is fenced by the lease's token.
 
 mod act;
 pub mod cli;
 mod diff;
 mod guard;
+pub mod lease;
 mod metrics;
 mod recheck;
 mod record;
@@ -268,6 +273,8 @@ pub(crate) enum PassError {
     Node(#[from] NodeError),
     #[error("{0}")]
     Internal(String),
+    #[error("the node's reconcile lease was lost; nothing written")]
+    LeaseLost,
 }
 
 impl PassError {
@@ -276,6 +283,7 @@ impl PassError {
             PassError::Db(e) => e.kind(),
             PassError::Node(e) => e.error_type(),
             PassError::Internal(_) => "internal",
+            PassError::LeaseLost => "lease_lost",
         }
     }
 }
@@ -356,7 +364,7 @@ pub struct NodeStatus {
 struct StatusInner {
     /// Unix ms of the last completed run; 0 before the first.
     last_completed_ms: AtomicU64,
-    /// Unix ms when the worker loop last started (leadership gained); 0 when it never ran.
+    /// Unix ms when the worker loop last started; 0 when it never ran.
     worker_started_ms: AtomicU64,
     runs_completed: AtomicU64,
     overdue_after: Duration,
@@ -403,8 +411,7 @@ impl ReconcileStatus {
         from_ms(self.inner.last_completed_ms.load(Ordering::Relaxed))
     }
 
-    /// When the periodic worker last started (on gaining leadership); `None` if it never ran
-    /// in this process.
+    /// When the periodic worker last started; `None` if it never ran in this process.
     pub fn worker_started(&self) -> Option<SystemTime> {
         from_ms(self.inner.worker_started_ms.load(Ordering::Relaxed))
     }
@@ -434,6 +441,14 @@ impl ReconcileStatus {
     /// Last run of every node that has completed one.
     pub fn nodes(&self) -> BTreeMap<String, NodeStatus> {
         self.lock().clone()
+    }
+
+    /// The leased worker looked for due nodes and found none: counts as completed for the
+    /// watchdog (an instance holding no lease is not overdue).
+    fn idle(&self) {
+        self.inner
+            .last_completed_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
 
     fn worker_started_now(&self) {
@@ -584,15 +599,31 @@ impl Reconciler {
     /// # Errors
     /// [`ReconcileError::UnknownNode`] when `opts.node` is not configured.
     pub async fn reconcile_once(&self, opts: &RunOptions) -> Result<RunReport, ReconcileError> {
-        let clients: Vec<NodeClient> = match &opts.node {
-            Some(n) => vec![self
+        let clients: Vec<(NodeClient, Option<lease::Fence>)> = match &opts.node {
+            Some(n) => vec![(
+                self.inner
+                    .fleet
+                    .get(n)
+                    .ok_or_else(|| ReconcileError::UnknownNode(n.clone()))?
+                    .clone(),
+                None,
+            )],
+            None => self
                 .inner
                 .fleet
-                .get(n)
-                .ok_or_else(|| ReconcileError::UnknownNode(n.clone()))?
-                .clone()],
-            None => self.inner.fleet.clients().cloned().collect(),
+                .clients()
+                .cloned()
+                .map(|c| (c, None))
+                .collect(),
         };
+        Ok(self.run_clients(clients, opts).await)
+    }
+
+    async fn run_clients(
+        &self,
+        clients: Vec<(NodeClient, Option<lease::Fence>)>,
+        opts: &RunOptions,
+    ) -> RunReport {
         let span = tracing::info_span!(
             "reconcile.run",
             dry_run = opts.dry_run,
@@ -604,7 +635,7 @@ impl Reconciler {
         let t0 = Instant::now();
         let deadline = tokio::time::Instant::now() + self.inner.settings.iteration_timeout_seconds;
         let mut nodes: Vec<NodeReport> = stream::iter(clients)
-            .map(|c| self.node_run(c, opts, deadline))
+            .map(|(c, fence)| self.node_run(c, fence, opts, deadline))
             .buffer_unordered(self.inner.settings.node_concurrency)
             .collect()
             .instrument(span.clone())
@@ -617,12 +648,12 @@ impl Reconciler {
         span.record("ok", ok);
         span.record("not_ok", nodes.len() - ok);
         self.inner.status.completed(&nodes);
-        Ok(RunReport {
+        RunReport {
             started_at,
             seconds: t0.elapsed().as_secs_f64(),
             dry_run: opts.dry_run,
             nodes,
-        })
+        }
     }
 
     /// Budget per run for the watchdog: the interval plus its jitter, so the watchdog's
@@ -673,9 +704,88 @@ impl Reconciler {
         }
     }
 
+    /// Runs on every instance (see [`lease`]): every tick (a tenth of the interval, at most
+    /// 1 s) or when `leases` acquired a node, reconciles the held nodes whose last ok run
+    /// (by any instance) is older than the interval, or which this instance last ran a
+    /// jittered interval ago; their passes are fenced by the lease tokens. Runs never overlap
+    /// and are bounded by the iteration timeout.
+    pub async fn run_leased(self, leases: lease::Leases, cancel: CancellationToken) {
+        self.inner.status.worker_started_now();
+        let watch = WorkerWatch::start(
+            self.inner.diagnostics.as_ref(),
+            "reconcile",
+            self.run_budget(),
+        );
+        let s = &self.inner.settings;
+        let tick =
+            (s.interval_seconds / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        // This instance's own schedule per node: the next start after its last run here.
+        let mut next: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+                _ = leases.acquired() => {}
+            }
+            let now = tokio::time::Instant::now();
+            let held = leases.held();
+            next.retain(|n, _| held.iter().any(|h| &h.0 == n));
+            let due: Vec<(NodeClient, Option<lease::Fence>)> = held
+                .into_iter()
+                .filter(|(node, _, last)| match next.get(node) {
+                    Some(at) => *at <= now,
+                    None => last.is_none_or(|l| l + s.interval_seconds <= now),
+                })
+                .filter_map(|(node, token, _)| {
+                    let c = self.inner.fleet.get(&node)?.clone();
+                    Some((
+                        c,
+                        Some(lease::Fence {
+                            leases: leases.clone(),
+                            token,
+                        }),
+                    ))
+                })
+                .collect();
+            if due.is_empty() {
+                self.inner.status.idle();
+                watch.ran(self.run_budget());
+                continue;
+            }
+            let opts = RunOptions::default();
+            let rep = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.run_clients(due, &opts) => r,
+            };
+            watch.ran(self.run_budget());
+            for n in &rep.nodes {
+                next.insert(
+                    n.node.clone(),
+                    tokio::time::Instant::now() + s.jittered_interval(),
+                );
+                if n.outcome == Outcome::Ok {
+                    leases.reconciled(&n.node);
+                }
+            }
+            let bad: Vec<&str> = rep
+                .nodes
+                .iter()
+                .filter(|n| !matches!(n.outcome, Outcome::Ok))
+                .map(|n| n.node.as_str())
+                .collect();
+            tracing::info!(
+                seconds = rep.seconds,
+                nodes = rep.nodes.len(),
+                not_ok = ?bad,
+                "reconcile run completed"
+            );
+        }
+    }
+
     async fn node_run(
         &self,
         client: NodeClient,
+        fence: Option<lease::Fence>,
         opts: &RunOptions,
         deadline: tokio::time::Instant,
     ) -> NodeReport {
@@ -698,9 +808,11 @@ impl Reconciler {
             let t0 = Instant::now();
             let stats = ConnStats::default();
             let mut rep = NodeReport::new(&node, opts.dry_run);
-            let res =
-                tokio::time::timeout_at(deadline, this.pass(&client, opts, &stats, &mut rep, t0))
-                    .await;
+            let res = tokio::time::timeout_at(
+                deadline,
+                this.pass(&client, fence.as_ref(), opts, &stats, &mut rep, t0),
+            )
+            .await;
             let failed_phase = rep.current.map(|c| c.0);
             match res {
                 Ok(Ok(())) => {}
@@ -726,7 +838,7 @@ impl Reconciler {
             this.begin(&mut rep, Phase::Record);
             let rec = tokio::time::timeout(
                 Duration::from_secs_f64(RECORD_TIMEOUT_SECONDS),
-                record::insert(&this.inner.pool, &stats, &rep, started_at),
+                record::insert(&this.inner.pool, &stats, &rep, started_at, fence.as_ref()),
             )
             .instrument(tracing::info_span!("reconcile.record", node = %node))
             .await;
@@ -828,6 +940,7 @@ impl Reconciler {
     async fn pass(
         &self,
         client: &NodeClient,
+        fence: Option<&lease::Fence>,
         opts: &RunOptions,
         stats: &ConnStats,
         rep: &mut NodeReport,
@@ -851,6 +964,9 @@ impl Reconciler {
         // No pooled connection is held from here to the end of the call: `snap` owns no
         // connection, and every acquire above has been dropped.
         self.begin(rep, Phase::List);
+        if fence.is_some_and(|f| !f.holds(&node)) {
+            return Err(PassError::LeaseLost);
+        }
         let span = tracing::info_span!("reconcile.list", users = Empty);
         let users = client.list_users().instrument(span.clone()).await?;
         span.record("users", users.len());
@@ -935,10 +1051,14 @@ impl Reconciler {
 
         if !opts.dry_run {
             self.begin(rep, Phase::Act);
+            if fence.is_some_and(|f| !f.holds(&node)) {
+                return Err(PassError::LeaseLost);
+            }
             let span = tracing::info_span!("reconcile.act", removed = Empty, readded = Empty);
-            let acted = act::enqueue_all(pool, stats, &node, &rep.removals, &rep.readds, batch)
-                .instrument(span.clone())
-                .await?;
+            let acted =
+                act::enqueue_all(pool, stats, &node, &rep.removals, &rep.readds, batch, fence)
+                    .instrument(span.clone())
+                    .await?;
             span.record("removed", acted.removed);
             span.record("readded", acted.readded);
             rep.removed = acted.removed;

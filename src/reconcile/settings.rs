@@ -35,13 +35,14 @@ pub const DEFAULT_GUARD_MAX_REMOVE_COUNT: u64 = 25_000;
 pub const DEFAULT_GUARD_SHARE_MIN_REMOVALS: u64 = 10;
 /// Default: live subscriptions missing on their node are re-added through the outbox.
 pub const DEFAULT_READD_MISSING: bool = true;
+pub use super::lease::{DEFAULT_LEASE_DURATION_SECONDS, DEFAULT_LEASE_RENEW_INTERVAL_SECONDS};
 
 /// `[reconcile]`: the reconcile worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReconcileSettings {
-    /// Run the periodic worker on the leader (default [`DEFAULT_ENABLED`]). `vpnbot reconcile
-    /// --once` works either way.
+    /// Run the periodic worker (every instance, nodes split by lease; default
+    /// [`DEFAULT_ENABLED`]). `vpnbot reconcile --once` works either way.
     pub enabled: bool,
     /// Interval between run starts, written in seconds (default [`DEFAULT_INTERVAL_SECONDS`]).
     #[serde(with = "seconds")]
@@ -73,6 +74,15 @@ pub struct ReconcileSettings {
     pub guard_share_min_removals: u64,
     /// Re-add live subscriptions missing on their node (default [`DEFAULT_READD_MISSING`]).
     pub readd_missing: bool,
+    /// How long a node's reconcile lease lasts without renewal, written in seconds (default
+    /// [`DEFAULT_LEASE_DURATION_SECONDS`]); at least twice `lease_renew_interval_seconds`.
+    #[serde(with = "seconds")]
+    pub lease_duration_seconds: Duration,
+    /// Interval between lease renewals and takeover attempts (and instance heartbeats),
+    /// written in seconds (default [`DEFAULT_LEASE_RENEW_INTERVAL_SECONDS`]). A dead instance's
+    /// nodes get a new holder within `lease_duration_seconds + lease_renew_interval_seconds`.
+    #[serde(with = "seconds")]
+    pub lease_renew_interval_seconds: Duration,
 }
 
 impl Default for ReconcileSettings {
@@ -90,6 +100,10 @@ impl Default for ReconcileSettings {
             guard_max_remove_count: DEFAULT_GUARD_MAX_REMOVE_COUNT,
             guard_share_min_removals: DEFAULT_GUARD_SHARE_MIN_REMOVALS,
             readd_missing: DEFAULT_READD_MISSING,
+            lease_duration_seconds: Duration::from_secs_f64(DEFAULT_LEASE_DURATION_SECONDS),
+            lease_renew_interval_seconds: Duration::from_secs_f64(
+                DEFAULT_LEASE_RENEW_INTERVAL_SECONDS,
+            ),
         }
     }
 }
@@ -102,6 +116,11 @@ impl ReconcileSettings {
         for (k, v) in [
             ("interval_seconds", self.interval_seconds),
             ("iteration_timeout_seconds", self.iteration_timeout_seconds),
+            ("lease_duration_seconds", self.lease_duration_seconds),
+            (
+                "lease_renew_interval_seconds",
+                self.lease_renew_interval_seconds,
+            ),
         ] {
             if v.is_zero() {
                 e.push(format!(
@@ -129,6 +148,16 @@ impl ReconcileSettings {
                 self.guard_max_remove_share
             ));
         }
+        if !self.lease_renew_interval_seconds.is_zero()
+            && self.lease_duration_seconds < self.lease_renew_interval_seconds * 2
+        {
+            e.push(format!(
+                "reconcile.lease_duration_seconds ({}) must be at least twice \
+                 lease_renew_interval_seconds ({}), or one late renewal would lose every lease",
+                self.lease_duration_seconds.as_secs_f64(),
+                self.lease_renew_interval_seconds.as_secs_f64()
+            ));
+        }
         if self.batch_size == 0 {
             e.push("reconcile.batch_size must be at least 1".into());
         }
@@ -152,11 +181,70 @@ impl ReconcileSettings {
         self.interval_seconds.mul_f64(f)
     }
 
+    /// The bound on a node having no live lease holder after its holder died:
+    /// `lease_duration_seconds + lease_renew_interval_seconds` (see [`super::lease`]).
+    pub fn lease_takeover_bound(&self) -> Duration {
+        self.lease_duration_seconds + self.lease_renew_interval_seconds
+    }
+
     /// Longest normal gap between two completed runs: the longest jittered interval plus one
     /// iteration timeout. A worker whose last completed run is older is overdue.
     pub fn overdue_after(&self) -> Duration {
         self.interval_seconds
             .mul_f64(1.0 + self.jitter_share.clamp(0.0, 0.5))
             + self.iteration_timeout_seconds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_timings_are_validated() {
+        let ok = ReconcileSettings::default();
+        assert!(ok.validate().is_empty(), "{:?}", ok.validate());
+        assert_eq!(ok.lease_takeover_bound(), Duration::from_secs(40));
+
+        let short = ReconcileSettings {
+            lease_duration_seconds: Duration::from_secs(15),
+            lease_renew_interval_seconds: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let e = short.validate();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("reconcile.lease_duration_seconds (15) must be at least twice"),
+            "{e:?}"
+        );
+
+        let zero = ReconcileSettings {
+            lease_renew_interval_seconds: Duration::ZERO,
+            ..Default::default()
+        };
+        let e = zero.validate();
+        assert_eq!(
+            e,
+            vec!["reconcile.lease_renew_interval_seconds must be a positive number of seconds, got 0"]
+        );
+    }
+
+    #[test]
+    fn outbox_claim_must_outlast_a_node_call() {
+        let mut cfg = crate::config::Config::default();
+        cfg.outbox.claim_seconds = Duration::from_secs(10);
+        let e = cfg.validate();
+        assert!(
+            e.iter().any(|p| p.starts_with(
+                "outbox.claim_seconds (10) must exceed node_client.total_deadline_seconds (10)"
+            )),
+            "{e:?}"
+        );
+        cfg.outbox.claim_seconds = Duration::from_secs(11);
+        assert!(
+            !cfg.validate().iter().any(|p| p.contains("claim_seconds")),
+            "{:?}",
+            cfg.validate()
+        );
     }
 }

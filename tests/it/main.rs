@@ -43,4 +43,5 @@ mod ops_systemd;
 mod outbox;
 mod reconcile;
 mod reconcile_cli;
+mod scale_out;
 mod telemetry_cost;

@@ -139,7 +139,12 @@ fn every_panel_has_a_query_and_every_query_uses_known_metrics() {
         "vpnbot_db_pool_acquire_wait_seconds_bucket",
         "vpnbot_db_pool_pending_acquires",
         "vpnbot_reconcile_runs_total",
-        "vpnbot_reconcile_last_success_timestamp_seconds",
+        // Since issue 19 the age of a node's last ok run comes from the database (any
+        // instance may have run it); the per-instance timestamp stays exported.
+        "vpnbot_reconcile_node_last_reconciled_age_seconds",
+        "vpnbot_reconcile_leases_held",
+        "vpnbot_reconcile_node_unheld_seconds",
+        "vpnbot_outbox_claimed_total",
         "vpnbot_bot_polling_last_success_timestamp_seconds",
         "vpnbot_bot_handler_duration_seconds_bucket",
         "vpnbot_leader",

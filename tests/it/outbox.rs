@@ -243,3 +243,126 @@ async fn failing_intent_carries_the_node_error_type(_p: PgPoolOptions, opts: PgC
         None
     );
 }
+
+/// Issue 19: two outbox workers (two instance ids) passing at once over the same 40 intents
+/// claim disjoint sets (`FOR UPDATE SKIP LOCKED`): every intent applied by exactly one of them,
+/// once, and the simulator (each mutation takes 30 ms) records no overlapping application.
+#[sqlx::test(migrations = false)]
+async fn two_workers_claim_disjoint_intents(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env(&opts).await;
+    e.sim.set_apply_delay(Duration::from_millis(30));
+    for _ in 0..40 {
+        intent(&e.pool, NodeOp::Add, Uuid::new_v4()).await;
+    }
+    let a = e.outbox.clone().with_instance_id("instance-a");
+    let b = e.outbox.clone().with_instance_id("instance-b");
+    let (pa, pb) = tokio::join!(a.process_once(), b.process_once());
+    let (pa, pb) = (pa.unwrap(), pb.unwrap());
+    assert_eq!(pa.applied + pb.applied, 40, "{pa:?} {pb:?}");
+    assert_eq!(
+        pa.due + pb.due,
+        40,
+        "no intent claimed twice: {pa:?} {pb:?}"
+    );
+    assert_eq!(open_intents(&e.pool).await, 0);
+    assert_eq!(e.sim.user_count(), 40);
+    assert_eq!(e.sim.mutations(), 40, "each intent applied once");
+    assert_eq!(e.sim.overlapping_mutations(), 0);
+    let mut c = e.pool.acquire("test").await.unwrap();
+    let (attempts, claimed): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts <> 1), count(*) FILTER (WHERE claimed_by IS NOT NULL) \
+         FROM pending_node_ops",
+    )
+    .fetch_one(&mut *c)
+    .await
+    .unwrap();
+    assert_eq!(
+        (attempts, claimed),
+        (0, 0),
+        "applied once each; claims released"
+    );
+}
+
+/// The simulator counts what the workers must avoid: the same UUID mutated while a mutation
+/// of it is still being applied (so the assertion above can fail).
+#[tokio::test]
+async fn sim_counts_overlapping_mutations_of_one_uuid() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = SimNode::start(
+        listener,
+        SimNodeOptions {
+            apply_delay: Duration::from_millis(100),
+            ..Default::default()
+        },
+    );
+    let registry = vpnbot::metrics::new_registry();
+    let mut cfg = vpnbot::config::Config::default();
+    cfg.nodes.insert(
+        "a".into(),
+        vpnbot::config::NodeConfig::new(&sim.base_url(), sim.api_key(), "a.example"),
+    );
+    let fleet = Fleet::from_config(&cfg, &registry).unwrap();
+    let client = fleet.get("a").unwrap();
+    let u = NodeUser::owned(Uuid::new_v4());
+    let other = NodeUser::owned(Uuid::new_v4());
+    let (r1, r2, r3) = tokio::join!(
+        client.add_user(&u),
+        client.remove_user(u.uuid),
+        client.add_user(&other)
+    );
+    r1.unwrap();
+    r2.unwrap();
+    r3.unwrap();
+    assert_eq!(sim.mutations(), 3);
+    assert_eq!(
+        sim.overlapping_mutations(),
+        1,
+        "same UUID at once; the other UUID is not"
+    );
+    let (code, body) = helpers::http_get(sim.addr(), "/_sim/stats").await;
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["overlapping_mutations"], 1, "{body}");
+}
+
+/// An intent claimed by an instance that died (claim expired) is taken over and counted; one
+/// claimed by a live instance (claim not expired) is left alone.
+#[sqlx::test(migrations = false)]
+async fn expired_claim_is_taken_over_live_claim_is_not(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let e = env(&opts).await;
+    let (dead, live) = (Uuid::new_v4(), Uuid::new_v4());
+    intent(&e.pool, NodeOp::Add, dead).await;
+    intent(&e.pool, NodeOp::Add, live).await;
+    {
+        let mut c = e.pool.acquire("test").await.unwrap();
+        for (u, until) in [(dead, "-1 second"), (live, "1 minute")] {
+            sqlx::query(
+                "UPDATE pending_node_ops SET claimed_by = 'other', \
+                 claimed_until = now() + $2::interval WHERE vless_uuid = $1",
+            )
+            .bind(u)
+            .bind(until)
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        }
+    }
+    let p = e.outbox.process_once().await.unwrap();
+    assert_eq!((p.due, p.applied), (1, 1), "{p:?}");
+    let users: Vec<Uuid> = e.sim.users().into_iter().map(|u| u.uuid).collect();
+    assert_eq!(users, vec![dead]);
+    let text = vpnbot::metrics::render(&e.registry);
+    assert_eq!(
+        helpers::metric(&text, "vpnbot_outbox_claim_takeovers_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        helpers::metric(&text, "vpnbot_outbox_claimed_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        open_intents(&e.pool).await,
+        1,
+        "the live claim's intent waits"
+    );
+}

@@ -849,3 +849,174 @@ async fn markers_survive_a_node_that_folds_case(_p: PgPoolOptions, opts: PgConne
         Some(1.0)
     );
 }
+
+/// Issue 19, fencing: instance A holds node a's lease and its pass is inside `list-users` when
+/// the lease expires and instance B takes it over (fencing token 1 → 2). A's pass still
+/// believes its lease valid locally (its renewal task is not running) but its act phase checks
+/// the token in the database: no intent is written, no audit row, outcome `lease_lost`.
+#[sqlx::test(migrations = false)]
+async fn pass_that_lost_its_lease_writes_nothing(_p: PgPoolOptions, opts: PgConnectOptions) {
+    use vpnbot::reconcile::lease::{LeaseMetrics, Leases};
+    let e = env(&opts, 1, quick_settings()).await;
+    e.live_on_both("a").await;
+    let orphan = e.orphan("a").await;
+    let settings = quick_settings();
+    let lease = |id: &str| {
+        Leases::new(
+            e.pool.clone(),
+            id.to_owned(),
+            vec!["a".to_owned()],
+            &settings,
+            LeaseMetrics::register(&prometheus::Registry::new()),
+        )
+    };
+    let (a, b) = (lease("instance-a"), lease("instance-b"));
+    let t = a.tick().await.unwrap();
+    assert_eq!((t.acquired, t.held, t.takeovers), (1, 1, 0), "{t:?}");
+    assert_eq!(a.token("a"), Some(1));
+    e.sim("a").set_fault(
+        Operation::ListUsers,
+        Fault::Delay(Duration::from_millis(700)),
+    );
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(e.rec.clone().run_leased(a.clone(), cancel.clone()));
+    let sim = e.sim("a");
+    assert!(
+        helpers::eventually(Duration::from_secs(5), || sim
+            .requests(Operation::ListUsers)
+            >= 1)
+        .await
+        .is_some(),
+        "A's pass reached list-users"
+    );
+    {
+        let mut c = e.pool.acquire("test").await.unwrap();
+        sqlx::query("UPDATE node_leases SET expires_at = now() - interval '1 second'")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+    }
+    let t = b.tick().await.unwrap();
+    assert_eq!(
+        (t.acquired, t.takeovers),
+        (1, 1),
+        "B took the lease over: {t:?}"
+    );
+    assert_eq!(b.token("a"), Some(2));
+    assert!(
+        a.holds("a", 1),
+        "A still believes it holds the lease locally"
+    );
+
+    let status = e.rec.status();
+    assert!(
+        helpers::eventually(Duration::from_secs(5), || status.nodes().contains_key("a"))
+            .await
+            .is_some(),
+        "A's pass ended"
+    );
+    cancel.cancel();
+    worker.await.unwrap();
+    let st = &status.nodes()["a"];
+    assert_eq!(st.last_outcome, Outcome::Failed);
+    assert_eq!(st.last_error_type, Some("lease_lost"));
+    assert_eq!(st.last_failed_phase, Some(vpnbot::reconcile::Phase::Act));
+    assert!(
+        e.intents("remove").await.is_empty(),
+        "no removal of {orphan} written"
+    );
+    assert!(e.audit().await.is_empty(), "no audit row written");
+
+    // B, holding the lease with token 2, reconciles the node and records it.
+    let cancel = tokio_util::sync::CancellationToken::new();
+    e.sim("a").set_fault(Operation::ListUsers, Fault::None);
+    let worker = tokio::spawn(e.rec.clone().run_leased(b.clone(), cancel.clone()));
+    let url = e.url.clone();
+    let mut rows = 0i64;
+    for _ in 0..100 {
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        rows = sqlx::query_scalar(
+            "SELECT count(*) FROM reconcile_runs WHERE instance_id = 'instance-b' \
+             AND fencing_token = 2 AND outcome = 'ok'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        if rows > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    worker.await.unwrap();
+    assert_eq!(rows, 1, "B's run recorded under its token");
+    assert_eq!(e.intents("remove").await, vec![orphan]);
+}
+
+/// Issue 19, balance: three lease clients over 12 nodes settle at 4 each within a few ticks,
+/// each acquisition bumping the node's fencing token; one stops renewing (dies) and the other
+/// two take its 4 leases over once they expire, 6 each.
+#[sqlx::test(migrations = false)]
+async fn leases_split_evenly_and_a_dead_holders_are_taken_over(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use vpnbot::reconcile::lease::{LeaseMetrics, Leases};
+    let e = env(&opts, 0, quick_settings()).await;
+    let settings = ReconcileSettings {
+        lease_duration_seconds: Duration::from_millis(600),
+        lease_renew_interval_seconds: Duration::from_millis(200),
+        ..quick_settings()
+    };
+    let nodes: Vec<String> = (0..12).map(|i| format!("n{i:02}")).collect();
+    let ls: Vec<Leases> = ["x", "y", "z"]
+        .iter()
+        .map(|id| {
+            Leases::new(
+                e.pool.clone(),
+                (*id).to_owned(),
+                nodes.clone(),
+                &settings,
+                LeaseMetrics::register(&prometheus::Registry::new()),
+            )
+        })
+        .collect();
+    for _ in 0..3 {
+        for l in &ls {
+            l.tick().await.unwrap();
+        }
+    }
+    let held: Vec<usize> = ls.iter().map(|l| l.held_nodes().len()).collect();
+    assert_eq!(held, vec![4, 4, 4]);
+    let mut all: Vec<String> = ls.iter().flat_map(|l| l.held_nodes()).collect();
+    all.sort();
+    assert_eq!(all, nodes, "every node held once");
+
+    // z dies: x and y keep ticking every 200 ms; z's leases and heartbeat expire after 600 ms.
+    let gone = ls[2].held_nodes();
+    let t = std::time::Instant::now();
+    let mut takeovers = 0;
+    while ls[0].held_nodes().len() + ls[1].held_nodes().len() < 12 {
+        assert!(t.elapsed() < Duration::from_secs(3), "no takeover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for l in &ls[..2] {
+            takeovers += l.tick().await.unwrap().takeovers;
+        }
+    }
+    assert!(
+        t.elapsed() <= settings.lease_takeover_bound() + Duration::from_millis(500),
+        "taken over after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(takeovers, gone.len());
+    for l in &ls[..2] {
+        l.tick().await.unwrap();
+    }
+    assert_eq!(ls[0].held_nodes().len(), 6);
+    assert_eq!(ls[1].held_nodes().len(), 6);
+    for n in &gone {
+        let x = ls[0].token(n).or(ls[1].token(n)).unwrap();
+        assert!(x >= 2, "{n}: takeover bumped the fencing token to {x}");
+    }
+}

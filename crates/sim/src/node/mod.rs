@@ -9,7 +9,16 @@
 //! (no API key; bind it to loopback):
 //! - `GET /_sim/faults`: `{"list_users": "none", ...}`;
 //! - `PUT /_sim/faults/{operation}` with the fault text as body (`trickle:300`, `status:503`);
-//! - `GET /_sim/stats`: users, connections accepted, requests per operation.
+//! - `GET /_sim/stats`: users, connections accepted, requests per operation, mutations
+//!   applied and `overlapping_mutations`;
+//! - `PUT /_sim/apply_delay` with milliseconds as body: every mutation (add, update, remove)
+//!   waits this long while "being applied".
+//!
+//! **Overlapping applications.** A mutation for a UUID that arrives while another mutation for
+//! the same UUID is still being applied (inside its apply delay) is counted in
+//! `overlapping_mutations`: a client that applies one intent from two places at once shows
+//! here. With no apply delay an overlap needs two requests inside the same few microseconds, so
+//! tests that assert none set a delay (`--apply-delay-ms`, [`SimNodeOptions::apply_delay`]).
 
 mod fault;
 mod server;
@@ -44,6 +53,9 @@ pub struct SimNodeOptions {
     pub keep_alive_idle: Duration,
     /// Seed of the user generator, so runs are reproducible. Default 1.
     pub seed: u64,
+    /// How long each mutation (add, update, remove) takes to apply, during which another
+    /// mutation for the same UUID counts as an overlap. Default 0.
+    pub apply_delay: Duration,
 }
 
 impl Default for SimNodeOptions {
@@ -55,6 +67,7 @@ impl Default for SimNodeOptions {
             faults: Vec::new(),
             keep_alive_idle: Duration::from_secs(60),
             seed: 1,
+            apply_delay: Duration::ZERO,
         }
     }
 }
@@ -91,6 +104,14 @@ pub(crate) struct Shared {
     pub(crate) connections: AtomicU64,
     pub(crate) keep_alive_idle: Duration,
     pub(crate) cancel: CancellationToken,
+    /// Mutation apply delay, milliseconds.
+    pub(crate) apply_delay_ms: AtomicU64,
+    /// Mutations being applied now, per UUID.
+    pub(crate) applying: Mutex<HashMap<uuid::Uuid, u32>>,
+    /// Mutations that began while another one for the same UUID was being applied.
+    pub(crate) overlaps: AtomicU64,
+    /// Mutations applied (answered by the contract, any result).
+    pub(crate) mutations: AtomicU64,
 }
 
 impl Shared {
@@ -100,6 +121,22 @@ impl Shared {
 
     pub(crate) fn faults(&self) -> std::sync::MutexGuard<'_, [Fault; 5]> {
         self.faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks a mutation of `uuid` as being applied until the guard drops; counts an overlap
+    /// when another one for the same UUID is in progress.
+    pub(crate) fn begin_mutation(self: &Arc<Self>, uuid: uuid::Uuid) -> Applying {
+        let mut m = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(uuid).or_insert(0);
+        if *n > 0 {
+            self.overlaps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%uuid, "sim-node: overlapping mutation for the same uuid");
+        }
+        *n += 1;
+        Applying {
+            shared: self.clone(),
+            uuid,
+        }
     }
 
     /// The fault for this request of `op`; a `flaky:N` counts down and clears itself.
@@ -120,6 +157,29 @@ impl Shared {
                 f
             }
             f => f.clone(),
+        }
+    }
+}
+
+/// A mutation in progress (see [`Shared::begin_mutation`]).
+#[derive(Debug)]
+pub(crate) struct Applying {
+    shared: Arc<Shared>,
+    uuid: uuid::Uuid,
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        let mut m = self
+            .shared
+            .applying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.uuid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uuid);
+            }
         }
     }
 }
@@ -165,6 +225,10 @@ impl SimNode {
             connections: AtomicU64::new(0),
             keep_alive_idle: opts.keep_alive_idle,
             cancel: CancellationToken::new(),
+            apply_delay_ms: AtomicU64::new(opts.apply_delay.as_millis() as u64),
+            applying: Mutex::new(HashMap::new()),
+            overlaps: AtomicU64::new(0),
+            mutations: AtomicU64::new(0),
         });
         let task = tokio::spawn(server::accept_loop(listener, shared.clone()));
         SimNodeHandle { addr, shared, task }
@@ -233,6 +297,24 @@ impl SimNodeHandle {
         self.shared.requests[operation.index()].load(Ordering::Relaxed)
     }
 
+    /// Mutations (add, update, remove) that began while another mutation for the same UUID was
+    /// still being applied. 0 means no UUID was ever mutated from two places at once.
+    pub fn overlapping_mutations(&self) -> u64 {
+        self.shared.overlaps.load(Ordering::Relaxed)
+    }
+
+    /// Mutations applied so far (any result, faults that answer before applying excluded).
+    pub fn mutations(&self) -> u64 {
+        self.shared.mutations.load(Ordering::Relaxed)
+    }
+
+    /// Sets how long each mutation takes to apply (see [`SimNodeOptions::apply_delay`]).
+    pub fn set_apply_delay(&self, delay: Duration) {
+        self.shared
+            .apply_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
@@ -287,6 +369,10 @@ pub struct SimNodeArgs {
     /// Seconds an idle keep-alive connection is kept open by the node.
     #[arg(long, default_value_t = 60.0)]
     pub keep_alive_idle_seconds: f64,
+    /// Milliseconds each mutation takes to apply (overlapping mutations of one UUID are
+    /// counted in `/_sim/stats`).
+    #[arg(long, default_value_t = 0)]
+    pub apply_delay_ms: u64,
 }
 
 /// Runs `vpnbot-sim node` until Ctrl-C.
@@ -332,6 +418,7 @@ pub async fn run_until(
         owned_share: args.owned_share,
         faults: args.faults,
         keep_alive_idle: Duration::from_secs_f64(args.keep_alive_idle_seconds),
+        apply_delay: Duration::from_millis(args.apply_delay_ms),
         ..Default::default()
     };
     // Seeding a million users takes a moment of CPU: keep it off the runtime workers.

@@ -314,6 +314,7 @@ async fn apply(
             if id.is_some_and(|id| id != body.uuid) {
                 return (400, error_body("uuid_mismatch"));
             }
+            let _applying = applying(shared, body.uuid).await;
             let mut users = shared.users();
             let present = users.map.get(&body.uuid).cloned();
             let result = match (op, present) {
@@ -330,6 +331,7 @@ async fn apply(
         }
         Operation::RemoveUser => {
             let id = id.expect("routed with a uuid");
+            let _applying = applying(shared, id).await;
             let mut users = shared.users();
             let r = if users.map.remove(&id).is_some() {
                 users.changed();
@@ -340,6 +342,18 @@ async fn apply(
             mutation(r)
         }
     }
+}
+
+/// Marks a mutation of `uuid` in progress (counting an overlap with another one) and waits
+/// the apply delay; the change is made after it, while the guard is held.
+async fn applying(shared: &Arc<Shared>, uuid: uuid::Uuid) -> super::Applying {
+    let guard = shared.begin_mutation(uuid);
+    shared.mutations.fetch_add(1, Ordering::Relaxed);
+    let ms = shared.apply_delay_ms.load(Ordering::Relaxed);
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    guard
 }
 
 /// The `list-users` body, serialized on the blocking pool when not cached. The lock is held
@@ -418,8 +432,29 @@ fn admin(shared: &Arc<Shared>, req: &Request) -> (u16, Vec<u8>) {
                 "users": shared.users().map.len(),
                 "connections": shared.connections.load(Ordering::Relaxed),
                 "requests": requests,
+                "mutations": shared.mutations.load(Ordering::Relaxed),
+                "overlapping_mutations": shared.overlaps.load(Ordering::Relaxed),
+                "apply_delay_ms": shared.apply_delay_ms.load(Ordering::Relaxed),
             });
             (200, v.to_string().into_bytes())
+        }
+        ("PUT", "/_sim/apply_delay") => {
+            match std::str::from_utf8(&req.body)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+            {
+                Some(ms) => {
+                    shared.apply_delay_ms.store(ms, Ordering::Relaxed);
+                    let body = serde_json::json!({ "apply_delay_ms": ms });
+                    (200, body.to_string().into_bytes())
+                }
+                None => (
+                    400,
+                    serde_json::json!({ "error": "body must be milliseconds" })
+                        .to_string()
+                        .into_bytes(),
+                ),
+            }
         }
         ("PUT", p) if p.starts_with("/_sim/faults/") => {
             let op = &p["/_sim/faults/".len()..];
