@@ -324,7 +324,7 @@ impl App {
         )
         .with_diagnostics(diagnostics.clone())
         .with_instance_id(&instance_id)
-        .with_call_bound(secs(config.node_client.total_deadline_seconds));
+        .with_call_bound(config.node_client.total_deadline_seconds);
         tasks.spawn_named("outbox", outbox.run(tasks.root().child_token()));
         let reconciler = Reconciler::watched(
             pool.clone(),

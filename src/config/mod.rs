@@ -506,12 +506,12 @@ impl Config {
         );
         e.extend(self.node_client.validate());
         e.extend(self.outbox.validate());
-        if self.outbox.claim_seconds.as_secs_f64() <= self.node_client.total_deadline_seconds {
+        if self.outbox.claim_seconds <= self.node_client.total_deadline_seconds {
             e.push(format!(
                 "outbox.claim_seconds ({}) must exceed node_client.total_deadline_seconds ({}), \
                  or no claimed intent could be applied",
                 self.outbox.claim_seconds.as_secs_f64(),
-                self.node_client.total_deadline_seconds
+                self.node_client.total_deadline_seconds.as_secs_f64()
             ));
         }
         e.extend(self.diagnostics.validate());

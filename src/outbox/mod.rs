@@ -50,8 +50,7 @@ pub const DEFAULT_BACKOFF_MAX_SECONDS: f64 = 300.0;
 pub const DEFAULT_CLAIM_SECONDS: f64 = 60.0;
 /// The node call bound assumed when none is given ([`Outbox::with_call_bound`]): the node
 /// client's default total deadline.
-const DEFAULT_CALL_BOUND: Duration =
-    Duration::from_secs(crate::node::DEFAULT_TOTAL_DEADLINE_SECONDS as u64);
+const DEFAULT_CALL_BOUND: Duration = crate::node::DEFAULT_TOTAL_DEADLINE_SECONDS;
 
 /// `[outbox]`: the node-operation outbox worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
