@@ -64,10 +64,7 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct TelegramConfig {
     /// Bot token from @BotFather. Secret: never printed.
-    #[serde(
-        serialize_with = "secret::serialize_redacted",
-        deserialize_with = "secret::deserialize_lenient"
-    )]
+    #[serde(with = "secret::redacted")]
     pub token: SecretString,
     /// Bot API base URL (default [`d::TELEGRAM_API_URL`]); point it at the stand-in in tests.
     pub api_url: String,
@@ -92,19 +89,13 @@ impl Default for TelegramConfig {
 pub struct DbConfig {
     /// `postgres://` URL. Falls back to the `DATABASE_URL` environment variable. Its password is
     /// never printed.
-    #[serde(
-        serialize_with = "secret::serialize_redacted_url",
-        deserialize_with = "secret::deserialize_lenient"
-    )]
+    #[serde(with = "secret::redacted_url")]
     pub url: SecretString,
     /// `postgres://` URL of PostgreSQL itself, bypassing any connection pooler, for the
     /// leadership lock and migrations (session advisory locks do not survive transaction
     /// pooling). Empty (the default): `url` is used for everything. Required when `url` points
     /// at a pooler in transaction pooling mode (checked at start). Secret like `url`.
-    #[serde(
-        serialize_with = "secret::serialize_redacted_url",
-        deserialize_with = "secret::deserialize_lenient"
-    )]
+    #[serde(with = "secret::redacted_url")]
     pub direct_url: SecretString,
     /// Connections kept open when idle (default [`d::DB_MIN_CONNECTIONS`]).
     pub min_connections: u32,
@@ -235,17 +226,11 @@ pub struct ObservabilityConfig {
     /// Bearer token `/debug/*` requires (`Authorization: Bearer <token>`) wherever it is
     /// served; empty (the default) = none. Secret: never printed; give it through
     /// `VPNBOT_OBSERVABILITY__DEBUG_TOKEN` from a secret store.
-    #[serde(
-        serialize_with = "secret::serialize_redacted",
-        deserialize_with = "secret::deserialize_lenient"
-    )]
+    #[serde(with = "secret::redacted")]
     pub debug_token: SecretString,
     /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; empty disables export.
     /// Secret: it may carry credentials (userinfo, a token in the query), printed redacted.
-    #[serde(
-        serialize_with = "secret::serialize_redacted_url",
-        deserialize_with = "secret::deserialize_lenient"
-    )]
+    #[serde(with = "secret::redacted_url")]
     pub otlp_endpoint: SecretString,
 }
 
@@ -313,10 +298,7 @@ pub struct NodeConfig {
     /// Base URL of the node API, e.g. `http://10.0.0.5:8080/`.
     pub url: String,
     /// API key sent in a header. Secret: never printed.
-    #[serde(
-        serialize_with = "secret::serialize_redacted",
-        deserialize_with = "secret::deserialize_lenient"
-    )]
+    #[serde(with = "secret::redacted")]
     pub api_key: SecretString,
     /// Host that clients connect to (goes into `vless://` links).
     pub public_host: String,

@@ -7,6 +7,20 @@ use serde::{Deserializer, Serializer};
 /// What a secret prints as.
 pub const REDACTED: &str = "[REDACTED]";
 
+/// A secret field: `#[serde(with = "secret::redacted")]` (printed as [`REDACTED`] when set,
+/// read leniently by [`deserialize_lenient`]).
+pub mod redacted {
+    pub use super::deserialize_lenient as deserialize;
+    pub use super::serialize_redacted as serialize;
+}
+
+/// A secret URL field: `#[serde(with = "secret::redacted_url")]` (printed with its password
+/// and secret-looking query values redacted, read leniently).
+pub mod redacted_url {
+    pub use super::deserialize_lenient as deserialize;
+    pub use super::serialize_redacted_url as serialize;
+}
+
 /// Serializes a present secret as [`REDACTED`] and an empty one as `""`, so the printed config
 /// still says whether it is set.
 pub fn serialize_redacted<S: Serializer>(s: &SecretString, ser: S) -> Result<S::Ok, S::Error> {

@@ -461,7 +461,16 @@ impl NodeClient {
             let deadline = tokio::time::Instant::now() + inner.limits.total;
             let attempts = CURRENT_CALL.scope(
                 call.clone(),
-                self.with_retries(op, &call, deadline, &url, body.as_ref(), decode),
+                self.with_retries(
+                    &call,
+                    deadline,
+                    Request {
+                        op,
+                        url: &url,
+                        body: body.as_ref(),
+                        decode,
+                    },
+                ),
             );
             let res = match tokio::time::timeout_at(deadline, attempts).await {
                 Ok(r) => r,
@@ -513,15 +522,13 @@ impl NodeClient {
 
     async fn with_retries<T: Send + 'static>(
         &self,
-        op: Operation,
         call: &CallState,
         deadline: tokio::time::Instant,
-        url: &Url,
-        body: Option<&Bytes>,
-        decode: fn(&[u8]) -> Result<T, DecodeError>,
+        req: Request<'_, T>,
     ) -> Result<T, NodeError> {
         let inner = &*self.inner;
-        let attempt = || self.attempt_absorbing_stale(op, call, url, body, decode);
+        let op = req.op;
+        let attempt = || self.attempt_absorbing_stale(call, req);
         if !op.idempotent() || inner.limits.retry_attempts <= 1 {
             return attempt().await;
         }
@@ -565,16 +572,14 @@ impl NodeClient {
 
     async fn attempt_absorbing_stale<T: Send + 'static>(
         &self,
-        op: Operation,
         call: &CallState,
-        url: &Url,
-        body: Option<&Bytes>,
-        decode: fn(&[u8]) -> Result<T, DecodeError>,
+        req: Request<'_, T>,
     ) -> Result<T, NodeError> {
         let inner = &*self.inner;
+        let op = req.op;
         let mut absorbed = false;
         loop {
-            match self.attempt(op, call, url, body, decode).await {
+            match self.attempt(call, req).await {
                 Err(NodeError::StaleConnection { detail }) if !absorbed && op.idempotent() => {
                     absorbed = true;
                     inner
@@ -594,12 +599,15 @@ impl NodeClient {
 
     async fn attempt<T: Send + 'static>(
         &self,
-        op: Operation,
         call: &CallState,
-        url: &Url,
-        body: Option<&Bytes>,
-        decode: fn(&[u8]) -> Result<T, DecodeError>,
+        req: Request<'_, T>,
     ) -> Result<T, NodeError> {
+        let Request {
+            op,
+            url,
+            body,
+            decode,
+        } = req;
         let inner = &*self.inner;
         call.begin_attempt();
         let method = match wire::method(op) {
@@ -756,6 +764,22 @@ fn decode_mutation(b: &[u8]) -> Result<MutationResult, DecodeError> {
 
 /// The origin (`scheme://host:port`) a redirect points to, resolved against the request URL;
 /// never its path or query, which may carry anything.
+/// What every attempt of one call sends, and how its body is decoded.
+struct Request<'a, T> {
+    op: Operation,
+    url: &'a Url,
+    body: Option<&'a Bytes>,
+    decode: fn(&[u8]) -> Result<T, DecodeError>,
+}
+
+// By hand: a derive would require `T: Copy`, but only a function pointer to `T` is held.
+impl<T> Clone for Request<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Request<'_, T> {}
+
 fn redirect_origin(url: &Url, headers: &reqwest::header::HeaderMap) -> String {
     let Some(location) = headers.get(LOCATION) else {
         return "(no Location)".to_owned();

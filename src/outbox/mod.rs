@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::seconds;
-use crate::db::{DbError, DbPool};
+use crate::db::{DbConn, DbError, DbPool};
 use crate::diagnostics::run_every;
 use crate::fleet::Fleet;
 use crate::metrics;
@@ -493,15 +493,7 @@ impl Outbox {
         let mut conn = self.pool.acquire("outbox_record").await?;
         for (intent, res, skipped) in outcomes {
             let Some(res) = res else {
-                let r = sqlx::query(
-                    "UPDATE pending_node_ops SET claimed_by = NULL, claimed_until = NULL \
-                     WHERE id = $1 AND claimed_by = $2",
-                )
-                .bind(intent.id)
-                .bind(me)
-                .execute(&mut *conn)
-                .await;
-                conn.check(r)?;
+                release_claim(&mut conn, intent.id, me).await?;
                 self.metrics.released.inc();
                 pass.released += 1;
                 continue;
@@ -559,15 +551,7 @@ impl Outbox {
             if conn.check(r)?.rows_affected() == 0 {
                 // Replaced by a newer intent while claimed: release the claim so the newer
                 // operation is applied by the next pass.
-                let r = sqlx::query(
-                    "UPDATE pending_node_ops SET claimed_by = NULL, claimed_until = NULL \
-                     WHERE id = $1 AND claimed_by = $2",
-                )
-                .bind(intent.id)
-                .bind(me)
-                .execute(&mut *conn)
-                .await;
-                conn.check(r)?;
+                release_claim(&mut conn, intent.id, me).await?;
             }
             match outcome {
                 "applied" => pass.applied += 1,
@@ -710,4 +694,22 @@ fn stored_error_label(s: &str) -> &'static str {
         .find(|l| **l == s)
         .copied()
         .unwrap_or("other")
+}
+
+/// Gives up this instance's claim on intent `id` (a no-op when the claim is no longer ours), so
+/// the next pass of any instance takes it.
+///
+/// # Errors
+/// [`DbError`] from the statement.
+async fn release_claim(conn: &mut DbConn, id: i64, me: &str) -> Result<(), DbError> {
+    let r = sqlx::query(
+        "UPDATE pending_node_ops SET claimed_by = NULL, claimed_until = NULL \
+         WHERE id = $1 AND claimed_by = $2",
+    )
+    .bind(id)
+    .bind(me)
+    .execute(&mut **conn)
+    .await;
+    conn.check(r)?;
+    Ok(())
 }

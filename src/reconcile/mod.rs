@@ -241,6 +241,24 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// The INFO line of a completed run: its duration, node count and the nodes not ok.
+    fn log_completed(&self) {
+        let bad: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| !matches!(n.outcome, Outcome::Ok))
+            .map(|n| n.node.as_str())
+            .collect();
+        tracing::info!(
+            seconds = self.seconds,
+            nodes = self.nodes.len(),
+            not_ok = ?bad,
+            "reconcile run completed"
+        );
+    }
+}
+
+impl RunReport {
     /// The report of node `name`.
     pub fn node(&self, name: &str) -> Option<&NodeReport> {
         self.nodes.iter().find(|n| n.node == name)
@@ -688,18 +706,7 @@ impl Reconciler {
             };
             watch.ran(self.run_budget());
             if let Ok(rep) = run {
-                let bad: Vec<&str> = rep
-                    .nodes
-                    .iter()
-                    .filter(|n| !matches!(n.outcome, Outcome::Ok))
-                    .map(|n| n.node.as_str())
-                    .collect();
-                tracing::info!(
-                    seconds = rep.seconds,
-                    nodes = rep.nodes.len(),
-                    not_ok = ?bad,
-                    "reconcile run completed"
-                );
+                rep.log_completed();
             }
         }
     }
@@ -767,18 +774,7 @@ impl Reconciler {
                     leases.reconciled(&n.node);
                 }
             }
-            let bad: Vec<&str> = rep
-                .nodes
-                .iter()
-                .filter(|n| !matches!(n.outcome, Outcome::Ok))
-                .map(|n| n.node.as_str())
-                .collect();
-            tracing::info!(
-                seconds = rep.seconds,
-                nodes = rep.nodes.len(),
-                not_ok = ?bad,
-                "reconcile run completed"
-            );
+            rep.log_completed();
         }
     }
 

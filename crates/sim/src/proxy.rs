@@ -4,6 +4,7 @@
 //! forwarded normally. Used to put the Bot API stand-in behind a path that dies. [`DelayProxy`]
 //! delays every server reply instead (a slow database).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,71 @@ struct Shared {
     path: Mutex<CancellationToken>,
     /// Sockets of dropped connections, held open (unread, unwritten) until the proxy stops.
     graveyard: Mutex<Vec<(TcpStream, TcpStream)>>,
-    accepted: AtomicU64,
+}
+
+/// What every proxy here shares: its address, the stop token (cancelled when the handle is
+/// dropped, which ends the accept loop and every forwarding task) and the accept count.
+#[derive(Debug)]
+struct Running {
+    addr: SocketAddr,
+    stop: CancellationToken,
+    accepted: Arc<AtomicU64>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Accepts on `listener` until stopped; for each connection takes `at_accept()` at once, then
+/// connects to `upstream` (both sockets with `TCP_NODELAY`) and runs `forward` on its own task.
+///
+/// # Panics
+/// Outside a tokio runtime.
+fn run<P, F, Fut>(
+    listener: TcpListener,
+    upstream: SocketAddr,
+    mut at_accept: impl FnMut() -> P + Send + 'static,
+    forward: F,
+) -> Running
+where
+    P: Send + 'static,
+    F: Fn(TcpStream, TcpStream, P, CancellationToken) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let addr = listener.local_addr().expect("bound listener");
+    let stop = CancellationToken::new();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (st, count) = (stop.clone(), accepted.clone());
+    let forward = Arc::new(forward);
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = tokio::select! {
+                _ = st.cancelled() => break,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+            };
+            count.fetch_add(1, Ordering::Relaxed);
+            let taken = at_accept();
+            let (forward, st) = (forward.clone(), st.clone());
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                forward(client, server, taken, st).await;
+            });
+        }
+    });
+    Running {
+        addr,
+        stop,
+        accepted,
+    }
 }
 
 /// Starts proxies.
@@ -30,65 +95,48 @@ impl SilentDropProxy {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn start(listener: TcpListener, upstream: SocketAddr) -> SilentDropProxyHandle {
-        let addr = listener.local_addr().expect("bound listener");
         let shared = Arc::new(Shared::default());
-        let stop = CancellationToken::new();
-        let (sh, st) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (client, _) = tokio::select! {
-                    _ = st.cancelled() => break,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(_) => continue,
-                    },
-                };
-                sh.accepted.fetch_add(1, Ordering::Relaxed);
-                let path = sh.path.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let (sh, st) = (sh.clone(), st.clone());
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let mut client = client;
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
+        let (sh, graves) = (shared.clone(), shared.clone());
+        // The path token is taken at accept time: a connection accepted before
+        // `drop_existing` is dropped with the others even if its upstream connect is late.
+        let at_accept = move || sh.path.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let running = run(
+            listener,
+            upstream,
+            at_accept,
+            move |mut client, mut server, path: CancellationToken, st| {
+                let graves = graves.clone();
+                async move {
                     tokio::select! {
                         _ = st.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         _ = path.cancelled() => {
                             // Silently dropped: keep both sockets open and never touch them.
-                            sh.graveyard
+                            graves
+                                .graveyard
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .push((client, server));
                         }
                     }
-                });
-            }
-        });
-        SilentDropProxyHandle { addr, shared, stop }
+                }
+            },
+        );
+        SilentDropProxyHandle { running, shared }
     }
 }
 
 /// Controls a running proxy; dropping it stops the proxy and closes every socket.
 #[derive(Debug)]
 pub struct SilentDropProxyHandle {
-    addr: SocketAddr,
+    running: Running,
     shared: Arc<Shared>,
-    stop: CancellationToken,
-}
-
-impl Drop for SilentDropProxyHandle {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 impl SilentDropProxyHandle {
     /// Listening address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.running.addr
     }
 
     /// Every connection open now stops forwarding, silently; new ones work.
@@ -99,7 +147,7 @@ impl SilentDropProxyHandle {
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::Relaxed)
+        self.running.accepted.load(Ordering::Relaxed)
     }
 }
 
@@ -115,7 +163,6 @@ pub struct DelayProxy;
 struct DelayShared {
     /// Current delay of server replies, microseconds.
     delay_us: AtomicU64,
-    accepted: AtomicU64,
 }
 
 impl DelayProxy {
@@ -129,30 +176,18 @@ impl DelayProxy {
         upstream: SocketAddr,
         delay: std::time::Duration,
     ) -> DelayProxyHandle {
-        let addr = listener.local_addr().expect("bound listener");
         let shared = Arc::new(DelayShared::default());
         shared
             .delay_us
             .store(delay.as_micros() as u64, Ordering::Relaxed);
-        let stop = CancellationToken::new();
-        let (sh, st) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (client, _) = tokio::select! {
-                    _ = st.cancelled() => break,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(_) => continue,
-                    },
-                };
-                sh.accepted.fetch_add(1, Ordering::Relaxed);
-                let (sh, st) = (sh.clone(), st.clone());
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
+        let sh = shared.clone();
+        let running = run(
+            listener,
+            upstream,
+            || (),
+            move |client, server, (), st| {
+                let sh = sh.clone();
+                async move {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let up = async {
@@ -164,10 +199,10 @@ impl DelayProxy {
                         _ = st.cancelled() => {}
                         _ = async { tokio::join!(up, down) } => {}
                     }
-                });
-            }
-        });
-        DelayProxyHandle { addr, shared, stop }
+                }
+            },
+        );
+        DelayProxyHandle { running, shared }
     }
 }
 
@@ -214,21 +249,14 @@ async fn delayed_copy(
 /// Controls a running [`DelayProxy`]; dropping it stops the proxy and closes every socket.
 #[derive(Debug)]
 pub struct DelayProxyHandle {
-    addr: SocketAddr,
+    running: Running,
     shared: Arc<DelayShared>,
-    stop: CancellationToken,
-}
-
-impl Drop for DelayProxyHandle {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 impl DelayProxyHandle {
     /// Listening address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.running.addr
     }
 
     /// Sets the delay of server replies read from now on (zero: forward at once).
@@ -240,6 +268,6 @@ impl DelayProxyHandle {
 
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
-        self.shared.accepted.load(Ordering::Relaxed)
+        self.running.accepted.load(Ordering::Relaxed)
     }
 }
