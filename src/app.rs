@@ -114,7 +114,11 @@ impl Instruments {
     /// Registry and diagnostics only; no global subscriber (tests, tools).
     pub fn bare(config: &Config) -> Instruments {
         let registry = crate::metrics::new_registry();
-        let diagnostics = Diagnostics::new(config.diagnostics.clone(), &registry);
+        let diagnostics = Diagnostics::new(
+            crate::metrics::NAMING,
+            config.diagnostics.clone(),
+            &registry,
+        );
         let supervisor = Supervisor::from_env();
         diagnostics.set_progress_sink(std::sync::Arc::new(supervisor.clone()));
         Instruments {

@@ -8,6 +8,10 @@ use prometheus::Registry;
 
 pub use diagnostics::metrics::*;
 
+/// vpnbot's name in what the diagnostics create: `vpnbot_` metric names, `vpnbot-watchdog` and
+/// `vpnbot-wrk-N` threads, `vpnbot-dump-*.json` files.
+pub const NAMING: diagnostics::Naming = diagnostics::Naming::new("vpnbot");
+
 /// Creates the registry every subsystem registers into, with `vpnbot_build_info` already in it.
 pub fn new_registry() -> Registry {
     let registry = Registry::new();

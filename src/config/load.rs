@@ -50,7 +50,6 @@ pub const NON_CONFIG_ENV: &[&str] = &[
     "VPNBOT_SIM_API_KEY",
     "VPNBOT_TEST_PGDATA",
     "VPNBOT_TEST_PGPORT",
-    crate::diagnostics::stack::CHILD_ENV,
     // `vpnbot_devtools::bench::reconcile::SIM_CHILD_ENV`: the reconcile benchmark's simulator child.
     "VPNBOT_BENCH_SIM_USERS",
 ];

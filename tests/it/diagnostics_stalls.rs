@@ -85,7 +85,7 @@ impl App {
         f(&mut s);
         assert!(s.validate().is_empty(), "{:?}", s.validate());
         let registry = vpnbot::metrics::new_registry();
-        let diag = Diagnostics::new(s, &registry);
+        let diag = Diagnostics::new(vpnbot::metrics::NAMING, s, &registry);
         diag.add_source(Arc::new(spans()));
         let rt = vpnbot::runtime::build_main_runtime(Some(2), &diag).unwrap();
         let tasks = Tasks::new();

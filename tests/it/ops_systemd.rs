@@ -88,7 +88,7 @@ rusty_fork_test! {
             ..Default::default()
         };
         let registry = vpnbot::metrics::new_registry();
-        let diag = Diagnostics::new(settings, &registry);
+        let diag = Diagnostics::new(vpnbot::metrics::NAMING, settings, &registry);
         diag.set_progress_sink(std::sync::Arc::new(supervisor));
         let rt = vpnbot::runtime::build_main_runtime(Some(2), &diag).unwrap();
         let tasks = Tasks::new();

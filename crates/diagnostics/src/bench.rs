@@ -81,7 +81,7 @@ pub fn bench_poll_hook_cost(workers: usize, tasks: u64, yields: u64) -> PollCost
             poll_time_histogram: hist,
             ..Default::default()
         };
-        let diag = Diagnostics::new(s, &prometheus::Registry::new());
+        let diag = Diagnostics::new(crate::Naming::new("bench"), s, &prometheus::Registry::new());
         let rt = crate::runtime::build_main_runtime(Some(workers), &diag).expect("runtime");
         best(&rt)
     };
@@ -182,7 +182,7 @@ pub fn bench_detection_latency(
         } else {
             StallKind::BlockedWorker
         };
-        let diag = Diagnostics::new(s, &prometheus::Registry::new());
+        let diag = Diagnostics::new(crate::Naming::new("bench"), s, &prometheus::Registry::new());
         let rt = crate::runtime::build_main_runtime(Some(2), &diag).expect("runtime");
         let tasks = Tasks::new();
         diag.start(rt.handle(), &tasks);
@@ -259,6 +259,7 @@ pub fn bench_detection_latency(
 /// as a share of one core (target under 1 %). Prints and returns it.
 pub fn bench_watchdog_cpu(duration: Duration) -> f64 {
     let diag = Diagnostics::new(
+        crate::Naming::new("bench"),
         DiagnosticsSettings {
             dump_max_files: 0,
             ..Default::default()

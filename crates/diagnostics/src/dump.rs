@@ -705,7 +705,7 @@ pub(crate) fn recv_nudging(
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let (handle, in_flight) = (handle.clone(), in_flight.clone());
                 let _ = std::thread::Builder::new()
-                    .name("vpnbot-dump-nudge".into())
+                    .name("diag-dump-nudge".into())
                     .spawn(move || {
                         let until = Instant::now() + Duration::from_secs(30);
                         while in_flight.load(Ordering::Acquire) && Instant::now() < until {
@@ -721,18 +721,24 @@ pub(crate) fn recv_nudging(
 }
 
 /// Writes `dump` into `dir` and removes the oldest files beyond `max_files`.
-pub(crate) fn write_file(dir: &Path, max_files: usize, dump: &Dump) -> std::io::Result<PathBuf> {
+pub(crate) fn write_file(
+    dir: &Path,
+    max_files: usize,
+    naming: crate::Naming,
+    dump: &Dump,
+) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
     let kind = dump.kind.map(|k| k.as_str()).unwrap_or("none");
-    let path = dir.join(format!("vpnbot-dump-{stamp}-{kind}.json"));
+    let prefix = format!("{}-dump-", naming.service());
+    let path = dir.join(format!("{prefix}{stamp}-{kind}.json"));
     std::fs::write(&path, dump.to_json())?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("vpnbot-dump-") && n.ends_with(".json"))
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".json"))
         })
         .collect();
     files.sort();

@@ -16,11 +16,13 @@
 //! tracing, prometheus and the stack-capture crate only. What it watches beyond the runtime
 //! comes in through [`InflightSource`] (the embedding service registers its own registries of
 //! in-flight work), [`Diagnostics::record_worker_run`] (periodic workers) and [`ProgressSink`]
-//! (a service manager's watchdog). Metric names carry the `vpnbot_` prefix of the service it
-//! was built for.
+//! (a service manager's watchdog). The service names itself once ([`Naming`]): metric names
+//! (`<service>_runtime_workers`), thread names (`<service>-watchdog`, `<service>-wrk-0`) and dump
+//! files follow it.
 //!
 //! Wiring (in `main`): [`stack::maybe_run_child`] first; [`OpenSpansLayer`] (and
-//! [`console_layer`]) into the subscriber; [`Diagnostics::new`] before the runtime;
+//! [`console_layer`]) into the subscriber; [`Diagnostics::new`] with the service's [`Naming`]
+//! before the runtime;
 //! [`runtime::build_main_runtime`]; then [`Diagnostics::start`] with the runtime handle.
 //!
 //! tokio-console: set `diagnostics.console_enabled = true`, add [`console_layer`] with a filter
@@ -39,6 +41,7 @@ mod dump;
 mod inflight;
 pub mod lateness;
 pub mod metrics;
+mod naming;
 mod open_spans;
 mod poll_tracking;
 mod recent;
@@ -68,6 +71,7 @@ pub use dump::{
 pub use inflight::{
     InflightEntry, InflightKind, InflightSource, SourceEpisode, MAX_DETAIL_LEN, MAX_FIELD_LEN,
 };
+pub use naming::Naming;
 pub use open_spans::{
     OpenSpans, OpenSpansLayer, SpanTargets, MAX_OPEN_SPANS, SHARDS as OPEN_SPAN_SHARDS,
     TRACKED_LEVEL,
@@ -189,6 +193,7 @@ struct WatchdogMetrics {
 }
 
 struct Inner {
+    naming: Naming,
     settings: DiagnosticsSettings,
     epoch: Instant,
     tracker: Arc<PollTracker>,
@@ -242,59 +247,59 @@ impl Diagnostics {
     ///
     /// # Panics
     /// If the metric names are already registered in `registry`.
-    pub fn new(settings: DiagnosticsSettings, registry: &Registry) -> Diagnostics {
+    pub fn new(naming: Naming, settings: DiagnosticsSettings, registry: &Registry) -> Diagnostics {
         let r = registry;
         let metrics = WatchdogMetrics {
             stalled: metrics::int_gauge(
                 r,
-                "vpnbot_runtime_stalled",
+                &naming.metric("runtime_stalled"),
                 "1 while the main runtime is stalled (runtime_stalled or blocked_worker), else 0.",
             ),
             episode_info: metrics::int_gauge_vec(
                 r,
-                "vpnbot_watchdog_episode_info",
+                &naming.metric("watchdog_episode_info"),
                 "1 while a stall episode is open; labels name the culprit (empty where they do \
                  not apply).",
                 &EPISODE_LABELS,
             ),
             heartbeat_age: metrics::gauge(
                 r,
-                "vpnbot_runtime_heartbeat_age_seconds",
+                &naming.metric("runtime_heartbeat_age_seconds"),
                 "Seconds since the in-runtime heartbeat last ran (updated by the watchdog).",
             ),
             stalls_total: metrics::counter_vec(
                 r,
-                "vpnbot_watchdog_stalls_total",
+                &naming.metric("watchdog_stalls_total"),
                 "Stall episodes detected, by kind.",
                 &["kind"],
             ),
             stall_duration: metrics::histogram_vec(
                 r,
-                "vpnbot_watchdog_stall_duration_seconds",
+                &naming.metric("watchdog_stall_duration_seconds"),
                 "Duration of ended stall episodes, seconds, by kind.",
                 &["kind"],
                 DURATION_BUCKETS_SECONDS,
             ),
             last_dump: metrics::gauge(
                 r,
-                "vpnbot_watchdog_last_dump_timestamp_seconds",
+                &naming.metric("watchdog_last_dump_timestamp_seconds"),
                 "Unix time of the last diagnostic dump written by the watchdog.",
             ),
             scheduler_lag: metrics::histogram(
                 r,
-                "vpnbot_runtime_scheduler_lag_seconds",
+                &naming.metric("runtime_scheduler_lag_seconds"),
                 "How late the in-runtime probe woke after its sleep, seconds.",
                 DURATION_BUCKETS_SECONDS,
             ),
             probe_delay: metrics::histogram(
                 r,
-                "vpnbot_runtime_probe_first_poll_delay_seconds",
+                &naming.metric("runtime_probe_first_poll_delay_seconds"),
                 "Delay between the watchdog spawning a no-op probe task and its first poll.",
                 DURATION_BUCKETS_SECONDS,
             ),
             dumps_total: metrics::counter_vec(
                 r,
-                "vpnbot_watchdog_dumps_total",
+                &naming.metric("watchdog_dumps_total"),
                 "Diagnostic dumps built, by trigger (episode, on_demand, exit).",
                 &["trigger"],
             ),
@@ -303,10 +308,11 @@ impl Diagnostics {
             metrics.stalls_total.with_label_values(&[k.as_str()]);
         }
         let handle = Arc::new(OnceLock::new());
-        PollTimeCollector::register(r, handle.clone());
-        let exporter = RuntimeMetricsExporter::new(r);
+        PollTimeCollector::register(r, naming, handle.clone());
+        let exporter = RuntimeMetricsExporter::new(r, naming);
         Diagnostics {
             inner: Arc::new(Inner {
+                naming,
                 settings,
                 epoch: Instant::now(),
                 tracker: PollTracker::new(),
@@ -331,6 +337,11 @@ impl Diagnostics {
                 supervisor: OnceLock::new(),
             }),
         }
+    }
+
+    /// How this service names its metrics, threads and dump files.
+    pub fn naming(&self) -> Naming {
+        self.inner.naming
     }
 
     /// The settings in force.
@@ -400,12 +411,12 @@ impl Diagnostics {
         let (dump_tx, dump_rx) = mpsc::channel::<&'static str>();
         let weak = Arc::downgrade(&self.inner);
         std::thread::Builder::new()
-            .name("vpnbot-dump".into())
+            .name(self.inner.naming.thread("dump"))
             .spawn(move || dump_thread(weak, dump_rx))
             .expect("spawning the dump thread");
         let weak = Arc::downgrade(&self.inner);
         std::thread::Builder::new()
-            .name("vpnbot-watchdog".into())
+            .name(self.inner.naming.thread("watchdog"))
             .spawn(move || watchdog_thread(weak, dump_tx))
             .expect("spawning the watchdog thread");
     }
@@ -676,7 +687,7 @@ impl Inner {
         let s = &self.settings;
         let json = d.to_json();
         let file = if s.dump_max_files > 0 {
-            match dump::write_file(&s.dump_dir, s.dump_max_files, &d) {
+            match dump::write_file(&s.dump_dir, s.dump_max_files, self.naming, &d) {
                 Ok(p) => p.display().to_string(),
                 Err(e) => format!("not written: {e}"),
             }
@@ -684,7 +695,7 @@ impl Inner {
             "disabled".into()
         };
         tracing::error!(
-            target: "vpnbot::diagnostics::watchdog",
+            target: "diagnostics::watchdog",
             kind = d.kind.map(|k| k.as_str()).unwrap_or("none"),
             verdict = %d.verdict,
             file = %file,
@@ -888,7 +899,7 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                     let d = dump::build(&inner, "exit");
                     let d = inner.store_dump(d);
                     tracing::error!(
-                        target: "vpnbot::diagnostics::watchdog",
+                        target: "diagnostics::watchdog",
                         stalled_seconds = age.as_secs_f64(),
                         exit_code = STALL_EXIT_CODE,
                         verdict = %d.verdict,
@@ -948,7 +959,7 @@ fn start_episode(inner: &Inner, kind: StallKind, culprit: &Culprit) {
         .with_label_values(&label_values(kind, culprit))
         .set(1);
     tracing::warn!(
-        target: "vpnbot::diagnostics::watchdog",
+        target: "diagnostics::watchdog",
         kind = kind.as_str(),
         task = non_empty(&culprit.task),
         node = non_empty(&culprit.node),
@@ -984,7 +995,7 @@ fn end_episode(inner: &Inner, kind: StallKind, ep: Episode) {
         .episode_info
         .remove_label_values(&label_values(kind, &ep.culprit));
     tracing::warn!(
-        target: "vpnbot::diagnostics::watchdog",
+        target: "diagnostics::watchdog",
         kind = kind.as_str(),
         duration_seconds = d.as_secs_f64(),
         task = non_empty(&ep.culprit.task),

@@ -155,7 +155,8 @@ impl PollTracker {
                 // here and not when the thread starts).
                 let name = match tokio::runtime::worker_index() {
                     Some(i) => {
-                        let name = crate::runtime::worker_thread_name(i);
+                        let name =
+                            crate::runtime::worker_thread_name(me.name().unwrap_or("wrk"), i);
                         crate::runtime::set_os_thread_name(&name);
                         name
                     }

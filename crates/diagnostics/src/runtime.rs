@@ -6,23 +6,24 @@ use tokio::runtime::{HistogramConfiguration, LogHistogram, Runtime};
 
 use crate::Diagnostics;
 
-/// Prefix of the main runtime's worker thread names: worker `N` (tokio's 0-based worker
+/// Role part of the main runtime's worker thread names: worker `N` (tokio's 0-based worker
 /// index, the `worker` label of the runtime metrics and the "worker N" of dumps) runs on
-/// thread `vpnbot-wrk-N` (see [`worker_thread_name`]). Short because Linux keeps 15 bytes of a
-/// thread name (`ps`, `top`, `/proc/<pid>/task/<tid>/comm`): `vpnbot-worker-10` would read as
+/// thread `<service>-wrk-N` (see [`worker_thread_name`]). Short because Linux keeps 15 bytes of
+/// a thread name (`ps`, `top`, `/proc/<pid>/task/<tid>/comm`): `vpnbot-worker-10` would read as
 /// `vpnbot-worker-1` there.
-pub const WORKER_THREAD_PREFIX: &str = "vpnbot-wrk";
+pub const WORKER_THREAD_ROLE: &str = "wrk";
 
-/// The name of the thread that runs worker `index`: `vpnbot-wrk-<index>`.
+/// The name of the thread that runs worker `index`: `<base>-<index>`, where `base` is the name
+/// the thread started with (`<service>-wrk`).
 ///
 /// tokio starts its workers through the blocking pool's shared queue, so the `n`-th thread
 /// started does not necessarily run worker `n` (seen here: worker 1 on the first thread). A
-/// worker thread therefore starts as plain `vpnbot-wrk` and is renamed at the OS level
+/// worker thread therefore starts as plain `<service>-wrk` and is renamed at the OS level
 /// (`pthread_setname_np`: `ps`, `top`, `/proc`, debuggers, native stacks) by the diagnostics'
 /// poll hook on its first poll, when tokio reports its index; dumps use this name. Rust's own
-/// name of the thread (panic messages) stays `vpnbot-wrk`.
-pub fn worker_thread_name(index: usize) -> String {
-    format!("{WORKER_THREAD_PREFIX}-{index}")
+/// name of the thread (panic messages) stays `<service>-wrk`.
+pub fn worker_thread_name(base: &str, index: usize) -> String {
+    format!("{base}-{index}")
 }
 
 /// Sets the calling thread's OS-level name (at most 15 bytes are kept; longer names are cut).
@@ -35,9 +36,9 @@ pub(crate) fn set_os_thread_name(name: &str) {
     }
 }
 
-/// Prefix of the main runtime's blocking-pool thread names (`vpnbot-blk-0`, ...), numbered
-/// in the order they start.
-pub const BLOCKING_THREAD_PREFIX: &str = "vpnbot-blk";
+/// Role part of the main runtime's blocking-pool thread names (`<service>-blk-0`, ...),
+/// numbered in the order they start.
+pub const BLOCKING_THREAD_ROLE: &str = "blk";
 
 /// The number of workers tokio starts when none is configured: `TOKIO_WORKER_THREADS` when it
 /// holds a positive number, else one per CPU (tokio's own default, resolved here so thread
@@ -57,7 +58,7 @@ pub fn default_worker_threads() -> usize {
 /// Builds the main multi-thread runtime with `worker_threads` workers (default:
 /// [`default_worker_threads`]), all drivers enabled, worker threads named after tokio's worker
 /// index ([`worker_thread_name`]; the first `worker_threads` threads started are the workers)
-/// and [`BLOCKING_THREAD_PREFIX`] for the rest, the poll-time histogram when
+/// and [`BLOCKING_THREAD_ROLE`] for the rest, the poll-time histogram when
 /// `diagnostics.poll_time_histogram` (log buckets 16 µs .. ~4 s), the
 /// LIFO slot disabled (a task in a blocked worker's LIFO slot cannot be stolen, so one blocked
 /// worker would strand it), eager driver hand-off (a blocked worker must not strand the I/O and
@@ -78,12 +79,13 @@ pub fn build_main_runtime(
     // Called once per thread started, in start order: `build` starts the workers first (in
     // no fixed index order), the blocking pool's threads come later.
     let counter = AtomicUsize::new(0);
+    let naming = diag.naming();
     b.thread_name_fn(move || {
         let n = counter.fetch_add(1, Ordering::Relaxed);
         if n < workers {
-            WORKER_THREAD_PREFIX.to_owned()
+            naming.thread(WORKER_THREAD_ROLE)
         } else {
-            format!("{BLOCKING_THREAD_PREFIX}-{}", n - workers)
+            format!("{}-{}", naming.thread(BLOCKING_THREAD_ROLE), n - workers)
         }
     });
     b.disable_lifo_slot();

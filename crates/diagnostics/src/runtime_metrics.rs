@@ -17,8 +17,8 @@ use tokio_metrics::{RuntimeIntervals, RuntimeMonitor, TaskMetrics, TaskMonitor};
 
 use crate::metrics;
 
-/// Name of the poll-time histogram family.
-pub const POLL_TIME_HISTOGRAM: &str = "vpnbot_runtime_poll_duration_seconds";
+/// Name of the poll-time histogram family, after the service's prefix ([`crate::Naming`]).
+pub const POLL_TIME_HISTOGRAM: &str = "runtime_poll_duration_seconds";
 
 #[derive(Debug)]
 pub(crate) struct RuntimeMetricsExporter {
@@ -73,81 +73,86 @@ fn counter_vec_f64(registry: &Registry, name: &str, help: &str, labels: &[&str])
 }
 
 impl RuntimeMetricsExporter {
-    pub(crate) fn new(r: &Registry) -> Self {
+    pub(crate) fn new(r: &Registry, naming: crate::Naming) -> Self {
         let g = |n: &str, h: &str| metrics::int_gauge(r, n, h);
         let c = |n: &str, h: &str| metrics::counter(r, n, h);
         let tl = &["task"];
         let task = TaskExporter {
             instrumented: metrics::counter_vec(
                 r,
-                "vpnbot_task_instrumented_total",
+                &naming.metric("task_instrumented_total"),
                 "Tasks of the family instrumented (spawned).",
                 tl,
             ),
             dropped: metrics::counter_vec(
                 r,
-                "vpnbot_task_dropped_total",
+                &naming.metric("task_dropped_total"),
                 "Tasks of the family that completed or were dropped.",
                 tl,
             ),
             first_polls: metrics::counter_vec(
                 r,
-                "vpnbot_task_first_polls_total",
+                &naming.metric("task_first_polls_total"),
                 "Tasks of the family polled for the first time.",
                 tl,
             ),
             first_poll_delay: counter_vec_f64(
                 r,
-                "vpnbot_task_first_poll_delay_seconds_total",
+                &naming.metric("task_first_poll_delay_seconds_total"),
                 "Total delay between instrumenting and first poll, seconds.",
                 tl,
             ),
-            polls: metrics::counter_vec(r, "vpnbot_task_polls_total", "Polls of the family.", tl),
+            polls: metrics::counter_vec(
+                r,
+                &naming.metric("task_polls_total"),
+                "Polls of the family.",
+                tl,
+            ),
             poll_seconds: counter_vec_f64(
                 r,
-                "vpnbot_task_poll_seconds_total",
+                &naming.metric("task_poll_seconds_total"),
                 "Total time spent polling tasks of the family, seconds.",
                 tl,
             ),
             slow_polls: metrics::counter_vec(
                 r,
-                "vpnbot_task_slow_polls_total",
+                &naming.metric("task_slow_polls_total"),
                 "Polls longer than the slow-poll threshold (50 us).",
                 tl,
             ),
             slow_poll_seconds: counter_vec_f64(
                 r,
-                "vpnbot_task_slow_poll_seconds_total",
+                &naming.metric("task_slow_poll_seconds_total"),
                 "Total time in slow polls, seconds.",
                 tl,
             ),
             scheduled: metrics::counter_vec(
                 r,
-                "vpnbot_task_schedules_total",
+                &naming.metric("task_schedules_total"),
                 "Times tasks of the family were woken and queued.",
                 tl,
             ),
             scheduled_seconds: counter_vec_f64(
                 r,
-                "vpnbot_task_scheduled_seconds_total",
+                &naming.metric("task_scheduled_seconds_total"),
                 "Total time tasks of the family waited in run queues after waking, seconds.",
                 tl,
             ),
             long_delays: metrics::counter_vec(
                 r,
-                "vpnbot_task_long_schedule_delays_total",
+                &naming.metric("task_long_schedule_delays_total"),
                 "Schedules whose queue wait exceeded the long-delay threshold (50 us).",
                 tl,
             ),
             idle_seconds: counter_vec_f64(
                 r,
-                "vpnbot_task_idle_seconds_total",
+                &naming.metric("task_idle_seconds_total"),
                 "Total time tasks of the family were idle (waiting to be woken), seconds.",
                 tl,
             ),
             idled: metrics::counter_vec(
                 r,
-                "vpnbot_task_idles_total",
+                &naming.metric("task_idles_total"),
                 "Times tasks of the family went idle.",
                 tl,
             ),
@@ -155,73 +160,79 @@ impl RuntimeMetricsExporter {
         };
         Self {
             workers: g(
-                "vpnbot_runtime_workers",
+                &naming.metric("runtime_workers"),
                 "Worker threads of the main runtime.",
             ),
             live_tasks: g(
-                "vpnbot_runtime_live_tasks",
+                &naming.metric("runtime_live_tasks"),
                 "Tasks alive in the main runtime.",
             ),
             global_queue_depth: g(
-                "vpnbot_runtime_global_queue_depth",
+                &naming.metric("runtime_global_queue_depth"),
                 "Tasks waiting in the runtime's global (injection) queue.",
             ),
             local_queue_depth: g(
-                "vpnbot_runtime_local_queue_depth",
+                &naming.metric("runtime_local_queue_depth"),
                 "Tasks waiting in all workers' local queues.",
             ),
             blocking_threads: g(
-                "vpnbot_runtime_blocking_threads",
+                &naming.metric("runtime_blocking_threads"),
                 "Threads in the blocking pool (including idle ones).",
             ),
             idle_blocking_threads: g(
-                "vpnbot_runtime_idle_blocking_threads",
+                &naming.metric("runtime_idle_blocking_threads"),
                 "Idle threads in the blocking pool.",
             ),
             blocking_queue_depth: g(
-                "vpnbot_runtime_blocking_queue_depth",
+                &naming.metric("runtime_blocking_queue_depth"),
                 "Tasks waiting for a blocking-pool thread.",
             ),
             mean_poll: metrics::gauge(
                 r,
-                "vpnbot_runtime_mean_poll_duration_seconds",
+                &naming.metric("runtime_mean_poll_duration_seconds"),
                 "Mean task poll duration over the last sample interval, seconds.",
             ),
             busy_ratio: metrics::gauge(
                 r,
-                "vpnbot_runtime_busy_ratio",
+                &naming.metric("runtime_busy_ratio"),
                 "Share of worker time spent busy over the last sample interval (0..1).",
             ),
             busy_seconds: counter_vec_f64(
                 r,
-                "vpnbot_runtime_worker_busy_seconds_total",
+                &naming.metric("runtime_worker_busy_seconds_total"),
                 "Time each worker spent busy (not parked), seconds.",
                 &["worker"],
             ),
-            polls: c("vpnbot_runtime_polls_total", "Task polls by all workers."),
-            parks: c("vpnbot_runtime_parks_total", "Times workers parked."),
+            polls: c(
+                &naming.metric("runtime_polls_total"),
+                "Task polls by all workers.",
+            ),
+            parks: c(
+                &naming.metric("runtime_parks_total"),
+                "Times workers parked.",
+            ),
             noops: c(
-                "vpnbot_runtime_noop_unparks_total",
+                &naming.metric("runtime_noop_unparks_total"),
                 "Times workers unparked and parked again with nothing to do.",
             ),
             steals: c(
-                "vpnbot_runtime_steals_total",
+                &naming.metric("runtime_steals_total"),
                 "Tasks stolen between workers.",
             ),
             remote_schedules: c(
-                "vpnbot_runtime_remote_schedules_total",
+                &naming.metric("runtime_remote_schedules_total"),
                 "Tasks scheduled from outside the runtime.",
             ),
             overflows: c(
-                "vpnbot_runtime_local_queue_overflows_total",
+                &naming.metric("runtime_local_queue_overflows_total"),
                 "Times a local queue overflowed into the global queue.",
             ),
             forced_yields: c(
-                "vpnbot_runtime_budget_forced_yields_total",
+                &naming.metric("runtime_budget_forced_yields_total"),
                 "Times a task was forced to yield after exhausting its coop budget.",
             ),
             io_ready: c(
-                "vpnbot_runtime_io_driver_ready_events_total",
+                &naming.metric("runtime_io_driver_ready_events_total"),
                 "Ready events processed by the I/O driver.",
             ),
             task,
@@ -338,13 +349,19 @@ impl TaskExporter {
 #[derive(Debug)]
 pub(crate) struct PollTimeCollector {
     desc: Desc,
+    name: String,
     handle: Arc<OnceLock<Handle>>,
 }
 
 impl PollTimeCollector {
-    pub(crate) fn register(registry: &Registry, handle: Arc<OnceLock<Handle>>) {
+    pub(crate) fn register(
+        registry: &Registry,
+        naming: crate::Naming,
+        handle: Arc<OnceLock<Handle>>,
+    ) {
+        let name = naming.metric(POLL_TIME_HISTOGRAM);
         let desc = Desc::new(
-            POLL_TIME_HISTOGRAM.to_owned(),
+            name.clone(),
             "Task poll durations on the main runtime, seconds (sum estimated from bucket \
              midpoints)."
                 .to_owned(),
@@ -353,7 +370,7 @@ impl PollTimeCollector {
         )
         .expect("valid desc");
         registry
-            .register(Box::new(Self { desc, handle }))
+            .register(Box::new(Self { desc, name, handle }))
             .expect("unique metric name");
     }
 }
@@ -399,7 +416,7 @@ impl Collector for PollTimeCollector {
         let mut metric = proto::Metric::default();
         metric.set_histogram(h);
         let mut mf = MetricFamily::default();
-        mf.set_name(POLL_TIME_HISTOGRAM.to_owned());
+        mf.set_name(self.name.clone());
         mf.set_help(self.desc.help.clone());
         mf.set_field_type(MetricType::HISTOGRAM);
         mf.set_metric(vec![metric]);

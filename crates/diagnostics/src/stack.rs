@@ -21,10 +21,10 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Environment variable that turns the re-executed binary into the stack helper.
-pub const CHILD_ENV: &str = "VPNBOT_STACK_CHILD";
+pub const CHILD_ENV: &str = "DIAGNOSTICS_STACK_CHILD";
 /// Argument given to the helper so that a `main` that forgot [`maybe_run_child`] exits on a
 /// usage error instead of starting the service.
-pub const CHILD_ARG: &str = "__vpnbot-stack-child";
+pub const CHILD_ARG: &str = "__diagnostics-stack-child";
 const MAX_FRAMES: usize = 48;
 
 /// Call first thing in `main` (and in a test binary's constructor): when this process is the
@@ -34,7 +34,7 @@ pub fn maybe_run_child() {
         let code = match rstack_self::child() {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("vpnbot stack helper: {e}");
+                eprintln!("native stack helper: {e}");
                 1
             }
         };
@@ -104,7 +104,7 @@ pub fn capture_bounded(
     let (tx, rx) = std::sync::mpsc::channel();
     let tids = tids.to_vec();
     let spawned = std::thread::Builder::new()
-        .name("vpnbot-stacks".into())
+        .name("diag-stacks".into())
         .spawn(move || {
             let r = capture(&tids);
             CAPTURE_RUNNING.store(false, Ordering::Release);

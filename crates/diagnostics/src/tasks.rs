@@ -5,7 +5,8 @@
 //! the database monitor behind `/readyz`, the observability server's watcher). A critical task
 //! that returns before the root token is cancelled, or panics, is logged at ERROR naming it,
 //! recorded ([`Tasks::critical_exit`]) and cancels the root token, so the process shuts down and
-//! `vpnbot run` exits non-zero ([`EXIT_CRITICAL_TASK`]) instead of looking healthy without it.
+//! the embedding service can exit non-zero ([`EXIT_CRITICAL_TASK`]) instead of looking healthy
+//! without it.
 //! Families are marked critical with [`Tasks::mark_critical`] before they are spawned (so code
 //! that spawns them by name, like `db::leader`, needs no change) or spawned with
 //! [`Tasks::spawn_critical`].
@@ -40,8 +41,8 @@ pub struct Tasks {
     critical: Arc<Mutex<Critical>>,
 }
 
-/// Process exit code of `vpnbot run` when a critical task ended (`EX_SOFTWARE` from BSD
-/// `sysexits.h`: an internal error).
+/// Suggested process exit code when a critical task ended, as vpnbot's `run` uses it
+/// (`EX_SOFTWARE` from BSD `sysexits.h`: an internal error).
 pub const EXIT_CRITICAL_TASK: u8 = 70;
 
 #[derive(Debug, Default)]

@@ -327,7 +327,7 @@ fn demo_settings(cfg: &mut Config) -> Vec<String> {
     }
     // The report is the demo's output: logs show warnings and errors only (RUST_LOG overrides),
     // without the full dump JSON (its verdict is in the report, the files in ./dumps).
-    fill!(observability.log_filter = "warn,sqlx=error,vpnbot::diagnostics::watchdog=off".into());
+    fill!(observability.log_filter = "warn,sqlx=error,diagnostics::watchdog=off".into());
     fill!(db.max_connections = 5);
     fill!(db.min_connections = 1);
     fill!(db.acquire_timeout_seconds = Duration::from_secs(2));
