@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod commands;
+pub mod dedup;
 mod handlers;
 pub mod i18n;
 pub mod keys;
@@ -31,6 +32,8 @@ pub mod service_watch;
 pub mod settings;
 pub mod store;
 mod typed_updates;
+pub mod webhook;
+pub mod webhook_cli;
 
 pub use api::{BotApi, BotApiBuildError, BotApiError};
 pub use metrics::{BotErrorKind, BotMetrics, PaymentOutcome};
@@ -270,10 +273,25 @@ impl BotService {
             client_timeout_s = s.poll_request_timeout().as_secs_f64(),
             "bot: long polling starts"
         );
-        // A webhook left set makes getUpdates fail with 409: remove it once.
-        let _ = api
-            .call("deleteWebhook", || api.bot.delete_webhook().into_future())
-            .await;
+        // A webhook set makes getUpdates fail with 409. It is not deleted here: in a webhook
+        // deployment that would take every instance's updates away. Switching back is an
+        // operator's command (`vpnbot webhook delete`).
+        if let Ok(info) = api
+            .call("getWebhookInfo", || {
+                api.bot.get_webhook_info().into_future()
+            })
+            .await
+        {
+            if info.url.is_some() {
+                self.metrics().error(BotErrorKind::Conflict);
+                tracing::error!(
+                    pending_updates = info.pending_update_count,
+                    "bot: telegram.mode = \"polling\" but a webhook is set for this bot: \
+                     getUpdates will answer 409 and no update is received. Run `vpnbot webhook \
+                     delete` to switch to polling, or set telegram.mode = \"webhook\""
+                );
+            }
+        }
         self.set_commands().await;
 
         if let Err(e) = self.warm().await {
@@ -801,7 +819,7 @@ impl BotService {
         // Tracked twice: by the loop's own tracker (its bounded drain) and by the app's tasks.
         let fut = handlers.track_future(async move {
             let pre_checkout = matches!(q.update.kind, UpdateKind::PreCheckoutQuery(_));
-            bot.handle_guarded(q.update).await;
+            bot.handle_once(q.update).await;
             if pre_checkout {
                 bot.metrics()
                     .precheckout_answer
