@@ -392,6 +392,9 @@ impl App {
                     tasks.root().clone(),
                 ),
             );
+            b.api()
+                .metrics()
+                .set_receive_mode(t.mode == crate::config::TelegramMode::Webhook);
             match t.mode {
                 // One getUpdates consumer per token: the leader.
                 crate::config::TelegramMode::Polling => {

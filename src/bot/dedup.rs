@@ -147,47 +147,59 @@ impl BotService {
     /// Handles `u` once across deliveries and instances, for the polling loop: claims it,
     /// handles it when the claim is ours and marks it handled. An update claimed by an instance
     /// that died is waited for (claim retried every 500 ms) until its lease expires; a
-    /// database that cannot be reached does not stop the bot: the update is handled
-    /// unclaimed (payments stay idempotent by charge id).
-    pub(crate) async fn handle_once(&self, u: teloxide::types::Update) {
+    /// database that cannot be reached (or takes over [`CLAIM_BOUND_POLLING`]) does not stop
+    /// the bot: the update is handled unclaimed (payments stay idempotent by charge id).
+    ///
+    /// A pre-checkout query's answer time (from `received`) is observed before the mark, so
+    /// it is counted by the time the answer is out.
+    pub(crate) async fn handle_once(
+        &self,
+        u: teloxide::types::Update,
+        received: std::time::Instant,
+    ) {
         let id = i64::from(u.id.0);
         let deadline = tokio::time::Instant::now() + self.dedup_lease() + Duration::from_secs(1);
-        loop {
-            // Bounded: a database that does not answer must not hold up the answer to the user.
-            let claimed = tokio::time::timeout(
+        let claimed = loop {
+            let r = tokio::time::timeout(
                 CLAIM_BOUND_POLLING,
                 claim(&self.inner.pool, id, self.dedup_lease()),
             )
             .await;
-            let Ok(claimed) = claimed else {
-                tracing::warn!(
-                    update_id = id,
-                    "bot: update claim took over 1 s; handled unclaimed"
-                );
-                self.handle_guarded(u).await;
-                return;
-            };
-            match claimed {
-                Ok(Claim::Mine) => break,
-                Ok(Claim::Handled) => {
+            match r {
+                Ok(Ok(Claim::Mine)) => break true,
+                Ok(Ok(Claim::Handled)) => {
                     self.metrics().dedup_duplicates.inc();
                     tracing::info!(update_id = id, "bot: update handled before; skipped");
                     return;
                 }
-                Ok(Claim::Elsewhere) if tokio::time::Instant::now() < deadline => {
+                Ok(Ok(Claim::Elsewhere)) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Ok(Claim::Elsewhere) => break,
-                Err(e) => {
+                Ok(Ok(Claim::Elsewhere)) => break false,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, update_id = id, "bot: update not claimed; handled anyway");
-                    self.handle_guarded(u).await;
-                    return;
+                    break false;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        update_id = id,
+                        "bot: update claim took over 1 s; handled unclaimed"
+                    );
+                    break false;
                 }
             }
-        }
+        };
+        let pre_checkout = matches!(u.kind, teloxide::types::UpdateKind::PreCheckoutQuery(_));
         self.handle_guarded(u).await;
-        if let Err(e) = mark_handled(&self.inner.pool, id).await {
-            tracing::warn!(error = %e, update_id = id, "bot: update not marked handled");
+        if pre_checkout {
+            self.metrics()
+                .precheckout_answer
+                .observe(received.elapsed().as_secs_f64());
+        }
+        if claimed {
+            if let Err(e) = mark_handled(&self.inner.pool, id).await {
+                tracing::warn!(error = %e, update_id = id, "bot: update not marked handled");
+            }
         }
     }
 }

@@ -28,6 +28,7 @@ pub struct BotMetrics {
     pub(crate) webhook_handling: Histogram,
     pub(crate) dedup_deleted: IntCounter,
     pub(crate) dedup_duplicates: IntCounter,
+    pub(crate) receive_mode: IntGaugeVec,
 }
 
 /// Buckets of `vpnbot_bot_precheckout_answer_seconds`: fine below Telegram's 10 s deadline.
@@ -271,6 +272,12 @@ impl BotMetrics {
                 "vpnbot_bot_update_dedup_deleted_total",
                 "Update ids deleted from the deduplication table after telegram.dedup_retention_seconds.",
             ),
+            receive_mode: metrics::int_gauge_vec(
+                registry,
+                "vpnbot_bot_receive_mode",
+                "1 for how this instance receives updates (telegram.mode: polling, webhook), 0 for the other.",
+                &["mode"],
+            ),
             dedup_duplicates: metrics::counter(
                 registry,
                 "vpnbot_bot_update_duplicates_total",
@@ -317,6 +324,17 @@ impl BotMetrics {
     /// Counts one error of `kind`.
     pub fn error(&self, kind: BotErrorKind) {
         self.errors.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// Exports how updates arrive (`telegram.mode`): 1 for `webhook` or `polling`, 0 for
+    /// the other.
+    pub fn set_receive_mode(&self, webhook: bool) {
+        self.receive_mode
+            .with_label_values(&["webhook"])
+            .set(i64::from(webhook));
+        self.receive_mode
+            .with_label_values(&["polling"])
+            .set(i64::from(!webhook));
     }
 
     /// Counts one webhook request with `outcome`.

@@ -818,13 +818,8 @@ impl BotService {
         let bot = self.clone();
         // Tracked twice: by the loop's own tracker (its bounded drain) and by the app's tasks.
         let fut = handlers.track_future(async move {
-            let pre_checkout = matches!(q.update.kind, UpdateKind::PreCheckoutQuery(_));
-            bot.handle_once(q.update).await;
-            if pre_checkout {
-                bot.metrics()
-                    .precheckout_answer
-                    .observe(q.received.elapsed().as_secs_f64());
-            }
+            // Claimed, handled, pre-checkout answer time observed, marked handled.
+            bot.handle_once(q.update, q.received).await;
             drop(permit);
         });
         self.inner.tasks.spawn_named("bot_handler", fut);
