@@ -20,8 +20,11 @@ use crate::db::{DbError, DbPool};
 
 use super::BotService;
 
-/// Longest the polling loop's handler waits for a claim before handling the update unclaimed.
-pub const CLAIM_BOUND_POLLING: Duration = Duration::from_secs(1);
+/// Longest the polling loop waits for the claim of a pre-checkout query before answering it
+/// unclaimed (Telegram cancels the payment unless it is answered within 10 s; answering one
+/// twice is harmless). Other updates wait for the claim up to the pool's acquire timeout (an
+/// acquire that times out is counted under `bot_update_claim`).
+pub const CLAIM_BOUND_PRE_CHECKOUT: Duration = Duration::from_secs(1);
 
 /// What a claim on an update found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,8 +150,8 @@ impl BotService {
     /// Handles `u` once across deliveries and instances, for the polling loop: claims it,
     /// handles it when the claim is ours and marks it handled. An update claimed by an instance
     /// that died is waited for (claim retried every 500 ms) until its lease expires; a
-    /// database that cannot be reached (or takes over [`CLAIM_BOUND_POLLING`]) does not stop
-    /// the bot: the update is handled unclaimed (payments stay idempotent by charge id).
+    /// database that cannot be reached (the claim failed, or a pre-checkout's claim took over
+    /// [`CLAIM_BOUND_PRE_CHECKOUT`]) does not stop the bot: the update is handled unclaimed (payments stay idempotent by charge id).
     ///
     /// A pre-checkout query's answer time (from `received`) is observed before the mark, so
     /// it is counted by the time the answer is out.
@@ -159,12 +162,16 @@ impl BotService {
     ) {
         let id = i64::from(u.id.0);
         let deadline = tokio::time::Instant::now() + self.dedup_lease() + Duration::from_secs(1);
+        let pre_checkout = matches!(u.kind, teloxide::types::UpdateKind::PreCheckoutQuery(_));
+        let bound = if pre_checkout {
+            CLAIM_BOUND_PRE_CHECKOUT
+        } else {
+            // The pool's acquire timeout and the statement timeout bound it already.
+            Duration::MAX
+        };
         let claimed = loop {
-            let r = tokio::time::timeout(
-                CLAIM_BOUND_POLLING,
-                claim(&self.inner.pool, id, self.dedup_lease()),
-            )
-            .await;
+            let r =
+                tokio::time::timeout(bound, claim(&self.inner.pool, id, self.dedup_lease())).await;
             match r {
                 Ok(Ok(Claim::Mine)) => break true,
                 Ok(Ok(Claim::Handled)) => {
@@ -183,13 +190,12 @@ impl BotService {
                 Err(_) => {
                     tracing::warn!(
                         update_id = id,
-                        "bot: update claim took over 1 s; handled unclaimed"
+                        "bot: pre-checkout claim took over 1 s; answered unclaimed"
                     );
                     break false;
                 }
             }
         };
-        let pre_checkout = matches!(u.kind, teloxide::types::UpdateKind::PreCheckoutQuery(_));
         self.handle_guarded(u).await;
         if pre_checkout {
             self.metrics()

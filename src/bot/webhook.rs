@@ -58,7 +58,8 @@ struct Webhook {
 impl BotService {
     /// Serves the webhook endpoint on `listener` until `tasks`' root token is cancelled (then
     /// it stops accepting, and handlers still running finish under the app's drain). Returns
-    /// the address it serves.
+    /// the address it serves. The server is a critical task (`bot_webhook`): ending before
+    /// shutdown ends the process.
     ///
     /// # Errors
     /// The listener's address cannot be read.
@@ -83,7 +84,9 @@ impl BotService {
         let bot = self.clone();
         tasks.spawn_named("bot_set_commands", async move { bot.set_commands().await });
         let root = tasks.root().clone();
-        tasks.spawn_named("bot_webhook", async move {
+        // Critical: an endpoint that stopped serving before shutdown would leave the instance
+        // running and deaf; its end shuts the process down (exit 70) instead.
+        tasks.spawn_critical("bot_webhook", async move {
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(root.cancelled_owned())
                 .await
