@@ -2,7 +2,9 @@
 //! updates, and the handlers for users (trial, Telegram Stars purchases, status, key with QR
 //! code, help, in English and Russian) and admins (`/stats`, `/diag`, `/reconcile`).
 //!
-//! Only the leader runs [`BotService::run`] (see `App::start`). teloxide is used as the Bot API
+//! In polling mode only the leader runs [`BotService::run`] (see `App::start`); in webhook
+//! mode every instance serves [`webhook`] instead. Both hand each update to the same guarded
+//! handler, once per `update_id` ([`dedup`]). teloxide is used as the Bot API
 //! client only: the receive loop is ours so polling liveness, `429` and `409` handling are
 //! exact and visible:
 //! - each `getUpdates` carries an explicit long-poll `timeout`, its HTTP client's total timeout

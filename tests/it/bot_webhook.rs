@@ -551,3 +551,42 @@ fn reqwest_blocking_metrics(addr: SocketAddr) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+/// Polling mode started while a webhook is set: the webhook is left alone (deleting it would
+/// take the updates of every webhook instance away), the error is logged and counted as a
+/// conflict, and getUpdates' 409 keeps it visible.
+#[sqlx::test(migrations = false)]
+async fn polling_with_a_webhook_set_warns_and_leaves_it(_p: PgPoolOptions, opts: PgConnectOptions) {
+    let (sim, node) = helpers::bot::start_sims().await;
+    let r = reqwest::Client::new()
+        .post(format!("{}bot{}/setWebhook", sim.api_url(), sim.token()))
+        .json(&json!({"url": "https://bot.example.com/hook", "secret_token": SECRET}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let mut cfg = helpers::bot::bot_config(&opts, &sim, &node);
+    cfg.reconcile.enabled = false;
+    let app = App::start(cfg).await.unwrap();
+    let conflicts = helpers::eventually(Duration::from_secs(15), || {
+        helpers::metric(
+            &vpnbot::metrics::render(&app.registry),
+            "vpnbot_bot_errors_total",
+            &[("kind", "conflict")],
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert!(conflicts.is_some(), "the set webhook is reported");
+    assert!(sim.requests("getWebhookInfo") >= 1);
+    assert!(sim.webhook().is_some(), "the webhook is not deleted");
+    assert!(
+        sim.webhook_calls()
+            .iter()
+            .all(|(m, _)| m != "deleteWebhook"),
+        "{:?}",
+        sim.webhook_calls()
+    );
+    app.shutdown().await;
+}
