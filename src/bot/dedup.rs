@@ -22,8 +22,7 @@ use super::BotService;
 
 /// Longest the polling loop waits for the claim of a pre-checkout query before answering it
 /// unclaimed (Telegram cancels the payment unless it is answered within 10 s; answering one
-/// twice is harmless). Other updates wait for the claim up to the pool's acquire timeout (an
-/// acquire that times out is counted under `bot_update_claim`).
+/// twice is harmless). Other updates wait for the claim within their handler bound.
 pub const CLAIM_BOUND_PRE_CHECKOUT: Duration = Duration::from_secs(1);
 
 /// What a claim on an update found.
@@ -147,11 +146,55 @@ impl BotService {
         }
     }
 
-    /// Handles `u` once across deliveries and instances, for the polling loop: claims it,
-    /// handles it when the claim is ours and marks it handled. An update claimed by an instance
-    /// that died is waited for (claim retried every 500 ms) until its lease expires; a
-    /// database that cannot be reached (the claim failed, or a pre-checkout's claim took over
-    /// [`CLAIM_BOUND_PRE_CHECKOUT`]) does not stop the bot: the update is handled unclaimed (payments stay idempotent by charge id).
+    /// Claims `u` for the polling loop (inside the handler's bound, see
+    /// [`BotService::handle_once`]). A pre-checkout query waits at most
+    /// [`CLAIM_BOUND_PRE_CHECKOUT`] for it; other updates as long as the pool's acquire timeout
+    /// and the handler bound allow (an acquire that times out is counted under
+    /// `bot_update_claim`). A claim that fails, or that another instance holds (a leader that
+    /// died mid-handler: polling has one consumer), does not stop the bot: the update is
+    /// handled unclaimed (at least once; payments stay idempotent by charge id).
+    pub(crate) async fn claim_for_polling(&self, u: &teloxide::types::Update) -> Proceed {
+        let id = i64::from(u.id.0);
+        let pre_checkout = matches!(u.kind, teloxide::types::UpdateKind::PreCheckoutQuery(_));
+        let bound = if pre_checkout {
+            CLAIM_BOUND_PRE_CHECKOUT
+        } else {
+            // The pool's acquire timeout, the statement timeout and the handler bound.
+            Duration::MAX
+        };
+        let r = tokio::time::timeout(bound, claim(&self.inner.pool, id, self.dedup_lease())).await;
+        match r {
+            Ok(Ok(Claim::Mine)) => Proceed::Claimed,
+            Ok(Ok(Claim::Handled)) => {
+                self.metrics().dedup_duplicates.inc();
+                tracing::info!(update_id = id, "bot: update handled before; skipped");
+                Proceed::Skip
+            }
+            Ok(Ok(Claim::Elsewhere)) => {
+                tracing::warn!(
+                    update_id = id,
+                    "bot: update claimed by another instance (a previous leader?); handled anyway"
+                );
+                Proceed::Unclaimed
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, update_id = id, "bot: update not claimed; handled anyway");
+                Proceed::Unclaimed
+            }
+            Err(_) => {
+                tracing::warn!(
+                    update_id = id,
+                    "bot: pre-checkout claim took over 1 s; answered unclaimed"
+                );
+                Proceed::Unclaimed
+            }
+        }
+    }
+
+    /// Handles `u` once across deliveries, for the polling loop: claims it and handles it
+    /// within the handler's bound ([`Self::claim_for_polling`]; a claim cut off by the bound
+    /// gets the cut-off answer like a slow handler), and marks it handled when the claim was
+    /// taken, cut off or not (the cut-off answer was its answer).
     ///
     /// A pre-checkout query's answer time (from `received`) is observed before the mark, so
     /// it is counted by the time the answer is out.
@@ -161,51 +204,29 @@ impl BotService {
         received: std::time::Instant,
     ) {
         let id = i64::from(u.id.0);
-        let deadline = tokio::time::Instant::now() + self.dedup_lease() + Duration::from_secs(1);
         let pre_checkout = matches!(u.kind, teloxide::types::UpdateKind::PreCheckoutQuery(_));
-        let bound = if pre_checkout {
-            CLAIM_BOUND_PRE_CHECKOUT
-        } else {
-            // The pool's acquire timeout and the statement timeout bound it already.
-            Duration::MAX
-        };
-        let claimed = loop {
-            let r =
-                tokio::time::timeout(bound, claim(&self.inner.pool, id, self.dedup_lease())).await;
-            match r {
-                Ok(Ok(Claim::Mine)) => break true,
-                Ok(Ok(Claim::Handled)) => {
-                    self.metrics().dedup_duplicates.inc();
-                    tracing::info!(update_id = id, "bot: update handled before; skipped");
-                    return;
-                }
-                Ok(Ok(Claim::Elsewhere)) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Ok(Ok(Claim::Elsewhere)) => break false,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, update_id = id, "bot: update not claimed; handled anyway");
-                    break false;
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        update_id = id,
-                        "bot: pre-checkout claim took over 1 s; answered unclaimed"
-                    );
-                    break false;
-                }
-            }
-        };
-        self.handle_guarded(u).await;
+        let claimed = std::sync::atomic::AtomicBool::new(false);
+        self.handle_guarded_claiming(u, Some(&claimed)).await;
         if pre_checkout {
             self.metrics()
                 .precheckout_answer
                 .observe(received.elapsed().as_secs_f64());
         }
-        if claimed {
+        if claimed.load(std::sync::atomic::Ordering::Relaxed) {
             if let Err(e) = mark_handled(&self.inner.pool, id).await {
                 tracing::warn!(error = %e, update_id = id, "bot: update not marked handled");
             }
         }
     }
+}
+
+/// What the polling loop does with an update after its claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proceed {
+    /// Claimed: handle it, then mark it handled.
+    Claimed,
+    /// Handled before: skip it.
+    Skip,
+    /// Not claimed (database trouble, or held by an instance that died): handle it anyway.
+    Unclaimed,
 }

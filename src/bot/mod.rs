@@ -482,12 +482,35 @@ impl BotService {
     /// Handles one update with the per-update bound, counting a timeout or a panic. A handler
     /// cut off or panicking still answers the user honestly (see [`Owed`]).
     async fn handle_guarded(&self, u: Update) {
+        self.handle_guarded_claiming(u, None).await;
+    }
+
+    /// [`Self::handle_guarded`]; with `claim` (the polling loop), the update is first claimed
+    /// inside the same bound ([`dedup`]): a duplicate is skipped, and whether the claim was
+    /// taken is recorded in `claim` (to mark the update handled afterwards, cut off or not).
+    async fn handle_guarded_claiming(
+        &self,
+        u: Update,
+        claim: Option<&std::sync::atomic::AtomicBool>,
+    ) {
         let bound = self.settings().handler_timeout_seconds;
         self.metrics().in_flight.inc();
         self.inner.progress.started();
         let started = std::time::Instant::now();
         let owed = Owed::of(&u);
-        let fut = std::panic::AssertUnwindSafe(self.handle_update(u)).catch_unwind();
+        let work = async move {
+            if let Some(claimed) = claim {
+                match self.claim_for_polling(&u).await {
+                    dedup::Proceed::Skip => return,
+                    dedup::Proceed::Claimed => {
+                        claimed.store(true, std::sync::atomic::Ordering::Relaxed)
+                    }
+                    dedup::Proceed::Unclaimed => {}
+                }
+            }
+            self.handle_update(u).await
+        };
+        let fut = std::panic::AssertUnwindSafe(work).catch_unwind();
         let cut = |handler: &str| {
             // The handler's own observation never ran: keep the slowest ones in the histogram.
             self.metrics()
