@@ -419,7 +419,7 @@ def reconcile():
 
 
 def bot():
-    b = Board("vpnbot-bot", "vpnbot / Bot", "The Telegram bot: updates, handlers, errors, Bot API, polling, payments.")
+    b = Board("vpnbot-bot", "vpnbot / Bot", "The Telegram bot: updates, handlers, errors, Bot API, polling, webhook, payments.")
     b.panel("timeseries", "Updates per second by kind", [
         (f"sum by (kind) (rate(vpnbot_bot_updates_total{{{SEL}}}[{RI}]))", "{{kind}}"),
     ], unit="ops")
@@ -446,6 +446,18 @@ def bot():
     b.panel("timeseries", "Unauthorized polls (401)", [
         (f'sum by (instance) (increase(vpnbot_bot_errors_total{{{SEL}, kind="unauthorized"}}[5m]))', "{{instance}}"),
     ], description="Any value: the bot token is revoked or wrong (VpnbotTelegramUnauthorized).")
+    b.panel("timeseries", "Webhook requests by outcome", [
+        (f"sum by (outcome) (rate(vpnbot_bot_webhook_requests_total{{{SEL}}}[{RI}]))", "{{outcome}}"),
+    ], unit="ops", description="Webhook mode. accepted: handled here; duplicate: handled before; in_progress/slow/overloaded/error: 503, Telegram retries; unauthorized: wrong secret (VpnbotWebhookUnauthorized).")
+    b.panel("timeseries", "Webhook work spread and in flight", [
+        (f"sum by (instance) (rate(vpnbot_bot_webhook_requests_total{{{SEL}, outcome=\"accepted\"}}[{RI}]))", "accepted {{instance}}"),
+        (f"sum by (instance) (vpnbot_bot_webhook_in_flight{{{SEL}}})", "in flight {{instance}}"),
+        (q(0.99, "vpnbot_bot_webhook_handling_seconds", "instance"), "p99 s {{instance}}"),
+    ], description="Updates handled per instance (the load balancer's spread), requests in flight against telegram.webhook.max_in_flight, answer time p99.")
+    b.panel("timeseries", "Duplicates and deduplication rows deleted", [
+        (f"sum by (instance) (rate(vpnbot_bot_update_duplicates_total{{{SEL}}}[{RI}]))", "duplicates {{instance}}"),
+        (f"sum by (instance) (increase(vpnbot_bot_update_dedup_deleted_total{{{SEL}}}[1h]))", "deleted per hour {{instance}}"),
+    ])
     b.panel("timeseries", "Bot API requests by method and outcome", [
         (f"sum by (method, outcome) (rate(vpnbot_bot_api_requests_total{{{SEL}}}[{RI}]))", "{{method}} {{outcome}}"),
     ], unit="ops", w=24)

@@ -70,6 +70,15 @@ pub enum StartError {
     /// The Bot API client could not be built (bad `telegram.api_url`).
     #[error("telegram bot: {0}")]
     Bot(#[from] crate::bot::BotApiBuildError),
+    /// The webhook listener (`telegram.webhook.listen`) could not be bound.
+    #[error("webhook endpoint cannot listen on {addr}: {source}")]
+    WebhookBind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A node's client could not be built from its configuration.
     #[error("node {node}: {source}")]
     Node {
@@ -194,6 +203,8 @@ pub struct App {
     pub bot: Option<BotService>,
     /// The reconcile worker's step, for the CLI, `/reconcile` and the demo.
     pub reconciler: Reconciler,
+    /// Where the webhook endpoint listens (`telegram.mode = "webhook"` with a token set).
+    pub webhook_addr: Option<SocketAddr>,
     supervisor: Supervisor,
     obs: Option<ObsServer>,
     obs_debug: Option<ObsServer>,
@@ -389,10 +400,43 @@ impl App {
         )
         .with_diagnostics(diagnostics.clone());
         tasks.spawn_named("expiry", expiry.run(tasks.root().child_token()));
+        let mut webhook_addr = None;
         if let Some(b) = bot.clone() {
-            leader.run_while_leader(&tasks, "bot_polling", drain, move |token| {
-                b.clone().run(token)
-            });
+            let t = &config.telegram;
+            // Every instance forgets old update ids (bounded batches, SKIP LOCKED).
+            tasks.spawn_named(
+                "bot_dedup_cleanup",
+                b.clone().run_dedup_cleanup(
+                    t.dedup_retention_seconds,
+                    t.dedup_cleanup_interval_seconds,
+                    t.dedup_cleanup_batch,
+                    tasks.root().clone(),
+                ),
+            );
+            b.api()
+                .metrics()
+                .set_receive_mode(t.mode == crate::config::TelegramMode::Webhook);
+            match t.mode {
+                // One getUpdates consumer per token: the leader.
+                crate::config::TelegramMode::Polling => {
+                    leader.run_while_leader(&tasks, "bot_polling", drain, move |token| {
+                        b.clone().run(token)
+                    });
+                }
+                // Every instance serves the webhook; PostgreSQL deduplicates.
+                crate::config::TelegramMode::Webhook => {
+                    let addr = t.webhook.listen;
+                    let bind = |source| StartError::WebhookBind { addr, source };
+                    let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
+                    if let Err(e) = b.warm().await {
+                        tracing::warn!(error = %e, "node load not counted at start; the first pick counts");
+                    }
+                    webhook_addr = Some(
+                        b.serve_webhook(listener, &t.webhook, &tasks)
+                            .map_err(bind)?,
+                    );
+                }
+            }
         }
 
         let supervisor = instruments.supervisor.clone();
@@ -409,7 +453,7 @@ impl App {
                 reconcile.last_completed()
             )
         ));
-        tracing::info!(observability = %obs.addr(), "vpnbot started");
+        tracing::info!(observability = %obs.addr(), webhook = ?webhook_addr, "vpnbot started");
         Ok(App {
             config,
             registry,
@@ -421,6 +465,7 @@ impl App {
             diagnostics,
             reconcile,
             bot,
+            webhook_addr,
             reconciler,
             supervisor,
             obs: Some(obs),

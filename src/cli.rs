@@ -40,6 +40,14 @@ pub enum Command {
     /// timed out, an unknown node, or an unmigrated schema, 64 bad config, 69 database
     /// unreachable or refusing connections.
     Reconcile(crate::reconcile::cli::ReconcileArgs),
+    /// Switch between polling and webhook mode at Telegram: `set` (setWebhook with
+    /// `[telegram.webhook]`), `delete` (back to polling), `info` (getWebhookInfo). The secret
+    /// token is never printed. Exit codes: 0 ok, 1 Telegram refused, 64 bad config.
+    Webhook {
+        /// `set`, `delete` or `info`.
+        #[command(subcommand)]
+        cmd: crate::bot::webhook_cli::WebhookCommand,
+    },
 }
 
 /// Parses arguments, runs the command, returns the process exit code.
@@ -115,6 +123,10 @@ pub fn main() -> ExitCode {
                 }
             })
         }
+        Command::Webhook { cmd } => match load(&cli) {
+            Ok(cfg) => crate::bot::webhook_cli::main(cfg, cmd),
+            Err(code) => code,
+        },
         Command::Reconcile(ref args) => match load(&cli) {
             Ok(cfg) => crate::reconcile::cli::main(cfg, args.clone()),
             Err(code) => code,

@@ -2,7 +2,8 @@
 //! user id, payload or token.
 
 use prometheus::{
-    Counter, Gauge, Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Counter, Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use crate::metrics::{self, DURATION_BUCKETS_SECONDS};
@@ -22,6 +23,12 @@ pub struct BotMetrics {
     pub(crate) queue_depth: IntGaugeVec,
     pub(crate) backpressure: Counter,
     pub(crate) api_retries: IntCounterVec,
+    pub(crate) webhook_requests: IntCounterVec,
+    pub(crate) webhook_in_flight: IntGauge,
+    pub(crate) webhook_handling: Histogram,
+    pub(crate) dedup_deleted: IntCounter,
+    pub(crate) dedup_duplicates: IntCounter,
+    pub(crate) receive_mode: IntGaugeVec,
 }
 
 /// Buckets of `vpnbot_bot_precheckout_answer_seconds`: fine below Telegram's 10 s deadline.
@@ -117,6 +124,28 @@ label_enum! {
         Qr => "qr": "the QR code could not be rendered; the link went as text",
         /// A button press carried callback data the bot does not know.
         UnknownCallback => "unknown_callback": "a button press carried unknown or foreign callback data",
+    }
+}
+
+label_enum! {
+    /// The `outcome` label of `vpnbot_bot_webhook_requests_total`.
+    pub enum WebhookOutcome {
+        /// Handled here, answered 200.
+        Accepted => "accepted": "handled here, answered 200",
+        /// Handled before (a retry or a second delivery), answered 200 without handling.
+        Duplicate => "duplicate": "handled before, answered 200 without handling again",
+        /// Another instance holds the update's claim, answered 503 so Telegram retries.
+        InProgress => "in_progress": "claimed by another instance, answered 503 so Telegram retries",
+        /// Its handler still ran after telegram.webhook.ack_timeout_seconds, answered 503.
+        Slow => "slow": "still being handled after ack_timeout_seconds, answered 503",
+        /// Missing or wrong secret token, answered 401.
+        Unauthorized => "unauthorized": "missing or wrong X-Telegram-Bot-Api-Secret-Token, answered 401",
+        /// telegram.webhook.max_in_flight updates already in flight, answered 503 at once.
+        Overloaded => "overloaded": "max_in_flight updates already being handled, answered 503 at once",
+        /// Not an update (bad JSON, no update_id), answered 400.
+        BadRequest => "bad_request": "not a Telegram update, answered 400",
+        /// The claim could not be recorded in PostgreSQL, answered 503.
+        Error => "error": "the claim could not be recorded in PostgreSQL, answered 503",
     }
 }
 
@@ -218,6 +247,42 @@ impl BotMetrics {
                 "Bot API requests sent once more, by method and reason (not_acknowledged: failed before any byte was acknowledged, retried on a fresh connection).",
                 &["method", "reason"],
             ),
+            webhook_requests: metrics::counter_vec(
+                registry,
+                "vpnbot_bot_webhook_requests_total",
+                &format!(
+                    "Webhook requests received by this instance, by outcome: {}.",
+                    WebhookOutcome::help_list()
+                ),
+                &["outcome"],
+            ),
+            webhook_in_flight: metrics::int_gauge(
+                registry,
+                "vpnbot_bot_webhook_in_flight",
+                "Webhook requests being worked on now (bounded by telegram.webhook.max_in_flight).",
+            ),
+            webhook_handling: metrics::histogram(
+                registry,
+                "vpnbot_bot_webhook_handling_seconds",
+                "Time from receiving a webhook request to answering it (claim, handler, mark handled), whatever the outcome.",
+                DURATION_BUCKETS_SECONDS,
+            ),
+            dedup_deleted: metrics::counter(
+                registry,
+                "vpnbot_bot_update_dedup_deleted_total",
+                "Update ids deleted from the deduplication table after telegram.dedup_retention_seconds.",
+            ),
+            receive_mode: metrics::int_gauge_vec(
+                registry,
+                "vpnbot_bot_receive_mode",
+                "1 for how this instance receives updates (telegram.mode: polling, webhook), 0 for the other.",
+                &["mode"],
+            ),
+            dedup_duplicates: metrics::counter(
+                registry,
+                "vpnbot_bot_update_duplicates_total",
+                "Updates delivered again after they were handled (any receive mode), not handled again.",
+            ),
             backpressure: {
                 let c = Counter::with_opts(Opts::new(
                     "vpnbot_bot_receive_backpressure_seconds_total",
@@ -245,6 +310,9 @@ impl BotMetrics {
         for outcome in PaymentOutcome::ALL {
             m.payments.with_label_values(&[outcome.as_str()]);
         }
+        for outcome in WebhookOutcome::ALL {
+            m.webhook_requests.with_label_values(&[outcome.as_str()]);
+        }
         for source in REFUND_SOURCES {
             for outcome in REFUND_OUTCOMES {
                 m.refunds.with_label_values(&[source, outcome]);
@@ -256,6 +324,24 @@ impl BotMetrics {
     /// Counts one error of `kind`.
     pub fn error(&self, kind: BotErrorKind) {
         self.errors.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    /// Exports how updates arrive (`telegram.mode`): 1 for `webhook` or `polling`, 0 for
+    /// the other.
+    pub fn set_receive_mode(&self, webhook: bool) {
+        self.receive_mode
+            .with_label_values(&["webhook"])
+            .set(i64::from(webhook));
+        self.receive_mode
+            .with_label_values(&["polling"])
+            .set(i64::from(!webhook));
+    }
+
+    /// Counts one webhook request with `outcome`.
+    pub fn webhook(&self, outcome: WebhookOutcome) {
+        self.webhook_requests
+            .with_label_values(&[outcome.as_str()])
+            .inc();
     }
 
     /// Counts one payment with `outcome`.

@@ -2,7 +2,9 @@
 //! updates, and the handlers for users (trial, Telegram Stars purchases, status, key with QR
 //! code, help, in English and Russian) and admins (`/stats`, `/diag`, `/reconcile`).
 //!
-//! Only the leader runs [`BotService::run`] (see `App::start`). teloxide is used as the Bot API
+//! In polling mode only the leader runs [`BotService::run`] (see `App::start`); in webhook
+//! mode every instance serves [`webhook`] instead. Both hand each update to the same guarded
+//! handler, once per `update_id` ([`dedup`]). teloxide is used as the Bot API
 //! client only: the receive loop is ours so polling liveness, `429` and `409` handling are
 //! exact and visible:
 //! - each `getUpdates` carries an explicit long-poll `timeout`, its HTTP client's total timeout
@@ -21,6 +23,7 @@
 
 pub mod api;
 pub mod commands;
+pub mod dedup;
 mod handlers;
 pub mod i18n;
 pub mod keys;
@@ -31,6 +34,8 @@ pub mod service_watch;
 pub mod settings;
 pub mod store;
 mod typed_updates;
+pub mod webhook;
+pub mod webhook_cli;
 
 pub use api::{BotApi, BotApiBuildError, BotApiError};
 pub use metrics::{BotErrorKind, BotMetrics, PaymentOutcome};
@@ -270,10 +275,25 @@ impl BotService {
             client_timeout_s = s.poll_request_timeout().as_secs_f64(),
             "bot: long polling starts"
         );
-        // A webhook left set makes getUpdates fail with 409: remove it once.
-        let _ = api
-            .call("deleteWebhook", || api.bot.delete_webhook().into_future())
-            .await;
+        // A webhook set makes getUpdates fail with 409. It is not deleted here: in a webhook
+        // deployment that would take every instance's updates away. Switching back is an
+        // operator's command (`vpnbot webhook delete`).
+        if let Ok(info) = api
+            .call("getWebhookInfo", || {
+                api.bot.get_webhook_info().into_future()
+            })
+            .await
+        {
+            if info.url.is_some() {
+                self.metrics().error(BotErrorKind::Conflict);
+                tracing::error!(
+                    pending_updates = info.pending_update_count,
+                    "bot: telegram.mode = \"polling\" but a webhook is set for this bot: \
+                     getUpdates will answer 409 and no update is received. Run `vpnbot webhook \
+                     delete` to switch to polling, or set telegram.mode = \"webhook\""
+                );
+            }
+        }
         self.set_commands().await;
 
         if let Err(e) = self.warm().await {
@@ -462,12 +482,35 @@ impl BotService {
     /// Handles one update with the per-update bound, counting a timeout or a panic. A handler
     /// cut off or panicking still answers the user honestly (see [`Owed`]).
     async fn handle_guarded(&self, u: Update) {
+        self.handle_guarded_claiming(u, None).await;
+    }
+
+    /// [`Self::handle_guarded`]; with `claim` (the polling loop), the update is first claimed
+    /// inside the same bound ([`dedup`]): a duplicate is skipped, and whether the claim was
+    /// taken is recorded in `claim` (to mark the update handled afterwards, cut off or not).
+    async fn handle_guarded_claiming(
+        &self,
+        u: Update,
+        claim: Option<&std::sync::atomic::AtomicBool>,
+    ) {
         let bound = self.settings().handler_timeout_seconds;
         self.metrics().in_flight.inc();
         self.inner.progress.started();
         let started = std::time::Instant::now();
         let owed = Owed::of(&u);
-        let fut = std::panic::AssertUnwindSafe(self.handle_update(u)).catch_unwind();
+        let work = async move {
+            if let Some(claimed) = claim {
+                match self.claim_for_polling(&u).await {
+                    dedup::Proceed::Skip => return,
+                    dedup::Proceed::Claimed => {
+                        claimed.store(true, std::sync::atomic::Ordering::Relaxed)
+                    }
+                    dedup::Proceed::Unclaimed => {}
+                }
+            }
+            self.handle_update(u).await
+        };
+        let fut = std::panic::AssertUnwindSafe(work).catch_unwind();
         let cut = |handler: &str| {
             // The handler's own observation never ran: keep the slowest ones in the histogram.
             self.metrics()
@@ -800,13 +843,8 @@ impl BotService {
         let bot = self.clone();
         // Tracked twice: by the loop's own tracker (its bounded drain) and by the app's tasks.
         let fut = handlers.track_future(async move {
-            let pre_checkout = matches!(q.update.kind, UpdateKind::PreCheckoutQuery(_));
-            bot.handle_guarded(q.update).await;
-            if pre_checkout {
-                bot.metrics()
-                    .precheckout_answer
-                    .observe(q.received.elapsed().as_secs_f64());
-            }
+            // Claimed, handled, pre-checkout answer time observed, marked handled.
+            bot.handle_once(q.update, q.received).await;
             drop(permit);
         });
         self.inner.tasks.spawn_named("bot_handler", fut);

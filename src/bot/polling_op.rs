@@ -11,7 +11,7 @@ use crate::diagnostics::{InflightEntry, InflightKind, InflightSource};
 /// Where the receive loop is. Names are the `phase` field of the dump entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PollPhase {
-    /// `deleteWebhook` and `setMyCommands` before the first poll.
+    /// `getWebhookInfo` and `setMyCommands` before the first poll.
     Startup,
     /// A `getUpdates` long poll is in flight.
     LongPoll,

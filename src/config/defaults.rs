@@ -5,6 +5,24 @@ use std::time::Duration;
 
 /// Telegram Bot API base URL.
 pub const TELEGRAM_API_URL: &str = "https://api.telegram.org";
+/// How long an update id is remembered for deduplication, seconds: 26 hours, beyond the 24
+/// hours Telegram keeps an undelivered update (its retries end before the row does).
+pub const TELEGRAM_DEDUP_RETENTION_SECONDS: f64 = 93_600.0;
+/// How often expired deduplication rows are deleted, seconds.
+pub const TELEGRAM_DEDUP_CLEANUP_INTERVAL_SECONDS: f64 = 60.0;
+/// Most deduplication rows one cleanup statement deletes.
+pub const TELEGRAM_DEDUP_CLEANUP_BATCH: u32 = 1_000;
+/// Webhook listener (plain HTTP behind the TLS-terminating load balancer).
+pub const WEBHOOK_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
+/// `setWebhook`'s `max_connections` (Telegram's default).
+pub const WEBHOOK_MAX_CONNECTIONS: u8 = 40;
+/// Updates one instance handles at once in webhook mode: Telegram's default
+/// `max_connections`, so one instance alone never refuses what Telegram sends at once.
+pub const WEBHOOK_MAX_IN_FLIGHT: usize = 40;
+/// Longest one webhook request is worked on before it is answered, seconds. Telegram does not
+/// publish its webhook timeout; answers within a few seconds are safe.
+pub const WEBHOOK_ACK_TIMEOUT_SECONDS: f64 = 10.0;
 /// Idle pool connections kept open (the predecessor's asyncpg `min_size`).
 pub const DB_MIN_CONNECTIONS: u32 = 2;
 /// Pool size (the predecessor's `max_size`).

@@ -70,6 +70,23 @@ pub struct TelegramConfig {
     pub api_url: String,
     /// Telegram user ids allowed to use admin commands.
     pub admin_ids: Vec<i64>,
+    /// How updates arrive: `polling` (the default: the leader alone calls `getUpdates`) or
+    /// `webhook` (Telegram POSTs them to `[telegram.webhook]`; every instance serves them).
+    pub mode: TelegramMode,
+    /// How long a handled update's id is remembered for deduplication, written in seconds
+    /// (default [`d::TELEGRAM_DEDUP_RETENTION_SECONDS`]: beyond Telegram's 24 hours of
+    /// keeping an undelivered update, so a late retry is still recognised).
+    #[serde(with = "seconds")]
+    pub dedup_retention_seconds: Duration,
+    /// How often every instance deletes expired deduplication rows, written in seconds
+    /// (default [`d::TELEGRAM_DEDUP_CLEANUP_INTERVAL_SECONDS`]).
+    #[serde(with = "seconds")]
+    pub dedup_cleanup_interval_seconds: Duration,
+    /// Most rows one cleanup statement deletes (default [`d::TELEGRAM_DEDUP_CLEANUP_BATCH`]);
+    /// a pass repeats it until fewer are left, so no statement holds locks for long.
+    pub dedup_cleanup_batch: u32,
+    /// Webhook mode's endpoint and the `setWebhook` parameters.
+    pub webhook: WebhookConfig,
 }
 
 impl Default for TelegramConfig {
@@ -78,7 +95,153 @@ impl Default for TelegramConfig {
             token: SecretString::default(),
             api_url: d::TELEGRAM_API_URL.to_string(),
             admin_ids: Vec::new(),
+            mode: TelegramMode::Polling,
+            dedup_retention_seconds: Duration::from_secs_f64(d::TELEGRAM_DEDUP_RETENTION_SECONDS),
+            dedup_cleanup_interval_seconds: Duration::from_secs_f64(
+                d::TELEGRAM_DEDUP_CLEANUP_INTERVAL_SECONDS,
+            ),
+            dedup_cleanup_batch: d::TELEGRAM_DEDUP_CLEANUP_BATCH,
+            webhook: WebhookConfig::default(),
         }
+    }
+}
+
+/// `telegram.mode`: how updates reach the bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TelegramMode {
+    /// Long polling with `getUpdates`, by the leader only (one consumer per token).
+    #[default]
+    Polling,
+    /// Telegram POSTs each update to `telegram.webhook.public_url` (behind a load balancer);
+    /// every instance serves the endpoint and handles what it receives.
+    Webhook,
+}
+
+/// `[telegram.webhook]`: the endpoint every instance serves in webhook mode and what
+/// `vpnbot webhook set` registers with Telegram.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Address of the webhook listener (default [`d::WEBHOOK_LISTEN`]). Plain HTTP: TLS ends at
+    /// the load balancer in front of the instances (Telegram only posts to `https://`).
+    pub listen: std::net::SocketAddr,
+    /// The `https://` URL Telegram posts to (the load balancer), given to `setWebhook`;
+    /// `http://` is accepted for a loopback host only (tests, the stand-in).
+    pub public_url: String,
+    /// Sent by Telegram in `X-Telegram-Bot-Api-Secret-Token` with every request and compared
+    /// in constant time; 1-256 characters of `A-Za-z0-9_-` (Telegram's rule). Secret: never
+    /// printed; give it through `VPNBOT_TELEGRAM__WEBHOOK__SECRET_TOKEN`.
+    #[serde(
+        serialize_with = "secret::serialize_redacted",
+        deserialize_with = "secret::deserialize_lenient"
+    )]
+    pub secret_token: SecretString,
+    /// Telegram's `max_connections`: simultaneous connections it opens to the URL, 1-100
+    /// (default [`d::WEBHOOK_MAX_CONNECTIONS`], Telegram's own default).
+    pub max_connections: u8,
+    /// Update types Telegram sends (`setWebhook`'s `allowed_updates`); empty: the bot's own
+    /// list (the kinds it handles, as `getUpdates` asks for).
+    pub allowed_updates: Vec<String>,
+    /// Most updates one instance handles at once (default [`d::WEBHOOK_MAX_IN_FLIGHT`]);
+    /// a request beyond it is answered `503` at once (Telegram retries it, possibly on
+    /// another instance) instead of waiting.
+    pub max_in_flight: usize,
+    /// Longest an instance works on one request before answering, written in seconds
+    /// (default [`d::WEBHOOK_ACK_TIMEOUT_SECONDS`]): `200` only once the update is handled;
+    /// a handler still running then gets `503` and Telegram's retry finds it handled (or
+    /// its claim expired, then handled again).
+    #[serde(with = "seconds")]
+    pub ack_timeout_seconds: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            listen: d::WEBHOOK_LISTEN,
+            public_url: String::new(),
+            secret_token: SecretString::default(),
+            max_connections: d::WEBHOOK_MAX_CONNECTIONS,
+            allowed_updates: Vec::new(),
+            max_in_flight: d::WEBHOOK_MAX_IN_FLIGHT,
+            ack_timeout_seconds: Duration::from_secs_f64(d::WEBHOOK_ACK_TIMEOUT_SECONDS),
+        }
+    }
+}
+
+impl WebhookConfig {
+    /// Problems of this section; `webhook_mode`: whether `telegram.mode = "webhook"` (then
+    /// `public_url` and `secret_token` are required).
+    pub fn validate(&self, webhook_mode: bool) -> Vec<String> {
+        let mut e = Vec::new();
+        let secret = self.secret_token.expose_secret();
+        if secret.is_empty() {
+            if webhook_mode {
+                e.push(
+                    "telegram.webhook.secret_token is empty: webhook mode needs it (1-256 \
+                     characters of A-Za-z0-9_-)"
+                        .to_string(),
+                );
+            }
+        } else if secret.len() > 256
+            || !secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            e.push(
+                "telegram.webhook.secret_token must be 1-256 characters of A-Za-z0-9_- \
+                 (Telegram's rule)"
+                    .to_string(),
+            );
+        }
+        if self.public_url.is_empty() {
+            if webhook_mode {
+                e.push("telegram.webhook.public_url is empty: webhook mode needs it".to_string());
+            }
+        } else {
+            match url::Url::parse(&self.public_url) {
+                Ok(u) if u.scheme() == "https" => {}
+                Ok(u) if u.scheme() == "http" && is_loopback_host(&u) => {}
+                _ => e.push(
+                    "telegram.webhook.public_url must be an https:// URL (http:// only to a \
+                     loopback host)"
+                        .to_string(),
+                ),
+            }
+        }
+        if !(1..=100).contains(&self.max_connections) {
+            e.push(format!(
+                "telegram.webhook.max_connections must be 1-100, got {}",
+                self.max_connections
+            ));
+        }
+        if self.max_in_flight == 0 {
+            e.push("telegram.webhook.max_in_flight must be at least 1".to_string());
+        }
+        if self.ack_timeout_seconds.is_zero() {
+            e.push("telegram.webhook.ack_timeout_seconds must be positive".to_string());
+        }
+        for u in &self.allowed_updates {
+            if serde_json::from_value::<teloxide::types::AllowedUpdate>(serde_json::Value::String(
+                u.clone(),
+            ))
+            .is_err()
+            {
+                e.push(format!(
+                    "telegram.webhook.allowed_updates: `{u}` is not a Telegram update type"
+                ));
+            }
+        }
+        e
+    }
+}
+
+fn is_loopback_host(u: &url::Url) -> bool {
+    match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
     }
 }
 
@@ -499,6 +662,17 @@ impl Config {
         e.extend(self.diagnostics.validate());
         e.extend(self.reconcile.validate());
         e.extend(self.bot.validate());
+        let t = &self.telegram;
+        e.extend(t.webhook.validate(t.mode == TelegramMode::Webhook));
+        if t.dedup_retention_seconds < Duration::from_secs(60) {
+            e.push("telegram.dedup_retention_seconds must be at least 60".to_string());
+        }
+        if t.dedup_cleanup_interval_seconds.is_zero() {
+            e.push("telegram.dedup_cleanup_interval_seconds must be positive".to_string());
+        }
+        if t.dedup_cleanup_batch == 0 {
+            e.push("telegram.dedup_cleanup_batch must be at least 1".to_string());
+        }
         if !matches!(url::Url::parse(&self.telegram.api_url), Ok(u) if matches!(u.scheme(), "http" | "https"))
         {
             e.push("telegram.api_url must be an http(s) URL".to_string());

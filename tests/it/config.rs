@@ -66,7 +66,8 @@ fn example_config_matches_the_config_types() {
     }
     // And the example itself loads (once the required values are filled in).
     let filled = text
-        .replace("url = \"\"", "url = \"postgres://u@localhost/db\"")
+        // Line-anchored: `public_url = ""` (webhook mode only) stays empty.
+        .replace("\nurl = \"\"", "\nurl = \"postgres://u@localhost/db\"")
         .replace("api_key = \"\"", "api_key = \"k\"");
     Config::from_toml_str(&filled).expect("example config is valid");
 }

@@ -16,6 +16,7 @@ mod bot_deadlines;
 mod bot_faults;
 mod bot_payments;
 mod bot_resilience;
+mod bot_webhook;
 mod cli;
 mod cli_exit;
 mod config;

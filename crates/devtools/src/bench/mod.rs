@@ -13,6 +13,7 @@
 pub mod bot;
 pub mod node;
 pub mod reconcile;
+pub mod webhook;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -88,6 +89,10 @@ pub enum BenchName {
     /// 100,000 short tasks spawned and joined, production-instrumented process against a bare
     /// one (target: ≤ 10 %).
     SpawnChurn,
+    /// Webhook mode: updates per second handled by 1, 2 and 3 `vpnbot run` processes against
+    /// one PostgreSQL, pushed by the Bot API stand-in (`--iterations` updates per run; 3,000
+    /// when left at 20,000), with the CPU of each party (no target: figures only).
+    WebhookScale,
 }
 
 /// Runs one benchmark.
@@ -142,6 +147,29 @@ pub fn main(args: BenchArgs) -> ExitCode {
             let share = diagnostics::bench::bench_watchdog_cpu(Duration::from_secs(10));
             println!("  target < 1 % of one core: {}", verdict(share < 0.01));
             share < 0.01
+        }
+        BenchName::WebhookScale => {
+            let updates = if args.iterations == 20_000 {
+                3_000
+            } else {
+                args.iterations as usize
+            };
+            rt.block_on(async {
+                let (_pg, url) = match std::env::var("DATABASE_URL") {
+                    Ok(u) if !u.is_empty() => (None, u),
+                    _ => match crate::demo::postgres::EmbeddedPostgres::start() {
+                        Ok(pg) => {
+                            let u = pg.url();
+                            (Some(pg), u)
+                        }
+                        Err(e) => {
+                            eprintln!("bench: {e}");
+                            return false;
+                        }
+                    },
+                };
+                crate::bench::webhook::bench(&url, updates).await
+            })
         }
         BenchName::NodeListUsers => {
             let r = rt.block_on(crate::bench::node::bench_list_users_1m());
@@ -286,6 +314,10 @@ fn leaves_out(name: BenchName) -> Option<&'static str> {
         }
         BenchName::WatchdogCpu => "no subscriber: the watchdog thread's CPU on a hooked runtime",
         BenchName::Detection => return None,
+        BenchName::WebhookScale => {
+            "real `vpnbot run` processes (debug or release, as built) next to this binary; the \
+             stand-in runs in this process"
+        }
         BenchName::AlwaysOnCost | BenchName::NodeCallOverhead | BenchName::SpawnChurn => {
             return None
         }

@@ -22,6 +22,10 @@
 //! - Faults of FAULTS.md: T1 `getUpdates` never returns ([`UpdatesFault::Hang`]), T2 `429`
 //!   with `retry_after` on receive ([`UpdatesFault::RateLimited`]) and on send
 //!   ([`BotApiSimHandle::set_send_rate_limit`]), T3 `409 Conflict` ([`UpdatesFault::Conflict`]).
+//! - Webhooks ([`push`]): `setWebhook`, `deleteWebhook` and `getWebhookInfo` are recorded
+//!   (`getUpdates` answers `409` while a webhook is set), and a push mode POSTs updates to
+//!   webhook URLs round-robin with the secret header, retrying what is not acknowledged
+//!   ([`BotApiSimHandle::start_push`], [`BotApiSimHandle::redeliver_acknowledged`]).
 //! - Message faults (`sendMessage`, `sendPhoto`, `sendInvoice` only; answers to queries are
 //!   not affected): slow sends ([`BotApiSimHandle::set_message_delay`]), `429 retry_after`
 //!   ([`BotApiSimHandle::set_message_rate_limit`]), `403` from a user who blocked the bot
@@ -43,6 +47,13 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+pub mod push;
+pub use push::{PushOptions, PushStats, WebhookSet};
+
+/// Telegram's description of a `409` on `getUpdates` while a webhook is set.
+pub const WEBHOOK_ACTIVE_DESCRIPTION: &str =
+    "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to delete the webhook first";
 
 /// Telegram's description of a `409` on `getUpdates` (teloxide maps it to
 /// `ApiError::TerminatedByOtherGetUpdates`).
@@ -211,6 +222,10 @@ struct SimState {
     star_refunds: Vec<(i64, String)>,
     no_refund_echo: bool,
     token_revoked: bool,
+    webhook: Option<WebhookSet>,
+    webhook_calls: Vec<(String, Option<WebhookSet>)>,
+    push_active: bool,
+    push: push::PushState,
 }
 
 /// A Telegram Stars charge the stand-in reported as paid.
@@ -661,6 +676,58 @@ impl BotApiSimHandle {
         self.shared.state().conflicts
     }
 
+    /// The webhook set now (`None`: polling).
+    pub fn webhook(&self) -> Option<WebhookSet> {
+        self.shared.state().webhook.clone()
+    }
+
+    /// Every `setWebhook` (with what it set) and `deleteWebhook` (with `None`), in order.
+    pub fn webhook_calls(&self) -> Vec<(String, Option<WebhookSet>)> {
+        self.shared.state().webhook_calls.clone()
+    }
+
+    /// Starts pushing queued (and later injected) updates to `opts.urls` as Telegram does to a
+    /// webhook (see [`push`]); runs until the stand-in stops.
+    pub fn start_push(&self, opts: PushOptions) {
+        push::start(self.shared.clone(), opts, self.cancel.clone());
+        self.shared.updates_notify.notify_waiters();
+    }
+
+    /// Counters of the push mode.
+    pub fn push_stats(&self) -> PushStats {
+        self.shared.state().push.stats.clone()
+    }
+
+    /// How many times each update id was acknowledged (2xx) by a webhook.
+    pub fn acknowledged(&self) -> BTreeMap<i64, u32> {
+        self.shared.state().push.acked.clone()
+    }
+
+    /// Puts `n` already acknowledged updates (every k-th of those acknowledged so far, spread
+    /// over them) back at the head of the queue, as a Telegram retry of a delivered update;
+    /// returns their ids.
+    pub fn redeliver_acknowledged(&self, n: usize) -> Vec<i64> {
+        let mut st = self.shared.state();
+        let acked = st.push.acked_updates.clone();
+        if acked.is_empty() || n == 0 {
+            return Vec::new();
+        }
+        let step = (acked.len() / n).max(1);
+        let picked: Vec<(i64, Value)> = acked.into_iter().step_by(step).take(n).collect();
+        for (id, u) in picked.iter().rev() {
+            st.updates.push_front((*id, u.clone()));
+        }
+        st.push.stats.redelivered += picked.len() as u64;
+        drop(st);
+        self.shared.updates_notify.notify_waiters();
+        picked.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Updates queued and not yet delivered (push mode) or confirmed (polling).
+    pub fn queued(&self) -> usize {
+        self.shared.state().updates.len()
+    }
+
     /// Seconds since the stand-in started.
     pub fn uptime(&self) -> Duration {
         self.shared.started.elapsed()
@@ -810,15 +877,60 @@ async fn api(
             }
             ok(me)
         }
-        "getUpdates" => get_updates(&app, params).await,
+        "getUpdates" => {
+            let active = {
+                let st = sh.state();
+                st.webhook.is_some() || st.push_active
+            };
+            if active {
+                return err(409, WEBHOOK_ACTIVE_DESCRIPTION, None);
+            }
+            get_updates(&app, params).await
+        }
+        "setWebhook" => {
+            let url = params.str("url").unwrap_or_default();
+            let set = (!url.is_empty()).then(|| WebhookSet {
+                url,
+                secret_token: params.str("secret_token"),
+                max_connections: params.i64("max_connections"),
+                allowed_updates: params.object("allowed_updates"),
+                drop_pending_updates: params.bool("drop_pending_updates"),
+            });
+            let mut st = sh.state();
+            st.webhook_calls.push(("setWebhook".into(), set.clone()));
+            st.webhook = set;
+            ok(json!(true))
+        }
+        "getWebhookInfo" => {
+            let st = sh.state();
+            let mut info = json!({
+                "url": st.webhook.as_ref().map_or("", |w| w.url.as_str()),
+                "has_custom_certificate": false,
+                "pending_update_count": st.updates.len(),
+            });
+            if let Some(w) = &st.webhook {
+                if let Some(n) = w.max_connections {
+                    info["max_connections"] = json!(n);
+                }
+                if let Some(a) = &w.allowed_updates {
+                    info["allowed_updates"] = a.clone();
+                }
+            }
+            ok(info)
+        }
         "refundStarPayment" => {
             if let Some(r) = send_rate_limited(sh) {
                 return r;
             }
             refund_star_payment(sh, &params)
         }
-        "deleteWebhook"
-        | "setMyCommands"
+        "deleteWebhook" => {
+            let mut st = sh.state();
+            st.webhook_calls.push(("deleteWebhook".into(), None));
+            st.webhook = None;
+            ok(json!(true))
+        }
+        "setMyCommands"
         | "answerCallbackQuery"
         | "answerPreCheckoutQuery"
         | "sendMessage"
@@ -845,6 +957,8 @@ async fn api(
 const METHODS: &[&str] = &[
     "getMe",
     "getUpdates",
+    "setWebhook",
+    "getWebhookInfo",
     "deleteWebhook",
     "setMyCommands",
     "answerCallbackQuery",
@@ -923,7 +1037,6 @@ async fn message_fault(sh: &Shared, p: &Params) -> Option<Response> {
 fn record(sh: &Shared, method: &str, p: Params) -> Response {
     let now = chrono::Utc::now().timestamp();
     match method {
-        "deleteWebhook" => ok(json!(true)),
         "setMyCommands" => {
             sh.state().commands = p.object("commands");
             ok(json!(true))
