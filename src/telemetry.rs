@@ -25,10 +25,10 @@ pub fn init(cfg: &ObservabilityConfig, extra: Vec<BoxedLayer>) -> bool {
         .ok()
         .and_then(|v| log_filter(&v))
         .or_else(|| log_filter(&cfg.log_filter))
-        .unwrap_or_else(|| LogFilter::Env(EnvFilter::new("info")));
+        .unwrap_or_else(|| LogFilter::Env(Box::new(EnvFilter::new("info"))));
     match filter {
-        LogFilter::Static(f) => init_with(cfg, f, extra),
-        LogFilter::Env(f) => init_with(cfg, f, extra),
+        LogFilter::Static(f) => init_with(cfg, *f, extra),
+        LogFilter::Env(f) => init_with(cfg, *f, extra),
     }
 }
 
@@ -36,10 +36,10 @@ pub fn init(cfg: &ObservabilityConfig, extra: Vec<BoxedLayer>) -> bool {
 #[derive(Debug)]
 pub enum LogFilter {
     /// Only `target=level` directives: decided once per callsite.
-    Static(Targets),
+    Static(Box<Targets>),
     /// Span or field directives (`target[span{field=value}]=level`): `EnvFilter`, which tracks
     /// every span it may care about on enter and exit (a process-wide lock each time).
-    Env(EnvFilter),
+    Env(Box<EnvFilter>),
 }
 
 /// Parses a log filter in `RUST_LOG` syntax. A filter made only of `target=level` and `level`
@@ -49,11 +49,11 @@ pub enum LogFilter {
 pub fn log_filter(directives: &str) -> Option<LogFilter> {
     let env = EnvFilter::builder().parse(directives).ok()?;
     if directives.contains(['[', '{']) {
-        return Some(LogFilter::Env(env));
+        return Some(LogFilter::Env(Box::new(env)));
     }
     Some(match directives.parse::<Targets>() {
-        Ok(t) => LogFilter::Static(t),
-        Err(_) => LogFilter::Env(env),
+        Ok(t) => LogFilter::Static(Box::new(t)),
+        Err(_) => LogFilter::Env(Box::new(env)),
     })
 }
 

@@ -443,12 +443,13 @@ mod tests {
         b.on_task_terminate(move |m| t.on_terminate(m));
         let rt = b.build().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let keeper = rt.block_on(async {
-            let keeper = with_spawn_name("keeper", || {
-                tokio::spawn(async move {
-                    let _ = rx.await;
-                })
-            });
+        let _rt_guard = rt.enter();
+        let keeper = with_spawn_name("keeper", || {
+            tokio::spawn(async move {
+                let _ = rx.await;
+            })
+        });
+        rt.block_on(async {
             // Spawned from one task, run and ended on either worker: most exits are queued
             // and swept in batches.
             tokio::spawn(async {
@@ -466,7 +467,6 @@ mod tests {
             })
             .await
             .unwrap();
-            keeper
         });
         let (live, by_name) = settled_census(&tracker, 1);
         assert_eq!(live, 1, "{by_name:?}");
