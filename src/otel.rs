@@ -46,8 +46,10 @@ use crate::config::ObservabilityConfig;
 use crate::telemetry::BoxedLayer;
 
 /// Default span filter of the export layer: vpnbot's own spans at `info` and above (bot updates
-/// and handlers, node calls and their phases, pool acquires, reconcile runs and phases).
-pub const DEFAULT_SPAN_FILTER: &str = "vpnbot=info";
+/// and handlers, node calls, pool acquires, reconcile runs and phases), plus the node calls'
+/// phase children, which are `debug` so that the log layer at its default filter never enables
+/// them (see `NodeClient`): with an endpoint set they are created for this layer alone.
+pub const DEFAULT_SPAN_FILTER: &str = "vpnbot=info,vpnbot::node::client=debug";
 
 /// Tuning of the export pipeline. [`Default`] gives the production values.
 #[derive(Debug, Clone)]

@@ -118,7 +118,7 @@ fn not_acknowledged(e: &RequestError) -> bool {
 }
 
 /// Outcome label and a secret-free description of a teloxide error.
-pub fn classify(e: &RequestError) -> (&'static str, String) {
+pub(crate) fn classify(e: &RequestError) -> (&'static str, String) {
     match e {
         RequestError::RetryAfter(s) => ("retry_after", format!("retry after {} s", s.seconds())),
         RequestError::Api(ApiError::TerminatedByOtherGetUpdates) => {
@@ -153,8 +153,8 @@ pub fn classify(e: &RequestError) -> (&'static str, String) {
 pub struct BotApi {
     pub(crate) bot: Bot,
     fresh_bot: Bot,
-    /// The client of the `getUpdates` long poll (its own timeout; benchmarks poll through it).
-    pub poll_bot: Bot,
+    /// The client of the `getUpdates` long poll (its own timeout).
+    pub(crate) poll_bot: Bot,
     pub(crate) metrics: BotMetrics,
     pub(crate) settings: BotSettings,
 }

@@ -69,7 +69,7 @@ impl reqwest::dns::Resolve for BoundedResolver {
             let span = match &call {
                 Some(c) => {
                     c.set_phase(Phase::Resolve);
-                    tracing::info_span!(parent: &c.span, "resolve")
+                    tracing::debug_span!(parent: &c.span, "resolve")
                 }
                 None => tracing::Span::none(),
             };
@@ -130,7 +130,7 @@ where
             Some(c) => {
                 c.mark_connected();
                 c.set_phase(Phase::Connect);
-                tracing::info_span!(parent: &c.span, "connect")
+                tracing::debug_span!(parent: &c.span, "connect")
             }
             None => tracing::Span::none(),
         };
@@ -177,8 +177,12 @@ struct Inner {
 /// Every call: fails fast while the node's breaker is open; runs under the total deadline;
 /// retries errors worth retrying with jittered exponential backoff (honouring `Retry-After`)
 /// while the deadline allows; absorbs one stale pooled connection per attempt; shows up in
-/// [`InflightCalls`], in a `node.call` span with `resolve`/`connect`/`headers`/`body`/`decode`
-/// children, and in the `vpnbot_node_api_*` metrics.
+/// [`InflightCalls`], in an `info` `node.call` span with `debug`
+/// `resolve`/`connect`/`headers`/`body`/`decode` children, and in the `vpnbot_node_api_*`
+/// metrics. The phase children are `debug` so that at the default log filter no layer enables
+/// them and they cost a callsite-interest check each (a call's current phase is in
+/// [`InflightCalls`] and the dumps anyway); the OTLP export's default filter enables them
+/// (`crate::otel::DEFAULT_SPAN_FILTER`), so an exported trace still shows the phases.
 #[derive(Clone)]
 pub struct NodeClient {
     inner: Arc<Inner>,
@@ -629,7 +633,7 @@ impl NodeClient {
         }
         let resp = self
             .await_headers(call, inner.http.execute(req))
-            .instrument(tracing::info_span!(parent: &call.span, "headers"))
+            .instrument(tracing::debug_span!(parent: &call.span, "headers"))
             .await?;
         let status = resp.status();
         call.span
@@ -648,13 +652,13 @@ impl NodeClient {
         }
         let body = self
             .read_body(call, resp)
-            .instrument(tracing::info_span!(parent: &call.span, "body"))
+            .instrument(tracing::debug_span!(parent: &call.span, "body"))
             .await?;
         let ops = &inner.ops[op.index()];
         ops.body_bytes.observe(body.len() as f64);
         call.span.record("http.response.body.size", body.len());
         call.set_phase(Phase::Decode);
-        let decode_span = tracing::info_span!(parent: &call.span, "decode", bytes = body.len());
+        let decode_span = tracing::debug_span!(parent: &call.span, "decode", bytes = body.len());
         let decoded = if body.len() as u64 > inner.limits.decode_inline_max {
             // Off the runtime workers: a 64 MiB parse would block one for far longer than the
             // watchdog's stall threshold.

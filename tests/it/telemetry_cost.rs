@@ -3,7 +3,8 @@
 //! sqlx, rustls or the `log` bridge becomes enabled because of it, while vpnbot's own spans are
 //! still tracked and reach the dumps.
 //!
-//! One test per file: it installs the process-wide subscriber.
+//! The subscriber test runs in its own process (rusty-fork): it installs the process-wide
+//! subscriber. The log-filter test installs nothing.
 
 use rusty_fork::rusty_fork_test;
 use tracing::level_filters::LevelFilter;
@@ -66,4 +67,25 @@ rusty_fork_test! {
         );
         drop(held);
     }
+}
+
+/// The default log filter (only `target=level` directives) becomes the static per-callsite
+/// `Targets` filter; span or field directives keep `EnvFilter`; garbage is refused.
+#[test]
+fn log_filter_is_static_unless_it_needs_span_or_field_directives() {
+    use vpnbot::telemetry::{log_filter, LogFilter};
+    let default = vpnbot::config::ObservabilityConfig::default().log_filter;
+    assert!(
+        matches!(log_filter(&default), Some(LogFilter::Static(_))),
+        "{default}"
+    );
+    assert!(matches!(
+        log_filter("warn,vpnbot::node=debug"),
+        Some(LogFilter::Static(_))
+    ));
+    assert!(matches!(
+        log_filter("info,[node.call{node=a}]=debug"),
+        Some(LogFilter::Env(_))
+    ));
+    assert!(log_filter("info,=[{").is_none());
 }

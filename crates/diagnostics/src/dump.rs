@@ -302,8 +302,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
                     .map(|l| l.to_string())
                     .unwrap_or_else(|| "unknown".into()),
                 for_seconds: w.poll_age.as_secs_f64(),
-                task_age_seconds: entry
-                    .map(|e| view_at.saturating_duration_since(e.spawned).as_secs_f64()),
+                task_age_seconds: entry.map(|e| e.age_at(view_at).as_secs_f64()),
             });
             let mut open_spans = spans_by_tid.remove(&w.tid).unwrap_or_default();
             open_spans.sort_by_key(|e| std::cmp::Reverse(e.age));

@@ -16,7 +16,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tracing::field::{Field, Visit};
@@ -42,9 +42,11 @@ const MAX_VALUE_LEN: usize = 128;
 
 thread_local! {
     static TID: Cell<u32> = const { Cell::new(0) };
-    /// Task names of the tracked spans entered on this thread, innermost last: a span created
-    /// outside its task (`spawn_named("x", fut.instrument(span))`) learns its task on enter.
-    static ENTERED_TASKS: std::cell::RefCell<Vec<Arc<str>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The tracked spans entered on this thread, innermost last: a span created outside its
+    /// task (`spawn_named("x", fut.instrument(span))`) learns its task on enter from the
+    /// innermost one. Each entry is the span's own record (its `Arc` is touched by that span's
+    /// task only), so entering costs no lock and no shared reference count.
+    static ENTERED: std::cell::RefCell<Vec<Arc<SpanRec>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn tid() -> u32 {
@@ -62,39 +64,64 @@ fn tid() -> u32 {
 #[derive(Debug, Default)]
 struct Fields {
     task: Option<Arc<str>>,
-    /// Task learned when entered inside a task span.
-    entered_task: Option<Arc<str>>,
     node: Option<String>,
     phase: Option<String>,
     label: Option<String>,
     deadline: Option<Duration>,
-    other: Vec<(&'static str, String)>,
+    /// Every other field as ` name=value` pairs in one string (one allocation per span, not
+    /// one per field); a field recorded again is appended again.
+    other: String,
+    others: usize,
 }
 
 impl Fields {
-    fn set(&mut self, name: &'static str, value: String) {
-        let mut value = value;
-        if value.len() > MAX_VALUE_LEN {
-            let mut cut = MAX_VALUE_LEN;
-            while !value.is_char_boundary(cut) {
-                cut -= 1;
+    fn set(&mut self, name: &'static str, value: fmt::Arguments<'_>) {
+        use std::fmt::Write;
+        let slot = match name {
+            "task.name" => {
+                self.task = Some(bounded(value.to_string()).into());
+                return;
             }
-            value.truncate(cut);
-        }
-        match name {
-            "task.name" => self.task = Some(value.into()),
-            "node" => self.node = Some(value),
-            "phase" => self.phase = Some(value),
-            "label" => self.label = Some(value),
+            "node" => &mut self.node,
+            "phase" => &mut self.phase,
+            "label" => &mut self.label,
             _ => {
-                if let Some(slot) = self.other.iter_mut().find(|(n, _)| *n == name) {
-                    slot.1 = value;
-                } else if self.other.len() < MAX_FIELDS {
-                    self.other.push((name, value));
+                if self.others >= MAX_FIELDS {
+                    return;
                 }
+                self.others += 1;
+                if self.other.capacity() == 0 {
+                    self.other.reserve(96);
+                }
+                self.other.push(' ');
+                self.other.push_str(name);
+                self.other.push('=');
+                let from = self.other.len();
+                let _ = self.other.write_fmt(value);
+                if self.other.len() - from > MAX_VALUE_LEN {
+                    let mut cut = from + MAX_VALUE_LEN;
+                    while !self.other.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    self.other.truncate(cut);
+                }
+                return;
             }
-        }
+        };
+        *slot = Some(bounded(value.to_string()));
     }
+}
+
+/// `value` cut to [`MAX_VALUE_LEN`] bytes at a character boundary.
+fn bounded(mut value: String) -> String {
+    if value.len() > MAX_VALUE_LEN {
+        let mut cut = MAX_VALUE_LEN;
+        while !value.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        value.truncate(cut);
+    }
+    value
 }
 
 impl Visit for Fields {
@@ -105,27 +132,27 @@ impl Visit for Fields {
             }
             return;
         }
-        self.set(field.name(), value.to_string());
+        self.set(field.name(), format_args!("{value}"));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
         if field.name() == "deadline_seconds" {
             self.deadline = Some(Duration::from_secs(value));
             return;
         }
-        self.set(field.name(), value.to_string());
+        self.set(field.name(), format_args!("{value}"));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         if field.name() == "deadline_seconds" {
             self.deadline = Some(Duration::from_secs(value.max(0) as u64));
             return;
         }
-        self.set(field.name(), value.to_string());
+        self.set(field.name(), format_args!("{value}"));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.set(field.name(), value.to_owned());
+        self.set(field.name(), format_args!("{value}"));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.set(field.name(), format!("{value:?}"));
+        self.set(field.name(), format_args!("{value:?}"));
     }
 }
 
@@ -134,7 +161,9 @@ struct SpanRec {
     name: &'static str,
     target: &'static str,
     opened: Instant,
-    inherited_task: Option<Arc<str>>,
+    /// The task the span runs in, once known: its own `task.name`, else its parent's task
+    /// (at creation), else the task of the tracked span it is first entered inside.
+    task: OnceLock<Arc<str>>,
     fields: Mutex<Fields>,
     entered_on: AtomicU32,
 }
@@ -236,8 +265,7 @@ impl InflightSource for OpenSpans {
                 e.task = f
                     .task
                     .as_deref()
-                    .or(r.inherited_task.as_deref())
-                    .or(f.entered_task.as_deref())
+                    .or(r.task.get().map(|t| &**t))
                     .map(str::to_owned);
                 e.node = f.node.clone();
                 e.operation = Some(r.name.to_owned());
@@ -246,11 +274,7 @@ impl InflightSource for OpenSpans {
                 e.deadline = f.deadline;
                 let t = r.entered_on.load(Ordering::Relaxed);
                 e.thread = (t != 0).then_some(t);
-                let mut detail = format!("target={}", r.target);
-                for (k, v) in &f.other {
-                    detail.push_str(&format!(" {k}={v}"));
-                }
-                e.detail = detail;
+                e.detail = format!("target={}{}", r.target, f.other);
                 e.bounded()
             })
             .collect();
@@ -373,21 +397,22 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut fields = Fields::default();
         attrs.record(&mut fields);
-        let inherited_task = span.scope().skip(1).find_map(|p| {
-            p.extensions().get::<Arc<SpanRec>>().and_then(|r| {
-                r.fields
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .task
-                    .clone()
-                    .or_else(|| r.inherited_task.clone())
+        let task = OnceLock::new();
+        let own = fields.task.clone().or_else(|| {
+            span.scope().skip(1).find_map(|p| {
+                p.extensions()
+                    .get::<Arc<SpanRec>>()
+                    .and_then(|r| r.task.get().cloned())
             })
         });
+        if let Some(t) = own {
+            let _ = task.set(t);
+        }
         let rec = Arc::new(SpanRec {
             name: meta.name(),
             target: meta.target(),
             opened: Instant::now(),
-            inherited_task,
+            task,
             fields: Mutex::new(fields),
             entered_on: AtomicU32::new(0),
         });
@@ -399,7 +424,11 @@ where
     fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(id) {
             if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
-                values.record(&mut *r.fields.lock().unwrap_or_else(|e| e.into_inner()));
+                let mut f = r.fields.lock().unwrap_or_else(|e| e.into_inner());
+                values.record(&mut *f);
+                if let Some(t) = &f.task {
+                    let _ = r.task.set(t.clone());
+                }
             }
         }
     }
@@ -408,20 +437,14 @@ where
         if let Some(span) = ctx.span(id) {
             if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
                 r.entered_on.store(tid(), Ordering::Relaxed);
-                let mut f = r.fields.lock().unwrap_or_else(|e| e.into_inner());
-                let own = f.task.clone().or_else(|| r.inherited_task.clone());
-                ENTERED_TASKS.with(|t| {
-                    let mut t = t.borrow_mut();
-                    match own {
-                        Some(name) => t.push(name),
-                        None => {
-                            if f.entered_task.is_none() {
-                                f.entered_task = t.last().cloned();
-                            }
-                            let inherited = f.entered_task.clone().unwrap_or_else(|| "".into());
-                            t.push(inherited);
+                ENTERED.with(|stack| {
+                    let mut stack = stack.borrow_mut();
+                    if r.task.get().is_none() {
+                        if let Some(t) = stack.last().and_then(|outer| outer.task.get()) {
+                            let _ = r.task.set(t.clone());
                         }
                     }
+                    stack.push(r.clone());
                 });
             }
         }
@@ -431,8 +454,8 @@ where
         if let Some(span) = ctx.span(id) {
             if let Some(r) = span.extensions().get::<Arc<SpanRec>>() {
                 r.entered_on.store(0, Ordering::Relaxed);
-                ENTERED_TASKS.with(|t| {
-                    t.borrow_mut().pop();
+                ENTERED.with(|stack| {
+                    stack.borrow_mut().pop();
                 });
             }
         }
@@ -446,5 +469,58 @@ where
         if tracked {
             self.spans.inner.remove(id.into_u64());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn a_span_learns_its_task_on_enter_and_keeps_its_fields_until_it_closes() {
+        let layer = OpenSpansLayer::new();
+        let spans = layer.spans();
+        let subscriber = tracing_subscriber::registry().with(layer.filtered());
+        tracing::subscriber::with_default(subscriber, || {
+            let task = tracing::info_span!("task", task.name = "worker");
+            // Created outside the task span, as `spawn_named("x", fut.instrument(span))` does.
+            let op = tracing::info_span!(
+                parent: None,
+                "op",
+                node = "n1",
+                label = "l1",
+                rows = 5u64,
+                status = tracing::field::Empty
+            );
+            let child = op.in_scope(|| tracing::info_span!("child"));
+            let ignored = tracing::debug_span!("verbose");
+            {
+                let _t = task.enter();
+                let _o = op.enter();
+            }
+            op.record("status", "done");
+            let entries = spans.entries();
+            let e = entries
+                .iter()
+                .find(|e| e.operation.as_deref() == Some("op"))
+                .expect("op tracked");
+            assert_eq!(e.task.as_deref(), Some("worker"));
+            assert_eq!(e.node.as_deref(), Some("n1"));
+            assert_eq!(e.label.as_deref(), Some("l1"));
+            assert!(e.detail.ends_with(" rows=5 status=done"), "{}", e.detail);
+            // The child was created before the parent learned its task: it has none.
+            let c = entries
+                .iter()
+                .find(|e| e.operation.as_deref() == Some("child"))
+                .expect("child tracked");
+            assert_eq!(c.task, None);
+            assert!(!entries
+                .iter()
+                .any(|e| e.operation.as_deref() == Some("verbose")));
+            assert_eq!(spans.len(), 3);
+            drop((op, child, ignored, task));
+            assert!(spans.is_empty());
+        });
     }
 }

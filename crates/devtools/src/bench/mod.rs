@@ -39,6 +39,13 @@ pub struct BenchArgs {
     /// Internal: run one round in this process, instrumented as named, and print `RESULT`.
     #[arg(long, hide = true, value_enum)]
     pub variant: Option<Variant>,
+    /// Internal: the components a [`Variant::Parts`] child switches on (see [`Parts`]).
+    #[arg(long, hide = true, default_value = "")]
+    pub parts: String,
+    /// `always-on-cost`, `spawn-churn`: also run one variant per component of the production
+    /// instrumentation (each alone on top of bare) and print what each costs.
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 /// How a benchmark child process is instrumented.
@@ -48,6 +55,8 @@ pub enum Variant {
     Bare,
     /// Exactly what `vpnbot run` installs (see the module docs).
     Production,
+    /// Bare plus only the components named by `--parts` (for `--breakdown`).
+    Parts,
 }
 
 impl Variant {
@@ -55,7 +64,56 @@ impl Variant {
         match self {
             Variant::Bare => "bare",
             Variant::Production => "production",
+            Variant::Parts => "parts",
         }
+    }
+}
+
+/// One component of the production instrumentation, switched on alone on top of the bare
+/// variant by `--breakdown` to tell what each costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The log layer at the default filter (`vpnbot::telemetry::init` without extra layers).
+    Fmt,
+    /// The diagnostics' open-span layer behind its per-layer filter, alone (log layer off).
+    Spans,
+    /// The diagnostics' poll, spawn and terminate hooks (task registry) on the runtime.
+    Hooks,
+    /// The runtime's LIFO slot disabled.
+    NoLifo,
+    /// Eager driver hand-off.
+    Handoff,
+    /// The watchdog thread, lag probe and task/runtime monitors started (needs hooks to
+    /// mean anything; started here on a runtime without them).
+    Watchdog,
+}
+
+impl Part {
+    /// Every component, in the order `--breakdown` runs them.
+    pub const ALL: [Part; 6] = [
+        Part::Fmt,
+        Part::Spans,
+        Part::Hooks,
+        Part::NoLifo,
+        Part::Handoff,
+        Part::Watchdog,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Part::Fmt => "fmt",
+            Part::Spans => "spans",
+            Part::Hooks => "hooks",
+            Part::NoLifo => "nolifo",
+            Part::Handoff => "handoff",
+            Part::Watchdog => "watchdog",
+        }
+    }
+
+    fn parse_list(s: &str) -> Vec<Part> {
+        s.split(',')
+            .filter_map(|w| Part::ALL.into_iter().find(|p| p.as_str() == w.trim()))
+            .collect()
     }
 }
 
@@ -363,12 +421,24 @@ fn fmt_spread(v: &[f64], unit: &str) -> String {
 /// process; prints the spread and checks the target on the medians.
 fn paired(args: &BenchArgs, name: &str) -> bool {
     let rounds = args.rounds.max(3);
-    let variants: &[Variant] = if name == "node-call-overhead" {
+    // (label, variant, parts): bare and production, plus one per component with --breakdown.
+    let mut variants: Vec<(String, Variant, String)> = Vec::new();
+    if name == "node-call-overhead" {
         // Bare reqwest and the client are compared inside the production process.
-        &[Variant::Production]
+        variants.push(("production".into(), Variant::Production, String::new()));
     } else {
-        &[Variant::Bare, Variant::Production]
-    };
+        variants.push(("bare".into(), Variant::Bare, String::new()));
+        variants.push(("production".into(), Variant::Production, String::new()));
+        if args.breakdown {
+            for p in Part::ALL {
+                variants.push((
+                    format!("+{}", p.as_str()),
+                    Variant::Parts,
+                    p.as_str().into(),
+                ));
+            }
+        }
+    }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
         Err(e) => {
@@ -376,11 +446,13 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
             return false;
         }
     };
-    let mut results: Vec<(Variant, Figures)> = Vec::new();
+    let mut results: Vec<(String, Figures)> = Vec::new();
     for r in 0..rounds {
-        for &v in variants {
+        for (label, v, parts) in &variants {
             let out = std::process::Command::new(&exe)
                 .args([name, "--variant", v.as_str()])
+                .arg("--parts")
+                .arg(parts)
                 .arg("--iterations")
                 .arg(args.iterations.to_string())
                 .stdin(std::process::Stdio::null())
@@ -389,7 +461,7 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
             let out = match out {
                 Ok(o) if o.status.success() => o,
                 Ok(o) => {
-                    eprintln!("bench: round {r} {} child failed: {}", v.as_str(), o.status);
+                    eprintln!("bench: round {r} {label} child failed: {}", o.status);
                     return false;
                 }
                 Err(e) => {
@@ -403,30 +475,31 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
                     println!(
                         "  round {} {:<10} {}",
                         r + 1,
-                        v.as_str(),
+                        label,
                         text.lines()
                             .find(|l| l.starts_with("RESULT "))
                             .unwrap_or("")
                     );
-                    results.push((v, f));
+                    results.push((label.clone(), f));
                 }
                 None => {
-                    eprintln!("bench: round {r} {} printed no RESULT", v.as_str());
+                    eprintln!("bench: round {r} {label} printed no RESULT");
                     return false;
                 }
             }
         }
     }
-    let col = |v: Variant, key: &str| -> Vec<f64> {
+    let col_l = |label: &str, key: &str| -> Vec<f64> {
         results
             .iter()
-            .filter(|(x, _)| *x == v)
+            .filter(|(x, _)| x == label)
             .map(|(_, f)| get(f, key))
             .collect()
     };
+    let col = |v: Variant, key: &str| col_l(v.as_str(), key);
     let median = |v: &[f64]| spread(v).1;
     println!("bench {name}: {rounds} rounds per variant, each a fresh process; {PRODUCTION_NOTE}");
-    match name {
+    let ok = match name {
         "always-on-cost" => {
             let (bt, pt) = (
                 col(Variant::Bare, "ops_per_s"),
@@ -498,7 +571,34 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
             );
             ok
         }
+    };
+    if args.breakdown {
+        // Wall-clock figures move with the other agents' load; CPU time per operation
+        // (getrusage, every thread of the child) is the steadier comparison.
+        let (wall, better_high) = if name == "spawn-churn" {
+            ("ms", false)
+        } else {
+            ("ops_per_s", true)
+        };
+        let b_wall = median(&col_l("bare", wall));
+        let b_cpu = median(&col_l("bare", "cpu_us_per_op"));
+        println!("  breakdown (medians; each component alone on top of bare):");
+        for (label, _, _) in variants.iter().skip(1) {
+            let w = median(&col_l(label, wall));
+            let c = median(&col_l(label, "cpu_us_per_op"));
+            let wall_cost = if better_high {
+                (1.0 - w / b_wall) * 100.0
+            } else {
+                (w / b_wall - 1.0) * 100.0
+            };
+            println!(
+                "    {label:<11} wall cost {wall_cost:+6.1} %   CPU {c:8.3} µs/op ({:+6.1} % vs \
+                 bare {b_cpu:.3})",
+                (c / b_cpu - 1.0) * 100.0
+            );
+        }
     }
+    ok
 }
 
 const PRODUCTION_NOTE: &str = "production = `Instruments::install` with the default config (log \
@@ -532,6 +632,42 @@ fn child(args: &BenchArgs, v: Variant) -> ExitCode {
                 .expect("runtime");
             (rt, Some(instruments))
         }
+        Variant::Parts => {
+            let parts = Part::parse_list(&args.parts);
+            let has = |p: Part| parts.contains(&p);
+            let instruments = vpnbot::app::Instruments::bare(&cfg);
+            if has(Part::Fmt) || has(Part::Spans) {
+                let mut obs = cfg.observability.clone();
+                if !has(Part::Fmt) {
+                    // The log layer filtered to nothing: its callsites are never enabled.
+                    std::env::remove_var("RUST_LOG");
+                    obs.log_filter = "off".into();
+                }
+                let mut extra: Vec<vpnbot::telemetry::BoxedLayer> = Vec::new();
+                if has(Part::Spans) {
+                    let layer = vpnbot::diagnostics::OpenSpansLayer::new().track_target("vpnbot");
+                    extra.push(vpnbot::telemetry::open_spans_layer(layer));
+                }
+                vpnbot::telemetry::init(&obs, extra);
+            }
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2).enable_all();
+            if has(Part::NoLifo) {
+                b.disable_lifo_slot();
+            }
+            if has(Part::Handoff) {
+                b.enable_eager_driver_handoff();
+            }
+            if has(Part::Hooks) {
+                instruments.diagnostics.install_hooks(&mut b);
+            }
+            let rt = b.build().expect("runtime");
+            if has(Part::Watchdog) {
+                (rt, Some(instruments))
+            } else {
+                (rt, None)
+            }
+        }
     };
     let tasks = vpnbot::tasks::Tasks::new();
     if let Some(i) = &instruments {
@@ -564,14 +700,28 @@ async fn spawn_churn(n: usize) -> String {
     for _ in 0..1_000 {
         let _ = tokio::spawn(async { std::hint::black_box(1u64) }).await;
     }
-    let t = Instant::now();
+    let (t, cpu0) = (Instant::now(), cpu_time());
     let hs: Vec<_> = (0..n)
         .map(|i| tokio::spawn(async move { std::hint::black_box(i as u64).wrapping_mul(3) }))
         .collect();
     for h in hs {
         let _ = h.await;
     }
-    format!("ms={:.3}", t.elapsed().as_secs_f64() * 1e3)
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let cpu = (cpu_time() - cpu0).as_secs_f64() * 1e6 / n as f64;
+    format!("ms={ms:.3} cpu_us_per_op={cpu:.4}")
+}
+
+/// CPU time (user + system) of every thread of this process so far (`getrusage`).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1_000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// The mixed load of `always-on-cost`: about `ops` operations in all; throughput and p99 of
@@ -625,7 +775,7 @@ async fn mixed_load(ops: usize) -> String {
         }
     }
     let per_task = (ops / 24).max(1);
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), cpu_time());
     let mut hs = Vec::new();
     for i in 0..24 {
         let (c, p) = (client.clone(), pool.clone());
@@ -664,6 +814,7 @@ async fn mixed_load(ops: usize) -> String {
         all.extend(h.await.unwrap_or_default());
     }
     let elapsed = t0.elapsed();
+    let cpu = cpu_time() - cpu0;
     all.sort_unstable();
     let p99 = all
         .get(((all.len() as f64 - 1.0) * 0.99) as usize)
@@ -673,8 +824,9 @@ async fn mixed_load(ops: usize) -> String {
     let _ = stop_tx.send(());
     let _ = sim_thread.join();
     format!(
-        "ops_per_s={:.1} p99_us={p99:.1} db={}",
+        "ops_per_s={:.1} p99_us={p99:.1} cpu_us_per_op={:.3} db={}",
         all.len() as f64 / elapsed.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / all.len().max(1) as f64,
         u8::from(pool.is_some())
     )
 }
