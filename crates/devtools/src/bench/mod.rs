@@ -213,18 +213,8 @@ pub fn main(args: BenchArgs) -> ExitCode {
                 args.iterations as usize
             };
             rt.block_on(async {
-                let (_pg, url) = match std::env::var("DATABASE_URL") {
-                    Ok(u) if !u.is_empty() => (None, u),
-                    _ => match crate::demo::postgres::EmbeddedPostgres::start() {
-                        Ok(pg) => {
-                            let u = pg.url();
-                            (Some(pg), u)
-                        }
-                        Err(e) => {
-                            eprintln!("bench: {e}");
-                            return false;
-                        }
-                    },
+                let Some((_pg, url)) = database() else {
+                    return false;
                 };
                 crate::bench::webhook::bench(&url, updates).await
             })
@@ -246,21 +236,29 @@ pub fn main(args: BenchArgs) -> ExitCode {
     }
 }
 
-/// Measures acquire+release through the instrumented pool and through the bare sqlx pool on the
-/// same server, interleaved in rounds to cancel drift, plus the bookkeeping alone without I/O.
-pub async fn bench_pool(iterations: u32) -> bool {
-    let (_pg, url) = match std::env::var("DATABASE_URL") {
-        Ok(u) if !u.is_empty() => (None, u),
+/// `DATABASE_URL` when set, else an embedded PostgreSQL (kept running while the returned
+/// guard lives). `None` (after printing why) when neither is available.
+fn database() -> Option<(Option<crate::demo::postgres::EmbeddedPostgres>, String)> {
+    match std::env::var("DATABASE_URL") {
+        Ok(u) if !u.is_empty() => Some((None, u)),
         _ => match crate::demo::postgres::EmbeddedPostgres::start() {
             Ok(pg) => {
                 let u = pg.url();
-                (Some(pg), u)
+                Some((Some(pg), u))
             }
             Err(e) => {
                 eprintln!("bench: {e}");
-                return false;
+                None
             }
         },
+    }
+}
+
+/// Measures acquire+release through the instrumented pool and through the bare sqlx pool on the
+/// same server, interleaved in rounds to cancel drift, plus the bookkeeping alone without I/O.
+pub async fn bench_pool(iterations: u32) -> bool {
+    let Some((_pg, url)) = database() else {
+        return false;
     };
     let cfg = DbConfig {
         url: SecretString::from(url),
