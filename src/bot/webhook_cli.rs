@@ -32,11 +32,16 @@ pub enum WebhookCommand {
     Info,
 }
 
+/// A name in `telegram.webhook.allowed_updates` that is not a Telegram update type.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not a Telegram update type")]
+pub struct UnknownUpdateType(pub String);
+
 /// The update kinds `allowed_updates` names (empty: the kinds the bot handles).
 ///
 /// # Errors
 /// A name that is not a Telegram update type (`check-config` reports it first).
-pub fn allowed_updates(names: &[String]) -> Result<Vec<AllowedUpdate>, String> {
+pub fn allowed_updates(names: &[String]) -> Result<Vec<AllowedUpdate>, UnknownUpdateType> {
     if names.is_empty() {
         return Ok(super::typed_updates::ALLOWED_UPDATES.to_vec());
     }
@@ -44,9 +49,20 @@ pub fn allowed_updates(names: &[String]) -> Result<Vec<AllowedUpdate>, String> {
         .iter()
         .map(|n| {
             serde_json::from_value(serde_json::Value::String(n.clone()))
-                .map_err(|_| format!("`{n}` is not a Telegram update type"))
+                .map_err(|_| UnknownUpdateType(n.clone()))
         })
         .collect()
+}
+
+/// Exit 0 after printing what `ok` says of the answer, or exit 1 naming Telegram's refusal.
+fn report<T, E: std::error::Error>(res: Result<T, E>, ok: impl FnOnce(T)) -> ExitCode {
+    match res {
+        Ok(v) => {
+            ok(v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => crate::cli::fail(&e, 1),
+    }
 }
 
 /// Runs `vpnbot webhook <cmd>` with `cfg` on a short-command runtime; returns the exit code.
@@ -105,19 +121,15 @@ async fn run(cfg: &Config, cmd: WebhookCommand) -> ExitCode {
                         .into_future()
                 })
                 .await;
-            match res {
-                Ok(_) => {
-                    println!(
-                        "webhook set: {} (max_connections {}, allowed_updates {}); pending \
-                         updates kept. Run the instances with telegram.mode = \"webhook\".",
-                        redact_url(url.as_str()),
-                        w.max_connections,
-                        names(&allowed)
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => crate::cli::fail(&e, 1),
-            }
+            report(res, |_| {
+                println!(
+                    "webhook set: {} (max_connections {}, allowed_updates {}); pending \
+                     updates kept. Run the instances with telegram.mode = \"webhook\".",
+                    redact_url(url.as_str()),
+                    w.max_connections,
+                    names(&allowed)
+                );
+            })
         }
         WebhookCommand::Delete => {
             let res = api
@@ -128,16 +140,12 @@ async fn run(cfg: &Config, cmd: WebhookCommand) -> ExitCode {
                         .into_future()
                 })
                 .await;
-            match res {
-                Ok(_) => {
-                    println!(
-                        "webhook deleted; pending updates kept for getUpdates. Run the \
-                         instances with telegram.mode = \"polling\"."
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => crate::cli::fail(&e, 1),
-            }
+            report(res, |_| {
+                println!(
+                    "webhook deleted; pending updates kept for getUpdates. Run the \
+                     instances with telegram.mode = \"polling\"."
+                );
+            })
         }
         WebhookCommand::Info => {
             let res = api
@@ -145,32 +153,28 @@ async fn run(cfg: &Config, cmd: WebhookCommand) -> ExitCode {
                     api.bot.get_webhook_info().into_future()
                 })
                 .await;
-            match res {
-                Ok(info) => {
-                    match &info.url {
-                        Some(u) => println!("url: {}", redact_url(u.as_str())),
-                        None => println!("url: (none: polling mode)"),
-                    }
-                    println!("pending_update_count: {}", info.pending_update_count);
-                    if let Some(n) = info.max_connections {
-                        println!("max_connections: {n}");
-                    }
-                    if let Some(a) = &info.allowed_updates {
-                        println!("allowed_updates: {}", names(a));
-                    }
-                    if let Some(ip) = info.ip_address {
-                        println!("ip_address: {ip}");
-                    }
-                    if let Some(d) = info.last_error_date {
-                        println!(
-                            "last_error: {d} {}",
-                            info.last_error_message.as_deref().unwrap_or("")
-                        );
-                    }
-                    ExitCode::SUCCESS
+            report(res, |info| {
+                match &info.url {
+                    Some(u) => println!("url: {}", redact_url(u.as_str())),
+                    None => println!("url: (none: polling mode)"),
                 }
-                Err(e) => crate::cli::fail(&e, 1),
-            }
+                println!("pending_update_count: {}", info.pending_update_count);
+                if let Some(n) = info.max_connections {
+                    println!("max_connections: {n}");
+                }
+                if let Some(a) = &info.allowed_updates {
+                    println!("allowed_updates: {}", names(a));
+                }
+                if let Some(ip) = info.ip_address {
+                    println!("ip_address: {ip}");
+                }
+                if let Some(d) = info.last_error_date {
+                    println!(
+                        "last_error: {d} {}",
+                        info.last_error_message.as_deref().unwrap_or("")
+                    );
+                }
+            })
         }
     }
 }

@@ -49,19 +49,46 @@ impl Drop for Running {
     }
 }
 
+/// Why [`start`] could not start the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The ledger file cannot be opened or read.
+    #[error("state {path}: {source}")]
+    Ledger {
+        /// The ledger file (`state`).
+        path: std::path::PathBuf,
+        /// What failed.
+        source: ledger::LedgerError,
+    },
+    /// `core_api` is not a valid address.
+    #[error(transparent)]
+    CoreAddress(#[from] core::InvalidCoreAddress),
+    /// `tls_cert` / `tls_key` cannot be loaded.
+    #[error("tls_cert/tls_key: {0}")]
+    Tls(std::io::Error),
+    /// The listener cannot be used (non-blocking mode, local address, runtime registration).
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+    /// The blocking task opening the ledger panicked or was cancelled.
+    #[error("opening the ledger: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
 /// Opens the ledger, builds the core client, and serves the node API on `listener` (TLS when
 /// the config has a certificate), resyncing the ledger into the core and probing it every
 /// `probe_interval`.
 ///
 /// # Errors
 /// The ledger cannot be opened, the core address is invalid, or the TLS files cannot be loaded.
-pub async fn start(cfg: &Config, listener: std::net::TcpListener) -> Result<Running, String> {
+pub async fn start(cfg: &Config, listener: std::net::TcpListener) -> Result<Running, StartError> {
     let metrics = metrics::Metrics::new();
     let path = cfg.state.clone();
     let ledger = tokio::task::spawn_blocking(move || ledger::Ledger::open(&path))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("state {}: {e}", cfg.state.display()))?;
+        .await?
+        .map_err(|source| StartError::Ledger {
+            path: cfg.state.clone(),
+            source,
+        })?;
     let core = core::Core::new(
         cfg.core,
         &cfg.core_api,
@@ -76,18 +103,23 @@ pub async fn start(cfg: &Config, listener: std::net::TcpListener) -> Result<Runn
     let n = agent
         .blocking(|l| l.len())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Ledger {
+            path: cfg.state.clone(),
+            source,
+        })?;
     agent.metrics().ledger_users.set(n as i64);
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    listener
+        .set_nonblocking(true)
+        .map_err(StartError::Listener)?;
+    let addr = listener.local_addr().map_err(StartError::Listener)?;
     let app = http::router(agent.clone(), &cfg.api_key);
     let server = match &cfg.tls {
         Some((cert, key)) => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
-                .map_err(|e| format!("tls_cert/tls_key: {e}"))?;
-            let srv = axum_server::from_tcp_rustls(listener, tls).map_err(|e| e.to_string())?;
+                .map_err(StartError::Tls)?;
+            let srv = axum_server::from_tcp_rustls(listener, tls).map_err(StartError::Listener)?;
             tokio::spawn(async move {
                 if let Err(e) = srv.serve(app.into_make_service()).await {
                     tracing::error!(error = %e, "node API server failed");
@@ -95,7 +127,7 @@ pub async fn start(cfg: &Config, listener: std::net::TcpListener) -> Result<Runn
             })
         }
         None => {
-            let l = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+            let l = tokio::net::TcpListener::from_std(listener).map_err(StartError::Listener)?;
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(l, app).await {
                     tracing::error!(error = %e, "node API server failed");

@@ -177,6 +177,16 @@ macro_rules! remove_user {
     }};
 }
 
+/// `core_api` is not a `host:port` the gRPC client can use.
+#[derive(Debug, thiserror::Error)]
+#[error("core_api {addr:?}: {source}")]
+pub struct InvalidCoreAddress {
+    /// The address as configured.
+    pub addr: String,
+    /// Why tonic refused it.
+    source: tonic::transport::Error,
+}
+
 impl Core {
     /// A client of the core at `addr` (`host:port`, plaintext gRPC). Connects lazily: a core
     /// that is down at start makes calls fail with [`CoreError::Unavailable`], not the agent.
@@ -190,9 +200,12 @@ impl Core {
         level: u32,
         timeout: Duration,
         metrics: Metrics,
-    ) -> Result<Core, String> {
+    ) -> Result<Core, InvalidCoreAddress> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("core_api {addr:?}: {e}"))?
+            .map_err(|source| InvalidCoreAddress {
+                addr: addr.to_owned(),
+                source,
+            })?
             .connect_timeout(timeout)
             .timeout(timeout)
             .tcp_nodelay(true)
