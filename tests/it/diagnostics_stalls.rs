@@ -186,6 +186,8 @@ fn r1_blocking_sleep_on_a_worker_is_a_blocked_worker_with_task_span_and_stack() 
         "{latency:?}"
     );
     assert_eq!(app.diag.stall(), Some(StallKind::BlockedWorker));
+    // Read while the sleep is on: the dump below may come after it (native stacks).
+    assert_eq!(app.metric("vpnbot_runtime_stalled"), Some(1.0));
 
     let d = app.wait_dump(StallKind::BlockedWorker, Duration::from_secs(5));
     eprintln!("{}", d.verdict);
@@ -241,7 +243,6 @@ fn r1_blocking_sleep_on_a_worker_is_a_blocked_worker_with_task_span_and_stack() 
         app.metric("vpnbot_watchdog_stalls_total{kind=\"blocked_worker\"}"),
         Some(1.0)
     );
-    assert_eq!(app.metric("vpnbot_runtime_stalled"), Some(1.0));
     assert!(app
         .metric("vpnbot_watchdog_episode_info{kind=\"blocked_worker\",label=\"\",node=\"\",operation=\"\",phase=\"\",task=\"reconcile\"}")
         .is_some());

@@ -263,7 +263,7 @@ pub(crate) fn build(inner: &Inner, trigger: &'static str) -> Dump {
     } else if !s.native_stacks {
         Err("stack unavailable: native_stacks disabled in config".to_owned())
     } else {
-        stack::capture_bounded(&stack_tids, stack::CAPTURE_TIMEOUT)
+        stack::capture_bounded(&stack_tids, stack::HELPER_TIMEOUT, stack::CAPTURE_TIMEOUT)
             .map_err(|e| format!("stack unavailable: {e}"))
     };
     let mut spans_by_tid: BTreeMap<u32, Vec<InflightEntry>> = BTreeMap::new();

@@ -407,6 +407,10 @@ impl Diagnostics {
             })
         });
 
+        if inner.settings.native_stacks && inner.settings.preload_symbols {
+            stack::warm_symbols();
+        }
+
         // Watchdog and dump threads.
         let (dump_tx, dump_rx) = mpsc::channel::<&'static str>();
         let weak = Arc::downgrade(&self.inner);

@@ -2,13 +2,15 @@
 //!
 //! Stacks come from `rstack-self` (libdw backend): the process re-executes its own binary as
 //! a helper that ptraces the parent, so `main` must call [`maybe_run_child`] before anything
-//! else. The capture costs ~60-90 ms the first time and a few ms after (release); the process
-//! carries on unharmed. Where ptrace is forbidden (Yama, seccomp, no `CAP_SYS_PTRACE`) or the
+//! else. The helper's part takes a few ms; symbolizing the frames, done in this process,
+//! parses the binary's debug info on first use ([`warm_symbols`] does that at start-up); the
+//! process carries on unharmed. Where ptrace is forbidden (Yama, seccomp, no `CAP_SYS_PTRACE`) or the
 //! helper fails, the dump says `stack unavailable: <reason>`.
 //!
 //! Dumps capture through [`capture_bounded`]: one capture at a time per process, on its own
-//! thread, given up after [`CAPTURE_TIMEOUT`] (the stuck helper is killed, which ends the
-//! capture thread), so a hung ptrace helper cannot hang the dump that asked for it.
+//! thread; a helper still running after [`HELPER_TIMEOUT`] is killed (which ends the capture
+//! thread), and the dump waits for the symbolized frames at most [`CAPTURE_TIMEOUT`], so a
+//! hung ptrace helper cannot hang the dump that asked for it.
 //!
 //! `/proc/self/task/<tid>/{stat,wchan,syscall}` needs no ptrace: a sleeping worker shows state
 //! `S` and `hrtimer_nanosleep`, a spinning one `R` with CPU time growing.
@@ -52,14 +54,22 @@ pub enum CaptureError {
     /// The capture thread could not be started.
     #[error("cannot start the capture thread: {0}")]
     Thread(#[source] std::io::Error),
-    /// The helper did not answer within the bound; it was killed.
-    #[error("timed out after {:.1} s (helper killed: {killed})", .timeout.as_secs_f64())]
+    /// No result within the bound: the helper was killed, or (none killed) it had finished and
+    /// the symbolization in this process was still running (it completes in the background).
+    #[error(
+        "timed out after {:.1} s ({})",
+        .timeout.as_secs_f64(),
+        if *.killed > 0 { "the ptrace helper was killed" } else { "the helper had finished; symbolizing was still running" }
+    )]
     TimedOut {
         /// The bound that passed.
         timeout: Duration,
         /// Helper processes killed.
         killed: usize,
     },
+    /// The capture thread panicked (in the unwinder or the symbolizer).
+    #[error("the capture thread panicked")]
+    Panicked,
     /// This process's own executable could not be found to start the helper.
     #[error("current_exe: {0}")]
     CurrentExe(#[source] std::io::Error),
@@ -71,8 +81,40 @@ pub enum CaptureError {
     Helper(#[source] rstack_self::Error),
 }
 
-/// Longest a dump waits for native stacks (the helper normally answers within 100 ms).
-pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest the ptrace helper may run (it stops each traced thread for a few ms; it normally
+/// finishes within 100 ms). Past it, a helper still running is killed.
+pub const HELPER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Longest a dump waits for native stacks in all, symbolizing included. Symbolizing runs in
+/// this process and stops no thread; cold, it parses the binary's debug info (1.0-1.6 s for a
+/// debug build on an idle machine, several seconds under load; [`warm_symbols`] does it at
+/// start-up), so it gets a bound of its own rather than the helper's.
+pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Loads the symbol tables of this binary on a background thread (`diag-symbols`) so that the
+/// first native-stack capture does not pay for it while a stall is on.
+///
+/// Captures are symbolized in this process by the `backtrace` crate, which parses the binary's
+/// DWARF on first use and caches it for the life of the process (the same cache `rstack-self`
+/// uses). Measured here: the first capture took 1.0 s (90 MB debug binary) to 1.6 s (328 MB
+/// debug `vpnbot`), later ones 5 ms; under the CI's load the cold one passed
+/// [`CAPTURE_TIMEOUT`]. Warming moves that cost to start-up; the memory it takes (about 140 MB
+/// RSS for the debug build, see README "Benchmarks" for release) is what the first dump would
+/// take anyway. A capture that starts meanwhile waits for the load (the cache is locked).
+pub fn warm_symbols() {
+    let _ = std::thread::Builder::new()
+        .name("diag-symbols".into())
+        .spawn(|| {
+            let t0 = std::time::Instant::now();
+            let mut found = false;
+            backtrace::resolve(warm_symbols as *mut std::ffi::c_void, |_| found = true);
+            tracing::debug!(
+                seconds = t0.elapsed().as_secs_f64(),
+                found,
+                "native-stack symbols loaded"
+            );
+        });
+}
 
 static CAPTURES_STARTED: AtomicU64 = AtomicU64::new(0);
 static CAPTURE_RUNNING: AtomicBool = AtomicBool::new(false);
@@ -83,15 +125,18 @@ pub fn captures_started() -> u64 {
     CAPTURES_STARTED.load(Ordering::Relaxed)
 }
 
-/// [`capture`] on a thread of its own, waited for at most `timeout`. Only one capture runs at a
-/// time: while one is running (or stuck) another call fails at once without starting a
-/// helper. On timeout the helper process is killed, which makes the capture thread return.
+/// [`capture`] on a thread of its own. The ptrace helper may run for `helper_timeout` (then it
+/// is killed, which makes the capture thread return); the whole capture, symbolizing
+/// included, is waited for at most `timeout` (then the helper, if any, is killed and the
+/// symbolizing finishes in the background). Only one capture runs at a time: while one is
+/// running (or stuck) another call fails at once without starting a helper.
 ///
 /// # Errors
 /// As [`capture`]; [`CaptureError::AlreadyRunning`], [`CaptureError::Thread`],
 /// [`CaptureError::TimedOut`].
 pub fn capture_bounded(
     tids: &[u32],
+    helper_timeout: Duration,
     timeout: Duration,
 ) -> Result<HashMap<u32, Vec<String>>, CaptureError> {
     if CAPTURE_RUNNING
@@ -114,11 +159,33 @@ pub fn capture_bounded(
         CAPTURE_RUNNING.store(false, Ordering::Release);
         return Err(CaptureError::Thread(e));
     }
-    match rx.recv_timeout(timeout) {
-        Ok(r) => r,
-        Err(_) => {
+    let t0 = std::time::Instant::now();
+    let mut helper_checked = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => return r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            // The capture thread panicked (it clears the running flag only on return).
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                CAPTURE_RUNNING.store(false, Ordering::Release);
+                return Err(CaptureError::Panicked);
+            }
+        }
+        let waited = t0.elapsed();
+        if waited >= timeout {
             let killed = kill_helpers();
-            Err(CaptureError::TimedOut { timeout, killed })
+            return Err(CaptureError::TimedOut { timeout, killed });
+        }
+        if !helper_checked && waited >= helper_timeout {
+            helper_checked = true;
+            let killed = kill_helpers();
+            if killed > 0 {
+                return Err(CaptureError::TimedOut {
+                    timeout: helper_timeout,
+                    killed,
+                });
+            }
+            // The helper is done: what remains is symbolizing, which stops no thread.
         }
     }
 }
