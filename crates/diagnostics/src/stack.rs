@@ -91,6 +91,14 @@ pub const HELPER_TIMEOUT: Duration = Duration::from_secs(3);
 /// start-up), so it gets a bound of its own rather than the helper's.
 pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(20);
 
+static SYMBOLS_LOADED: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`warm_symbols`] has finished loading the symbol tables (benchmarks wait for it so
+/// that they measure the steady state, not start-up).
+pub fn symbols_loaded() -> bool {
+    SYMBOLS_LOADED.load(Ordering::Acquire)
+}
+
 /// Loads the symbol tables of this binary on a background thread (`diag-symbols`) so that the
 /// first native-stack capture does not pay for it while a stall is on.
 ///
@@ -108,6 +116,7 @@ pub fn warm_symbols() {
             let t0 = std::time::Instant::now();
             let mut found = false;
             backtrace::resolve(warm_symbols as *mut std::ffi::c_void, |_| found = true);
+            SYMBOLS_LOADED.store(true, Ordering::Release);
             tracing::debug!(
                 seconds = t0.elapsed().as_secs_f64(),
                 found,
