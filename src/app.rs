@@ -325,6 +325,11 @@ impl App {
             pool.connect_health().clone(),
         );
         let _ = health.leader.set(leader.clone());
+        // Leadership connects before the shared workers grow the pool (bounded: an
+        // unreachable database does not hold start-up longer than one attempt).
+        leader
+            .first_attempt(config.db.connect_timeout_seconds + config.leader.check_timeout_seconds)
+            .await;
         let drain = config.runtime.shutdown_drain_seconds;
         // Reconcile, the outbox and expiry run on every instance, sharing the work through
         // PostgreSQL (node leases, claimed intents and batches); only the bot's getUpdates

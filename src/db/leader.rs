@@ -29,11 +29,30 @@ use crate::config::{DbConfig, LeaderConfig};
 use crate::metrics;
 use crate::tasks::Tasks;
 
+/// Why one attempt to take the leadership lock failed (not "held by another instance").
+/// Its text is what `/readyz` and the log show; it never carries the database password.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    /// The connection settings are invalid.
+    #[error("{0}")]
+    Config(#[from] super::DbError),
+    /// The server refused or dropped the connection (described with its SQLSTATE).
+    #[error("{0}")]
+    Connect(String),
+    /// `pg_try_advisory_lock` failed.
+    #[error("lock query failed: {0}")]
+    LockQuery(String),
+    /// No answer within connect timeout + check timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// Read side of leadership: whether this instance currently leads.
 #[derive(Debug, Clone)]
 pub struct LeaderHandle {
     rx: watch::Receiver<bool>,
     failing: Arc<Mutex<Option<String>>>,
+    attempted: watch::Receiver<bool>,
 }
 
 impl LeaderHandle {
@@ -52,6 +71,15 @@ impl LeaderHandle {
         *self.rx.borrow()
     }
 
+    /// Waits until the first attempt to take the lock has ended (won, lost or failed), at most
+    /// `bound`. Start-up waits for it before the workers that share the pool start, so that on
+    /// a role with a tight `CONNECTION LIMIT` the leadership connection is not refused
+    /// because pooled connections took every slot first (and then kept them while idle).
+    pub async fn first_attempt(&self, bound: Duration) {
+        let mut rx = self.attempted.clone();
+        let _ = tokio::time::timeout(bound, rx.wait_for(|done| *done)).await;
+    }
+
     /// A receiver that changes with leadership.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.rx.clone()
@@ -63,6 +91,7 @@ impl LeaderHandle {
         Self {
             rx,
             failing: Arc::default(),
+            attempted: watch::channel(true).1,
         }
     }
 
@@ -123,6 +152,7 @@ pub fn spawn_leadership(
     connect_health: Arc<ConnectHealth>,
 ) -> LeaderHandle {
     let (tx, rx) = watch::channel(false);
+    let (attempted_tx, attempted) = watch::channel(false);
     let failing: Arc<Mutex<Option<String>>> = Arc::default();
     let gauge = metrics::int_gauge(
         registry,
@@ -143,9 +173,14 @@ pub fn spawn_leadership(
         cancel: tasks.root().clone(),
         connect_health,
         failing: failing.clone(),
+        attempted: attempted_tx,
     };
     tasks.spawn_named("leadership", state.run());
-    LeaderHandle { rx, failing }
+    LeaderHandle {
+        rx,
+        failing,
+        attempted,
+    }
 }
 
 struct LeaderLoop {
@@ -157,13 +192,16 @@ struct LeaderLoop {
     cancel: CancellationToken,
     connect_health: Arc<ConnectHealth>,
     failing: Arc<Mutex<Option<String>>>,
+    attempted: watch::Sender<bool>,
 }
 
 impl LeaderLoop {
     async fn run(self) {
         let retry = self.cfg.retry_interval_seconds;
         while !self.cancel.is_cancelled() {
-            match self.try_acquire().await {
+            let attempt = self.try_acquire().await;
+            self.attempted.send_replace(true);
+            match attempt {
                 Ok(Some(conn)) => {
                     self.set_failing(None);
                     self.lead(conn).await
@@ -172,7 +210,7 @@ impl LeaderLoop {
                     self.set_failing(None);
                     tracing::debug!("leadership lock held elsewhere; following")
                 }
-                Err(e) => self.set_failing(Some(e)),
+                Err(e) => self.set_failing(Some(e.to_string())),
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -182,28 +220,28 @@ impl LeaderLoop {
         self.set(false);
     }
 
-    async fn try_acquire(&self) -> Result<Option<PgConnection>, String> {
+    async fn try_acquire(&self) -> Result<Option<PgConnection>, AttemptError> {
         let bound = self.db.connect_timeout_seconds + self.cfg.check_timeout_seconds;
         let attempt = async {
-            let mut opts = connect_options(&self.db).map_err(|e| e.to_string())?;
+            let mut opts = connect_options(&self.db)?;
             opts = opts.application_name(&format!("{}-leader", self.db.application_name));
             let mut conn = match PgConnection::connect_with(&opts).await {
                 Ok(c) => c,
                 Err(e) => {
                     self.connect_health.record("leader", &e);
-                    return Err(super::connect::describe(&e));
+                    return Err(AttemptError::Connect(super::connect::describe(&e)));
                 }
             };
             let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                 .bind(self.cfg.lock_key)
                 .fetch_one(&mut conn)
                 .await
-                .map_err(|e| format!("lock query failed: {}", super::connect::describe(&e)))?;
+                .map_err(|e| AttemptError::LockQuery(super::connect::describe(&e)))?;
             Ok(got.then_some(conn))
         };
         tokio::time::timeout(bound, attempt)
             .await
-            .map_err(|_| format!("no answer within {bound:?}"))?
+            .map_err(|_| AttemptError::Timeout(bound))?
     }
 
     async fn lead(&self, mut conn: PgConnection) {
