@@ -98,9 +98,9 @@ pub struct DiagnosticsSettings {
     /// With `native_stacks`, load the binary's symbol tables at start-up on a background
     /// thread (default true), so the first dump in a stall is not delayed by it (0.14-0.19 s
     /// for a release build, 1.0-1.6 s for a debug build, several times that under load). It
-    /// costs the anonymous memory the first capture would take anyway (measured here: 56 MB
-    /// for a 24 MB release binary, 68 MB for a 90 MB debug one; `crates/devtools/examples/stack_capture.rs`); `false` defers it to the
-    /// first capture.
+    /// costs the anonymous memory the first capture would take anyway (measured here with
+    /// `crates/devtools/examples/stack_capture.rs`: 56 MB for a 24 MB release binary, 68 MB
+    /// for a 90 MB debug one); `false` defers it to the first capture.
     pub preload_symbols: bool,
     /// Record tokio's per-poll time histogram (`vpnbot_runtime_poll_duration_seconds`).
     /// Default false: it reads the clock twice per poll and measured +160 ns per poll on a

@@ -4,8 +4,8 @@
 //! a helper that ptraces the parent, so `main` must call [`maybe_run_child`] before anything
 //! else. The helper's part takes a few ms; symbolizing the frames, done in this process,
 //! parses the binary's debug info on first use ([`warm_symbols`] does that at start-up); the
-//! process carries on unharmed. Where ptrace is forbidden (Yama, seccomp, no `CAP_SYS_PTRACE`) or the
-//! helper fails, the dump says `stack unavailable: <reason>`.
+//! process carries on unharmed. Where ptrace is forbidden (Yama, seccomp, no
+//! `CAP_SYS_PTRACE`) or the helper fails, the dump says `stack unavailable: <reason>`.
 //!
 //! Dumps capture through [`capture_bounded`]: one capture at a time per process, on its own
 //! thread; a helper still running after [`HELPER_TIMEOUT`] is killed (which ends the capture
@@ -104,12 +104,18 @@ pub fn symbols_loaded() -> bool {
 ///
 /// Captures are symbolized in this process by the `backtrace` crate, which parses the binary's
 /// DWARF on first use and caches it for the life of the process (the same cache `rstack-self`
-/// uses). Measured here: the first capture took 1.0 s (90 MB debug binary) to 1.6 s (328 MB
-/// debug `vpnbot`), later ones 5 ms; under the CI's load the cold one passed
-/// [`CAPTURE_TIMEOUT`]. Warming moves that cost to start-up; the memory it takes (about 140 MB
-/// RSS for the debug build, see README "Benchmarks" for release) is what the first dump would
+/// uses). Measured here (`crates/devtools/examples/stack_capture.rs`): the first capture took
+/// 0.14-0.19 s (24 MB release binary) and 1.0-1.6 s (debug builds), later ones 3-7 ms; under
+/// the CI's load the cold one passed the old 3 s bound. Warming moves that cost to start-up;
+/// the anonymous memory it takes (56 MB release, 68 MB debug) is what the first dump would
 /// take anyway. A capture that starts meanwhile waits for the load (the cache is locked).
+/// Once per process: later calls (another `Diagnostics` in the same process) do nothing.
 pub fn warm_symbols() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(spawn_symbol_loader);
+}
+
+fn spawn_symbol_loader() {
     let _ = std::thread::Builder::new()
         .name("diag-symbols".into())
         .spawn(|| {
