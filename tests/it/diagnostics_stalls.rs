@@ -151,6 +151,16 @@ fn is_sleep_call(s: &str) -> bool {
     s.contains("std::thread::sleep") || s.contains("std::thread::functions::sleep")
 }
 
+/// Waits (at most 60 s) for the start-up symbol preload, so that a test measures dumps in the
+/// steady state.
+fn wait_for_symbols() {
+    let t0 = Instant::now();
+    while !vpnbot::diagnostics::stack::symbols_loaded() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "symbols not loaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn dump_files(app: &App) -> Vec<String> {
     std::fs::read_dir(app.dir.path())
         .unwrap()
@@ -319,6 +329,9 @@ fn one_blocked_worker_leaves_the_timers_running_and_is_not_a_runtime_stall() {
 fn r2_every_worker_blocked_is_runtime_stalled_seen_from_another_thread() {
     let _g = serial();
     let app = App::new();
+    // The steady state: run alone, this test would otherwise time the start-up symbol load
+    // (seconds for this debug binary) inside its dumps.
+    wait_for_symbols();
     let began = Instant::now();
     let line = line!() + 3;
     for _ in 0..2 {
@@ -335,10 +348,11 @@ fn r2_every_worker_blocked_is_runtime_stalled_seen_from_another_thread() {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(4) {
             if diag.stall() == Some(StallKind::RuntimeStalled) {
+                let seen = Instant::now();
                 let text = vpnbot::metrics::render(&registry);
                 let t1 = Instant::now();
                 let d = diag.dump_now();
-                return Some((Instant::now(), text, d, t1.elapsed()));
+                return Some((seen, text, d, t1.elapsed()));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -385,7 +399,10 @@ fn r2_every_worker_blocked_is_runtime_stalled_seen_from_another_thread() {
     let blocked: Vec<_> = d.workers.iter().filter(|w| w.blocked).collect();
     assert_eq!(blocked.len(), 2);
     for w in blocked {
-        let stack = w.native_stack.as_ref().expect("native stack");
+        let stack = w
+            .native_stack
+            .as_ref()
+            .unwrap_or_else(|| panic!("no native stack: {:?}", w.stack_unavailable));
         assert!(stack.iter().any(|f| is_sleep_call(f)), "{stack:#?}");
     }
     assert_eq!(
@@ -440,7 +457,10 @@ fn r3_non_yielding_cpu_loop_is_a_blocked_worker_running_on_cpu() {
     assert!(d.verdict.contains("running on CPU"), "{}", d.verdict);
     let w = d.workers.iter().find(|w| w.blocked).unwrap();
     assert_eq!(w.proc.as_ref().unwrap().state, "R");
-    let stack = w.native_stack.as_ref().expect("native stack");
+    let stack = w
+        .native_stack
+        .as_ref()
+        .unwrap_or_else(|| panic!("no native stack: {:?}", w.stack_unavailable));
     assert!(stack.iter().any(|f| f.contains("spin_for")), "{stack:#?}");
 }
 
@@ -1153,4 +1173,42 @@ fn a_worker_left_in_tokios_task_dump_barrier_is_found_and_released() {
     });
     assert!(!stalled, "runtime_stalled after the release");
     assert!(slept < Duration::from_millis(700), "{slept:?}");
+}
+
+/// Two dumps at the same moment (the watchdog's episode dump and an on-demand one, as in a CI
+/// run of `r2` where the episode dump came out without stacks) each get the stacks: a capture
+/// that finds another running waits for it instead of failing at once.
+#[test]
+fn concurrent_captures_all_get_the_stack() {
+    let _g = serial();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let sleeper = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let tid = tid_rx.recv().unwrap();
+    let start = Arc::new(std::sync::Barrier::new(4));
+    let captures: Vec<_> = (0..4)
+        .map(|_| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                vpnbot::diagnostics::stack::capture_bounded(
+                    &[tid],
+                    vpnbot::diagnostics::stack::HELPER_TIMEOUT,
+                    vpnbot::diagnostics::stack::CAPTURE_TIMEOUT,
+                )
+            })
+        })
+        .collect();
+    for c in captures {
+        let stacks = c
+            .join()
+            .unwrap()
+            .expect("every concurrent capture succeeds");
+        let frames = stacks.get(&tid).expect("the sleeping thread's stack");
+        assert!(frames.iter().any(|f| is_sleep_call(f)), "{frames:#?}");
+    }
+    sleeper.join().unwrap();
 }

@@ -7,8 +7,8 @@
 //! process carries on unharmed. Where ptrace is forbidden (Yama, seccomp, no
 //! `CAP_SYS_PTRACE`) or the helper fails, the dump says `stack unavailable: <reason>`.
 //!
-//! Dumps capture through [`capture_bounded`]: one capture at a time per process, on its own
-//! thread; a helper still running after [`HELPER_TIMEOUT`] is killed (which ends the capture
+//! Dumps capture through [`capture_bounded`]: one capture at a time per process (a second one
+//! waits for the first, at most the helper's bound), on its own thread; a helper still running after [`HELPER_TIMEOUT`] is killed (which ends the capture
 //! thread), and the dump waits for the symbolized frames at most [`CAPTURE_TIMEOUT`], so a
 //! hung ptrace helper cannot hang the dump that asked for it.
 //!
@@ -18,7 +18,8 @@
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -47,10 +48,16 @@ pub fn maybe_run_child() {
 /// Why native stacks could not be captured. Its text is a dump's `stack_unavailable`.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    /// An earlier capture has not returned (one runs at a time, so a stuck helper cannot pile
-    /// up more).
-    #[error("capture already running (an earlier one has not returned)")]
-    AlreadyRunning,
+    /// An earlier capture was still running after waiting for it (one runs at a time, so a
+    /// stuck helper cannot pile up more).
+    #[error(
+        "another capture was still running after waiting {:.1} s for it",
+        .waited.as_secs_f64()
+    )]
+    AlreadyRunning {
+        /// How long this capture waited for the earlier one.
+        waited: Duration,
+    },
     /// The capture thread could not be started.
     #[error("cannot start the capture thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -132,7 +139,9 @@ fn spawn_symbol_loader() {
 }
 
 static CAPTURES_STARTED: AtomicU64 = AtomicU64::new(0);
-static CAPTURE_RUNNING: AtomicBool = AtomicBool::new(false);
+/// `true` while a capture thread runs; [`CAPTURE_ENDED`] is notified when it returns.
+static CAPTURE_RUNNING: Mutex<bool> = Mutex::new(false);
+static CAPTURE_ENDED: Condvar = Condvar::new();
 
 /// Native-stack captures started by [`capture_bounded`] in this process (each one spawns the
 /// ptrace helper once).
@@ -140,25 +149,66 @@ pub fn captures_started() -> u64 {
     CAPTURES_STARTED.load(Ordering::Relaxed)
 }
 
+fn running() -> MutexGuard<'static, bool> {
+    // The flag stays meaningful after a panic elsewhere: it is a plain bool.
+    CAPTURE_RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes the one capture slot, waiting at most `wait` for a capture already running (two
+/// dumps at the same moment, e.g. the watchdog's episode dump and an on-demand one, both get
+/// stacks). `false`: still taken after `wait`.
+fn take_slot(wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut taken = running();
+    while *taken {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        taken = CAPTURE_ENDED
+            .wait_timeout(taken, left)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    *taken = true;
+    true
+}
+
+fn release_slot() {
+    *running() = false;
+    CAPTURE_ENDED.notify_all();
+}
+
+/// Releases the slot when the capture thread ends, by return or by panic.
+struct SlotGuard;
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        release_slot();
+    }
+}
+
 /// [`capture`] on a thread of its own. The ptrace helper may run for `helper_timeout` (then it
 /// is killed, which makes the capture thread return); the whole capture, symbolizing
 /// included, is waited for at most `timeout` (then the helper, if any, is killed and the
-/// symbolizing finishes in the background). Only one capture runs at a time: while one is
-/// running (or stuck) another call fails at once without starting a helper.
+/// symbolizing finishes in the background). Only one capture runs at a time: a call that finds
+/// one running waits for it to end, at most `helper_timeout` (a warm capture takes a few ms;
+/// a running one normally ends within the helper's bound), then fails without starting a
+/// helper, so a stuck capture cannot pile up more.
 ///
 /// # Errors
 /// As [`capture`]; [`CaptureError::AlreadyRunning`], [`CaptureError::Thread`],
-/// [`CaptureError::TimedOut`].
+/// [`CaptureError::TimedOut`], [`CaptureError::Panicked`].
 pub fn capture_bounded(
     tids: &[u32],
     helper_timeout: Duration,
     timeout: Duration,
 ) -> Result<HashMap<u32, Vec<String>>, CaptureError> {
-    if CAPTURE_RUNNING
-        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
-    {
-        return Err(CaptureError::AlreadyRunning);
+    let t_wait = Instant::now();
+    if !take_slot(helper_timeout) {
+        return Err(CaptureError::AlreadyRunning {
+            waited: t_wait.elapsed(),
+        });
     }
     CAPTURES_STARTED.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -166,23 +216,22 @@ pub fn capture_bounded(
     let spawned = std::thread::Builder::new()
         .name("diag-stacks".into())
         .spawn(move || {
+            let _slot = SlotGuard;
             let r = capture(&tids);
-            CAPTURE_RUNNING.store(false, Ordering::Release);
             let _ = tx.send(r);
         });
     if let Err(e) = spawned {
-        CAPTURE_RUNNING.store(false, Ordering::Release);
+        release_slot();
         return Err(CaptureError::Thread(e));
     }
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let mut helper_checked = false;
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => return r,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            // The capture thread panicked (it clears the running flag only on return).
+            // The capture thread panicked (its guard released the slot).
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                CAPTURE_RUNNING.store(false, Ordering::Release);
                 return Err(CaptureError::Panicked);
             }
         }
