@@ -71,7 +71,12 @@ async fn pre_checkout_is_answered_in_time_with_every_slot_stuck(
         "pre-checkout answer with 8/8 slots stuck, n=20: p50 {p50:?} p99 {p99:?} max {max:?}"
     );
     assert!(p99 < Duration::from_secs(2), "p99 {p99:?}");
-    // The bot's own measure agrees: every answer within 2 s.
+    // The bot's own measure agrees: every answer within 2 s. It observes an answer once the
+    // Bot API has replied to it, a moment after the stand-in recorded it (a CI run read 19).
+    helpers::eventually(Duration::from_secs(2), || {
+        e.metric("vpnbot_bot_precheckout_answer_seconds_count", &[]) >= 20.0
+    })
+    .await;
     let count = e.metric("vpnbot_bot_precheckout_answer_seconds_count", &[]);
     let within = e.metric(
         "vpnbot_bot_precheckout_answer_seconds_bucket",

@@ -554,12 +554,23 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
             );
             let over: Vec<f64> = b.iter().zip(&c).map(|(b, c)| c - b).collect();
             println!(
-                "  {} sequential `health` calls per round, bare reqwest and NodeClient interleaved",
+                "  {} sequential `health` calls per round, bare reqwest and NodeClient interleaved, made by a task on the runtime's workers; simulated node on its own thread",
                 args.iterations
             );
             println!("  bare reqwest {}", fmt_spread(&b, "µs"));
             println!("  NodeClient   {}", fmt_spread(&c, "µs"));
             println!("  overhead     {}", fmt_spread(&over, "µs"));
+            let (bc, cc) = (
+                col(Variant::Production, "bare_cpu_us"),
+                col(Variant::Production, "client_cpu_us"),
+            );
+            let cpu_over: Vec<f64> = bc.iter().zip(&cc).map(|(b, c)| c - b).collect();
+            println!(
+                "  CPU per call (process, simulated node included): bare {}, NodeClient {}, overhead {}",
+                fmt_spread(&bc, "µs"),
+                fmt_spread(&cc, "µs"),
+                fmt_spread(&cpu_over, "µs")
+            );
             let (mb, mo) = (median(&b), median(&over));
             let ok = mo <= (mb * 0.05).max(20.0);
             println!(
@@ -687,9 +698,11 @@ fn child(args: &BenchArgs, v: Variant) -> ExitCode {
         _ => rt.block_on(async {
             let r = crate::bench::node::bench_call_overhead(args.iterations as usize).await;
             format!(
-                "bare_us={:.2} client_us={:.2}",
+                "bare_us={:.2} client_us={:.2} bare_cpu_us={:.2} client_cpu_us={:.2}",
                 r.bare_mean.as_secs_f64() * 1e6,
-                r.client_mean.as_secs_f64() * 1e6
+                r.client_mean.as_secs_f64() * 1e6,
+                r.bare_cpu.as_secs_f64() * 1e6,
+                r.client_cpu.as_secs_f64() * 1e6
             )
         }),
     };
@@ -721,7 +734,7 @@ async fn spawn_churn(n: usize) -> String {
 }
 
 /// CPU time (user + system) of every thread of this process so far (`getrusage`).
-fn cpu_time() -> Duration {
+pub(crate) fn cpu_time() -> Duration {
     // SAFETY: getrusage writes into the zeroed struct it is given.
     let ru = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
@@ -736,26 +749,9 @@ fn cpu_time() -> Duration {
 /// every operation's latency.
 async fn mixed_load(ops: usize) -> String {
     use vpnbot::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
     // The simulated node on its own thread and runtime, so it costs both variants the same.
-    let std_listener = listener.into_std().expect("std listener");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let sim_thread = std::thread::spawn(move || {
-        let srt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("sim runtime");
-        srt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-            let sim = vpnbot_sim::node::SimNode::start(l, Default::default());
-            let _ = tx.send((sim.base_url(), sim.api_key().to_owned()));
-            let _ = stop_rx.await;
-        });
-    });
-    let (url, key) = rx.await.expect("sim address");
+    let sim = crate::bench::node::SimThread::start().await;
+    let (url, key) = (sim.base_url.clone(), sim.api_key.clone());
     let registry = vpnbot::metrics::new_registry();
     let client = NodeClient::new(
         "bench",
@@ -829,8 +825,7 @@ async fn mixed_load(ops: usize) -> String {
         .copied()
         .unwrap_or(0) as f64
         / 1e3;
-    let _ = stop_tx.send(());
-    let _ = sim_thread.join();
+    sim.stop();
     format!(
         "ops_per_s={:.1} p99_us={p99:.1} cpu_us_per_op={:.3} db={}",
         all.len() as f64 / elapsed.as_secs_f64(),

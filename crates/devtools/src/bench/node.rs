@@ -1,5 +1,5 @@
 //! Benchmarks of the node client, run in release by `vpnbot-bench`
-//! or `cargo run --release --example node_bench`. They print and return their figures; speed
+//! (`vpnbot-bench node-call-overhead`, `node-list-users`). They print and return their figures; speed
 //! targets live here, not in tests.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,6 +35,10 @@ pub struct CallOverheadReport {
     pub bare_mean: Duration,
     /// Mean latency of [`NodeClient::health`] (breaker, deadlines, spans, metrics, registry).
     pub client_mean: Duration,
+    /// Process CPU time per bare call (every thread, the simulated node's included).
+    pub bare_cpu: Duration,
+    /// Process CPU time per client call (likewise).
+    pub client_cpu: Duration,
 }
 
 impl CallOverheadReport {
@@ -159,66 +163,164 @@ pub async fn bench_list_users_1m() -> ListUsersBenchReport {
 /// Per-call overhead of the instrumented client against a bare reqwest call, `calls` sequential
 /// `health` calls each on loopback (interleaved in rounds to share any drift).
 ///
+/// As in production, the calls are made by a task spawned on the current runtime (so they run
+/// on its workers, under its poll hooks), not by the thread that called `block_on`; the
+/// simulated node runs on a thread and runtime of its own ([`SimThread`]) so that it costs both
+/// sides the same. Besides wall time, the process CPU time per call (`getrusage`, every thread,
+/// the simulator's included) is recorded for each side: it moves less with other load.
+///
 /// # Panics
-/// When a call fails.
+/// When a call fails, or outside a multi-thread runtime.
 pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
-    let sim = sim(10).await;
+    let sim = SimThread::start().await;
     let registry = prometheus::Registry::new();
-    let client = client(&sim, &registry);
+    let client = NodeClient::new(
+        "bench",
+        sim.base_url.clone(),
+        SecretString::from(sim.api_key.clone()),
+        &NodeClientSettings::default(),
+        NodeApiMetrics::register(&registry),
+        InflightCalls::new(),
+    )
+    .expect("default settings are valid");
     let bare = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
         .build()
         .expect("bare client");
     let url = sim
-        .base_url()
+        .base_url
         .join(vpnbot::node::wire::HEALTH_PATH)
         .expect("url");
-    let key = sim.api_key().to_owned();
-    let bare_call = || async {
-        let r = bare
-            .get(url.clone())
-            .header(vpnbot::node::wire::API_KEY_HEADER, &key)
-            .send()
-            .await
-            .expect("bare call");
-        let b = r.bytes().await.expect("bare body");
-        let h: vpnbot::node::wire::HealthResponse = serde_json::from_slice(&b).expect("decode");
-        assert_eq!(h.status, "ok");
-    };
-    for _ in 0..200 {
-        bare_call().await;
-        client.health().await.expect("client call");
-    }
-    let rounds = 10;
-    let per = calls.div_ceil(rounds).max(1);
-    let (mut bare_t, mut client_t) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        for _ in 0..per {
+    let key = sim.api_key.clone();
+    let measured = tokio::spawn(async move {
+        let bare_call = || async {
+            let r = bare
+                .get(url.clone())
+                .header(vpnbot::node::wire::API_KEY_HEADER, &key)
+                .send()
+                .await
+                .expect("bare call");
+            let b = r.bytes().await.expect("bare body");
+            let h: vpnbot::node::wire::HealthResponse =
+                serde_json::from_slice(&b).expect("decode");
+            assert_eq!(h.status, "ok");
+        };
+        for _ in 0..200 {
             bare_call().await;
-        }
-        bare_t += t.elapsed();
-        let t = Instant::now();
-        for _ in 0..per {
             client.health().await.expect("client call");
         }
-        client_t += t.elapsed();
-    }
-    let n = (per * rounds) as u32;
-    let report = CallOverheadReport {
-        calls: n as usize,
-        bare_mean: bare_t / n,
-        client_mean: client_t / n,
-    };
+        let rounds = 10;
+        let per = calls.div_ceil(rounds).max(1);
+        let mut bare_side = Side::default();
+        let mut client_side = Side::default();
+        for _ in 0..rounds {
+            let t = Side::start();
+            for _ in 0..per {
+                bare_call().await;
+            }
+            bare_side.add(t);
+            let t = Side::start();
+            for _ in 0..per {
+                client.health().await.expect("client call");
+            }
+            client_side.add(t);
+        }
+        let n = (per * rounds) as u32;
+        CallOverheadReport {
+            calls: n as usize,
+            bare_mean: bare_side.wall / n,
+            client_mean: client_side.wall / n,
+            bare_cpu: bare_side.cpu / n,
+            client_cpu: client_side.cpu / n,
+        }
+    });
+    let report = measured.await.expect("measuring task");
+    sim.stop();
     println!(
-        "call overhead: bare {:.1} µs, client {:.1} µs, +{:.1} µs ({:.1} %), target {} ({} calls each)",
+        "call overhead: bare {:.1} µs, client {:.1} µs, +{:.1} µs ({:.1} %), target {} ({} calls each); CPU per call bare {:.1} µs, client {:.1} µs",
         report.bare_mean.as_secs_f64() * 1e6,
         report.client_mean.as_secs_f64() * 1e6,
         report.overhead().as_secs_f64() * 1e6,
         report.overhead_percent(),
         if report.within_target() { "met" } else { "MISSED" },
         report.calls,
+        report.bare_cpu.as_secs_f64() * 1e6,
+        report.client_cpu.as_secs_f64() * 1e6,
     );
     report
+}
+
+/// Wall and process CPU time accumulated by one side of [`bench_call_overhead`].
+#[derive(Default)]
+struct Side {
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Side {
+    fn start() -> (Instant, Duration) {
+        (Instant::now(), super::cpu_time())
+    }
+
+    fn add(&mut self, (t, cpu): (Instant, Duration)) {
+        self.wall += t.elapsed();
+        self.cpu += super::cpu_time().saturating_sub(cpu);
+    }
+}
+
+/// A simulated node on a thread and current-thread runtime of its own, so that serving it
+/// costs every variant of a benchmark the same and none of the measured runtime's workers.
+pub(crate) struct SimThread {
+    /// The node's base URL.
+    pub(crate) base_url: url::Url,
+    /// Its API key.
+    pub(crate) api_key: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SimThread {
+    /// Starts the node (10 users) and waits until it listens.
+    ///
+    /// # Panics
+    /// When loopback cannot be bound or the thread dies.
+    pub(crate) async fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let srt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("sim runtime");
+            srt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let sim = SimNode::start(
+                    l,
+                    SimNodeOptions {
+                        users: 10,
+                        ..Default::default()
+                    },
+                );
+                sim.warm().await;
+                let _ = tx.send((sim.base_url(), sim.api_key().to_owned()));
+                let _ = stop_rx.await;
+            });
+        });
+        let (base_url, api_key) = rx.await.expect("sim address");
+        Self {
+            base_url,
+            api_key,
+            stop,
+            thread,
+        }
+    }
+
+    /// Stops the node and joins its thread.
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
