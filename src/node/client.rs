@@ -177,12 +177,14 @@ struct Inner {
 /// Every call: fails fast while the node's breaker is open; runs under the total deadline;
 /// retries errors worth retrying with jittered exponential backoff (honouring `Retry-After`)
 /// while the deadline allows; absorbs one stale pooled connection per attempt; shows up in
-/// [`InflightCalls`], in an `info` `node.call` span with `debug`
+/// [`InflightCalls`], in a `debug` `node.call` span with `debug`
 /// `resolve`/`connect`/`headers`/`body`/`decode` children, and in the `vpnbot_node_api_*`
-/// metrics. The phase children are `debug` so that at the default log filter no layer enables
-/// them and they cost a callsite-interest check each (a call's current phase is in
-/// [`InflightCalls`] and the dumps anyway); the OTLP export's default filter enables them
-/// (`crate::otel::DEFAULT_SPAN_FILTER`), so an exported trace still shows the phases.
+/// metrics. The spans are `debug` so that at the default log filter no layer enables them and
+/// they cost a callsite-interest check each (a call's node, operation and current phase are in
+/// [`InflightCalls`] and the dumps anyway; its failure and retry log lines name node and
+/// operation themselves); the OTLP export's default filter enables them
+/// (`crate::otel::DEFAULT_SPAN_FILTER`), so an exported trace still shows the call and its
+/// phases.
 #[derive(Clone)]
 pub struct NodeClient {
     inner: Arc<Inner>,
@@ -436,7 +438,13 @@ impl NodeClient {
         decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<T, NodeError> {
         let inner = &*self.inner;
-        let span = tracing::info_span!(
+        // `debug`: at the default log filter nothing creates it (it cost 15-20 µs a call, the
+        // fmt and open-span layers formatting its fields and tracking each enter/exit, measured
+        // with `vpnbot-bench node-call-overhead`); the OTLP export's default filter
+        // (`vpnbot::node::client=debug`) still exports it with its phase children. What the
+        // span would tell a dump is in the in-flight registry (node, operation, phase, bytes),
+        // and its log lines carry node and operation as fields of their own.
+        let span = tracing::debug_span!(
             "node.call",
             node = %inner.name,
             operation = op.as_str(),
@@ -513,12 +521,16 @@ impl NodeClient {
                     ])
                     .inc();
                 span.record("error.type", e.error_type());
-                tracing::warn!(
-                    parent: &span,
-                    error.type = e.error_type(),
-                    elapsed_s = elapsed,
-                    "node call failed: {e}"
-                );
+                // Inside the call's span when it exists, else under the caller's (its task).
+                span.in_scope(|| {
+                    tracing::warn!(
+                        node = %inner.name,
+                        operation = op.as_str(),
+                        error.type = e.error_type(),
+                        elapsed_s = elapsed,
+                        "node call failed: {e}"
+                    )
+                });
             }
         }
         result
@@ -564,7 +576,8 @@ impl NodeClient {
                     .inc();
                 call.set_phase(Phase::RetryWait);
                 tracing::info!(
-                    parent: &call.span,
+                    node = %inner.name,
+                    operation = op.as_str(),
                     error.type = e.error_type(),
                     delay_ms = delay.as_millis() as u64,
                     "retrying node call: {e}"
@@ -592,7 +605,8 @@ impl NodeClient {
                         .with_label_values(&[&inner.name, op.as_str(), "stale_connection"])
                         .inc();
                     tracing::info!(
-                        parent: &call.span,
+                        node = %inner.name,
+                        operation = op.as_str(),
                         "pooled connection was stale, retrying on a fresh one: {detail}"
                     );
                 }

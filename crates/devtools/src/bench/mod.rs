@@ -698,11 +698,13 @@ fn child(args: &BenchArgs, v: Variant) -> ExitCode {
         _ => rt.block_on(async {
             let r = crate::bench::node::bench_call_overhead(args.iterations as usize).await;
             format!(
-                "bare_us={:.2} client_us={:.2} bare_cpu_us={:.2} client_cpu_us={:.2}",
+                "bare_us={:.2} client_us={:.2} bare_cpu_us={:.2} client_cpu_us={:.2} bare_conns={} client_conns={}",
                 r.bare_mean.as_secs_f64() * 1e6,
                 r.client_mean.as_secs_f64() * 1e6,
                 r.bare_cpu.as_secs_f64() * 1e6,
-                r.client_cpu.as_secs_f64() * 1e6
+                r.client_cpu.as_secs_f64() * 1e6,
+                r.bare_connections,
+                r.client_connections
             )
         }),
     };

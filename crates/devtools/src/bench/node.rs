@@ -39,6 +39,10 @@ pub struct CallOverheadReport {
     pub bare_cpu: Duration,
     /// Process CPU time per client call (likewise).
     pub client_cpu: Duration,
+    /// TCP connections the node accepted during the bare calls (1 when every call reused one).
+    pub bare_connections: u64,
+    /// Likewise during the client calls.
+    pub client_connections: u64,
 }
 
 impl CallOverheadReport {
@@ -193,7 +197,20 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
         .join(vpnbot::node::wire::HEALTH_PATH)
         .expect("url");
     let key = sim.api_key.clone();
+    let stats_url = sim.base_url.join("/_sim/stats").expect("stats url");
     let measured = tokio::spawn(async move {
+        // Connections the node has accepted so far (its own stats endpoint).
+        let accepted = |bare: reqwest::Client, url: url::Url| async move {
+            let v: serde_json::Value = bare
+                .get(url)
+                .send()
+                .await
+                .expect("sim stats")
+                .json()
+                .await
+                .expect("sim stats JSON");
+            v["connections"].as_u64().expect("connections")
+        };
         let bare_call = || async {
             let r = bare
                 .get(url.clone())
@@ -202,8 +219,7 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
                 .await
                 .expect("bare call");
             let b = r.bytes().await.expect("bare body");
-            let h: vpnbot::node::wire::HealthResponse =
-                serde_json::from_slice(&b).expect("decode");
+            let h: vpnbot::node::wire::HealthResponse = serde_json::from_slice(&b).expect("decode");
             assert_eq!(h.status, "ok");
         };
         for _ in 0..200 {
@@ -215,16 +231,21 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
         let mut bare_side = Side::default();
         let mut client_side = Side::default();
         for _ in 0..rounds {
+            let c0 = accepted(bare.clone(), stats_url.clone()).await;
             let t = Side::start();
             for _ in 0..per {
                 bare_call().await;
             }
             bare_side.add(t);
+            let c1 = accepted(bare.clone(), stats_url.clone()).await;
             let t = Side::start();
             for _ in 0..per {
                 client.health().await.expect("client call");
             }
             client_side.add(t);
+            let c2 = accepted(bare.clone(), stats_url.clone()).await;
+            bare_side.connections += c1 - c0;
+            client_side.connections += c2 - c1;
         }
         let n = (per * rounds) as u32;
         CallOverheadReport {
@@ -233,12 +254,14 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
             client_mean: client_side.wall / n,
             bare_cpu: bare_side.cpu / n,
             client_cpu: client_side.cpu / n,
+            bare_connections: bare_side.connections,
+            client_connections: client_side.connections,
         }
     });
     let report = measured.await.expect("measuring task");
     sim.stop();
     println!(
-        "call overhead: bare {:.1} µs, client {:.1} µs, +{:.1} µs ({:.1} %), target {} ({} calls each); CPU per call bare {:.1} µs, client {:.1} µs",
+        "call overhead: bare {:.1} µs, client {:.1} µs, +{:.1} µs ({:.1} %), target {} ({} calls each); CPU per call bare {:.1} µs, client {:.1} µs; connections opened bare {}, client {}",
         report.bare_mean.as_secs_f64() * 1e6,
         report.client_mean.as_secs_f64() * 1e6,
         report.overhead().as_secs_f64() * 1e6,
@@ -247,6 +270,8 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
         report.calls,
         report.bare_cpu.as_secs_f64() * 1e6,
         report.client_cpu.as_secs_f64() * 1e6,
+        report.bare_connections,
+        report.client_connections,
     );
     report
 }
@@ -256,6 +281,7 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
 struct Side {
     wall: Duration,
     cpu: Duration,
+    connections: u64,
 }
 
 impl Side {
