@@ -777,6 +777,8 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
         // dumps name a worker by tokio's worker index (the `worker` label of the runtime
         // metrics and the number in its thread name, see `crate::runtime`).
         let samples = inner.tracker.sample();
+        // After sampling, so that no sampled poll started later than this.
+        let coarse_now = poll_tracking::coarse_now_ns();
         let worker_ids: Vec<Option<std::thread::ThreadId>> = match inner.handle.get() {
             Some(h) => {
                 let m = h.metrics();
@@ -802,8 +804,20 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                     first_seen: now,
                 };
             }
+            // The recorded start when there is one (the watchdog's first sight of the poll
+            // can be a period late); both are lower bounds, so the larger is the better one.
             let poll_age = if s.task != 0 {
-                now - t.first_seen
+                let seen = now - t.first_seen;
+                if s.poll_started_ns == 0 {
+                    seen
+                } else {
+                    // Less one clock tick: the start reading may lag the real start by one.
+                    seen.max(Duration::from_nanos(
+                        coarse_now
+                            .saturating_sub(s.poll_started_ns)
+                            .saturating_sub(poll_tracking::coarse_resolution_ns()),
+                    ))
+                }
             } else {
                 Duration::ZERO
             };

@@ -1,10 +1,13 @@
 //! Per-worker poll tracking through tokio's task hooks, readable from any OS thread.
 //!
-//! `on_before_task_poll` stores the task id and spawn location in the polling thread's slot
-//! and bumps its poll sequence; `on_after_task_poll` clears the task. No clock is read in the
-//! hooks: the watchdog samples each slot on its period, and a slot whose sequence has not moved
-//! while a task is set has been in one poll since the watchdog first saw it. That keeps the
-//! per-poll cost at a thread-local read and three relaxed stores (see `bench`).
+//! `on_before_task_poll` stores the task id, spawn location and poll start (coarse monotonic
+//! clock, [`coarse_now_ns`]: a vDSO read of a few ns, a kernel tick of resolution) in the
+//! polling thread's slot and bumps its poll sequence; `on_after_task_poll` clears the task.
+//! The watchdog samples each slot on its period; a slot whose sequence has not moved while a
+//! task is set has been in one poll since its recorded start. (Without the start time a poll's
+//! age counted from the watchdog's first sight of it, up to one period late: detection took
+//! up to threshold + 2 periods; now threshold + 1 period + up to two clock ticks.) The per-poll cost is
+//! a thread-local read, the clock read and four relaxed stores (see `bench`).
 //!
 //! A task table maps task ids to their name (from [`crate::tasks::Tasks::spawn_named`]),
 //! spawn location and spawn time, maintained by the spawn/terminate hooks. It is split into
@@ -88,6 +91,26 @@ pub(crate) fn coarse_now_ns() -> u64 {
     (ts.tv_sec as u64).wrapping_mul(1_000_000_000) + ts.tv_nsec as u64
 }
 
+/// Resolution of [`coarse_now_ns`] (a kernel tick, e.g. 4 ms at `HZ=250`), from
+/// `clock_getres`; 10 ms if it cannot be read. A reading may lag real time by up to this much,
+/// so an age from two readings is a lower bound only after subtracting it.
+pub(crate) fn coarse_resolution_ns() -> u64 {
+    static RES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *RES.get_or_init(|| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres writes into the timespec it is given.
+        let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        if rc == 0 {
+            (ts.tv_sec as u64).wrapping_mul(1_000_000_000) + ts.tv_nsec as u64
+        } else {
+            10_000_000
+        }
+    })
+}
+
 thread_local! {
     /// (tracker id, slot index) of this thread; slot `u32::MAX` = not assigned yet.
     static SLOT: Cell<(usize, u32)> = const { Cell::new((0, u32::MAX)) };
@@ -144,6 +167,8 @@ pub(crate) struct WorkerSlot {
     tid: AtomicU32,
     polls: AtomicU64,
     task: AtomicU64,
+    /// Start of the current poll, [`coarse_now_ns`].
+    poll_started_ns: AtomicU64,
     loc: AtomicPtr<Location<'static>>,
     /// Name and std id of the thread holding the slot (the id maps it to tokio's worker
     /// index, see `RuntimeMetrics::worker_thread_id`).
@@ -160,6 +185,8 @@ pub(crate) struct SlotSample {
     pub(crate) polls: u64,
     /// Task being polled (0 = none).
     pub(crate) task: u64,
+    /// Start of that poll on the coarse monotonic clock ([`coarse_now_ns`]).
+    pub(crate) poll_started_ns: u64,
     pub(crate) location: Option<&'static Location<'static>>,
 }
 
@@ -245,7 +272,10 @@ impl PollTracker {
         if let Some(s) = self.slot() {
             // Single writer per slot: a load+store is cheaper than a locked fetch_add.
             let p = s.polls.load(Ordering::Relaxed);
-            s.task.store(id_u64(meta.id()), Ordering::Relaxed);
+            // Start before task, task with Release: a reader that sees this task sees this
+            // poll's start or a later one (never an earlier poll's, which would age it falsely).
+            s.poll_started_ns.store(coarse_now_ns(), Ordering::Relaxed);
+            s.task.store(id_u64(meta.id()), Ordering::Release);
             s.loc.store(
                 meta.spawned_at() as *const Location<'static> as *mut Location<'static>,
                 Ordering::Relaxed,
@@ -393,6 +423,7 @@ impl PollTracker {
             }
             let polls = s.polls.load(Ordering::Acquire);
             let task = s.task.load(Ordering::Acquire);
+            let poll_started_ns = s.poll_started_ns.load(Ordering::Relaxed);
             let loc = s.loc.load(Ordering::Relaxed);
             let (thread_name, thread_id) =
                 s.thread.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -403,6 +434,7 @@ impl PollTracker {
                 thread_id,
                 polls,
                 task,
+                poll_started_ns,
                 // SAFETY: only ever stored from `&'static Location` or null.
                 location: if task == 0 {
                     None
