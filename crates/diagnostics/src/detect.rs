@@ -86,7 +86,8 @@ pub(crate) struct Observation {
     pub(crate) task_names: Vec<String>,
     /// Time since the heartbeat task last ran.
     pub(crate) heartbeat_age: Duration,
-    /// Age of the watchdog's spawned probe that has not been polled yet.
+    /// While a probe waits to be polled: how long the runtime has polled no probe (see
+    /// `Dump::probe_pending_seconds`); `None` when none waits.
     pub(crate) probe_pending: Option<Duration>,
     /// The in-flight registries.
     pub(crate) sources: Vec<SourceObservation>,
@@ -106,8 +107,8 @@ pub(crate) fn is_blocked(w: &WorkerView, s: &DiagnosticsSettings) -> bool {
     w.task != 0 && w.poll_age >= s.stall_threshold_seconds
 }
 
-/// The whole runtime is stalled when neither the heartbeat nor a freshly spawned probe has run
-/// for the stall threshold.
+/// The whole runtime is stalled when neither the heartbeat nor a probe has run for the stall
+/// threshold while a probe waits to be polled.
 pub(crate) fn runtime_stalled(obs: &Observation, s: &DiagnosticsSettings) -> bool {
     let threshold = s.stall_threshold_seconds;
     obs.heartbeat_age >= threshold && obs.probe_pending.is_some_and(|p| p >= threshold)

@@ -39,7 +39,9 @@ pub struct Dump {
     pub elapsed_seconds: Option<f64>,
     /// Time since the in-runtime heartbeat last ran, seconds.
     pub heartbeat_age_seconds: f64,
-    /// Age of the watchdog's spawned probe that has not been polled yet, seconds.
+    /// While the watchdog's probe task waits to be polled: how long the runtime has polled no
+    /// probe (from the last probe poll, at most one watchdog period before the waiting probe
+    /// was spawned), seconds; `None` when no probe waits.
     pub probe_pending_seconds: Option<f64>,
     /// Per worker thread: the task being polled and for how long, evidence, stacks.
     pub workers: Vec<WorkerDump>,
@@ -461,8 +463,8 @@ fn verdict(
     match kind {
         Some(StallKind::RuntimeStalled) => {
             let mut s = format!(
-                "runtime_stalled: the heartbeat has not run for {} and a probe task spawned {} \
-                 ago was never polled; {} of {} workers blocked",
+                "runtime_stalled: the heartbeat has not run for {} and no probe task has been \
+                 polled for {} (one is waiting); {} of {} workers blocked",
                 fmt_secs(heartbeat_age),
                 fmt_secs(probe_pending.unwrap_or_default()),
                 blocked.len(),

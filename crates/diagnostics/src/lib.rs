@@ -203,8 +203,13 @@ struct Inner {
     workers: Mutex<HashMap<&'static str, WorkerRun>>,
     /// Nanoseconds since `epoch` of the last heartbeat (shared with the probe task).
     heartbeat_ns: Arc<AtomicU64>,
-    /// Nanoseconds since `epoch` + 1 when the pending probe was spawned; 0 = none pending.
+    /// Nanoseconds since `epoch` + 1 from which the pending probe counts as waiting; 0 = none
+    /// pending. That is when the runtime last polled a probe, but at most one watchdog period
+    /// before this probe was spawned: the runtime may have stopped right after that poll, and
+    /// counting from the spawn alone made `runtime_stalled` take up to a period longer.
     probe_sent_ns: Arc<AtomicU64>,
+    /// Nanoseconds since `epoch` + 1 when the runtime last polled a probe; 0 = never.
+    probe_ran_ns: Arc<AtomicU64>,
     /// Set when the lag-probe task is dropped: the runtime shut down.
     runtime_gone: Arc<AtomicBool>,
     task_dump_in_flight: Arc<AtomicBool>,
@@ -322,6 +327,7 @@ impl Diagnostics {
                 workers: Mutex::new(HashMap::new()),
                 heartbeat_ns: Arc::new(AtomicU64::new(0)),
                 probe_sent_ns: Arc::new(AtomicU64::new(0)),
+                probe_ran_ns: Arc::new(AtomicU64::new(0)),
                 runtime_gone: Arc::new(AtomicBool::new(false)),
                 task_dump_in_flight: Arc::new(AtomicBool::new(false)),
                 observation: Mutex::new(Arc::new(detect::Observation::default())),
@@ -840,18 +846,26 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
         inner.metrics.heartbeat_age.set(hb_age.as_secs_f64());
         if inner.probe_sent_ns.load(Ordering::Acquire) == 0 {
             if let Some(h) = inner.handle.get() {
+                let spawned = inner.now_ns();
+                let period = inner.settings.watchdog_period_seconds.as_nanos() as u64;
+                let ran = inner.probe_ran_ns.load(Ordering::Acquire);
+                let waiting_from = match ran {
+                    0 => spawned,
+                    r => (r - 1).clamp(spawned.saturating_sub(period), spawned),
+                };
                 inner
                     .probe_sent_ns
-                    .store(inner.now_ns() + 1, Ordering::Release);
-                let sent = inner.probe_sent_ns.clone();
+                    .store(waiting_from + 1, Ordering::Release);
+                let (sent, ran) = (inner.probe_sent_ns.clone(), inner.probe_ran_ns.clone());
                 let epoch = inner.epoch;
                 let hist = inner.metrics.probe_delay.clone();
                 with_spawn_name("diag-probe", || {
                     h.spawn(async move {
-                        let s = sent.swap(0, Ordering::AcqRel);
-                        if s != 0 {
-                            let d = (epoch.elapsed().as_nanos() as u64).saturating_sub(s - 1);
-                            hist.observe(d as f64 / 1e9);
+                        let now = epoch.elapsed().as_nanos() as u64;
+                        ran.store(now + 1, Ordering::Release);
+                        if sent.swap(0, Ordering::AcqRel) != 0 {
+                            // The delay from the spawn itself, not from `waiting_from`.
+                            hist.observe(now.saturating_sub(spawned) as f64 / 1e9);
                         }
                     })
                 });
