@@ -735,14 +735,6 @@ fn dump_thread(weak: Weak<Inner>, rx: mpsc::Receiver<&'static str>) {
     }
 }
 
-/// Watchdog-local per-slot state.
-#[derive(Debug, Clone, Copy)]
-struct SlotTrack {
-    polls: u64,
-    task: u64,
-    first_seen: Instant,
-}
-
 fn thread_cpu_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -761,7 +753,6 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
         ),
         None => return,
     };
-    let mut tracks: HashMap<usize, SlotTrack> = HashMap::new();
     let mut last_metrics = Instant::now();
     let mut last_dump: Option<(Instant, StallKind)> = None;
     let mut next = Instant::now() + period;
@@ -795,35 +786,15 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
             None => Vec::new(),
         };
         let mut view = Vec::with_capacity(samples.len());
-        let mut live = Vec::with_capacity(samples.len());
         for s in samples {
-            live.push(s.index);
-            let t = tracks.entry(s.index).or_insert(SlotTrack {
-                polls: s.polls,
-                task: s.task,
-                first_seen: now,
-            });
-            if t.polls != s.polls || t.task != s.task {
-                *t = SlotTrack {
-                    polls: s.polls,
-                    task: s.task,
-                    first_seen: now,
-                };
-            }
-            // The recorded start when there is one (the watchdog's first sight of the poll
-            // can be a period late); both are lower bounds, so the larger is the better one.
+            // From the poll's recorded start, less one clock tick (the start reading may lag
+            // the real start by one), so the age is a lower bound.
             let poll_age = if s.task != 0 {
-                let seen = now - t.first_seen;
-                if s.poll_started_ns == 0 {
-                    seen
-                } else {
-                    // Less one clock tick: the start reading may lag the real start by one.
-                    seen.max(Duration::from_nanos(
-                        coarse_now
-                            .saturating_sub(s.poll_started_ns)
-                            .saturating_sub(poll_tracking::coarse_resolution_ns()),
-                    ))
-                }
+                Duration::from_nanos(
+                    coarse_now
+                        .saturating_sub(s.poll_started_ns)
+                        .saturating_sub(poll_tracking::coarse_resolution_ns()),
+                )
             } else {
                 Duration::ZERO
             };
@@ -839,7 +810,6 @@ fn watchdog_thread(weak: Weak<Inner>, dump_tx: mpsc::Sender<&'static str>) {
                 poll_age,
             });
         }
-        tracks.retain(|k, _| live.contains(k));
 
         // Heartbeat and spawned probe.
         let hb_age = inner.heartbeat_age();

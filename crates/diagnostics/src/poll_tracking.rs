@@ -1,13 +1,12 @@
 //! Per-worker poll tracking through tokio's task hooks, readable from any OS thread.
 //!
-//! `on_before_task_poll` stores the task id, spawn location and poll start (coarse monotonic
-//! clock, [`coarse_now_ns`]: a vDSO read of a few ns, a kernel tick of resolution) in the
+//! `on_before_task_poll` stores the poll's start (coarse monotonic clock, [`coarse_now_ns`]: a
+//! vDSO read of a few ns, a kernel tick of resolution), the task id and spawn location in the
 //! polling thread's slot and bumps its poll sequence; `on_after_task_poll` clears the task.
-//! The watchdog samples each slot on its period; a slot whose sequence has not moved while a
-//! task is set has been in one poll since its recorded start. (Without the start time a poll's
-//! age counted from the watchdog's first sight of it, up to one period late: detection took
-//! up to threshold + 2 periods; now threshold + 1 period + up to two clock ticks.) The per-poll cost is
-//! a thread-local read, the clock read and four relaxed stores (see `bench`).
+//! The watchdog samples each slot on its period and ages a poll from its recorded start. (It
+//! used to age a poll from its own first sight of it, up to one period late: detection took up
+//! to threshold + 2 periods; now threshold + 1 period + up to two clock ticks.) The per-poll
+//! cost is a thread-local read, the clock read and four relaxed stores (see `bench`).
 //!
 //! A task table maps task ids to their name (from [`crate::tasks::Tasks::spawn_named`]),
 //! spawn location and spawn time, maintained by the spawn/terminate hooks. It is split into

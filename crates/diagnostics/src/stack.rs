@@ -8,9 +8,10 @@
 //! `CAP_SYS_PTRACE`) or the helper fails, the dump says `stack unavailable: <reason>`.
 //!
 //! Dumps capture through [`capture_bounded`]: one capture at a time per process (a second one
-//! waits for the first, at most the helper's bound), on its own thread; a helper still running after [`HELPER_TIMEOUT`] is killed (which ends the capture
-//! thread), and the dump waits for the symbolized frames at most [`CAPTURE_TIMEOUT`], so a
-//! hung ptrace helper cannot hang the dump that asked for it.
+//! waits for the first, at most the helper's bound), on its own thread; a helper still running
+//! after [`HELPER_TIMEOUT`] is killed (which ends the capture thread), and the dump waits for
+//! the symbolized frames at most [`CAPTURE_TIMEOUT`], so a hung ptrace helper cannot hang the
+//! dump that asked for it.
 //!
 //! `/proc/self/task/<tid>/{stat,wchan,syscall}` needs no ptrace: a sleeping worker shows state
 //! `S` and `hrtimer_nanosleep`, a spinning one `R` with CPU time growing.
@@ -158,17 +159,11 @@ fn running() -> MutexGuard<'static, bool> {
 /// dumps at the same moment, e.g. the watchdog's episode dump and an on-demand one, both get
 /// stacks). `false`: still taken after `wait`.
 fn take_slot(wait: Duration) -> bool {
-    let deadline = Instant::now() + wait;
-    let mut taken = running();
-    while *taken {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        taken = CAPTURE_ENDED
-            .wait_timeout(taken, left)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
+    let (mut taken, _) = CAPTURE_ENDED
+        .wait_timeout_while(running(), wait, |taken| *taken)
+        .unwrap_or_else(|e| e.into_inner());
+    if *taken {
+        return false;
     }
     *taken = true;
     true

@@ -548,11 +548,16 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
             ok
         }
         _ => {
-            let (b, c) = (
-                col(Variant::Production, "bare_us"),
-                col(Variant::Production, "client_us"),
-            );
-            let over: Vec<f64> = b.iter().zip(&c).map(|(b, c)| c - b).collect();
+            // Bare and client columns of one measure, and the client's excess per round.
+            let pair = |bare: &str, client: &str| {
+                let (b, c) = (
+                    col(Variant::Production, bare),
+                    col(Variant::Production, client),
+                );
+                let over: Vec<f64> = b.iter().zip(&c).map(|(b, c)| c - b).collect();
+                (b, c, over)
+            };
+            let (b, c, over) = pair("bare_us", "client_us");
             println!(
                 "  {} sequential `health` calls per round, bare reqwest and NodeClient interleaved, made by a task on the runtime's workers; simulated node on its own thread",
                 args.iterations
@@ -560,11 +565,7 @@ fn paired(args: &BenchArgs, name: &str) -> bool {
             println!("  bare reqwest {}", fmt_spread(&b, "µs"));
             println!("  NodeClient   {}", fmt_spread(&c, "µs"));
             println!("  overhead     {}", fmt_spread(&over, "µs"));
-            let (bc, cc) = (
-                col(Variant::Production, "bare_cpu_us"),
-                col(Variant::Production, "client_cpu_us"),
-            );
-            let cpu_over: Vec<f64> = bc.iter().zip(&cc).map(|(b, c)| c - b).collect();
+            let (bc, cc, cpu_over) = pair("bare_cpu_us", "client_cpu_us");
             println!(
                 "  CPU per call (process, simulated node included): bare {}, NodeClient {}, overhead {}",
                 fmt_spread(&bc, "µs"),
@@ -750,20 +751,10 @@ pub(crate) fn cpu_time() -> Duration {
 /// The mixed load of `always-on-cost`: about `ops` operations in all; throughput and p99 of
 /// every operation's latency.
 async fn mixed_load(ops: usize) -> String {
-    use vpnbot::node::{InflightCalls, NodeApiMetrics, NodeClient, NodeClientSettings};
     // The simulated node on its own thread and runtime, so it costs both variants the same.
     let sim = crate::bench::node::SimThread::start().await;
-    let (url, key) = (sim.base_url.clone(), sim.api_key.clone());
     let registry = vpnbot::metrics::new_registry();
-    let client = NodeClient::new(
-        "bench",
-        url,
-        secrecy::SecretString::from(key),
-        &NodeClientSettings::default(),
-        NodeApiMetrics::register(&registry),
-        InflightCalls::new(),
-    )
-    .expect("client");
+    let client = crate::bench::node::client(sim.base_url.clone(), &sim.api_key, &registry);
     client.health().await.expect("node up");
     let pool = match std::env::var("DATABASE_URL") {
         Ok(u) if !u.is_empty() => {

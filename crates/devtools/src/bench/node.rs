@@ -78,11 +78,16 @@ async fn sim(users: usize) -> SimNodeHandle {
     sim
 }
 
-fn client(sim: &SimNodeHandle, registry: &prometheus::Registry) -> NodeClient {
+/// A node client named `bench` with default settings, its metrics in `registry`.
+pub(crate) fn client(
+    base_url: url::Url,
+    api_key: &str,
+    registry: &prometheus::Registry,
+) -> NodeClient {
     NodeClient::new(
         "bench",
-        sim.base_url(),
-        SecretString::from(sim.api_key().to_owned()),
+        base_url,
+        SecretString::from(api_key.to_owned()),
         &NodeClientSettings::default(),
         NodeApiMetrics::register(registry),
         InflightCalls::new(),
@@ -110,7 +115,7 @@ pub async fn bench_list_users_1m() -> ListUsersBenchReport {
     const USERS: usize = 1_000_000;
     let sim = sim(USERS).await;
     let registry = prometheus::Registry::new();
-    let client = client(&sim, &registry);
+    let client = client(sim.base_url(), sim.api_key(), &registry);
     client.health().await.expect("node up");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -178,15 +183,7 @@ pub async fn bench_list_users_1m() -> ListUsersBenchReport {
 pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
     let sim = SimThread::start().await;
     let registry = prometheus::Registry::new();
-    let client = NodeClient::new(
-        "bench",
-        sim.base_url.clone(),
-        SecretString::from(sim.api_key.clone()),
-        &NodeClientSettings::default(),
-        NodeApiMetrics::register(&registry),
-        InflightCalls::new(),
-    )
-    .expect("default settings are valid");
+    let client = client(sim.base_url.clone(), &sim.api_key, &registry);
     let bare = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
@@ -200,9 +197,9 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
     let stats_url = sim.base_url.join("/_sim/stats").expect("stats url");
     let measured = tokio::spawn(async move {
         // Connections the node has accepted so far (its own stats endpoint).
-        let accepted = |bare: reqwest::Client, url: url::Url| async move {
+        let accepted = || async {
             let v: serde_json::Value = bare
-                .get(url)
+                .get(stats_url.clone())
                 .send()
                 .await
                 .expect("sim stats")
@@ -231,19 +228,19 @@ pub async fn bench_call_overhead(calls: usize) -> CallOverheadReport {
         let mut bare_side = Side::default();
         let mut client_side = Side::default();
         for _ in 0..rounds {
-            let c0 = accepted(bare.clone(), stats_url.clone()).await;
+            let c0 = accepted().await;
             let t = Side::start();
             for _ in 0..per {
                 bare_call().await;
             }
             bare_side.add(t);
-            let c1 = accepted(bare.clone(), stats_url.clone()).await;
+            let c1 = accepted().await;
             let t = Side::start();
             for _ in 0..per {
                 client.health().await.expect("client call");
             }
             client_side.add(t);
-            let c2 = accepted(bare.clone(), stats_url.clone()).await;
+            let c2 = accepted().await;
             bare_side.connections += c1 - c0;
             client_side.connections += c2 - c1;
         }
