@@ -11,7 +11,7 @@ use secrecy::ExposeSecret;
 
 use crate::bot::{BotApi, BotDeps, BotMetrics, BotService};
 use crate::config::Config;
-use crate::db::leader::{spawn_leadership, LeaderHandle};
+use crate::db::leader::{LeaderHandle, Leadership};
 use crate::db::{self, DbError, DbPool};
 use crate::diagnostics::Diagnostics;
 use crate::expiry::{ExpiryMetrics, ExpiryWorker};
@@ -120,6 +120,12 @@ pub struct Instruments {
 }
 
 impl Instruments {
+    /// The service manager as the watchdog thread's progress sink (`WATCHDOG=1` while the
+    /// runtime progresses); give it to [`Diagnostics::start`].
+    pub fn progress_sink(&self) -> Option<Arc<dyn crate::diagnostics::ProgressSink>> {
+        Some(Arc::new(self.supervisor.clone()))
+    }
+
     /// Registry and diagnostics only; no global subscriber (tests, tools).
     pub fn bare(config: &Config) -> Instruments {
         let registry = crate::metrics::new_registry();
@@ -129,7 +135,6 @@ impl Instruments {
             &registry,
         );
         let supervisor = Supervisor::from_env();
-        diagnostics.set_progress_sink(std::sync::Arc::new(supervisor.clone()));
         Instruments {
             registry,
             diagnostics,
@@ -240,7 +245,9 @@ impl App {
         let fleet = Fleet::from_config(&config, &registry)
             .map_err(|(node, source)| StartError::Node { node, source })?;
         let pool = DbPool::connect(&config.db, &registry)?;
+        let leadership = Leadership::new(&registry);
         let health = Arc::new(HealthState {
+            leader: Some(leadership.handle()),
             db_max_age: config.db.readiness_interval_seconds * 3,
             db_connect: Some(pool.connect_health().clone()),
             diagnostics: Some(Arc::new(diagnostics.clone())),
@@ -316,15 +323,17 @@ impl App {
         if let Some(spans) = &instruments.open_spans {
             diagnostics.add_source(Arc::new(spans.clone()));
         }
-        diagnostics.start(&tokio::runtime::Handle::current(), &tasks);
-        let leader = spawn_leadership(
+        diagnostics.start(
+            &tokio::runtime::Handle::current(),
+            &tasks,
+            instruments.progress_sink(),
+        );
+        let leader = leadership.compete(
             &config.leader,
             &db::pooler::direct_config(&config.db),
-            &registry,
             &tasks,
             pool.connect_health().clone(),
         );
-        let _ = health.leader.set(leader.clone());
         // Leadership connects before the shared workers grow the pool (bounded: an
         // unreachable database does not hold start-up longer than one attempt).
         leader

@@ -941,7 +941,7 @@ impl BotService {
         let health = self.inner.health.as_deref();
         let stall = health.and_then(|h| h.stall());
         let _ = writeln!(t, "stall: {}", stall.as_deref().unwrap_or("none"));
-        if let Some(l) = health.and_then(|h| h.leader.get()) {
+        if let Some(l) = health.and_then(|h| h.leader.as_ref().filter(|l| l.attempted())) {
             let _ = writeln!(t, "leader: {}", if l.is_leader() { "yes" } else { "no" });
         }
         let last = self.metrics().polling_last_success.get();

@@ -80,6 +80,12 @@ impl LeaderHandle {
         let _ = tokio::time::timeout(bound, rx.wait_for(|done| *done)).await;
     }
 
+    /// Whether the first attempt to take the lock has ended (won, lost or failed); `/readyz`
+    /// reports `"leader": null` before that.
+    pub fn attempted(&self) -> bool {
+        *self.attempted.borrow()
+    }
+
     /// A receiver that changes with leadership.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.rx.clone()
@@ -140,46 +146,80 @@ impl LeaderHandle {
     }
 }
 
-/// Starts the leadership task; returns the read side.
-///
-/// Failed connection attempts are counted and logged through `connect_health` (with their
-/// SQLSTATE), like the pool's.
-pub fn spawn_leadership(
-    leader: &LeaderConfig,
-    db: &DbConfig,
-    registry: &Registry,
-    tasks: &Tasks,
-    connect_health: Arc<ConnectHealth>,
-) -> LeaderHandle {
-    let (tx, rx) = watch::channel(false);
-    let (attempted_tx, attempted) = watch::channel(false);
-    let failing: Arc<Mutex<Option<String>>> = Arc::default();
-    let gauge = metrics::int_gauge(
-        registry,
-        "vpnbot_leader",
-        "1 while this instance holds the leadership lock and runs singleton workers, else 0.",
-    );
-    let transitions = metrics::counter(
-        registry,
-        "vpnbot_leader_transitions_total",
-        "Leadership changes of this instance (gained or lost).",
-    );
-    let state = LeaderLoop {
-        cfg: leader.clone(),
-        db: db.clone(),
-        tx,
-        gauge,
-        transitions,
-        cancel: tasks.root().clone(),
-        connect_health,
-        failing: failing.clone(),
-        attempted: attempted_tx,
-    };
-    tasks.spawn_named("leadership", state.run());
-    LeaderHandle {
-        rx,
-        failing,
-        attempted,
+/// Leadership before it is competed for: the read side exists from start-up (the health
+/// state holds it before the observability server answers), the task that takes the lock is
+/// started later by [`Leadership::compete`], after migrations. Until its first attempt ends,
+/// the handle reads "not leader, not failing, not yet attempted".
+#[derive(Debug)]
+pub struct Leadership {
+    handle: LeaderHandle,
+    tx: watch::Sender<bool>,
+    attempted: watch::Sender<bool>,
+    gauge: IntGauge,
+    transitions: IntCounter,
+}
+
+impl Leadership {
+    /// Registers `vpnbot_leader` and `vpnbot_leader_transitions_total` into `registry`.
+    ///
+    /// # Panics
+    /// If those metric names are already registered in `registry`.
+    pub fn new(registry: &Registry) -> Leadership {
+        let (tx, rx) = watch::channel(false);
+        let (attempted, attempted_rx) = watch::channel(false);
+        let gauge = metrics::int_gauge(
+            registry,
+            "vpnbot_leader",
+            "1 while this instance holds the leadership lock and runs singleton workers, else 0.",
+        );
+        let transitions = metrics::counter(
+            registry,
+            "vpnbot_leader_transitions_total",
+            "Leadership changes of this instance (gained or lost).",
+        );
+        Leadership {
+            handle: LeaderHandle {
+                rx,
+                failing: Arc::default(),
+                attempted: attempted_rx,
+            },
+            tx,
+            attempted,
+            gauge,
+            transitions,
+        }
+    }
+
+    /// The read side; the same one before and after [`Leadership::compete`].
+    pub fn handle(&self) -> LeaderHandle {
+        self.handle.clone()
+    }
+
+    /// Starts the leadership task (`leadership`, a critical task in `run`); returns the read
+    /// side.
+    ///
+    /// Failed connection attempts are counted and logged through `connect_health` (with their
+    /// SQLSTATE), like the pool's.
+    pub fn compete(
+        self,
+        leader: &LeaderConfig,
+        db: &DbConfig,
+        tasks: &Tasks,
+        connect_health: Arc<ConnectHealth>,
+    ) -> LeaderHandle {
+        let state = LeaderLoop {
+            cfg: leader.clone(),
+            db: db.clone(),
+            tx: self.tx,
+            gauge: self.gauge,
+            transitions: self.transitions,
+            cancel: tasks.root().clone(),
+            connect_health,
+            failing: self.handle.failing.clone(),
+            attempted: self.attempted,
+        };
+        tasks.spawn_named("leadership", state.run());
+        self.handle
     }
 }
 

@@ -1,7 +1,7 @@
 //! What the observability server reports about the process, gathered from parts that publish
 //! their state in thread-safe cells, so reading it never needs the main runtime.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::leader::LeaderHandle;
@@ -41,10 +41,9 @@ pub struct HealthState {
     pub db_max_age: Duration,
     /// Connection refusals seen while running (pool back-off).
     pub db_connect: Option<Arc<ConnectHealth>>,
-    /// Leadership read side. The one part attached later: leadership is only competed for
-    /// after migrations, while the server already answers; until then `/readyz` reports
-    /// `"leader": null`.
-    pub leader: OnceLock<LeaderHandle>,
+    /// Leadership read side. Leadership is only competed for after migrations, while the
+    /// server already answers; until its first attempt ends `/readyz` reports `"leader": null`.
+    pub leader: Option<LeaderHandle>,
     /// Diagnostics (stall state and dumps).
     pub diagnostics: Option<Arc<dyn DiagnosticsView>>,
     /// Node breakers.
@@ -60,7 +59,7 @@ impl Default for HealthState {
             db: Arc::default(),
             db_max_age: Duration::from_secs(10),
             db_connect: None,
-            leader: OnceLock::new(),
+            leader: None,
             diagnostics: None,
             breakers: None,
             on_demand: Default::default(),

@@ -89,7 +89,7 @@ impl App {
         diag.add_source(Arc::new(spans()));
         let rt = vpnbot::runtime::build_main_runtime(Some(2), &diag).unwrap();
         let tasks = Tasks::new();
-        diag.start(rt.handle(), &tasks);
+        diag.start(rt.handle(), &tasks, None);
         App {
             diag,
             registry,

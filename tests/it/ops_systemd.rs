@@ -89,10 +89,9 @@ rusty_fork_test! {
         };
         let registry = vpnbot::metrics::new_registry();
         let diag = Diagnostics::new(vpnbot::metrics::NAMING, settings, &registry);
-        diag.set_progress_sink(std::sync::Arc::new(supervisor));
         let rt = vpnbot::runtime::build_main_runtime(Some(2), &diag).unwrap();
         let tasks = Tasks::new();
-        diag.start(rt.handle(), &tasks);
+        diag.start(rt.handle(), &tasks, Some(std::sync::Arc::new(supervisor)));
 
         // Healthy: pings every WATCHDOG_USEC / 2.
         std::thread::sleep(Duration::from_millis(3400));

@@ -30,7 +30,9 @@ fn main() {
     let instruments = vpnbot::app::Instruments::install(&vpnbot::config::Config::default());
     let rt = vpnbot::runtime::build_main_runtime(None, &instruments.diagnostics).expect("runtime");
     let tasks = vpnbot::tasks::Tasks::new();
-    instruments.diagnostics.start(rt.handle(), &tasks);
+    instruments
+        .diagnostics
+        .start(rt.handle(), &tasks, instruments.progress_sink());
     println!(
         "bench bot: BotService::run on the main runtime from build_main_runtime (diagnostics' \
          hooks, watchdog, lag probe) with the subscriber of Instruments::install (default \

@@ -185,7 +185,7 @@ pub fn bench_detection_latency(
         let diag = Diagnostics::new(crate::Naming::new("bench"), s, &prometheus::Registry::new());
         let rt = crate::runtime::build_main_runtime(Some(2), &diag).expect("runtime");
         let tasks = Tasks::new();
-        diag.start(rt.handle(), &tasks);
+        diag.start(rt.handle(), &tasks, None);
         let mut samples = Vec::new();
         let hold = threshold + 2 * period + Duration::from_millis(400);
         for _ in 0..n {
@@ -268,7 +268,7 @@ pub fn bench_watchdog_cpu(duration: Duration) -> f64 {
     );
     let rt = crate::runtime::build_main_runtime(Some(2), &diag).expect("runtime");
     let tasks = Tasks::new();
-    diag.start(rt.handle(), &tasks);
+    diag.start(rt.handle(), &tasks, None);
     rt.block_on(async {
         for _ in 0..50 {
             tasks.spawn_named("bench_load", async {

@@ -372,17 +372,26 @@ impl Diagnostics {
 
     /// Starts the in-runtime scheduler-lag probe on `handle` and the watchdog OS thread
     /// (`vpnbot-watchdog`), which also samples runtime and task metrics (from `tasks`'
-    /// per-family monitors) and writes dumps. Calling it twice does nothing.
+    /// per-family monitors), writes dumps, and tells `progress` (e.g. the systemd notify
+    /// protocol's `WATCHDOG=1`) on every tick whether the runtime makes progress. Calling it
+    /// twice does nothing.
+    ///
+    /// This is where the runtime's parts are attached: the diagnostics exist before the
+    /// runtime (its builder installs their poll hooks), so its handle and tasks cannot be given
+    /// at [`Diagnostics::new`].
     ///
     /// # Panics
     /// When the OS refuses to create the watchdog thread.
-    pub fn start(&self, handle: &Handle, tasks: &Tasks) {
+    pub fn start(&self, handle: &Handle, tasks: &Tasks, progress: Option<Arc<dyn ProgressSink>>) {
         if self.inner.started.swap(true, Ordering::AcqRel) {
             return;
         }
         let inner = &self.inner;
         let _ = inner.handle.set(handle.clone());
         let _ = inner.tasks.set(tasks.clone());
+        if let Some(sink) = progress {
+            let _ = inner.supervisor.set(sink);
+        }
         inner.touch_heartbeat();
         inner
             .exporter
@@ -429,12 +438,6 @@ impl Diagnostics {
             .name(self.inner.naming.thread("watchdog"))
             .spawn(move || watchdog_thread(weak, dump_tx))
             .expect("spawning the watchdog thread");
-    }
-
-    /// Gives the watchdog thread a sink (e.g. the systemd notify protocol's `WATCHDOG=1`) told
-    /// on every tick whether the main runtime makes progress. First call wins.
-    pub fn set_progress_sink(&self, sink: Arc<dyn ProgressSink>) {
-        let _ = self.inner.supervisor.set(sink);
     }
 
     /// Stops the watchdog thread (it also stops by itself when every clone is dropped or the

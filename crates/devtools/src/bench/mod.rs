@@ -682,7 +682,7 @@ fn child(args: &BenchArgs, v: Variant) -> ExitCode {
     };
     let tasks = vpnbot::tasks::Tasks::new();
     if let Some(i) = &instruments {
-        i.diagnostics.start(rt.handle(), &tasks);
+        i.diagnostics.start(rt.handle(), &tasks, i.progress_sink());
         // The symbol preload (a start-up cost, `examples/stack_capture.rs`) is not per-call.
         let t0 = std::time::Instant::now();
         while cfg.diagnostics.native_stacks
