@@ -39,7 +39,7 @@ mod metrics;
 mod recheck;
 mod record;
 mod settings;
-mod snapshot;
+pub mod snapshot;
 
 pub use guard::{GuardReason, GuardTrip};
 pub use metrics::ReconcileMetrics;

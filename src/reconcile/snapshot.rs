@@ -1,11 +1,23 @@
 //! Phase 1, snapshot: one node's live subscriptions, streamed by keyset pagination over the
-//! partial index `(node, vless_uuid) WHERE status = 'active'`, holding a pooled connection per
-//! batch only.
+//! partial covering index `(node, vless_uuid) INCLUDE (expires_at) WHERE status = 'active'`
+//! (an index-only scan; migration 0007), holding a pooled connection per batch only.
 
 use uuid::Uuid;
 
 use super::{ConnStats, PassError};
 use crate::db::DbPool;
+
+/// The snapshot's first batch: `$1` node, `$2` batch size. Both statements read only columns
+/// of the covering index, so a vacuumed table answers them with an index-only scan
+/// (`tests/it/reconcile.rs` checks the plan).
+pub const FIRST_BATCH_SQL: &str = "SELECT vless_uuid, expires_at > now() FROM subscriptions \
+     WHERE node = $1 AND status = 'active' \
+     ORDER BY vless_uuid LIMIT $2";
+
+/// The snapshot's following batches: as [`FIRST_BATCH_SQL`], after UUID `$3`.
+pub const NEXT_BATCH_SQL: &str = "SELECT vless_uuid, expires_at > now() FROM subscriptions \
+     WHERE node = $1 AND status = 'active' AND vless_uuid > $3 \
+     ORDER BY vless_uuid LIMIT $2";
 
 /// One node's active subscriptions, sorted by UUID (PostgreSQL orders `uuid` bytewise, as
 /// [`Uuid`]'s `Ord` does). `true` marks a subscription not yet past `expires_at`.
@@ -28,21 +40,13 @@ pub(crate) async fn load(
         let rows: Vec<(Uuid, bool)> = {
             let mut conn = stats.acquire(pool, "reconcile_snapshot").await?;
             let q = match after {
-                None => sqlx::query_as(
-                    "SELECT vless_uuid, expires_at > now() FROM subscriptions \
-                     WHERE node = $1 AND status = 'active' \
-                     ORDER BY vless_uuid LIMIT $2",
-                )
-                .bind(node)
-                .bind(batch as i64),
-                Some(last) => sqlx::query_as(
-                    "SELECT vless_uuid, expires_at > now() FROM subscriptions \
-                     WHERE node = $1 AND status = 'active' AND vless_uuid > $3 \
-                     ORDER BY vless_uuid LIMIT $2",
-                )
-                .bind(node)
-                .bind(batch as i64)
-                .bind(last),
+                None => sqlx::query_as(FIRST_BATCH_SQL)
+                    .bind(node)
+                    .bind(batch as i64),
+                Some(last) => sqlx::query_as(NEXT_BATCH_SQL)
+                    .bind(node)
+                    .bind(batch as i64)
+                    .bind(last),
             };
             let res = q.fetch_all(&mut **conn).await;
             stats.round_trip();
