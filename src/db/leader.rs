@@ -240,17 +240,14 @@ impl LeaderLoop {
         let retry = self.cfg.retry_interval_seconds;
         while !self.cancel.is_cancelled() {
             let attempt = self.try_acquire().await;
+            // The outcome before "attempted": a reader that sees the first attempt ended (e.g.
+            // `/readyz`) also sees whether it failed.
+            self.set_failing(attempt.as_ref().err().map(|e| e.to_string()));
             self.attempted.send_replace(true);
             match attempt {
-                Ok(Some(conn)) => {
-                    self.set_failing(None);
-                    self.lead(conn).await
-                }
-                Ok(None) => {
-                    self.set_failing(None);
-                    tracing::debug!("leadership lock held elsewhere; following")
-                }
-                Err(e) => self.set_failing(Some(e.to_string())),
+                Ok(Some(conn)) => self.lead(conn).await,
+                Ok(None) => tracing::debug!("leadership lock held elsewhere; following"),
+                Err(_) => {}
             }
             tokio::select! {
                 _ = self.cancel.cancelled() => break,

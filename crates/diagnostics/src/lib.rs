@@ -23,7 +23,8 @@
 //! Wiring (in `main`): [`stack::maybe_run_child`] first; [`OpenSpansLayer`] (and
 //! [`console_layer`]) into the subscriber; [`Diagnostics::new`] with the service's [`Naming`]
 //! before the runtime;
-//! [`runtime::build_main_runtime`]; then [`Diagnostics::start`] with the runtime handle.
+//! [`runtime::build_main_runtime`]; then [`Diagnostics::start`] with the runtime handle, the
+//! task registry and, optionally, a [`ProgressSink`] (e.g. systemd's watchdog).
 //!
 //! tokio-console: set `diagnostics.console_enabled = true`, add [`console_layer`] with a filter
 //! that enables `tokio=trace,runtime=trace`, and attach with `tokio-console
