@@ -941,8 +941,8 @@ impl BotService {
         let health = self.inner.health.as_deref();
         let stall = health.and_then(|h| h.stall());
         let _ = writeln!(t, "stall: {}", stall.as_deref().unwrap_or("none"));
-        if let Some(l) = health.and_then(|h| h.leader.as_ref().filter(|l| l.attempted())) {
-            let _ = writeln!(t, "leader: {}", if l.is_leader() { "yes" } else { "no" });
+        if let Some(l) = health.and_then(|h| h.leader.as_ref()?.known_leader()) {
+            let _ = writeln!(t, "leader: {}", if l { "yes" } else { "no" });
         }
         let last = self.metrics().polling_last_success.get();
         if last > 0.0 {

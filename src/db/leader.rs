@@ -86,6 +86,12 @@ impl LeaderHandle {
         *self.attempted.borrow()
     }
 
+    /// Whether this instance leads, once the first attempt has ended; `None` before that
+    /// (what `/readyz` and `/diag` show).
+    pub fn known_leader(&self) -> Option<bool> {
+        self.attempted().then(|| self.is_leader())
+    }
+
     /// A receiver that changes with leadership.
     pub fn subscribe(&self) -> watch::Receiver<bool> {
         self.rx.clone()

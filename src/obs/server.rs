@@ -293,9 +293,7 @@ async fn readyz(State(s): State<ObsState>) -> Response {
         .map(|h| h.status(max_age))
         .unwrap_or(Ok(()));
     let stall = s.health.stall();
-    let leader = (s.health.leader.as_ref())
-        .filter(|l| l.attempted())
-        .map(|l| l.is_leader());
+    let leader = s.health.leader.as_ref().and_then(|l| l.known_leader());
     let leadership = s.health.leader.as_ref().and_then(|l| l.failing());
     let breakers: serde_json::Map<String, serde_json::Value> = s
         .health
