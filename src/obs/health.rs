@@ -42,7 +42,8 @@ pub struct HealthState {
     /// Connection refusals seen while running (pool back-off).
     pub db_connect: Option<Arc<ConnectHealth>>,
     /// Leadership read side. Leadership is only competed for after migrations, while the
-    /// server already answers; until its first attempt ends `/readyz` reports `"leader": null`.
+    /// server already answers; until its first attempt ends `/readyz` reports `"leader": null`
+    /// and is not ready (`leadership`: [`super::server::FIRST_ATTEMPT_PENDING`]).
     pub leader: Option<LeaderHandle>,
     /// Diagnostics (stall state and dumps).
     pub diagnostics: Option<Arc<dyn DiagnosticsView>>,

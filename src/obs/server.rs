@@ -283,6 +283,11 @@ async fn healthz(State(s): State<ObsState>) -> Response {
     }
 }
 
+/// `/readyz`'s `leadership` while the first attempt to take the leader lock has not ended
+/// (start-up: migrations run first, then the attempt, bounded by the connect and check
+/// timeouts).
+pub const FIRST_ATTEMPT_PENDING: &str = "first attempt to take the leader lock has not ended";
+
 async fn readyz(State(s): State<ObsState>) -> Response {
     let max_age = s.health.db_max_age;
     let db = s.health.db.status(max_age);
@@ -294,7 +299,15 @@ async fn readyz(State(s): State<ObsState>) -> Response {
         .unwrap_or(Ok(()));
     let stall = s.health.stall();
     let leader = s.health.leader.as_ref().and_then(|l| l.known_leader());
-    let leadership = s.health.leader.as_ref().and_then(|l| l.failing());
+    // Not ready until the first attempt to take the lock has ended: before it, nobody knows
+    // whether this instance is to poll Telegram, and a failing attempt must not read as ready.
+    let leadership = s.health.leader.as_ref().and_then(|l| {
+        if l.attempted() {
+            l.failing()
+        } else {
+            Some(FIRST_ATTEMPT_PENDING.to_string())
+        }
+    });
     let breakers: serde_json::Map<String, serde_json::Value> = s
         .health
         .breakers
@@ -374,6 +387,51 @@ async fn dump(State(s): State<ObsState>, Query(q): Query<DumpQuery>) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    async fn readyz_of(health: HealthState) -> (StatusCode, serde_json::Value) {
+        let state = ObsState {
+            registry: crate::metrics::new_registry(),
+            health: Arc::new(health),
+        };
+        let res = readyz(State(state)).await;
+        let code = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (code, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn db_ok() -> Arc<crate::db::readiness::DbReadiness> {
+        let db = Arc::new(crate::db::readiness::DbReadiness::default());
+        db.record_timed(Ok(()), Duration::from_millis(1));
+        db
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_for_the_first_leadership_attempt() {
+        let registry = crate::metrics::new_registry();
+        let leadership = crate::db::leader::Leadership::new(&registry);
+        let (code, v) = readyz_of(HealthState {
+            db: db_ok(),
+            leader: Some(leadership.handle()),
+            ..HealthState::default()
+        })
+        .await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert_eq!(v["leader"], serde_json::Value::Null, "{v}");
+        assert_eq!(v["leadership"], FIRST_ATTEMPT_PENDING, "{v}");
+        // Once an attempt has ended (a handle that never leads has), the same state is ready.
+        let (code, v) = readyz_of(HealthState {
+            db: db_ok(),
+            leader: Some(crate::db::leader::LeaderHandle::never()),
+            ..HealthState::default()
+        })
+        .await;
+        assert_eq!(code, StatusCode::OK, "{v}");
+        assert_eq!(v["leader"], false, "{v}");
+        assert_eq!(v["leadership"], "ok", "{v}");
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
