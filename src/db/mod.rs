@@ -1,6 +1,7 @@
 //! The data layer: an instrumented PostgreSQL pool, embedded migrations, the leadership lock
 //! and the writability probe behind `/readyz`.
 
+pub mod bulk_read;
 pub mod connect;
 pub mod db_time;
 pub mod error;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::{ConnStats, PassError};
+use crate::db::bulk_read::BulkRead;
 use crate::db::DbPool;
 
 /// Outcome of the re-check.
@@ -119,7 +120,8 @@ async fn tagged(
     if let Some(s) = secs {
         q = q.bind(s);
     }
-    let res = q.fetch_all(&mut **conn).await;
+    // As many rows as the diff found candidates: without per-row span enters (BulkRead).
+    let res = BulkRead::new(q.fetch_all(&mut **conn)).await;
     stats.round_trip();
     Ok(conn.check(res)?)
 }

@@ -1,10 +1,12 @@
 //! Phase 1, snapshot: one node's live subscriptions, streamed by keyset pagination over the
 //! partial covering index `(node, vless_uuid) INCLUDE (expires_at) WHERE status = 'active'`
-//! (an index-only scan; migration 0007), holding a pooled connection per batch only.
+//! (an index-only scan; migration 0007), holding a pooled connection per batch only. Rows are
+//! read without sqlx's per-row span enters ([`crate::db::bulk_read`]).
 
 use uuid::Uuid;
 
 use super::{ConnStats, PassError};
+use crate::db::bulk_read::BulkRead;
 use crate::db::DbPool;
 
 /// The snapshot's first batch: `$1` node, `$2` batch size. Both statements read only columns
@@ -48,7 +50,8 @@ pub(crate) async fn load(
                     .bind(batch as i64)
                     .bind(last),
             };
-            let res = q.fetch_all(&mut **conn).await;
+            // A million rows per pass: without sqlx's per-row span enters (see BulkRead).
+            let res = BulkRead::new(q.fetch_all(&mut **conn)).await;
             stats.round_trip();
             conn.check(res)?
         };

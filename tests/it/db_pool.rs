@@ -351,3 +351,59 @@ async fn pool_recovers_after_backends_are_killed(_p: PgPoolOptions, opts: PgConn
         .unwrap();
     assert_eq!(one, 1);
 }
+
+/// Counts span enters on the thread it is the default subscriber of.
+struct CountEnters(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountEnters {
+    fn on_enter(&self, _: &tracing::span::Id, _: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// sqlx enters the caller's span once per row and stream layer; a `BulkRead` statement does
+/// not, and returns the same rows (issue 16: a million-row snapshot spent a fifth of the
+/// workers' CPU on it).
+#[sqlx::test(migrations = false)]
+async fn bulk_reads_do_not_enter_the_callers_span_per_row(
+    _p: PgPoolOptions,
+    opts: PgConnectOptions,
+) {
+    use tracing::Instrument;
+    use tracing_subscriber::layer::SubscriberExt;
+    let enters = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // sqlx::test runs on one thread, so a thread-default subscriber sees every poll.
+    let _default = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(CountEnters(enters.clone())),
+    );
+    let (pool, _registry) = pool(&opts, 1, 5.0);
+    let mut conn = pool.acquire("test_bulk").await.unwrap();
+    let sql = "SELECT g FROM generate_series(1, 5000) g";
+    let span = tracing::info_span!("caller");
+
+    let plain: Vec<(i32,)> = sqlx::query_as(sql)
+        .fetch_all(&mut *conn)
+        .instrument(span.clone())
+        .await
+        .unwrap();
+    let plain_enters = enters.swap(0, std::sync::atomic::Ordering::Relaxed);
+    let bulk: Vec<(i32,)> =
+        vpnbot::db::bulk_read::BulkRead::new(sqlx::query_as(sql).fetch_all(&mut *conn))
+            .instrument(span.clone())
+            .await
+            .unwrap();
+    let bulk_enters = enters.load(std::sync::atomic::Ordering::Relaxed);
+
+    assert_eq!(plain.len(), 5000);
+    assert_eq!(plain, bulk);
+    // The cost being removed exists (else this test proves nothing)...
+    assert!(
+        plain_enters >= 5000,
+        "plain fetch_all entered the span {plain_enters} times for 5000 rows"
+    );
+    // ...and is gone: only the caller's own `.instrument` enters, once per poll.
+    assert!(
+        bulk_enters < 50,
+        "BulkRead entered the span {bulk_enters} times for 5000 rows"
+    );
+}
