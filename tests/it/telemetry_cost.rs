@@ -67,6 +67,51 @@ rusty_fork_test! {
         );
         drop(held);
     }
+
+    #[test]
+    fn bulk_read_hides_the_current_span_and_leaves_the_process_dispatcher_in_charge() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::Layer;
+        use vpnbot::db::bulk_read::BulkRead;
+        // Arrange: a process subscriber at `info` that counts events and events whose parent
+        // is the span named `caller`.
+        let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let layer = CountEvents(counts.clone()).with_filter(LevelFilter::INFO);
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+            .unwrap();
+        fn warn_here() {
+            tracing::warn!(target: "vpnbot::test", "bulk read test event");
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let caller = tracing::info_span!(target: "vpnbot::test", "caller");
+
+        // Act: the callsite is first reached inside a BulkRead, then again outside.
+        let inside_current_is_none = rt.block_on(tracing::Instrument::instrument(
+            BulkRead::new(async {
+                warn_here();
+                tracing::Span::current().is_none()
+            }),
+            caller.clone(),
+        ));
+        let after_inside = counts[0].load(Ordering::SeqCst);
+        warn_here();
+
+        // Assert: what sqlx would capture is no span; the event inside reached the process
+        // subscriber with the caller as parent; the callsite was not cached as "never".
+        assert!(inside_current_is_none, "a span was current inside BulkRead");
+        assert_eq!(after_inside, 1, "the event inside BulkRead was lost");
+        assert_eq!(counts[1].load(Ordering::SeqCst), 1, "its parent was not the caller");
+        assert_eq!(
+            counts[0].load(Ordering::SeqCst),
+            2,
+            "a callsite first reached inside BulkRead stopped logging outside it"
+        );
+        assert_eq!(LevelFilter::current(), LevelFilter::INFO, "the max level moved");
+        assert!(!tracing::enabled!(target: "sqlx::query", Level::DEBUG));
+    }
+
 }
 
 /// The default log filter (only `target=level` directives) becomes the static per-callsite
@@ -88,4 +133,20 @@ fn log_filter_is_static_unless_it_needs_span_or_field_directives() {
         Some(LogFilter::Env(_))
     ));
     assert!(log_filter("info,=[{").is_none());
+}
+
+/// Counts events (`[0]`) and events whose parent span is named `caller` (`[1]`).
+struct CountEvents(std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]>);
+
+impl<S> tracing_subscriber::Layer<S> for CountEvents
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        use std::sync::atomic::Ordering;
+        self.0[0].fetch_add(1, Ordering::SeqCst);
+        if ctx.event_span(event).is_some_and(|s| s.name() == "caller") {
+            self.0[1].fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
