@@ -437,7 +437,9 @@ impl LogFormat {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Worker threads of the main runtime; 0 means one per core (default 0).
+    /// Worker threads of the main runtime; 0 means one per core but at least 4
+    /// (`diagnostics::runtime::MIN_DEFAULT_WORKER_THREADS`, which says why) (default 0). Short
+    /// commands (`migrate`, `reconcile --once`, `webhook`) use one per core.
     pub worker_threads: usize,
     /// Bound on draining tasks at shutdown, written in seconds (default
     /// [`d::SHUTDOWN_DRAIN_SECONDS`]).

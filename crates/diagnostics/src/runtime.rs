@@ -40,9 +40,23 @@ pub(crate) fn set_os_thread_name(name: &str) {
 /// numbered in the order they start.
 pub const BLOCKING_THREAD_ROLE: &str = "blk";
 
-/// The number of workers tokio starts when none is configured: `TOKIO_WORKER_THREADS` when it
-/// holds a positive number, else one per CPU (tokio's own default, resolved here so thread
-/// names can tell workers from blocking threads).
+/// The fewest workers the main runtime starts when none is configured (`runtime.worker_threads
+/// = 0` and no `TOKIO_WORKER_THREADS`), whatever the core count.
+///
+/// Why more workers than cores on a small host: vpnbot usually shares it with PostgreSQL, and
+/// Linux shares CPU time between runnable *threads*. During the bot burst beside a
+/// million-user reconcile (`bench_bot`, 2 cores), the 2 default workers were runnable but
+/// waiting for a core about 70 % of their runnable time, behind a dozen PostgreSQL backends
+/// and the blocking pool, and a preempted worker left its queue waiting: scheduler lag p99
+/// 8.6-25 ms over six runs (target < 10 ms). With 4 workers another worker steals that queue:
+/// 7.3-9.3 ms over five runs, handler p99 86-95 ms, same CPU used. It also means one
+/// blocked worker takes a quarter of the runtime instead of half.
+pub const MIN_DEFAULT_WORKER_THREADS: usize = 4;
+
+/// The number of workers the main runtime starts when none is configured:
+/// `TOKIO_WORKER_THREADS` when it holds a positive number, else one per CPU but at least
+/// [`MIN_DEFAULT_WORKER_THREADS`] (resolved here, not by tokio, so thread names can tell
+/// workers from blocking threads).
 pub fn default_worker_threads() -> usize {
     std::env::var("TOKIO_WORKER_THREADS")
         .ok()
@@ -52,6 +66,7 @@ pub fn default_worker_threads() -> usize {
             std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1)
+                .max(MIN_DEFAULT_WORKER_THREADS)
         })
 }
 

@@ -53,6 +53,14 @@ pub struct BotBenchReport {
     pub handler_ms_by_command: std::collections::BTreeMap<&'static str, [f64; 3]>,
     /// Scheduler lag percentiles (1 ms ticker overshoot), milliseconds: p50, p99, max.
     pub scheduler_lag_ms: [f64; 3],
+    /// CPU time during the burst by who used it, from the kernel's per-thread `schedstat`:
+    /// group → `(seconds on a CPU, seconds runnable but waiting for one)`. Groups: `workers`
+    /// (the main runtime's), `blocking` (its blocking pool: QR codes, decoding, diffing),
+    /// `bot_api_stand_in` (the peers' thread of this process), `node_simulator` (the child
+    /// process serving the node API), `postgresql` (every `postgres` process of the machine),
+    /// `other` (the rest of this process and any other child). A large wait for the workers means the lag is queueing for a core,
+    /// not a long poll. Empty where `/proc` cannot be read.
+    pub cpu_seconds: std::collections::BTreeMap<&'static str, (f64, f64)>,
     /// Messages the stand-in received from the bot.
     pub sent: usize,
     /// Concurrency bound used (`bot.max_concurrent_updates`).
@@ -296,6 +304,8 @@ async fn burst(
         sim.send_text(&u, cmd);
     }
 
+    // Read before the lag probe starts: walking /proc takes a few milliseconds of a worker.
+    let cpu_before = cpu_by_thread();
     // Scheduler lag probe: a 1 ms ticker on the same runtime.
     let lag_probe = diagnostics::lateness::LatenessProbe::start(Duration::from_millis(1));
 
@@ -319,9 +329,13 @@ async fn burst(
                 "only {handled} of {users} updates handled in 120 s"
             ));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Gathering the registry costs about 0.2 ms here: every 2 ms it took a tenth of a
+        // core from the process being measured (seen in schedstat), so the end of the burst
+        // is read to within 20 ms instead.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let wall = started.elapsed().as_secs_f64();
+
     cancel.cancel();
     let _ = receive.await;
     let mut lag: Vec<f64> = lag_probe
@@ -330,6 +344,7 @@ async fn burst(
         .into_iter()
         .map(|d| d.as_secs_f64() * 1e3)
         .collect();
+    let cpu_seconds = cpu_since(&cpu_before, &cpu_by_thread());
     let hists = handler_histograms(registry);
     let mut by_command = std::collections::BTreeMap::new();
     for cmd in COMMANDS {
@@ -348,10 +363,101 @@ async fn burst(
         handler_ms: hist_pct(&all),
         handler_ms_by_command: by_command,
         scheduler_lag_ms: pct(&mut lag),
+        cpu_seconds,
         sent: sim.sent().len(),
         concurrency,
         reconcile: None,
     })
+}
+
+/// One thread's reading: its group (see [`BotBenchReport::cpu_seconds`]), nanoseconds on a
+/// CPU and runnable waiting for one (the first two fields of Linux's
+/// `/proc/<pid>/task/<tid>/schedstat`).
+type ThreadCpu = (&'static str, u64, u64);
+
+/// Every relevant thread's reading, keyed by `(pid, tid)`: this process's, its children's (the
+/// node simulator is this binary re-executed) and every `postgres` process's. Empty where
+/// `/proc` cannot be read.
+fn cpu_by_thread() -> std::collections::HashMap<(u32, u32), ThreadCpu> {
+    let mut out = std::collections::HashMap::new();
+    let me = std::process::id();
+    let my_comm = std::fs::read_to_string("/proc/self/comm").unwrap_or_default();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`: comm may hold spaces, so split after its last `)`.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+        let ppid = tail
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u32>().ok());
+        let process_group = if pid == me {
+            None
+        } else if ppid == Some(me) && comm == my_comm.trim_end() {
+            Some("node_simulator")
+        } else if ppid == Some(me) {
+            Some("other")
+        } else if comm.starts_with("postgres") {
+            Some("postgresql")
+        } else {
+            continue;
+        };
+        let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(tid) = t.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let group = process_group.unwrap_or_else(|| {
+                let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                if name.contains("-wrk") {
+                    "workers"
+                } else if name.contains("-blk") {
+                    "blocking"
+                } else if name.starts_with("bench-peers") {
+                    "bot_api_stand_in"
+                } else {
+                    "other"
+                }
+            });
+            let Ok(sched) = std::fs::read_to_string(t.path().join("schedstat")) else {
+                continue;
+            };
+            let mut f = sched
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            let run = f.next().unwrap_or(0);
+            let wait = f.next().unwrap_or(0);
+            out.insert((pid, tid), (group, run, wait));
+        }
+    }
+    out
+}
+
+/// Seconds on a CPU and waiting for one between two readings, summed by group, thread by
+/// thread: a thread absent from `before` started in between and counts from zero; one absent
+/// from `after` ended in between and its last interval is not seen (an undercount).
+fn cpu_since(
+    before: &std::collections::HashMap<(u32, u32), ThreadCpu>,
+    after: &std::collections::HashMap<(u32, u32), ThreadCpu>,
+) -> std::collections::BTreeMap<&'static str, (f64, f64)> {
+    let mut out = std::collections::BTreeMap::new();
+    for (key, (group, run, wait)) in after {
+        let (_, run0, wait0) = before.get(key).copied().unwrap_or((group, 0, 0));
+        let e: &mut (f64, f64) = out.entry(*group).or_default();
+        e.0 += run.saturating_sub(run0) as f64 / 1e9;
+        e.1 += wait.saturating_sub(wait0) as f64 / 1e9;
+    }
+    out
 }
 
 /// `vpnbot_bot_handler_duration_seconds` by its `handler` label.

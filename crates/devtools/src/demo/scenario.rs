@@ -494,8 +494,8 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
         format!("/healthz after the stall: {}", show_status(&after)),
         after == Ok(200),
     );
-    // One blocked worker of two must leave the runtime running: the other worker keeps the
-    // lag probe, timers and the bot going, so runtime_stalled must not open at all.
+    // One blocked worker must leave the runtime running: the other workers keep the lag
+    // probe, timers and the bot going, so runtime_stalled must not open at all.
     let stalled: Vec<f64> = stage
         .app
         .diagnostics
@@ -506,7 +506,7 @@ pub async fn blocked_worker(stage: &Stage<'_>) -> StepReport {
         .collect();
     r.check(
         match stalled.first() {
-            None => "no runtime_stalled episode: the other worker kept the runtime going".into(),
+            None => "no runtime_stalled episode: the other workers kept the runtime going".into(),
             Some(at) => format!(
                 "runtime_stalled opened {:.2} s after the block began: one blocked worker \
                  starved the whole runtime",
