@@ -202,18 +202,15 @@ fn rounds(args: &Args) -> i32 {
             }
         }
     }
-    let spread = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[0], v[v.len() / 2], v[v.len() - 1])
-    };
-    let (h, l) = (spread(&mut handler), spread(&mut lag));
+    use vpnbot_devtools::bench::{fmt_spread, spread};
     println!(
         "bench bot, {n} rounds, each a fresh process (median: the middle round, the upper one \
-         of two for an even count): handler p99 min {:.1} / median {:.1} / \
-         max {:.1} ms (target < {HANDLER_P99_TARGET_MS}); scheduler lag p99 min {:.1} / median \
-         {:.1} / max {:.1} ms (target < {LAG_P99_TARGET_MS})",
-        h.0, h.1, h.2, l.0, l.1, l.2
+         of two for an even count): handler p99 {} (target < {HANDLER_P99_TARGET_MS}); \
+         scheduler lag p99 {} (target < {LAG_P99_TARGET_MS})",
+        fmt_spread(&handler, "ms"),
+        fmt_spread(&lag, "ms")
     );
+    let (h, l) = (spread(&handler), spread(&lag));
     let ok = h.1 < HANDLER_P99_TARGET_MS && l.1 < LAG_P99_TARGET_MS;
     println!(
         "target on the medians: {}",

@@ -400,8 +400,9 @@ fn get(f: &Figures, key: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Min, median and max of `v`.
-fn spread(v: &[f64]) -> (f64, f64, f64) {
+/// Min, median and max of `v` (the median is the middle value, the upper of the two middle
+/// ones for an even count); NaN for an empty `v`.
+pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
@@ -410,7 +411,8 @@ fn spread(v: &[f64]) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
-fn fmt_spread(v: &[f64], unit: &str) -> String {
+/// `min .. / median .. / max .. unit` of `v`, one decimal.
+pub fn fmt_spread(v: &[f64], unit: &str) -> String {
     let (lo, med, hi) = spread(v);
     format!("min {lo:.1} / median {med:.1} / max {hi:.1} {unit}")
 }
